@@ -560,14 +560,15 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if not self.raw_requestline:
             self.close_connection = True
             return
-        if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
-            # Docker, podman and skopeo try TLS first; they fall back to http:// when allowed.
-            log("%s tried TLS on this plain-HTTP port" % self.client_address[0])
-            self.close_connection = True
-            return
         self.started = time.monotonic()
-        self.command, self.path = None, "-"
+        self.command, self.path, self.request_version = None, "-", "HTTP/1.0"
         try:
+            if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
+                # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
+                # to fall back to http:// ("server gave HTTP response to HTTPS client").
+                self.command, self.path = "-", "(TLS handshake on the plain-HTTP port)"
+                self.send_error(400, "this port speaks plain HTTP, not TLS")
+                return
             if len(self.raw_requestline) > 65536:
                 self.send_error(414)
                 return

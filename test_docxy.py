@@ -105,6 +105,8 @@ class Content:
         self.special = {}  # kind -> (digest, bytes), served by the registry itself
         self.special_by_digest = {}
         self.served_instead = {}  # manifest digest -> (wrong) bytes actually served
+        self.slow_halfway = threading.Event()  # set by the registry half-way through the slow blob
+        self.slow_gate = threading.Event()  # ... which then waits (<= 10 s) for this before the rest
         busybox = self._repo("library/busybox")
         self.platform = {}
         entries = []
@@ -136,7 +138,14 @@ class Content:
         self.bad_manifest_digest = bad["digest"]
         self.served_instead[bad["digest"]] = good[:-1] + b" "
 
-        for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("slow", 1 * MIB),
+        # Tag "truncated": the registry closes the connection half-way through this manifest.
+        big_manifest = self.add_manifest(busybox, {
+            "schemaVersion": 2, "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": amd["config"], "size": len(self.blobs[amd["config"]])},
+            "layers": [], "annotations": {"padding": "x" * 128 * KIB}}, tags=("truncated",))
+        self.truncated_manifest = busybox["manifests"][big_manifest["digest"]][1]
+
+        for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("slow", 2 * MIB),
                            ("chain5", 64 * KIB), ("chain6", 64 * KIB), ("loop", 16 * KIB)):
             data = os.urandom(size)
             self.special[kind] = (sha256_digest(data), data)
@@ -428,6 +437,17 @@ class RegistryHandler(RecordingHandler):
                 "MANIFEST_UNKNOWN", "OCI index found, but accept header does not support OCI indexes"))
         etag = '"%s"' % digest
         common = [("Docker-Content-Digest", digest), ("ETag", etag)] + RATE_HEADERS
+        if ref == "truncated":
+            self.send_response(200)
+            for key, value in common + [("Content-Type", media_type), ("Content-Length", str(len(data)))]:
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if self.headers.get("If-None-Match") == etag:
             self.send_response(304)
             for key, value in common:
@@ -468,11 +488,15 @@ class RegistryHandler(RecordingHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-        elif kind == "slow":
-            for i in range(0, len(data), 32 * KIB):
-                self.wfile.write(data[i:i + 32 * KIB])
+        elif kind == "slow":  # half, then a pause until the test opens the gate, then the rest
+            half = len(data) // 2
+            for i in range(0, len(data), 64 * KIB):
+                if i == half:
+                    self.fake.content.slow_halfway.set()
+                    self.fake.content.slow_gate.wait(10)
+                self.wfile.write(data[i:i + 64 * KIB])
                 self.wfile.flush()
-                time.sleep(0.1)
+                time.sleep(0.02)
         else:
             self.wfile.write(data)
 
@@ -1380,7 +1404,7 @@ def test_repository_401_challenge_realm_rewritten_scope_kept(docxy):
 def test_chunked_tags_list_delivered_intact(docxy, registry, token):
     r = call(docxy.port, "GET", "/v2/busybox/tags/list", bearer(token))
     assert r.status == 200
-    assert r.json() == {"name": "library/busybox", "tags": ["1.36", "latest"]}
+    assert r.json() == {"name": "library/busybox", "tags": ["1.36", "latest", "truncated"]}
     if r.headers.get("Content-Length") is not None:
         assert int(r.headers["Content-Length"]) == len(r.body)
     assert len(registry.reqs("GET", "/v2/library/busybox/tags/list")) == 1
@@ -1401,6 +1425,20 @@ def test_library_prefix_added_for_one_component_names(docxy, registry, token):
     call(docxy.port, "GET", "/v2/library/busybox/manifests/1.36", bearer(token))
     paths = [r.path for r in registry.reqs()]
     assert paths == ["/v2/library/busybox/manifests/latest", "/v2/library/busybox/manifests/1.36"]
+
+
+def test_containerd_ns_for_docker_hub_is_served_when_library_rule_is_on(docxy, registry, token, content):
+    r = call(docxy.port, "HEAD", "/v2/library/busybox/manifests/latest?ns=docker.io", bearer(token))
+    assert r.status == 200
+    assert r.headers["Docker-Content-Digest"] == content.index_digest
+    assert [q.path for q in registry.reqs()] == ["/v2/library/busybox/manifests/latest"]
+
+
+@pytest.mark.parametrize("ns", ["internal.host", "ghcr.io", "127.0.0.1:1", "169.254.169.254"])
+def test_containerd_ns_for_another_registry_is_404_without_upstream_contact(ns, docxy, registry, tokens):
+    r = call(docxy.port, "GET", "/v2/library/busybox/manifests/latest?ns=" + ns)
+    assert_error(r, 404, "NAME_UNKNOWN")
+    assert registry.reqs() == [] and tokens.reqs() == []
 
 
 def test_two_component_names_untouched(docxy, registry):
@@ -1534,7 +1572,7 @@ def test_large_blob_streams_intact_with_content_length(docxy, cdn, token, conten
 
 
 def read_expecting_incomplete(port, path, headers, full_length):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", path, headers=dict(headers))
         resp = conn.getresponse()
@@ -1550,6 +1588,15 @@ def read_expecting_incomplete(port, path, headers, full_length):
 def test_truncated_upstream_body_never_looks_complete(docxy, token, content):
     digest, data = content.special["truncate"]
     partial = read_expecting_incomplete(docxy.port, "/v2/busybox/blobs/" + digest, bearer(token), len(data))
+    assert len(partial) < len(data)
+    assert data.startswith(partial)
+
+
+def test_truncated_manifest_by_tag_never_looks_complete(docxy, token, content):
+    """No digest to verify here: only the early end of the upstream body can be noticed."""
+    data = content.truncated_manifest
+    partial = read_expecting_incomplete(docxy.port, "/v2/busybox/manifests/truncated",
+                                        bearer(token) + [("Accept", MT_MANIFEST)], len(data))
     assert len(partial) < len(data)
     assert data.startswith(partial)
 
@@ -1700,6 +1747,15 @@ def test_keep_alive_serves_two_requests_on_one_connection(docxy, token, content)
         assert resp.status == 200
 
 
+def test_upstream_connection_reused_across_requests(docxy, registry, token, content):
+    for _ in range(2):
+        r = call(docxy.port, "GET", "/v2/busybox/manifests/1.36", bearer(token) + [("Accept", MT_INDEX)])
+        assert r.status == 200 and r.body == content.index_bytes
+    seen = registry.reqs("GET", "/v2/library/busybox/manifests/1.36")
+    assert len(seen) == 2
+    assert seen[0].client_port == seen[1].client_port
+
+
 def test_idle_client_does_not_block_other_clients(docxy):
     idle = socket.create_connection(("127.0.0.1", docxy.port), timeout=10)
     partial = socket.create_connection(("127.0.0.1", docxy.port), timeout=10)
@@ -1722,6 +1778,17 @@ def test_idle_tls_client_does_not_block_handshakes(tls_docxy, certs):
     finally:
         idle.close()
         half_hello.close()
+
+
+def test_tls_probe_on_plain_port_gets_an_http_answer(docxy, registry):
+    # Go clients recognise "server gave HTTP response to HTTPS client" and fall back to http://.
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=15) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(32) + b"\r\n")
+        raw = read_until_eof(sock)
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert b'"errors"' in raw and b"plain HTTP" in raw
+    assert registry.reqs() == []
+    docxy.wait_for(r"TLS handshake on the plain-HTTP port")
 
 
 def test_slow_header_client_is_cut_off_after_client_timeout(start_docxy, registry):
@@ -1816,24 +1883,31 @@ def test_sigterm_drains_inflight_transfer_and_exits_zero(start_docxy, registry, 
             conn.request("GET", "/v2/busybox/blobs/" + digest, headers=dict(bearer(token)))
             resp = conn.getresponse()
             result["status"] = resp.status
-            result["first"] = resp.read(1)
             started.set()
-            result["body"] = result["first"] + resp.read()
+            result["body"] = resp.read()
         except Exception as exc:  # reported by the assertions below
             result["error"] = repr(exc)
         finally:
             started.set()
             conn.close()
 
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
     worker = threading.Thread(target=download, daemon=True)
     worker.start()
-    assert started.wait(15), "download never started"
-    assert "error" not in result, result.get("error")
-    d.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while not not_served(d.port):
-        assert time.monotonic() < deadline, "docxy kept accepting after SIGTERM"
-        time.sleep(0.1)
+    try:
+        assert started.wait(15), "download never started"
+        assert "error" not in result, result.get("error")
+        assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+        d.proc.send_signal(signal.SIGTERM)
+        # The transfer is held open by the fake; docxy must stop accepting meanwhile.
+        deadline = time.monotonic() + 6
+        while not not_served(d.port):
+            assert time.monotonic() < deadline, "docxy kept accepting after SIGTERM"
+            time.sleep(0.1)
+        assert d.proc.poll() is None, "docxy exited with a transfer in flight"
+    finally:
+        content.slow_gate.set()
     worker.join(30)
     assert not worker.is_alive(), "in-flight download did not finish"
     assert "error" not in result, result.get("error")
