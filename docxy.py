@@ -20,7 +20,10 @@ Python 3.8+, standard library only.
 """
 
 import argparse
+import base64
+import configparser
 import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -36,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections import namedtuple
 
 __version__ = "0.1.0"
@@ -45,93 +49,163 @@ __version__ = "0.1.0"
 
 DOCKER_HUB = "https://registry-1.docker.io"
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io")
+# The public registries people mirror: name -> (upstream, aliases, library/ rule, short name).
+# The short name routes <short>.<public host>, e.g. ghcr.mirror.example.com -> ghcr.io.
+PRESETS = {
+    "docker.io": (DOCKER_HUB, ("index.docker.io", "registry-1.docker.io"), True, "docker"),
+    "ghcr.io": ("https://ghcr.io", (), False, "ghcr"),
+    "quay.io": ("https://quay.io", (), False, "quay"),
+    "gcr.io": ("https://gcr.io", (), False, "gcr"),
+    "registry.k8s.io": ("https://registry.k8s.io", (), False, "k8s"),
+    "mcr.microsoft.com": ("https://mcr.microsoft.com", (), False, "mcr"),
+    "public.ecr.aws": ("https://public.ecr.aws", (), False, "ecr"),
+    "nvcr.io": ("https://nvcr.io", (), False, "nvcr"),
+}
+DEFAULT_REGISTRY = "docker.io"
 DEFAULTS = {
-    "upstream": DOCKER_HUB,
     "upstream_timeout": 10.0,
     "client_timeout": 30.0,
     "max_connections": 512,
     "drain_seconds": 30.0,
     "library_prefix": "auto",
 }
+REPEATABLE = ("listen", "allow", "trusted_proxy")
+SWITCHES = ("ipv4_only", "i_understand_credentials_are_shared", "check")
+REGISTRY_KEYS = ("upstream", "hosts", "library", "username", "password_file", "password_env")
+REGISTRY_NAME = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*(?::\d{1,5})?")
+PBKDF2_ITERATIONS = 300000
 # The original docxy's variable names, kept so existing deployments carry over.
 ENV_ALIASES = {"DOCXY_CERT_PATH": "cert", "DOCXY_KEY_PATH": "key"}
 
 Origin = namedtuple("Origin", "scheme host port")
+# names: what ?ns= and a path prefix may call it; hosts: Host headers that route to it.
+Registry = namedtuple("Registry", "name upstream names hosts library username secret short")
 
 
 class ConfigError(Exception):
     """A configuration problem, reported as one line and exit status 2."""
 
 
+class Secret(str):
+    """A password or token: its repr is masked, so no log line or error can show it."""
+
+    def __repr__(self):
+        return "Secret('***')"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="docxy",
-        description="A Docker registry mirror in one file.",
+        description="A Docker registry mirror in one file. "
+        "'docxy.py hash-password' prints a password hash for --users.",
         epilog="Every flag can also be given as an environment variable DOCXY_<FLAG> "
-        "(e.g. DOCXY_UPSTREAM, DOCXY_LISTEN=0.0.0.0:5000,[::]:5000); flags win. "
-        "DOCXY_CERT_PATH and DOCXY_KEY_PATH are accepted too. "
-        "SSL_CERT_FILE selects the trust store for upstream TLS.",
+        "(e.g. DOCXY_UPSTREAM, DOCXY_LISTEN=0.0.0.0:5000,[::]:5000) or in the [docxy] section of "
+        "--config; flags win over the environment, the environment over the file. "
+        "DOCXY_CERT_PATH and DOCXY_KEY_PATH are accepted too. SSL_CERT_FILE selects the trust "
+        "store for upstream TLS; HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured upstream.",
     )
     add = parser.add_argument
+    add("--config", metavar="PATH", help="INI file: a [docxy] section and one section per registry")
+    add("--check", action="store_true", default=None, help="validate the configuration and exit")
     add("--listen", action="append", metavar="HOST:PORT",
         help="address to serve on, repeatable (default 0.0.0.0:5000, or 0.0.0.0:443 with --cert)")
-    add("--upstream", metavar="URL", help="registry to mirror (default %s)" % DOCKER_HUB)
+    add("--registries", metavar="NAME,...",
+        help="registries to serve (default: every preset and every registry of --config): "
+        + ", ".join(PRESETS))
+    add("--upstream", metavar="URL", help="upstream of the default registry, docker.io (default %s)"
+        % DOCKER_HUB)
+    add("--library-prefix", choices=("auto", "on", "off"),
+        help="add library/ to one-component names of docker.io (default auto: if its upstream is Docker Hub)")
     add("--cert", metavar="PATH", help="PEM certificate chain: serve HTTPS")
     add("--key", metavar="PATH", help="PEM private key (RSA, ECDSA or PKCS#8)")
     add("--public-url", metavar="URL",
         help="externally visible base URL, used in auth challenges (default: from the Host header)")
     add("--http-redirect", metavar="HOST:PORT",
         help="also listen here on plain HTTP and redirect every request to HTTPS")
+    add("--allow", action="append", metavar="CIDR",
+        help="only these client networks may use the mirror, repeatable (default: everyone)")
+    add("--users", metavar="FILE", help="name:hash lines; every pull then needs one of these logins")
+    add("--trusted-proxy", action="append", metavar="CIDR",
+        help="reverse proxies whose X-Forwarded-For/-Proto/-Host are believed, repeatable")
+    add("--rate-limit", metavar="N/min", help="manifest requests per client address (IPv6: per /64)")
+    add("--i-understand-credentials-are-shared", action="store_true", default=None,
+        help="run with upstream credentials although anyone who reaches the mirror may use them")
     add("--upstream-timeout", type=float, metavar="SECONDS",
-        help="connect and read timeout towards the upstream (default 10)")
+        help="connect and read timeout towards upstreams (default 10)")
+    add("--ipv4-only", action="store_true", default=None, help="reach upstreams over IPv4 only")
     add("--client-timeout", type=float, metavar="SECONDS",
         help="time a client has to send a complete request, and idle keep-alive time (default 30)")
     add("--max-connections", type=int, metavar="N",
         help="client connections served at once; more wait in the backlog (default 512)")
     add("--drain-seconds", type=float, metavar="SECONDS",
         help="on SIGTERM, time given to transfers in flight (default 30)")
-    add("--library-prefix", choices=("auto", "on", "off"),
-        help="add library/ to one-component names (default auto: for Docker Hub only)")
     add("--version", action="version", version="docxy " + __version__)
     return parser
 
 
-def env_arguments(environ):
-    """Turn DOCXY_* variables into the flags they stand for, so one parser checks both."""
+def settings_arguments(settings):
+    """Turn (name, value) settings from the environment or a file into the flags they stand for,
+    so that one parser checks all three sources."""
     argv = []
-    for name, value in sorted(environ.items()):
-        if not name.startswith("DOCXY_") or not value.strip():
+    for name, value in settings:
+        name, value = name.lower().replace("-", "_"), value.strip()
+        if not value:
             continue
-        flag = "--" + ENV_ALIASES.get(name, name[len("DOCXY_"):].lower()).replace("_", "-")
-        if flag == "--listen":
-            for address in re.split(r"[\s,]+", value.strip()):
-                argv += [flag, address]
+        flag = "--" + name.replace("_", "-")
+        if name in SWITCHES:
+            argv += [flag] if value.lower() in ("1", "true", "yes", "on") else []
+        elif name in REPEATABLE:
+            for item in re.split(r"[\s,]+", value):
+                argv += [flag, item]
         else:
-            argv += [flag, value.strip()]
+            argv += [flag, value]
     return argv
+
+
+def environment_settings(environ):
+    return [(ENV_ALIASES.get(name, name[len("DOCXY_"):]), value)
+            for name, value in sorted(environ.items()) if name.startswith("DOCXY_")]
 
 
 def read_config(argv, environ):
     parser = build_parser()
     config = parser.parse_args(argv)
-    from_env, unknown = parser.parse_known_args(env_arguments(environ))
-    if unknown:
-        print("docxy: ignoring unknown setting %s" % unknown[0], file=sys.stderr)
-    for name, value in vars(from_env).items():
-        if getattr(config, name) is None:
-            setattr(config, name, value)
+    layers = [("the environment", settings_arguments(environment_settings(environ)))]
+    sections = {}
+    path = config.config or environ.get("DOCXY_CONFIG")
+    if path:
+        ini = read_ini(path)
+        layers.append(("%s [docxy]" % path, settings_arguments(ini.items("docxy") if ini.has_section("docxy") else [])))
+        sections = {name: dict(ini.items(name)) for name in ini.sections() if name != "docxy"}
+    for source, arguments in layers:
+        values, unknown = parser.parse_known_args(arguments)
+        if unknown:
+            raise ConfigError("unknown setting %s in %s" % (unknown[0].lstrip("-"), source))
+        for name, value in vars(values).items():
+            if getattr(config, name) is None:
+                setattr(config, name, value)
     for name, value in DEFAULTS.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    return check_config(config)
+    return check_config(config, sections, environ)
 
 
-def check_config(config):
+def read_ini(path):
+    ini = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            ini.read_file(handle)
+    except OSError as error:
+        raise ConfigError("cannot read --config %s: %s" % (path, error.strerror or error))
+    except configparser.Error as error:
+        raise ConfigError("%s: %s" % (path, str(error).splitlines()[0]))
+    return ini
+
+
+def check_config(config, sections, environ):
     """Validate and normalise the settings; every problem is a ConfigError."""
-    config.upstream = parse_origin(config.upstream, "--upstream")
     if config.public_url:
-        origin = parse_origin(config.public_url, "--public-url")
-        config.public_url = origin_url(origin)
+        config.public_url = origin_url(parse_origin(config.public_url, "--public-url"))
     if bool(config.cert) != bool(config.key):
         raise ConfigError("--cert and --key go together")
     config.tls = server_tls_context(config.cert, config.key) if config.cert else None
@@ -146,11 +220,136 @@ def check_config(config):
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     if config.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
-    if config.library_prefix == "auto":
-        config.library_prefix = config.upstream.host in DOCKER_HUB_HOSTS
-    else:
-        config.library_prefix = config.library_prefix == "on"
+    config.allow = [parse_network(text, "--allow") for text in config.allow or []]
+    config.trusted_proxy = [parse_network(text, "--trusted-proxy") for text in config.trusted_proxy or []]
+    config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
+    config.users = read_users(config.users) if config.users else None
+    config.registries, config.default_registry = build_registries(config, sections, environ)
+    shared = [r.name for r in config.registries.values() if r.username]
+    if shared and not (config.allow or config.users or config.i_understand_credentials_are_shared):
+        raise ConfigError(
+            "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
+            "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
     return config
+
+
+def build_registries(config, sections, environ):
+    """The enabled registries by name, and the default one."""
+    if config.registries:
+        enabled = [name.strip().lower() for name in config.registries.split(",") if name.strip()]
+    else:
+        enabled = list(PRESETS) + [name for name in sections if name not in PRESETS]
+    for name in list(sections) + enabled:
+        if not REGISTRY_NAME.fullmatch(name):
+            raise ConfigError("%r is not a valid registry name" % name)
+        if name not in PRESETS and name not in sections:
+            raise ConfigError("unknown registry %s: not a preset (%s) and no [%s] section"
+                              % (name, ", ".join(PRESETS), name))
+    registries = {}
+    for name in enabled:
+        registries[name] = make_registry(name, sections.get(name, {}), config, environ)
+    if not registries:
+        raise ConfigError("no registry enabled")
+    default = DEFAULT_REGISTRY if DEFAULT_REGISTRY in registries else enabled[0]
+    return registries, default
+
+
+def make_registry(name, section, config, environ):
+    where = "[%s]" % name
+    unknown = set(section) - set(REGISTRY_KEYS)
+    if unknown:
+        raise ConfigError("%s: unknown setting %s (known: %s)" % (where, sorted(unknown)[0], ", ".join(REGISTRY_KEYS)))
+    preset_upstream, aliases, library, short = PRESETS.get(name, (None, (), False, None))
+    upstream = section.get("upstream") or preset_upstream
+    if name == DEFAULT_REGISTRY and config.upstream:
+        upstream = config.upstream
+    if not upstream:
+        raise ConfigError("%s needs an upstream = URL" % where)
+    upstream = parse_origin(upstream, where + " upstream")
+    if "library" in section:
+        library = parse_switch(section["library"], where + " library")
+    elif name == DEFAULT_REGISTRY:
+        library = upstream.host in DOCKER_HUB_HOSTS
+    if name == DEFAULT_REGISTRY and config.library_prefix != "auto":
+        library = config.library_prefix == "on"
+    hosts = {h.strip().lower() for h in section.get("hosts", "").split(",") if h.strip()}
+    for host in hosts:
+        if not valid_host_header(host) or ":" in host:
+            raise ConfigError("%s hosts: %r is not a host name" % (where, host))
+    username, secret = section.get("username"), None
+    if username:
+        secret = read_secret(section, environ, where)
+    elif "password_file" in section or "password_env" in section:
+        raise ConfigError("%s has a password but no username" % where)
+    own = {upstream.host, "%s:%d" % (upstream.host, upstream.port)}
+    if upstream.port != (443 if upstream.scheme == "https" else 80):
+        own.discard(upstream.host)
+    names = {name} | set(aliases) | own
+    return Registry(name, upstream, frozenset(names), frozenset(hosts | {name} | set(aliases)),
+                    library, username, secret, short)
+
+
+def read_secret(section, environ, where):
+    """A registry password from a file or an environment variable: never from the command line,
+    which every user of the machine can read in ps."""
+    if section.get("password_file"):
+        try:
+            with open(section["password_file"], encoding="utf-8") as handle:
+                secret = handle.read().strip()
+        except OSError as error:
+            raise ConfigError("%s password_file %s: %s" % (where, section["password_file"], error.strerror))
+    elif section.get("password_env"):
+        secret = environ.get(section["password_env"], "").strip()
+    else:
+        raise ConfigError("%s has a username but no password_file or password_env" % where)
+    if not secret:
+        raise ConfigError("%s: the password is empty" % where)
+    return Secret(secret)
+
+
+def parse_switch(text, what):
+    if text.strip().lower() in ("on", "yes", "true", "1"):
+        return True
+    if text.strip().lower() in ("off", "no", "false", "0"):
+        return False
+    raise ConfigError("%s must be on or off, not %r" % (what, text))
+
+
+def parse_network(text, what):
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError("%s wants an address or CIDR network, not %r" % (what, text))
+
+
+def parse_rate(text):
+    """'60/min' -> (burst 60, 1.0 per second)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text)
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError("--rate-limit wants N/s, N/min or N/h, not %r" % text)
+    seconds = {"s": 1, "m": 60, "h": 3600}[match.group(2)[0]]
+    return int(match.group(1)), int(match.group(1)) / seconds
+
+
+def read_users(path):
+    users = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError("cannot read --users %s: %s" % (path, error.strerror or error))
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, hashed = line.partition(":")
+        if not name or not re.fullmatch(r"pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+", hashed):
+            raise ConfigError("%s line %d: want name:pbkdf2_sha256$... (see 'docxy.py hash-password')"
+                              % (path, number))
+        users[name] = hashed
+    if not users:
+        raise ConfigError("--users %s lists no users" % path)
+    return users
 
 
 def parse_origin(url, what):
@@ -211,6 +410,7 @@ TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
 MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 MAX_NAME = 255
+TOKEN_PATH = re.compile(r"/auth/(?:(?P<registry>[a-z0-9.:-]+)/)?token")
 ROUTE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]*)|tags/(?P<list>list))")
 # Query parameters each route may carry upstream, with the grammar of their value.
 QUERY_GRAMMAR = {
@@ -222,9 +422,10 @@ QUERY_GRAMMAR = {
 class RegistryError(Exception):
     """An answer docxy gives itself, as a registry-style JSON error."""
 
-    def __init__(self, status, code, message, detail=None):
+    def __init__(self, status, code, message, detail=None, headers=()):
         super().__init__(message)
         self.status, self.code, self.message, self.detail = status, code, message, detail
+        self.headers = headers
 
 
 def error_body(code, message, detail=None):
@@ -232,8 +433,8 @@ def error_body(code, message, detail=None):
                                    "detail": detail if detail is not None else {}}]}).encode()
 
 
-def parse_registry_path(path, query, library_prefix):
-    """Validate a /v2/<name>/... path; return (upstream path, kind, reference)."""
+def parse_registry_path(path, query, library):
+    """Validate a /v2/<name>/... path; return (upstream path, upstream name, kind, reference)."""
     match = ROUTE.fullmatch(path)
     if not match:
         raise RegistryError(404, "NOT_FOUND", "no such endpoint", path[:200])
@@ -246,10 +447,14 @@ def parse_registry_path(path, query, library_prefix):
             raise RegistryError(400, code, "invalid manifest reference", ref[:300])
     elif kind in ("blobs", "referrers") and not DIGEST.fullmatch(ref):
         raise RegistryError(400, "DIGEST_INVALID", "invalid digest", ref[:300])
-    if library_prefix and "/" not in name:
-        name = "library/" + name
+    name = upstream_name(name, library)
     suffix = "tags/list" if kind == "tags" else "%s/%s" % (kind, ref)
-    return "/v2/%s/%s%s" % (name, suffix, clean_query(query, QUERY_GRAMMAR.get(kind, {}))), kind, ref
+    return "/v2/%s/%s%s" % (name, suffix, clean_query(query, QUERY_GRAMMAR.get(kind, {}))), name, kind, ref
+
+
+def upstream_name(name, library):
+    """busybox -> library/busybox where the library/ rule holds (Docker Hub's official images)."""
+    return "library/" + name if library and "/" not in name else name
 
 
 def clean_query(query, grammar):
@@ -257,14 +462,6 @@ def clean_query(query, grammar):
     kept = [(key, value) for key, value in urllib.parse.parse_qsl(query)
             if key in grammar and grammar[key].fullmatch(value)]
     return "?" + urllib.parse.urlencode(kept) if kept else ""
-
-
-def library_scope(scope, library_prefix):
-    """repository:busybox:pull -> repository:library/busybox:pull, as Docker Hub expects."""
-    parts = scope.split(":")
-    if library_prefix and len(parts) == 3 and parts[0] == "repository" and "/" not in parts[1]:
-        parts[1] = "library/" + parts[1]
-    return ":".join(parts)
 
 
 HOST_HEADER = re.compile(
@@ -320,10 +517,13 @@ def passes_header(name):
 
 
 class ConnectionPool:
-    """Idle upstream connections, reused so that a pull costs one TLS handshake, not dozens."""
+    """Idle upstream connections, reused so that a pull costs one TLS handshake, not dozens.
+    New connections go through the HTTPS_PROXY / HTTP_PROXY of the environment unless
+    NO_PROXY exempts the host."""
 
-    def __init__(self, timeout, tls_context):
-        self.timeout, self.tls_context = timeout, tls_context
+    def __init__(self, timeout, tls_context, ipv4_only=False):
+        self.timeout, self.tls_context, self.ipv4_only = timeout, tls_context, ipv4_only
+        self.proxies = urllib.request.getproxies_environment()
         self.idle = {}          # Origin -> [(connection, idle since)]
         self.lock = threading.Lock()
 
@@ -338,12 +538,32 @@ class ConnectionPool:
                 connection.close()
         return self.connect(origin), False
 
+    def proxy_for(self, origin):
+        proxy = self.proxies.get(origin.scheme)
+        if not proxy or urllib.request.proxy_bypass_environment(origin.host, self.proxies):
+            return None
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        headers = {}
+        if parts.username is not None:
+            login = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+        return parts.hostname, parts.port or 3128, headers
+
     def connect(self, origin):
+        proxy = self.proxy_for(origin)
+        host, port = (proxy[0], proxy[1]) if proxy else (origin.host, origin.port)
         if origin.scheme == "https":
-            connection = http.client.HTTPSConnection(origin.host, origin.port, timeout=self.timeout,
-                                                     context=self.tls_context)
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.tls_context)
+            if proxy:
+                connection.set_tunnel(origin.host, origin.port, headers=proxy[2])
         else:
-            connection = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            if proxy:   # plain HTTP through a proxy: absolute-form targets
+                connection.docxy_prefix = "http://%s:%d" % (
+                    "[%s]" % origin.host if ":" in origin.host else origin.host, origin.port)
+                connection.docxy_headers = proxy[2]
+        if self.ipv4_only:
+            connection._create_connection = connect_ipv4
         try:
             connection.connect()
         except socket.timeout:
@@ -355,6 +575,7 @@ class ConnectionPool:
                                 "%s: %s" % (origin.host, error.strerror or error))
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
+
 
     def put(self, origin, connection):
         with self.lock:
@@ -374,12 +595,29 @@ class ConnectionPool:
             connection.close()
 
 
+def connect_ipv4(address, timeout, source_address=None):
+    """socket.create_connection restricted to IPv4, for hosts whose IPv6 route is broken."""
+    error = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(address[0], address[1], socket.AF_INET,
+                                                               socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as failure:
+            error = failure
+            sock.close()
+    raise error or OSError("no IPv4 address for %s" % address[0])
+
+
 def send_once(pool, origin, method, target, headers, body):
     """One request/response exchange; a stale pooled connection is retried once on a new one."""
     while True:
         connection, reused = pool.get(origin)
         try:
-            connection.request(method, target, body=body, headers=headers)
+            connection.request(method, getattr(connection, "docxy_prefix", "") + target, body=body,
+                               headers=dict(headers, **getattr(connection, "docxy_headers", {})))
             return connection, connection.getresponse()
         except socket.timeout:
             connection.close()
@@ -459,35 +697,154 @@ def format_challenge(scheme, params):
 
 # ---------------------------------------------------------------- shared state
 
+class ExpiringCache:
+    """A bounded mapping whose entries expire: upstream tokens, verified logins."""
+
+    def __init__(self, size):
+        self.size, self.items, self.lock = size, {}, threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value, expires = self.items.get(key, (None, 0))
+            if expires > time.monotonic():
+                return value
+            self.items.pop(key, None)
+            return None
+
+    def put(self, key, value, seconds):
+        with self.lock:
+            if len(self.items) >= self.size:
+                now = time.monotonic()
+                self.items = {k: v for k, v in self.items.items() if v[1] > now}
+                while len(self.items) >= self.size:
+                    self.items.pop(next(iter(self.items)))
+            self.items[key] = (value, time.monotonic() + seconds)
+
+
+class RateLimiter:
+    """A token bucket per client network (an IPv4 address, an IPv6 /64): `burst` requests
+    at once, refilled at `rate` per second."""
+
+    def __init__(self, burst, rate):
+        self.burst, self.rate, self.buckets, self.lock = burst, rate, {}, threading.Lock()
+
+    def wait_needed(self, address):
+        """0 if the client may go on now, else the seconds until it may."""
+        key = client_network(address)
+        now = time.monotonic()
+        with self.lock:
+            if len(self.buckets) > 100000:   # forget clients whose bucket has refilled
+                self.buckets = {k: v for k, v in self.buckets.items()
+                                if v[0] + (now - v[1]) * self.rate < self.burst}
+            tokens, since = self.buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - since) * self.rate)
+            if tokens >= 1:
+                self.buckets[key] = (tokens - 1, now)
+                return 0
+            self.buckets[key] = (tokens, now)
+            return max(1, int((1 - tokens) / self.rate + 0.999))
+
+
+def client_network(address):
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and not ip.ipv4_mapped:
+        return ipaddress.ip_network("%s/64" % ip, strict=False)
+    return ip.ipv4_mapped or ip
+
+
 class Mirror:
     """Everything the running server shares: its settings, what it learned, its connections."""
 
     def __init__(self, config):
         self.config = config
-        self.upstream = config.upstream
+        self.registries = config.registries
+        self.default = config.registries[config.default_registry]
+        self.by_name, self.by_host = {}, {}
+        for registry in self.registries.values():
+            for name in registry.names:
+                self.by_name.setdefault(name, registry)
+            for host in registry.hosts:
+                self.by_host.setdefault(host, registry)
+        for registry in self.registries.values():   # a registry's own name beats anyone's alias
+            self.by_name[registry.name] = self.by_host[registry.name] = registry
+            if config.public_url and registry.short:
+                self.by_host["%s.%s" % (registry.short, urllib.parse.urlsplit(config.public_url).hostname)] = registry
         self.upstream_tls = ssl.create_default_context()   # system store; honours SSL_CERT_FILE
-        self.pool = ConnectionPool(config.upstream_timeout, self.upstream_tls)
-        self.realm = None                   # the upstream's token endpoint, learned from its challenge
+        self.pool = ConnectionPool(config.upstream_timeout, self.upstream_tls, config.ipv4_only)
+        self.challenges = {}                # registry name -> its Bearer challenge (realm, service)
+        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained itself
+        self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
+        self.password_checks = threading.BoundedSemaphore(2)   # PBKDF2 is slow on purpose
+        self.limiter = RateLimiter(*config.rate_limit) if config.rate_limit else None
         self.https_port = 443               # where --http-redirect sends clients
         self.slots = threading.BoundedSemaphore(config.max_connections)
         self.draining = threading.Event()
         self.connections = {}               # socket -> handler, to close idle ones when draining
         self.lock = threading.Lock()
 
-    def learn_realm(self, challenge):
-        """Remember the upstream's token realm; a realm may not be less secure than the upstream."""
+    def learn_challenge(self, registry, challenge):
+        """Remember a registry's token realm; a realm may not be less secure than its registry."""
         scheme, params = parse_challenge(challenge)
-        realm = dict(params).get("realm", "")
-        parts = urllib.parse.urlsplit(realm)
+        params = dict(params)
+        parts = urllib.parse.urlsplit(params.get("realm", ""))
         if scheme.lower() == "bearer" and parts.scheme in ("http", "https") and parts.hostname and \
-                not (self.upstream.scheme == "https" and parts.scheme == "http"):
-            self.realm = realm
+                not (registry.upstream.scheme == "https" and parts.scheme == "http"):
+            self.challenges[registry.name] = params
+            return params
+        return None
 
-    def upstream_names(self):
-        """The names containerd may pass as ?ns= for this upstream; with the library/ rule
-        on, the upstream stands in for Docker Hub and answers to Docker Hub's names too."""
-        names = {self.upstream.host, "%s:%d" % (self.upstream.host, self.upstream.port)}
-        return names | set(DOCKER_HUB_HOSTS) if self.config.library_prefix else names
+    def registry_by_prefix(self, name):
+        """'ghcr.io/owner/image' -> (ghcr.io's Registry, 'owner/image'), or (None, name)."""
+        first, _, rest = name.partition("/")
+        registry = self.by_name.get(first)
+        if registry and rest:
+            return registry, rest
+        if first == "localhost" or ("." in first or ":" in first) and REGISTRY_NAME.fullmatch(first):
+            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", first[:200])
+        return None, name
+
+    def check_login(self, authorization):
+        """The user whose Basic credentials these are, or None. Verified hashes are remembered
+        briefly, so that PBKDF2 runs once per login, not once per request."""
+        if not authorization.startswith("Basic "):
+            return None
+        key = hashlib.sha256(authorization.encode("latin-1", "replace")).digest()
+        known = self.logins.get(key)
+        if known is not None:
+            return known or None
+        try:
+            name, _, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        with self.password_checks:
+            ok = password_matches(password, self.config.users.get(name))
+        self.logins.put(key, name if ok else "", 300 if ok else 5)
+        return name if ok else None
+
+
+def hash_password(password, iterations=PBKDF2_ITERATIONS):
+    salt = os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+
+
+def password_matches(password, hashed):
+    # An unknown user costs the same PBKDF2 work as a known one: no timing oracle for names.
+    _, iterations, salt, digest = (hashed or "pbkdf2_sha256$%d$AAAA$AAAA" % PBKDF2_ITERATIONS).split("$")
+    computed = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    return hashed is not None and hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+def basic_authorization(registry):
+    login = "%s:%s" % (registry.username, registry.secret)
+    return "Basic " + base64.b64encode(login.encode()).decode()
+
+
+def split_scope(scope):
+    """'repository:NAME:ACTIONS' -> (NAME, ACTIONS); None for any other scope."""
+    kind, _, rest = scope.partition(":")
+    name, _, actions = rest.rpartition(":")
+    return (name, actions) if kind == "repository" and name else None
 
 
 # ---------------------------------------------------------------- logging
@@ -562,6 +919,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return
         self.started = time.monotonic()
         self.command, self.path, self.request_version = None, "-", "HTTP/1.0"
+        self.client, self.user = self.client_address[0], None
         try:
             if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
                 # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
@@ -576,6 +934,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 return
             self.reader.deadline = None
             self.connection.settimeout(self.mirror.config.client_timeout)
+            self.client = self.forwarded_client()
             if self.mirror.draining.is_set():
                 self.close_connection = True
             self.route()
@@ -585,75 +944,160 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             if self.status is not None:
                 self.log_access()
 
+    # -- who is asking
+
+    def trusted_peer(self):
+        peer = ipaddress.ip_address(self.client_address[0])
+        return any(peer in network for network in self.mirror.config.trusted_proxy)
+
+    def forwarded_client(self):
+        """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
+        X-Forwarded-For entry that is not itself a trusted proxy."""
+        if not self.trusted_peer():
+            return self.client_address[0]
+        client = self.client_address[0]
+        for hop in reversed(",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")):
+            try:
+                address = ipaddress.ip_address(hop.strip())
+            except ValueError:
+                break       # a forged or garbled entry: trust nothing left of it
+            client = str(address)
+            if not any(address in network for network in self.mirror.config.trusted_proxy):
+                break
+        return client
+
+    def check_access(self, path, registry_request):
+        """--allow, then --users: refused clients never cause an upstream request."""
+        allow = self.mirror.config.allow
+        if allow and not any(ipaddress.ip_address(self.client) in network for network in allow):
+            raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
+        if self.mirror.config.users and registry_request:
+            self.user = self.mirror.check_login(self.headers.get("Authorization", ""))
+            if not self.user:
+                raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)", None,
+                                    [("WWW-Authenticate", 'Basic realm="docxy"')])
+
     # -- routing
 
     def route(self):
         path, _, query = self.path.partition("?")
         try:
-            if self.command not in ("GET", "HEAD"):
-                if self.command == "POST" and path == "/auth/token":
-                    return self.proxy_token(query)
+            if path == "/health" and self.command in ("GET", "HEAD"):
+                return self.send_json(200, {"status": "ok"})
+            self.check_access(path, path == "/v2" or path.startswith("/v2/"))
+            token_path = TOKEN_PATH.fullmatch(path)
+            if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
                 self.close_connection = True    # a body we will not read may follow
                 raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only", self.command)
-            if path == "/health":
-                return self.send_json(200, {"status": "ok"})
             if path in ("/v2", "/v2/"):
-                return self.proxy_base()
-            if path == "/auth/token":
-                return self.proxy_token(query)
+                return self.proxy_base(query)
+            if token_path and not self.mirror.config.users:
+                return self.proxy_token(token_path.group("registry"), query)
             if path.startswith("/v2/"):
                 return self.proxy_registry(path, query)
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", path[:200])
         except RegistryError as error:
-            self.send_registry_error(error.status, error.code, error.message, error.detail)
+            self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
         except UpstreamError as error:
             log("upstream error: %s (%s)" % (error.message, error.detail))
             # The detail can name the CDN a redirect led to: it is for the operator's log only.
             self.send_registry_error(error.status, "UNAVAILABLE", error.message)
 
+    def registry_for(self, query, path=None):
+        """Which registry a request is for: ?ns=, else the Host header, else a path prefix,
+        else the default. Returns the registry and the path without its prefix."""
+        ns = dict(urllib.parse.parse_qsl(query)).get("ns")
+        if ns is not None:
+            if ns.lower() not in self.mirror.by_name:
+                raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", ns[:200])
+            return self.mirror.by_name[ns.lower()], path
+        host = re.sub(r":\d+\Z", "", self.public_host() or "").lower()
+        if host in self.mirror.by_host:
+            return self.mirror.by_host[host], path
+        if path:
+            registry, name = self.mirror.registry_by_prefix(path[len("/v2/"):])
+            if registry:
+                return registry, "/v2/" + name
+        return self.mirror.default, path
+
     # -- the routes
 
-    def proxy_base(self):
+    def proxy_base(self, query):
         """GET /v2/: the version check, whose challenge tells clients where to get tokens."""
-        self.relay(self.command, origin_url(self.mirror.upstream) + "/v2/", self.forward_headers())
+        if self.mirror.config.users:    # the login was checked already; upstream logins are docxy's
+            return self.send_json(200, {})
+        registry, _ = self.registry_for(query)
+        self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/", self.forward_headers())
 
     def proxy_registry(self, path, query):
-        ns = dict(urllib.parse.parse_qsl(query)).get("ns")
-        if ns is not None and ns not in self.mirror.upstream_names():
-            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", ns[:200])
-        upstream_path, kind, ref = parse_registry_path(path, query, self.mirror.config.library_prefix)
+        registry, path = self.registry_for(query, path)
+        upstream_path, name, kind, ref = parse_registry_path(path, query, registry.library)
+        if kind == "manifests" and self.mirror.limiter:
+            wait = self.mirror.limiter.wait_needed(self.client)
+            if wait:
+                raise RegistryError(429, "TOOMANYREQUESTS", "too many manifest requests; slow down",
+                                    {"retry_after": wait}, [("Retry-After", str(wait))])
         verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
-        self.relay(self.command, origin_url(self.mirror.upstream) + upstream_path,
-                   self.forward_headers(), verify=verify)
+        headers = self.forward_headers()
+        scope = None if "Authorization" in headers else "repository:%s:pull" % name
+        self.relay(registry, self.command, origin_url(registry.upstream) + upstream_path, headers,
+                   verify=verify, scope=scope)
 
-    def proxy_token(self, query):
-        """/auth/token: forward the token request to the realm the upstream named."""
-        realm = self.mirror.realm or self.discover_realm()
-        library = self.mirror.config.library_prefix
-        params = [(key, library_scope(value, library) if key == "scope" else value)
-                  for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True)]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(params) if params else realm
-        headers = {key: value for key, value in self.forward_headers().items()
-                   if key in ("Authorization", "User-Agent", "Accept")}
+    def proxy_token(self, name, query):
+        """/auth/<registry>/token: forward a token request to the realm that registry named.
+
+        A scope may name another registry by prefix (repository:ghcr.io/owner/image:pull,
+        after `docker pull mirror/ghcr.io/owner/image` saw docker.io's challenge): the
+        request then goes to that registry's realm, without the client's credentials,
+        which were meant for the first one."""
+        registry = self.mirror.default if name is None else self.mirror.registries.get(name)
+        if registry is None:
+            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", name[:200])
+        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         body = None
         if self.command == "POST":
-            body = self.read_form_body()
-            form = [(key, library_scope(value, library) if key == "scope" else value)
-                    for key, value in urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
-            body = urllib.parse.urlencode(form).encode()
+            params = urllib.parse.parse_qsl(self.read_form_body().decode("latin-1"), keep_blank_values=True)
+        target = registry
+        for key, value in params:
+            named = split_scope(value) if key == "scope" else None
+            if named and target is registry:
+                target = self.mirror.registry_by_prefix(named[0])[0] or registry
+        challenge = self.mirror.challenges.get(target.name) or self.discover_challenge(target)
+        scoped = []
+        for key, value in params:
+            if key == "scope" and split_scope(value):
+                owner, name_in_scope = self.mirror.registry_by_prefix(split_scope(value)[0])
+                if (owner or registry) is not target:
+                    continue
+                value = "repository:%s:%s" % (upstream_name(name_in_scope, target.library), split_scope(value)[1])
+            elif key == "service" and target is not registry:
+                value = challenge.get("service", value)
+            scoped.append((key, value))
+        headers = {key: value for key, value in self.forward_headers().items()
+                   if key in ("Authorization", "User-Agent", "Accept")}
+        if target is not registry:
+            headers.pop("Authorization", None)
+        if "Authorization" not in headers and target.username:
+            headers["Authorization"] = basic_authorization(target)
+        realm = challenge["realm"]
+        if self.command == "POST":
+            body = urllib.parse.urlencode(scoped).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        self.relay(self.command, url, headers, body=body, rewrite_challenge=False)
+            url = realm
+        else:
+            url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(scoped) if scoped else realm
+        self.relay(target, self.command, url, headers, body=body, rewrite_challenge=False)
 
-    def discover_realm(self):
-        """Ask the upstream's /v2/ for its challenge: a client may come for a token first."""
-        origin, connection, response, _ = fetch(self.mirror.pool, "GET", origin_url(self.mirror.upstream) + "/v2/",
+    def discover_challenge(self, registry):
+        """Ask a registry's /v2/ for its challenge: a client may come for a token first."""
+        origin, connection, response, _ = fetch(self.mirror.pool, "GET", origin_url(registry.upstream) + "/v2/",
                                                 {"User-Agent": self.server_version})
         challenge = response.getheader("WWW-Authenticate", "")
         discard_body(self.mirror.pool, origin, connection, response)
-        self.mirror.learn_realm(challenge)
-        if not self.mirror.realm:
-            raise RegistryError(404, "NOT_FOUND", "the upstream does not use token authentication")
-        return self.mirror.realm
+        learned = self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
+        if not learned:
+            raise RegistryError(404, "NOT_FOUND", "%s does not use token authentication" % registry.name)
+        return learned
 
     def read_form_body(self, limit=65536):
         length = self.headers.get("Content-Length", "")
@@ -661,6 +1105,42 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large")
         return self.rfile.read(int(length))
+
+    # -- logging in upstream on the client's behalf
+
+    def upstream_login(self, registry, challenge, scope):
+        """An Authorization for the upstream: a Bearer token from its realm (anonymous, or
+        with the operator's credentials), or the operator's Basic credentials."""
+        scheme, _ = parse_challenge(challenge)
+        if scheme.lower() == "basic":
+            return basic_authorization(registry) if registry.username else None
+        learned = self.mirror.learn_challenge(registry, challenge)
+        if not learned:
+            return None
+        query = [(k, learned[k]) for k in ("service", "scope") if learned.get(k)]
+        if "scope" not in learned:
+            query.append(("scope", scope))
+        realm = learned["realm"]
+        headers = {"User-Agent": self.server_version}
+        if registry.username:
+            headers["Authorization"] = basic_authorization(registry)
+        origin, connection, response, _ = fetch(self.mirror.pool, "GET", realm + (
+            "&" if "?" in realm else "?") + urllib.parse.urlencode(query), headers)
+        try:
+            body = response.read(1 << 20) if response.status == 200 else b""
+        finally:
+            self.mirror.pool.release(origin, connection, response)
+        try:
+            answer = json.loads(body.decode())
+            token = answer.get("token") or answer.get("access_token")
+            lifetime = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            return None
+        if not isinstance(token, str) or not token:
+            return None
+        authorization = Secret("Bearer " + token)
+        self.mirror.tokens.put((registry.name, scope), authorization, max(5.0, min(lifetime, 3600) - 10))
+        return authorization
 
     # -- relaying an upstream response
 
@@ -670,19 +1150,31 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         for name in ("Authorization", "Range", "If-None-Match", "If-Range"):
             if self.headers.get(name):
                 headers[name] = self.headers[name]
+        if self.mirror.config.users:
+            headers.pop("Authorization", None)  # that login was for docxy, not for the upstream
         accept = self.headers.get_all("Accept")
         if accept:
             headers["Accept"] = ", ".join(accept)
         return headers
 
-    def relay(self, method, url, headers, body=None, verify=None, rewrite_challenge=True):
-        """Fetch url upstream and stream the answer to the client."""
-        origin, connection, response, first_hop = fetch(self.mirror.pool, method, url, headers, body)
+    def relay(self, registry, method, url, headers, body=None, verify=None, rewrite_challenge=True, scope=None):
+        """Fetch url upstream and stream the answer to the client. With a scope, the client
+        brought no credentials and docxy logs in upstream itself when challenged."""
+        pool = self.mirror.pool
+        if scope and self.mirror.tokens.get((registry.name, scope)):
+            headers["Authorization"] = self.mirror.tokens.get((registry.name, scope))
+        origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+        if scope and response.status == 401 and origin == registry.upstream:
+            login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
+            if login:
+                discard_body(pool, origin, connection, response)
+                headers["Authorization"] = login
+                origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
         self.upstream_status = str(response.status)
         try:
             if response.status in REDIRECTS:
                 raise UpstreamError(502, "upstream redirect without a usable Location")
-            headers_out = self.response_headers(response, first_hop, origin, rewrite_challenge)
+            headers_out = self.response_headers(registry, response, first_hop, origin, rewrite_challenge)
             has_body = method != "HEAD" and response.status not in (204, 304) and response.status >= 200
             if has_body and verify and (response.status != 200 or "Range" in headers):
                 verify = None   # a partial body cannot be checked against the whole's digest
@@ -699,9 +1191,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             if has_body:
                 self.stream_body(response, verify, chunked and self.request_version == "HTTP/1.1")
         finally:
-            self.mirror.pool.release(origin, connection, response)
+            pool.release(origin, connection, response)
 
-    def response_headers(self, response, first_hop, origin, rewrite_challenge):
+    def response_headers(self, registry, response, first_hop, origin, rewrite_challenge):
         headers = [(k, v) for k, v in response.getheaders() if passes_header(k)]
         present = {k.lower() for k, _ in headers}
         headers += [(k, v) for k, v in first_hop if k.lower() not in present]
@@ -712,31 +1204,47 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 if not rewrite_challenge:
                     result.append((name, value))
                     continue
-                if origin != self.mirror.upstream:
+                if origin != registry.upstream:
                     continue
-                value = self.rewrite_challenge(value)
+                value = self.rewrite_challenge(registry, value)
             elif lower == "link" and not value.startswith("</v2/"):
                 continue
             result.append((name, value))
         return result
 
-    def rewrite_challenge(self, value):
-        """Point a Bearer challenge's realm at this mirror, keeping every other parameter."""
+    def rewrite_challenge(self, registry, value):
+        """Point a Bearer challenge's realm at this mirror's path for the registry, keeping
+        every other parameter. With --users, clients log in to docxy, not upstream."""
         scheme, params = parse_challenge(value)
+        if self.mirror.config.users:
+            return 'Basic realm="docxy"'
         if scheme.lower() != "bearer":
             return value
-        self.mirror.learn_realm(value)
-        realm = self.public_base() + "/auth/token"
+        self.mirror.learn_challenge(registry, value)
+        path = "/auth/token" if registry is self.mirror.default else "/auth/%s/token" % registry.name
+        realm = self.public_base() + path
         return format_challenge(scheme, [(k, realm if k == "realm" else v) for k, v in params])
+
+    def public_host(self):
+        """The host clients address: the Host header, or X-Forwarded-Host from a trusted proxy."""
+        host = self.headers.get("Host", "")
+        forwarded = self.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if forwarded and self.trusted_peer():
+            host = forwarded
+        return host if valid_host_header(host) else None
 
     def public_base(self):
         if self.mirror.config.public_url:
             return self.mirror.config.public_url
-        host = self.headers.get("Host", "")
-        if not valid_host_header(host):
+        host = self.public_host()
+        if not host:
             raise RegistryError(400, "UNSUPPORTED", "missing or invalid Host header; "
                                 "set --public-url to serve clients that send none")
-        return ("https://" if self.server.tls_context else "http://") + host
+        scheme = "https" if self.server.tls_context else "http"
+        proto = self.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https") and self.trusted_peer():
+            scheme = proto
+        return "%s://%s" % (scheme, host)
 
     def stream_body(self, response, verify, chunked):
         """Copy the body in fixed-size chunks through one buffer allocated for this transfer.
@@ -812,8 +1320,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             self.sent += len(body)
 
-    def send_registry_error(self, status, code, message, detail=None):
-        extra = [("Allow", "GET, HEAD")] if status == 405 else []
+    def send_registry_error(self, status, code, message, detail=None, headers=()):
+        extra = [("Allow", "GET, HEAD")] if status == 405 else list(headers)
         self.send_json(status, error_body(code, message, detail), extra)
 
     def send_error(self, code, message=None, explain=None):
@@ -832,9 +1340,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
 
     def log_access(self):
         path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
-        log('%s "%s %s" %s %dB %.3fs upstream=%s' % (
-            self.client_address[0], self.command or "-", path[:300], self.status, self.sent,
-            time.monotonic() - self.started, self.upstream_status))
+        log('%s "%s %s" %s %dB %.3fs upstream=%s%s' % (
+            self.client, self.command or "-", path[:300], self.status, self.sent,
+            time.monotonic() - self.started, self.upstream_status, " user=" + self.user if self.user else ""))
 
 
 class RedirectHandler(http.server.BaseHTTPRequestHandler):
@@ -964,19 +1472,68 @@ def client_snippet(mirror, listeners):
             host = socket.gethostname()
         url = "%s://%s:%d" % ("https" if first.tls_context else "http",
                               "[%s]" % host if ":" in host else host, first.server_address[1])
-    upstream = origin_url(mirror.upstream)
-    registry = "docker.io" if mirror.upstream.host in DOCKER_HUB_HOSTS else urllib.parse.urlsplit(upstream).netloc
+    netloc = urllib.parse.urlsplit(url).netloc
     docker = {"registry-mirrors": [url]}
     if url.startswith("http://"):
-        docker["insecure-registries"] = [urllib.parse.urlsplit(url).netloc]
-    lines = ["Docker, /etc/docker/daemon.json:", "  " + json.dumps(docker),
-             "containerd, /etc/containerd/certs.d/%s/hosts.toml:" % registry,
-             '  server = "%s"' % upstream, '  [host."%s"]' % url,
+        docker["insecure-registries"] = [netloc]
+    default = mirror.default
+    lines = ["Docker, /etc/docker/daemon.json (mirrors %s):" % default.name, "  " + json.dumps(docker),
+             "containerd, /etc/containerd/certs.d/%s/hosts.toml (likewise for each registry):" % default.name,
+             '  server = "%s"' % origin_url(default.upstream), '  [host."%s"]' % url,
              '    capabilities = ["pull", "resolve"]']
-    if registry != "docker.io":
-        lines.insert(0, "(Docker uses registry-mirrors for Docker Hub only; pull as %s/<image>)"
-                     % urllib.parse.urlsplit(url).netloc)
+    others = [name for name in mirror.registries if name != default.name]
+    if others:
+        lines.append("Any client: docker pull %s/%s/<image>" % (netloc, others[0]))
     return lines
+
+
+def access_summary(config, listeners):
+    """A few lines on who may use the mirror; loud when that is the whole internet."""
+    lines = []
+    for registry in config.registries.values():
+        lines.append("registry %s -> %s%s%s" % (
+            registry.name, origin_url(registry.upstream), " (library/ rule)" if registry.library else "",
+            " (upstream login as %s)" % registry.username if registry.username else ""))
+    if config.allow:
+        lines.append("clients allowed from: %s" % ", ".join(map(str, config.allow)))
+    if config.users:
+        lines.append("clients must log in: %d user(s) in %s" % (len(config.users), "--users"))
+    if config.rate_limit:
+        lines.append("manifest requests limited to %d per client, refilled at %.3g/s" % config.rate_limit)
+    public = [l.url() for l in listeners
+              if not ipaddress.ip_address(l.server_address[0]).is_loopback]
+    if public and not (config.allow or config.users):
+        lines.append("WARNING: OPEN MIRROR: anyone who reaches %s can pull through it "
+                     "(use --allow or --users)" % ", ".join(public))
+    return lines
+
+
+def check_command(config):
+    """--check: the configuration was read and validated; say what it amounts to."""
+    print("docxy: configuration ok")
+    for registry in config.registries.values():
+        print("registry %s: upstream %s, library/ rule %s, credentials %s" % (
+            registry.name, origin_url(registry.upstream), "on" if registry.library else "off",
+            "for user %s" % registry.username if registry.username else "none"))
+    print("listen: %s; tls: %s" % (", ".join("%s:%d" % a for a in config.listen), "yes" if config.tls else "no"))
+    return 0
+
+
+def hash_password_command():
+    """docxy.py hash-password: read a password, print the line to put after 'name:' in --users."""
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("docxy: error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("docxy: error: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
 
 
 def drain(mirror, listeners):
@@ -1005,8 +1562,13 @@ def drain(mirror, listeners):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-password"]:
+        return hash_password_command()
     try:
-        config = read_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = read_config(argv, os.environ)
+        if config.check:
+            return check_command(config)
         mirror = Mirror(config)
         listeners = open_listeners(mirror)
     except ConfigError as error:
@@ -1022,7 +1584,9 @@ def main(argv=None):
     if hasattr(signal, "SIGHUP"):   # systemd's ExecReload must not kill the service
         signal.signal(signal.SIGHUP, lambda *_: log("SIGHUP: nothing to reload"))
 
-    log("docxy %s mirroring %s" % (__version__, origin_url(config.upstream)))
+    log("docxy %s" % __version__)
+    for line in access_summary(config, listeners):
+        log(line)
     for listener in listeners:
         threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
         if listener.RequestHandlerClass is RedirectHandler:

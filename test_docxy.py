@@ -1210,8 +1210,9 @@ def test_percent_in_reference_position_rejected(docxy, registry):
 def test_longest_valid_name_and_tag_are_forwarded(docxy, registry):
     name = "a" * 127 + "/" + "b" * 127  # 255 characters
     tag = "t" * 128
-    r = raw_request(docxy.port, "/v2/%s/manifests/%s" % (name, tag))
-    assert r.status == 401  # the fake registry's answer: no token
+    r = raw_request(docxy.port, "/v2/%s/manifests/%s" % (name, tag),
+                    headers=["Host: 127.0.0.1:%d" % docxy.port, "Authorization: Bearer not-a-token"])
+    assert r.status == 401  # the fake registry's answer: not a token it issued
     assert [q.path for q in registry.reqs()] == ["/v2/%s/manifests/%s" % (name, tag)]
 
 
@@ -1394,7 +1395,8 @@ def test_upstream_error_status_and_body_passed_through(docxy, registry, token):
 
 
 def test_repository_401_challenge_realm_rewritten_scope_kept(docxy):
-    r = call(docxy.port, "GET", "/v2/busybox/manifests/latest")
+    # A client that brings its own (here: bad) token gets the upstream's challenge, re-pointed.
+    r = call(docxy.port, "GET", "/v2/busybox/manifests/latest", [("Authorization", "Bearer not-a-token-of-this-registry")])
     assert r.status == 401
     _, params = parse_challenge(r.headers["WWW-Authenticate"])
     assert params == {"realm": "http://127.0.0.1:%d/auth/token" % docxy.port, "service": SERVICE,
@@ -1434,7 +1436,7 @@ def test_containerd_ns_for_docker_hub_is_served_when_library_rule_is_on(docxy, r
     assert [q.path for q in registry.reqs()] == ["/v2/library/busybox/manifests/latest"]
 
 
-@pytest.mark.parametrize("ns", ["internal.host", "ghcr.io", "127.0.0.1:1", "169.254.169.254"])
+@pytest.mark.parametrize("ns", ["internal.host", "evil.example", "127.0.0.1:1", "169.254.169.254"])
 def test_containerd_ns_for_another_registry_is_404_without_upstream_contact(ns, docxy, registry, tokens):
     r = call(docxy.port, "GET", "/v2/library/busybox/manifests/latest?ns=" + ns)
     assert_error(r, 404, "NAME_UNKNOWN")
@@ -1442,7 +1444,7 @@ def test_containerd_ns_for_another_registry_is_404_without_upstream_contact(ns, 
 
 
 def test_two_component_names_untouched(docxy, registry):
-    r = call(docxy.port, "GET", "/v2/acme/private/manifests/latest")
+    r = call(docxy.port, "GET", "/v2/acme/private/manifests/latest", [("Authorization", "Bearer not-a-token-of-this-registry")])
     assert r.status == 401
     assert [q.path for q in registry.reqs()] == ["/v2/acme/private/manifests/latest"]
 
@@ -1450,7 +1452,7 @@ def test_two_component_names_untouched(docxy, registry):
 @pytest.mark.parametrize("mode", ["off", "auto"])
 def test_library_prefix_off_or_auto_with_non_hub_upstream_does_not_rewrite(mode, start_docxy, registry, tokens):
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", mode)
-    r = call(d.port, "GET", "/v2/busybox/manifests/latest")
+    r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Authorization", "Bearer not-a-token-of-this-registry")])
     assert r.status == 401
     assert [q.path for q in registry.reqs(prefix="/v2/busybox")] == ["/v2/busybox/manifests/latest"]
     assert registry.reqs(prefix="/v2/library/") == []
