@@ -20,6 +20,7 @@ Python 3.8+, standard library only.
 """
 
 import argparse
+import collections
 import base64
 import configparser
 import hashlib
@@ -34,8 +35,10 @@ import re
 import signal
 import socket
 import socketserver
+import shutil
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -68,6 +71,7 @@ DEFAULTS = {
     "max_connections": 512,
     "drain_seconds": 30.0,
     "library_prefix": "auto",
+    "tag_ttl": 300.0,
 }
 REPEATABLE = ("listen", "allow", "trusted_proxy")
 SWITCHES = ("ipv4_only", "i_understand_credentials_are_shared", "check")
@@ -130,6 +134,11 @@ def build_parser():
     add("--rate-limit", metavar="N/min", help="manifest requests per client address (IPv6: per /64)")
     add("--i-understand-credentials-are-shared", action="store_true", default=None,
         help="run with upstream credentials although anyone who reaches the mirror may use them")
+    add("--cache-dir", metavar="DIR", help="keep pulled blobs and manifests here (default: no cache)")
+    add("--cache-max-size", metavar="SIZE",
+        help="cap on the cache, e.g. 20G (default: 80%% of the free space at start-up)")
+    add("--tag-ttl", type=float, metavar="SECONDS",
+        help="how long a cached tag is trusted before an upstream HEAD checks it (default 300)")
     add("--upstream-timeout", type=float, metavar="SECONDS",
         help="connect and read timeout towards upstreams (default 10)")
     add("--ipv4-only", action="store_true", default=None, help="reach upstreams over IPv4 only")
@@ -223,6 +232,9 @@ def check_config(config, sections, environ):
     config.allow = [parse_network(text, "--allow") for text in config.allow or []]
     config.trusted_proxy = [parse_network(text, "--trusted-proxy") for text in config.trusted_proxy or []]
     config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
+    config.cache_max_size = parse_size(config.cache_max_size) if config.cache_max_size else None
+    if config.tag_ttl < 0:
+        raise ConfigError("--tag-ttl must not be negative")
     config.users = read_users(config.users) if config.users else None
     config.registries, config.default_registry = build_registries(config, sections, environ)
     shared = [r.name for r in config.registries.values() if r.username]
@@ -695,6 +707,270 @@ def format_challenge(scheme, params):
     return "%s %s" % (scheme, ",".join('%s="%s"' % (k, v.replace('"', '\\"')) for k, v in params))
 
 
+# ---------------------------------------------------------------- cache
+
+TAG_RECORD_VERSION = 1
+STALE_WARNING = '110 - "Response is Stale"'
+
+
+class Fill:
+    """An object being downloaded into the cache. Other clients asking for it read the
+    growing file instead of asking upstream again; the last byte only once it is verified."""
+
+    def __init__(self, path, handle):
+        self.path, self.handle = path, handle
+        self.length = None          # the upstream's Content-Length, once its headers arrived
+        self.media_type = None
+        self.written = 0
+        self.state = "filling"      # then "done" (verified and committed) or "failed"
+        self.changed = threading.Condition()
+
+    def update(self, written=None, state=None, length=None):
+        with self.changed:
+            if written is not None:
+                self.written = written
+            if length is not None:
+                self.length = length
+            if state:
+                self.state = state
+            self.changed.notify_all()
+
+    def wait(self, condition, timeout):
+        with self.changed:
+            self.changed.wait_for(lambda: condition(self) or self.state != "filling", timeout)
+            return self.written, self.state, self.length
+
+
+class Cache:
+    """Blobs and manifests by digest, content-addressed on disk and verified before they are
+    committed, evicted least-recently-used under a size cap; plus tag -> digest records.
+
+    Layout: objects/<algorithm>/<first two hex>/<hex>, tags/<hash of the key>.json, tmp/.
+    There is no database: the index is rebuilt from the directory at start-up."""
+
+    def __init__(self, root, max_size, tag_ttl):
+        self.root, self.max_size, self.tag_ttl = root, max_size, tag_ttl
+        self.lock = threading.Lock()
+        self.objects = collections.OrderedDict()    # digest -> size, least recently used first
+        self.size = 0
+        self.busy = collections.Counter()           # digest -> transfers reading or writing it
+        self.fills = {}                             # digest -> Fill in progress
+        self.tags = {}                              # key -> record
+        self.paused_until = 0.0
+        self.pings = {}                             # registry name -> when its /v2/ last answered
+        self.stats = collections.Counter()
+        for folder in ("objects", "tags", "tmp"):
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+        self.load()
+
+    def load(self):
+        for name in os.listdir(os.path.join(self.root, "tmp")):   # a crash's leftovers: never verified
+            os.unlink(os.path.join(self.root, "tmp", name))
+        found = []
+        for folder, _, names in os.walk(os.path.join(self.root, "objects")):
+            algorithm = os.path.basename(os.path.dirname(folder))
+            for name in names:
+                digest = "%s:%s" % (algorithm, name)
+                if DIGEST.fullmatch(digest):
+                    status = os.stat(os.path.join(folder, name))
+                    found.append((status.st_mtime, digest, status.st_size))
+        for _, digest, size in sorted(found):
+            self.objects[digest] = size
+            self.size += size
+        for name in os.listdir(os.path.join(self.root, "tags")):
+            try:
+                with open(os.path.join(self.root, "tags", name), encoding="utf-8") as handle:
+                    record = json.load(handle)
+                if record.get("version") == TAG_RECORD_VERSION:
+                    self.tags[record["key"]] = record
+            except (OSError, ValueError, KeyError, AttributeError):
+                continue
+        self.evict()
+
+    def path(self, digest):
+        algorithm, hexdigest = digest.split(":")
+        return os.path.join(self.root, "objects", algorithm, hexdigest[:2], hexdigest)
+
+    def open(self, digest):
+        """On a hit, the open file and its size, marked busy until release(); else None."""
+        with self.lock:
+            size = self.objects.get(digest)
+            if size is None:
+                return None
+            try:
+                handle = open(self.path(digest), "rb")
+            except OSError:
+                self.forget(digest)
+                return None
+            self.objects.move_to_end(digest)
+            self.busy[digest] += 1
+        try:
+            os.utime(handle.fileno())   # recency that survives a restart
+        except OSError:
+            pass
+        return handle, size
+
+    def release(self, digest):
+        with self.lock:
+            self.busy[digest] -= 1
+            if self.busy[digest] <= 0:
+                del self.busy[digest]
+
+    def forget(self, digest):
+        self.size -= self.objects.pop(digest, 0)
+
+    def start_fill(self, digest):
+        """(fill, True): download it; (fill, False): follow the download in progress;
+        (None, False): caching is paused, pass the request through."""
+        with self.lock:
+            if digest in self.fills:
+                self.busy[digest] += 1
+                return self.fills[digest], False
+            if time.monotonic() < self.paused_until:
+                return None, False
+            try:
+                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
+            except OSError as error:
+                self.pause(error)
+                return None, False
+            fill = self.fills[digest] = Fill(path, os.fdopen(descriptor, "wb"))
+            self.busy[digest] += 1
+            return fill, True
+
+    def finish_fill(self, digest, fill, verified):
+        """Commit a verified download (fsync, atomic rename) or discard it."""
+        committed = verified and fill.handle is not None
+        try:
+            if committed:
+                fill.handle.flush()
+                os.fsync(fill.handle.fileno())
+                os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
+                os.rename(fill.path, self.path(digest))
+        except OSError as error:
+            committed = False
+            self.pause(error)
+        finally:
+            if fill.handle:
+                fill.handle.close()
+            if not committed:
+                try:
+                    os.unlink(fill.path)
+                except OSError:
+                    pass
+        with self.lock:
+            del self.fills[digest]
+            if committed:
+                self.forget(digest)
+                self.objects[digest] = fill.written
+                self.size += fill.written
+            elif fill.written:
+                self.stats["discarded"] += 1      # bytes came, but not the ones the digest names
+        self.release(digest)
+        fill.update(state="done" if committed else "failed")
+        if committed:
+            self.evict()
+
+    def write(self, fill, data):
+        """Append to a download; a full or read-only disk pauses caching, never the transfer."""
+        if not fill.handle:
+            return
+        try:
+            fill.handle.write(data)
+            fill.update(written=fill.written + len(data))
+        except OSError as error:
+            self.pause(error)
+            fill.handle.close()
+            fill.handle = None
+            fill.update(state="failed")
+
+    def pause(self, error):
+        if time.monotonic() >= self.paused_until:
+            log("cache paused for 60s, transfers go on uncached: %s" % (error.strerror or error))
+        self.paused_until = time.monotonic() + 60
+        self.stats["write_errors"] += 1
+
+    def evict(self):
+        """Down to 90% of the cap once over it, so eviction is not a per-request cost.
+        Objects being read or written are never evicted."""
+        with self.lock:
+            if self.size <= self.max_size:
+                return
+            for digest in list(self.objects):
+                if self.size <= self.max_size * 0.9:
+                    break
+                if self.busy.get(digest):
+                    continue
+                self.forget(digest)
+                self.stats["evictions"] += 1
+                try:
+                    os.unlink(self.path(digest))
+                except OSError:
+                    pass
+
+    def tag(self, key):
+        with self.lock:
+            return self.tags.get(key)
+
+    def remember_tag(self, key, digest, media_type, length):
+        record = {"version": TAG_RECORD_VERSION, "key": key, "digest": digest, "type": media_type,
+                  "length": length, "checked": time.time()}
+        with self.lock:
+            self.tags[key] = record
+        name = hashlib.sha256(key.encode()).hexdigest() + ".json"
+        try:
+            descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            os.rename(path, os.path.join(self.root, "tags", name))
+        except OSError as error:
+            self.pause(error)
+        return record
+
+
+def manifest_media_type(handle):
+    """A cached manifest's media type, from its own mediaType field (or its shape)."""
+    try:
+        document = json.loads(handle.read(4 << 20).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        document = {}
+    finally:
+        handle.seek(0)
+    if isinstance(document, dict) and isinstance(document.get("mediaType"), str):
+        return document["mediaType"]
+    if isinstance(document, dict) and "manifests" in document:
+        return "application/vnd.oci.image.index.v1+json"
+    return "application/vnd.oci.image.manifest.v1+json"
+
+
+def parse_range(value, size):
+    """A single 'bytes=a-b' range -> (start, end inclusive); None for the whole object."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value or "")
+    if not match or not (match.group(1) or match.group(2)):
+        return None                 # absent, or several ranges: the whole object is a valid answer
+    if match.group(1):
+        start = int(match.group(1))
+        end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    else:
+        start, end = max(0, size - int(match.group(2))), size - 1
+    if start >= size or start > end:
+        raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"size": size},
+                            [("Content-Range", "bytes */%d" % size)])
+    return start, end
+
+
+def parse_size(text):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError("--cache-max-size wants a size like 500M or 20G, not %r" % text)
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
+def accept_key(values):
+    """The set of media types a client accepts: a tag may resolve differently for another set."""
+    types = {part.split(";")[0].strip().lower() for value in values for part in value.split(",")}
+    return ",".join(sorted(types - {""}))
+
+
 # ---------------------------------------------------------------- shared state
 
 class ExpiringCache:
@@ -747,9 +1023,9 @@ class RateLimiter:
 
 def client_network(address):
     ip = ipaddress.ip_address(address)
-    if ip.version == 6 and not ip.ipv4_mapped:
-        return ipaddress.ip_network("%s/64" % ip, strict=False)
-    return ip.ipv4_mapped or ip
+    if ip.version == 4:
+        return ip
+    return ip.ipv4_mapped or ipaddress.ip_network("%s/64" % ip, strict=False)
 
 
 class Mirror:
@@ -776,6 +1052,7 @@ class Mirror:
         self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
         self.password_checks = threading.BoundedSemaphore(2)   # PBKDF2 is slow on purpose
         self.limiter = RateLimiter(*config.rate_limit) if config.rate_limit else None
+        self.cache = open_cache(config) if config.cache_dir else None
         self.https_port = 443               # where --http-redirect sends clients
         self.slots = threading.BoundedSemaphore(config.max_connections)
         self.draining = threading.Event()
@@ -789,7 +1066,8 @@ class Mirror:
         parts = urllib.parse.urlsplit(params.get("realm", ""))
         if scheme.lower() == "bearer" and parts.scheme in ("http", "https") and parts.hostname and \
                 not (registry.upstream.scheme == "https" and parts.scheme == "http"):
-            self.challenges[registry.name] = params
+            # Only what holds for every repository: a scope or error belongs to one request.
+            self.challenges[registry.name] = {k: params[k] for k in ("realm", "service") if k in params}
             return params
         return None
 
@@ -820,6 +1098,21 @@ class Mirror:
             ok = password_matches(password, self.config.users.get(name))
         self.logins.put(key, name if ok else "", 300 if ok else 5)
         return name if ok else None
+
+
+def open_cache(config):
+    try:
+        os.makedirs(config.cache_dir, exist_ok=True)
+        max_size = config.cache_max_size
+        if max_size is None:
+            max_size = int(shutil.disk_usage(config.cache_dir).free * 0.8)
+        cache = Cache(config.cache_dir, max_size, config.tag_ttl)
+    except OSError as error:
+        raise ConfigError("cannot use --cache-dir %s: %s" % (config.cache_dir, error.strerror or error))
+    log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
+        config.cache_dir, cache.size / 1048576, len(cache.objects), max_size / 1048576,
+        "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
+    return cache
 
 
 def hash_password(password, iterations=PBKDF2_ITERATIONS):
@@ -919,7 +1212,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return
         self.started = time.monotonic()
         self.command, self.path, self.request_version = None, "-", "HTTP/1.0"
-        self.client, self.user = self.client_address[0], None
+        self.client, self.user, self.cache_status = self.client_address[0], None, "-"
         try:
             if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
                 # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
@@ -1027,7 +1320,31 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if self.mirror.config.users:    # the login was checked already; upstream logins are docxy's
             return self.send_json(200, {})
         registry, _ = self.registry_for(query)
-        self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/", self.forward_headers())
+        cache = self.mirror.cache
+        asked = cache and cache.pings.get(registry.name)
+        if asked and time.monotonic() - asked < cache.tag_ttl:
+            self.cache_status = "hit"
+            return self.send_ping(registry)
+        try:
+            self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/", self.forward_headers())
+        except UpstreamError as error:
+            if not cache:
+                raise
+            log("upstream %s unreachable, answering /v2/ from memory: %s" % (registry.name, error.message))
+            self.cache_status = "stale"
+            return self.send_ping(registry)
+        if cache and self.status in (200, 401):
+            cache.pings[registry.name] = time.monotonic()
+
+    def send_ping(self, registry):
+        """/v2/ without asking upstream (cache mode): the challenge it gave last, or none, in
+        which case clients skip the token dance and pull what the cache holds."""
+        challenge = self.mirror.challenges.get(registry.name)
+        if challenge:
+            header = self.rewrite_challenge(registry, format_challenge("Bearer", list(challenge.items())))
+            return self.send_registry_error(401, "UNAUTHORIZED", "authentication required", None,
+                                            [("WWW-Authenticate", header)] + self.cache_headers())
+        self.send_json(200, {}, self.cache_headers())
 
     def proxy_registry(self, path, query):
         registry, path = self.registry_for(query, path)
@@ -1040,8 +1357,12 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
         headers = self.forward_headers()
         scope = None if "Authorization" in headers else "repository:%s:pull" % name
-        self.relay(registry, self.command, origin_url(registry.upstream) + upstream_path, headers,
-                   verify=verify, scope=scope)
+        url = origin_url(registry.upstream) + upstream_path
+        if self.mirror.cache and verify:
+            return self.serve_object(registry, url, name, kind, verify, headers)
+        if self.mirror.cache and kind == "manifests":
+            return self.serve_tag(registry, url, name, ref, headers)
+        self.relay(registry, self.command, url, headers, verify=verify, scope=scope)
 
     def proxy_token(self, name, query):
         """/auth/<registry>/token: forward a token request to the realm that registry named.
@@ -1053,6 +1374,19 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         registry = self.mirror.default if name is None else self.mirror.registries.get(name)
         if registry is None:
             raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", name[:200])
+        try:
+            self.forward_token_request(registry, query)
+        except UpstreamError as error:
+            if not self.mirror.cache:
+                raise
+            # The cache serves shared content with docxy's own login, whatever token a client
+            # shows, so a placeholder lets clients pull cached images while the realm is down.
+            log("token service of %s unreachable, handing out a placeholder: %s" % (registry.name, error.message))
+            self.cache_status = "stale"
+            self.send_json(200, {"token": "docxy-offline", "access_token": "docxy-offline", "expires_in": 60},
+                           self.cache_headers())
+
+    def forward_token_request(self, registry, query):
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         body = None
         if self.command == "POST":
@@ -1106,6 +1440,171 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large")
         return self.rfile.read(int(length))
 
+    # -- answering from the cache
+
+    def serve_object(self, registry, url, name, kind, digest, headers, media_type=None):
+        """A blob or a manifest by digest: from the cache, from a download in progress, or
+        downloaded once while it streams to the client and into the cache."""
+        cache = self.mirror.cache
+        hit = cache.open(digest)
+        if hit:
+            return self.send_cached(hit, digest, kind, media_type, "hit")
+        if self.command == "HEAD" or "Range" in headers:
+            scope = None if "Authorization" in headers else "repository:%s:pull" % name
+            return self.relay(registry, self.command, url, headers, verify=digest, scope=scope)
+        fill, leader = cache.start_fill(digest)
+        if fill is None:
+            return self.relay(registry, "GET", url, headers, verify=digest,
+                              scope=None if "Authorization" in headers else "repository:%s:pull" % name)
+        if not leader:
+            return self.follow_fill(fill, digest, kind, media_type)
+        verified = False
+        try:
+            cache.stats["misses"] += 1
+            self.cache_status = "miss"
+            verified = self.fill_from_upstream(fill, registry, url, name, digest, headers, media_type)
+        finally:
+            cache.finish_fill(digest, fill, verified)
+
+    def fill_from_upstream(self, fill, registry, url, name, digest, headers, media_type):
+        """Download into the cache with docxy's own upstream login, so that what is cached is
+        what every client of this mirror may read. Content only the client's own credentials
+        can read is streamed to it, and never cached."""
+        own = {k: v for k, v in headers.items() if k != "Authorization"}
+        exchange = self.fetch_upstream(registry, "GET", url, own, scope="repository:%s:pull" % name)
+        if exchange[2].status in (401, 403) and "Authorization" in headers:
+            discard_body(self.mirror.pool, *exchange[:3])
+            self.cache_status = "private"
+            self.relay(registry, "GET", url, headers, verify=digest)
+            return False
+        if exchange[2].status != 200:
+            self.send_upstream(registry, "GET", exchange, False)
+            return False
+        return self.send_upstream(registry, "GET", exchange, False, digest, fill=fill, media_type=media_type)
+
+    def follow_fill(self, fill, digest, kind, media_type):
+        """Serve a download another client started, from the file as it grows."""
+        cache = self.mirror.cache
+        cache.stats["coalesced"] += 1
+        self.cache_status = "coalesced"
+        timeout = self.mirror.config.upstream_timeout
+        try:
+            with open(fill.path, "rb") as handle:
+                _, state, length = fill.wait(lambda f: f.length is not None, timeout)
+                if state == "failed" or length is None:
+                    raise UpstreamError(502, "the upstream download this request waited for failed", digest)
+                self.send_object_headers(200, digest, kind, media_type or fill.media_type, length)
+                sent = 0
+                while sent < length:
+                    # The last byte waits for verification, as on the downloading connection.
+                    written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
+                    ready = written if state == "done" else min(written, length - 1)
+                    if state == "failed" or ready <= sent:
+                        return self.abort_transfer(UpstreamError(502, "coalesced download failed", digest))
+                    self.send_file(handle, sent, ready - sent)
+                    sent = ready
+        except OSError as error:
+            self.abort_transfer(error)
+        finally:
+            cache.release(digest)
+
+    def serve_tag(self, registry, url, name, tag, headers):
+        """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
+        HEAD (free on Docker Hub); when upstream fails, the last known manifest is served stale."""
+        cache = self.mirror.cache
+        key = "\n".join((registry.name, name, tag, accept_key(self.headers.get_all("Accept") or [])))
+        record = cache.tag(key)
+        status = "hit"
+        if not record or time.time() - record["checked"] >= cache.tag_ttl:
+            status = "revalidated"
+            own = {k: v for k, v in headers.items() if k != "Authorization"}
+            try:
+                exchange = self.fetch_upstream(registry, "HEAD", url, own, scope="repository:%s:pull" % name)
+            except UpstreamError as error:
+                if not record:
+                    raise
+                log("serving %s:%s stale: %s" % (name, tag, error.message))
+                exchange, status = None, "stale"
+            if exchange:
+                response = exchange[2]
+                digest = response.getheader("Docker-Content-Digest", "")
+                discard_body(self.mirror.pool, *exchange[:3])
+                if response.status == 200 and DIGEST.fullmatch(digest):
+                    record = cache.remember_tag(key, digest, response.getheader("Content-Type", ""),
+                                                response.getheader("Content-Length", ""))
+                elif record and (response.status == 429 or response.status >= 500):
+                    status = "stale"
+                else:   # unknown, or readable only with the client's own credentials: not shared
+                    scope = None if "Authorization" in headers else "repository:%s:pull" % name
+                    return self.relay(registry, self.command, url, headers, scope=scope)
+        cache.stats["tag_" + status] += 1
+        self.cache_status = status
+        if self.command == "HEAD":
+            hit = cache.open(record["digest"])
+            if hit:
+                return self.send_cached(hit, record["digest"], "manifests", record["type"], self.cache_status)
+            return self.send_object_headers(200, record["digest"], "manifests", record["type"],
+                                            int(record["length"] or 0))
+        by_digest = url.rsplit("/", 1)[0] + "/" + record["digest"]
+        return self.serve_object(registry, by_digest, name, "manifests", record["digest"], headers, record["type"])
+
+    def send_cached(self, hit, digest, kind, media_type, status):
+        """A cache hit: HEAD, a single Range, or the whole object (zero-copy on plain HTTP)."""
+        handle, size = hit
+        cache = self.mirror.cache
+        try:
+            if status == "hit" and self.cache_status == "-":
+                cache.stats["hits"] += 1
+                self.cache_status = "hit"
+            if kind == "manifests" and not media_type:
+                media_type = manifest_media_type(handle)
+            span = parse_range(self.headers.get("Range"), size)
+            start, end = span or (0, size - 1)
+            self.send_object_headers(206 if span else 200, digest, kind, media_type, end - start + 1,
+                                     [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else [])
+            if self.command != "HEAD":
+                self.send_file(handle, start, end - start + 1)
+                cache.stats["bytes_served"] += end - start + 1
+        except OSError as error:
+            self.abort_transfer(error)
+        finally:
+            handle.close()
+            cache.release(digest)
+
+    def send_object_headers(self, status, digest, kind, media_type, length, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", media_type if kind == "manifests" else "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Docker-Content-Digest", digest)
+        self.send_header("ETag", '"%s"' % digest)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        for name, value in list(extra) + self.cache_headers():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def cache_headers(self):
+        if self.cache_status == "stale":
+            return [("Warning", STALE_WARNING), ("X-Docxy-Cache", "stale")]
+        return [("X-Docxy-Cache", self.cache_status)] if self.cache_status != "-" else []
+
+    def send_file(self, handle, offset, count):
+        """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
+        if not self.server.tls_context:
+            self.connection.sendfile(handle, offset, count)
+            self.sent += count
+            return
+        handle.seek(offset)
+        buffer = bytearray(min(CHUNK, max(count, 1)))
+        view = memoryview(buffer)
+        while count > 0:
+            n = handle.readinto(view[:min(count, len(buffer))])
+            if not n:
+                raise OSError("cached object shorter than expected")
+            self.wfile.write(view[:n])
+            self.sent += n
+            count -= n
+
     # -- logging in upstream on the client's behalf
 
     def upstream_login(self, registry, challenge, scope):
@@ -1157,12 +1656,16 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             headers["Accept"] = ", ".join(accept)
         return headers
 
-    def relay(self, registry, method, url, headers, body=None, verify=None, rewrite_challenge=True, scope=None):
-        """Fetch url upstream and stream the answer to the client. With a scope, the client
-        brought no credentials and docxy logs in upstream itself when challenged."""
+    def fetch_upstream(self, registry, method, url, headers, body=None, scope=None):
+        """Send a request upstream. With a scope, docxy logs in upstream itself (anonymously or
+        with the operator's credentials) when challenged, and remembers the token."""
         pool = self.mirror.pool
-        if scope and self.mirror.tokens.get((registry.name, scope)):
-            headers["Authorization"] = self.mirror.tokens.get((registry.name, scope))
+        known = self.mirror.tokens.get((registry.name, scope)) if scope else None
+        challenge = self.mirror.challenges.get(registry.name)
+        if scope and not known and challenge:   # log in first: saves a 401 round trip upstream
+            known = self.upstream_login(registry, format_challenge("Bearer", list(challenge.items())), scope)
+        if known:
+            headers["Authorization"] = known
         origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
         if scope and response.status == 401 and origin == registry.upstream:
             login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
@@ -1171,12 +1674,26 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 headers["Authorization"] = login
                 origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
         self.upstream_status = str(response.status)
+        return origin, connection, response, first_hop
+
+    def relay(self, registry, method, url, headers, body=None, verify=None, rewrite_challenge=True, scope=None):
+        """Fetch url upstream and stream the answer to the client."""
+        exchange = self.fetch_upstream(registry, method, url, headers, body, scope)
+        self.send_upstream(registry, method, exchange, "Range" in headers, verify, rewrite_challenge)
+
+    def send_upstream(self, registry, method, exchange, partial, verify=None, rewrite_challenge=True,
+                      fill=None, media_type=None):
+        """Stream an upstream answer to the client, and into a cache fill when given one.
+        Returns True when the body arrived whole and verified."""
+        origin, connection, response, first_hop = exchange
         try:
             if response.status in REDIRECTS:
                 raise UpstreamError(502, "upstream redirect without a usable Location")
             headers_out = self.response_headers(registry, response, first_hop, origin, rewrite_challenge)
+            if media_type:
+                headers_out = [(k, media_type if k.lower() == "content-type" else v) for k, v in headers_out]
             has_body = method != "HEAD" and response.status not in (204, 304) and response.status >= 200
-            if has_body and verify and (response.status != 200 or "Range" in headers):
+            if has_body and verify and (response.status != 200 or partial):
                 verify = None   # a partial body cannot be checked against the whole's digest
             chunked = has_body and response.length is None and response.getheader("Content-Length") is None
             if chunked:
@@ -1184,14 +1701,18 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                     headers_out.append(("Transfer-Encoding", "chunked"))
                 else:
                     self.close_connection = True
+            if fill:
+                fill.media_type = response.getheader("Content-Type")
+                fill.update(length=response.length)
             self.send_response(response.status)
-            for name, value in headers_out:
+            for name, value in headers_out + self.cache_headers():
                 self.send_header(name, value)
             self.end_headers()
             if has_body:
-                self.stream_body(response, verify, chunked and self.request_version == "HTTP/1.1")
+                return self.stream_body(response, verify, chunked and self.request_version == "HTTP/1.1", fill)
+            return False
         finally:
-            pool.release(origin, connection, response)
+            self.mirror.pool.release(origin, connection, response)
 
     def response_headers(self, registry, response, first_hop, origin, rewrite_challenge):
         headers = [(k, v) for k, v in response.getheaders() if passes_header(k)]
@@ -1246,12 +1767,13 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             scheme = proto
         return "%s://%s" % (scheme, host)
 
-    def stream_body(self, response, verify, chunked):
+    def stream_body(self, response, verify, chunked, fill=None):
         """Copy the body in fixed-size chunks through one buffer allocated for this transfer.
 
         When a digest is to be verified, the last byte is held back until the whole
         body hashed right: a mismatch, like a broken upstream, ends the connection
         before the body is complete, so the client can never take it for a good one.
+        Returns True when the body was verified whole.
         """
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
@@ -1260,18 +1782,20 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         write = self.write_chunk if chunked else self.wfile.write
         try:
             while True:
-                n = response.readinto(view[held:])
-                if not n:
+                new = response.readinto(view[held:])
+                if not new:
                     break
+                if fill:
+                    self.mirror.cache.write(fill, view[held:held + new])
                 if hasher:
-                    n += held
-                    hasher.update(view[held:n])
-                    write(view[:n - 1])
-                    buffer[0] = buffer[n - 1]
+                    hasher.update(view[held:held + new])
+                    write(view[:held + new - 1])
+                    self.sent += held + new - 1
+                    buffer[0] = buffer[held + new - 1]
                     held = 1
                 else:
-                    write(view[:n])
-                self.sent += n - held
+                    write(view[:new])
+                    self.sent += new
             if response.length:      # http.client counts down what Content-Length still promises
                 raise UpstreamError(502, "upstream body ended early", "%d bytes missing" % response.length)
             if hasher and hasher.hexdigest() != verify.split(":")[1]:
@@ -1281,8 +1805,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 self.sent += 1
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
+            return hasher is not None
         except (UpstreamError, OSError, http.client.HTTPException) as error:
             self.abort_transfer(error)
+            return False
 
     def write_chunk(self, data):
         if len(data):
@@ -1342,7 +1868,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
         log('%s "%s %s" %s %dB %.3fs upstream=%s%s' % (
             self.client, self.command or "-", path[:300], self.status, self.sent,
-            time.monotonic() - self.started, self.upstream_status, " user=" + self.user if self.user else ""))
+            time.monotonic() - self.started, self.upstream_status, " user=" + self.user if self.user else "")
+            + (" cache=" + self.cache_status if self.cache_status != "-" else ""))
 
 
 class RedirectHandler(http.server.BaseHTTPRequestHandler):
@@ -1519,6 +2046,88 @@ def check_command(config):
     return 0
 
 
+MANIFEST_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.list.v2+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+
+
+def prefetch_command(argv):
+    """docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] [flags]: fill the cache by
+    pulling through an in-process docxy on loopback, the very path a client's pull takes."""
+    platform = None
+    if "--platform" in argv:
+        at = argv.index("--platform")
+        platform, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
+        platform = platform[0] if platform else ""
+    images = [a for a in argv if not a.startswith("-")][:1]
+    flags = argv[:]
+    if images:
+        flags.remove(images[0])
+    if not images or platform == "":
+        print("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
+              file=sys.stderr)
+        return 2
+    try:
+        config = read_config(flags, os.environ)
+        if not config.cache_dir:
+            raise ConfigError("prefetch needs --cache-dir (or DOCXY_CACHE_DIR)")
+        config.users, config.allow, config.rate_limit = None, [], None   # this client is docxy itself
+        mirror = Mirror(config)
+        listener = Listener(("127.0.0.1", 0), MirrorHandler, mirror)
+    except ConfigError as error:
+        print("docxy: error: %s" % error, file=sys.stderr)
+        return 2
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    try:
+        prefetch_image(listener.server_address[1], images[0], platform)
+        return 0
+    except (OSError, ValueError, KeyError, http.client.HTTPException) as error:
+        print("docxy: prefetch failed: %s" % error, file=sys.stderr)
+        return 1
+    finally:
+        listener.shutdown()
+
+
+def prefetch_image(port, image, platform):
+    first, _, rest = image.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        first, rest = DEFAULT_REGISTRY, image
+    name, ref = (rest.split("@", 1) if "@" in rest else
+                 (rest.rsplit(":", 1) if ":" in rest.rsplit("/", 1)[-1] else (rest, "latest")))
+    base = "/v2/%s/%s" % (first, name)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def get(path, accept="*/*"):
+        connection.request("GET", path, headers={"Accept": accept})
+        response = connection.getresponse()
+        size = 0
+        body = b""
+        while True:
+            chunk = response.read(CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            body = body + chunk if size <= 4 << 20 else b""
+        if response.status != 200:
+            raise ValueError("%s answered %d %s" % (path, response.status, body[:200].decode("latin-1")))
+        return body, size, response.getheader("X-Docxy-Cache", "-")
+
+    document = json.loads(get(base + "/manifests/" + ref, ", ".join(MANIFEST_TYPES))[0])
+    manifests = [document]
+    if "manifests" in document:
+        wanted = [m for m in document["manifests"] if not platform or platform == "/".join(
+            filter(None, (m.get("platform", {}).get(k) for k in ("os", "architecture", "variant"))))
+            or platform == "%s/%s" % (m.get("platform", {}).get("os"), m.get("platform", {}).get("architecture"))]
+        if not wanted:
+            raise ValueError("%s has no %s manifest" % (image, platform))
+        manifests = [json.loads(get(base + "/manifests/" + m["digest"], m.get("mediaType", MANIFEST_TYPES[1]))[0])
+                     for m in wanted]
+    for manifest in manifests:
+        for blob in [manifest["config"]] + manifest.get("layers", []):
+            _, size, status = get(base + "/blobs/" + blob["digest"])
+            print("prefetch: %s %.1f MiB %s" % (blob["digest"], size / 1048576, status), flush=True)
+
+
 def hash_password_command():
     """docxy.py hash-password: read a password, print the line to put after 'name:' in --users."""
     if sys.stdin.isatty():
@@ -1565,6 +2174,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-password"]:
         return hash_password_command()
+    if argv[:1] == ["prefetch"]:
+        return prefetch_command(argv[1:])
     try:
         config = read_config(argv, os.environ)
         if config.check:

@@ -59,6 +59,8 @@ DOCKERD_ACCEPT = [
     MT_INDEX,
 ]
 SERVICE = "registry.docker.io"
+SERVICE_B = "registry.internal.example"  # the second Bearer registry's token service
+BASIC_CHALLENGE = 'Basic realm="Corporate Registry"'
 ALICE = ("alice", "s3cret")
 ALICE_B64 = base64.b64encode(b"alice:s3cret").decode()
 PRIVATE_REPOS = {"acme/private"}
@@ -192,23 +194,26 @@ class Content:
 
 
 class TokenStore:
-    """Tokens issued by the fake token server and the repositories each grants."""
+    """Tokens issued by the fake token server and the repositories each grants
+    (until `lifetime` seconds have passed, when one was given)."""
 
     def __init__(self):
         self.grants = {}
         self.lock = threading.Lock()
 
-    def issue(self, names):
+    def issue(self, names, lifetime=None):
         token = "tok-" + os.urandom(16).hex()
+        deadline = time.monotonic() + lifetime if lifetime else None
         with self.lock:
-            self.grants[token] = set(names)
+            self.grants[token] = (set(names), deadline)
         return token
 
     def allows(self, authorization, name):
         if not authorization or not authorization.startswith("Bearer "):
             return False
         with self.lock:
-            return name in self.grants.get(authorization[len("Bearer "):], ())
+            names, deadline = self.grants.get(authorization[len("Bearer "):], ((), None))
+        return name in names and (deadline is None or time.monotonic() < deadline)
 
     def all_tokens(self):
         with self.lock:
@@ -226,6 +231,7 @@ class Rec:
     def __init__(self, handler, body):
         split = urllib.parse.urlsplit(handler.path)
         self.method = handler.command
+        self.target = handler.path  # as sent: absolute-form or host:port for a proxy
         self.path = split.path
         self.query = split.query
         self.headers = list(handler.headers.items())
@@ -317,10 +323,14 @@ class FakeServer:
         self.__dict__.update(attrs)
         self.tls = tls
         cls = type(handler.__name__, (handler,), {"fake": self})
-        self.httpd = http.server.ThreadingHTTPServer((host, 0), cls)
+        server = http.server.ThreadingHTTPServer
+        if ":" in host:
+            server = type("ThreadingHTTPServer6", (server,), {"address_family": socket.AF_INET6})
+        self.httpd = server((host, 0), cls)
         self.httpd.daemon_threads = True
         self.host, self.port = host, self.httpd.server_address[1]
-        self.url = "%s://%s:%d" % ("https" if tls else "http", host, self.port)
+        self.url = "%s://%s:%d" % ("https" if tls else "http", "[%s]" % host if ":" in host else host,
+                                   self.port)
         self.requests = []
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -402,7 +412,7 @@ class RegistryHandler(RecordingHandler):
         return self.blob(repo, m.group("ref"))
 
     def challenge(self, name):
-        value = 'Bearer realm="%s",service="%s"' % (self.fake.token_url, SERVICE)
+        value = 'Bearer realm="%s",service="%s"' % (self.fake.token_url, getattr(self.fake, "service", SERVICE))
         if name:
             value += ',scope="repository:%s:pull"' % name
         self.send_json(401, registry_error("UNAUTHORIZED", "authentication required"),
@@ -512,7 +522,7 @@ class RegistryHandler(RecordingHandler):
 
 
 class TokenHandler(RecordingHandler):
-    """Fake auth.docker.io.
+    """Fake auth.docker.io (or, with fake.service set, another registry's token server).
 
     ``GET /token?service=registry.docker.io&scope=repository:NAME:pull`` (Basic
     credentials optional) and ``POST /token`` with an OAuth password-grant
@@ -543,7 +553,7 @@ class TokenHandler(RecordingHandler):
             scopes = " ".join(params.get("scope", [])).split()
         else:
             return self.send_json(405, {"details": "method not allowed"})
-        if params.get("service") != [SERVICE]:
+        if params.get("service") != [getattr(self.fake, "service", SERVICE)]:
             return self.send_json(400, {"details": "invalid service"})
         names = []
         for scope in scopes:
@@ -553,12 +563,14 @@ class TokenHandler(RecordingHandler):
             names.append(m.group(1))
         if creds is not None and creds != ALICE:
             return self.send_json(401, {"details": "incorrect username or password"})
-        token = self.fake.store.issue(n for n in names if n not in PRIVATE_REPOS or creds == ALICE)
+        token = self.fake.store.issue((n for n in names if n not in PRIVATE_REPOS or creds == ALICE),
+                                      getattr(self.fake, "expires_in", None))
         if self.command == "GET":
-            body = {"token": token, "access_token": token, "expires_in": 300,
+            body = {"token": token, "access_token": token, "expires_in": getattr(self.fake, "expires_in", 300),
                     "issued_at": "2024-01-01T00:00:00Z"}
         else:
-            body = {"access_token": token, "scope": " ".join(scopes), "expires_in": 300,
+            body = {"access_token": token, "scope": " ".join(scopes),
+                    "expires_in": getattr(self.fake, "expires_in", 300),
                     "token_type": "Bearer"}
         self.send_json(200, body)
 
@@ -597,6 +609,98 @@ class CdnHandler(RecordingHandler):
         self.send_bytes(status, data, "application/octet-stream", headers)
 
 
+class BasicRegistryHandler(RegistryHandler):
+    """A self-hosted registry with HTTP Basic auth (Harbor/Nexus-like): every /v2/ route needs
+    alice:s3cret, otherwise 401 with a Basic challenge.  Blobs still redirect to the CDN."""
+
+    def handle_request(self):
+        if self.rec.path.startswith("/v2/") and self.headers.get("Authorization") != "Basic " + ALICE_B64:
+            return self.send_json(401, registry_error("UNAUTHORIZED", "authentication required"),
+                                  [("WWW-Authenticate", BASIC_CHALLENGE)])
+        super().handle_request()
+
+
+class ProxyHandler(RecordingHandler):
+    """Fake outbound HTTP proxy (squid-like) for docxy's upstream connections.
+
+    ``CONNECT host:port`` -> 200, then bytes are tunnelled both ways; an
+    absolute-form request (``GET http://host:port/path``) is forwarded with
+    http.client and the answer relayed.  When fake.auth is set, requests
+    without exactly that Proxy-Authorization get 407.  rec.target keeps what
+    the proxy was asked for; Proxy-Authorization is never passed on.
+    """
+
+    do_CONNECT = RecordingHandler._dispatch
+    DROP = ("proxy-authorization", "proxy-connection", "connection", "keep-alive", "te", "trailer",
+            "transfer-encoding", "upgrade", "content-length")
+
+    def handle_request(self):
+        if self.fake.auth and self.headers.get("Proxy-Authorization") != self.fake.auth:
+            self.close_connection = True
+            return self.send_bytes(407, b"proxy authentication required", "text/plain",
+                                   [("Proxy-Authenticate", 'Basic realm="proxy"')])
+        if self.command == "CONNECT":
+            return self.tunnel()
+        return self.forward()
+
+    def tunnel(self):
+        host, _, port = self.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        except (OSError, ValueError):
+            self.close_connection = True
+            return self.send_bytes(502, b"cannot connect", "text/plain")
+        self.close_connection = True
+        try:
+            self.send_response(200, "Connection established")
+            self.end_headers()
+            ends = [self.connection, upstream]
+            while True:
+                readable, _, _ = select.select(ends, [], [], 20)
+                if not readable:
+                    return
+                for end in readable:
+                    data = end.recv(65536)
+                    if not data:
+                        return
+                    (upstream if end is self.connection else self.connection).sendall(data)
+        finally:
+            upstream.close()
+
+    def forward(self):
+        split = urllib.parse.urlsplit(self.path)
+        if split.scheme != "http" or not split.hostname:
+            return self.send_bytes(400, b"absolute-form http:// target expected", "text/plain")
+        conn = http.client.HTTPConnection(split.hostname, split.port or 80, timeout=10)
+        try:
+            target = split.path + ("?" + split.query if split.query else "")
+            conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
+            for key, value in self.headers.items():
+                if key.lower() not in self.DROP:
+                    conn.putheader(key, value)
+            if self.rec.body:
+                conn.putheader("Content-Length", str(len(self.rec.body)))
+            conn.endheaders(self.rec.body or None)
+            resp = conn.getresponse()
+            body = resp.read()
+        except OSError:
+            self.close_connection = True
+            return self.send_bytes(502, b"upstream failed", "text/plain")
+        finally:
+            conn.close()
+        self.send_response(resp.status, resp.reason)
+        for key, value in resp.getheaders():
+            if key.lower() not in self.DROP and key.lower() not in ("date", "server"):
+                self.send_header(key, value)
+        if self.command == "HEAD":
+            self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
 class Blackhole:
     """TCP listener that accepts connections and never answers (an upstream that hangs)."""
 
@@ -633,9 +737,14 @@ class Blackhole:
 # --------------------------------------------------------------------------
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+
+
 def clean_env(extra=None):
+    """The test runner's environment without DOCXY_*, CA and outbound-proxy settings, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DOCXY_") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+           if not k.startswith("DOCXY_") and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+           and k.lower() not in PROXY_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -734,10 +843,13 @@ class Resp:
         return "<Resp %s %r>" % (self.status, self.body[:300])
 
 
-def call(port, method, path, headers=(), body=None, host="127.0.0.1", tls=None, timeout=20):
-    """One request with http.client; headers is a list of (name, value), repeats allowed."""
+def call(port, method, path, headers=(), body=None, host="127.0.0.1", tls=None, timeout=20, source=None):
+    """One request with http.client; headers is a list of (name, value), repeats allowed.
+    `source` binds the client socket to that local address (e.g. 127.0.0.2: "another client")."""
     cls = http.client.HTTPSConnection if tls else http.client.HTTPConnection
     kwargs = {"context": tls} if tls else {}
+    if source:
+        kwargs["source_address"] = (source, 0)
     conn = cls(host, port, timeout=timeout, **kwargs)
     try:
         conn.putrequest(method, path, skip_host=any(k.lower() == "host" for k, _ in headers),
@@ -879,6 +991,67 @@ def pull_like_dockerd(port, tls=None, repo="library/busybox", arch="amd64"):
     return index_digest, fetched
 
 
+def clear_fakes():
+    for fake in list(ALL_FAKES):
+        fake.clear()
+
+
+def upstream_requests():
+    """Every request any fake (registry, token server, CDN, proxy) has seen since the last clear."""
+    return [(fake.url, rec) for fake in list(ALL_FAKES) for rec in fake.reqs()]
+
+
+def fakes_that_saw(*secrets):
+    """(fake url, request, where) for every recorded request carrying one of `secrets` anywhere."""
+    found = []
+    for url, rec in upstream_requests():
+        places = [("target", rec.target), ("body", rec.body.decode("latin-1"))]
+        places += [("header " + key, value) for key, value in rec.headers]
+        for where, text in places:
+            if any(secret in text for secret in secrets):
+                found.append((url, rec, where))
+    return found
+
+
+def write_config(path, sections):
+    """An INI file from {section: {key: value}}; returns its path as a string."""
+    text = ""
+    for section, values in sections.items():
+        text += "[%s]\n" % section
+        for key, value in values.items():
+            text += "%s = %s\n" % (key, value)
+        text += "\n"
+    path.write_text(text)
+    return str(path)
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def b64decode_any(text):
+    """Standard or URL-safe base64, padded or not."""
+    text = text.replace("-", "+").replace("_", "/")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(password, timeout=30):
+    """`python3 docxy.py hash-password` with the password on a pipe; returns the printed hash."""
+    proc = subprocess.run([sys.executable, DOCXY, "hash-password"], input=(password + "\n").encode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=HERE,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = [line.strip() for line in proc.stdout.decode().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    assert password not in proc.stdout.decode() + proc.stderr.decode()
+    return lines[0]
+
+
+def index_request(port, path, headers=(), **kwargs):
+    """GET a manifest by tag expecting the busybox OCI index."""
+    return call(port, "GET", path, list(headers) + [("Accept", MT_INDEX)], **kwargs)
+
+
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
@@ -887,8 +1060,7 @@ def pull_like_dockerd(port, tls=None, repo="library/busybox", arch="amd64"):
 @pytest.fixture(autouse=True)
 def _clear_fakes():
     """Each test starts with empty request logs on every fake."""
-    for fake in list(ALL_FAKES):
-        fake.clear()
+    clear_fakes()
     yield
 
 
@@ -1023,6 +1195,57 @@ def start_docxy():
 def token(docxy, registry):
     """A pull token for library/busybox, fetched through the shared mirror."""
     return get_token(docxy.port, "repository:library/busybox:pull")
+
+
+@pytest.fixture(scope="module")
+def tokens_b():
+    """The second Bearer registry's token server: its own token store and service name."""
+    fake = FakeServer(TokenHandler, store=TokenStore(), service=SERVICE_B)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def registry_b(content, cdn, tokens_b):
+    """A second Docker-Hub-like registry (Bearer via tokens_b, blobs on the CDN): the custom `internal`."""
+    fake = FakeServer(RegistryHandler, content=content, cdn=cdn, store=tokens_b.store,
+                      token_url=tokens_b.url + "/token", auth=True, service=SERVICE_B)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def basic_registry(content, cdn, store):
+    """A registry behind HTTP Basic auth (alice:s3cret)."""
+    fake = FakeServer(BasicRegistryHandler, content=content, cdn=cdn, store=store, token_url=None, auth=False)
+    yield fake
+    fake.close()
+
+
+def multi_sections(registry, open_registry, registry_b):
+    """Three registries behind one docxy, configured by file only: docker.io -> the Docker-Hub-like
+    fake, ghcr.io -> the open (no-auth) fake, and a custom `internal` -> the second Bearer fake."""
+    return {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io, internal",
+                  "upstream-timeout": "5"},
+        "docker.io": {"upstream": registry.url, "library": "on"},
+        "ghcr.io": {"upstream": open_registry.url},
+        "internal": {"upstream": registry_b.url, "hosts": "internal.mirror.example.com, other.example"},
+    }
+
+
+@pytest.fixture(scope="module")
+def multi_config(tmp_path_factory, registry, open_registry, registry_b):
+    return write_config(tmp_path_factory.mktemp("multi") / "docxy.ini",
+                        multi_sections(registry, open_registry, registry_b))
+
+
+@pytest.fixture(scope="module")
+def multi(multi_config):
+    """The shared many-registry mirror, started with nothing but --config."""
+    d = Docxy(["--config", multi_config])
+    yield d
+    d.stop()
 
 
 # ==========================================================================
@@ -1954,6 +2177,1025 @@ def test_credentials_never_appear_in_log(docxy, store, tokens):
 
 
 # ==========================================================================
+# Many registries: configuration file, --registries, --check, credentials guard
+# ==========================================================================
+
+PRESET_UPSTREAMS = {
+    "docker.io": "https://registry-1.docker.io", "ghcr.io": "https://ghcr.io", "quay.io": "https://quay.io",
+    "gcr.io": "https://gcr.io", "registry.k8s.io": "https://registry.k8s.io",
+    "mcr.microsoft.com": "https://mcr.microsoft.com", "public.ecr.aws": "https://public.ecr.aws",
+    "nvcr.io": "https://nvcr.io",
+}
+LIB_PATH = "/v2/library/busybox/manifests/latest"
+CONSENT = "--i-understand-credentials-are-shared"
+
+
+def registry_line(text, name, upstream):
+    """The output line naming registry `name` together with its upstream URL."""
+    lines = [line for line in text.splitlines()
+             if re.search(r"(^|[\s\[(:=,'\"])%s($|[\s\]):=,'\"])" % re.escape(name), line) and upstream in line]
+    assert lines, "no line for %s (%s) in:\n%s" % (name, upstream, text)
+    return lines[0]
+
+
+def manifest_paths(fake):
+    return {q.path for q in fake.reqs() if "/manifests/" in q.path}
+
+
+def test_config_file_alone_sets_listener_and_every_registry_section(multi, registry, open_registry,
+                                                                   registry_b, content):
+    # `multi` was started with --config only: its listener comes from [docxy] listen.
+    assert multi.urls == [("http", "127.0.0.1", multi.port)] and multi.port != 0
+    r = call(multi.port, "GET", "/v2/acme/private/manifests/latest?ns=ghcr.io", [("Accept", MT_MANIFEST)])
+    assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
+    assert manifest_paths(open_registry) == {"/v2/acme/private/manifests/latest"}
+    r = index_request(multi.port, LIB_PATH + "?ns=internal")
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(registry_b) == {LIB_PATH}
+    r = index_request(multi.port, "/v2/busybox/manifests/1.36")
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(registry) == {"/v2/library/busybox/manifests/1.36"}
+
+
+def test_docxy_section_takes_flag_names_with_dashes_or_underscores(tmp_path, start_docxy, open_registry):
+    hole = Blackhole()
+    try:
+        cfg = write_config(tmp_path / "docxy.ini", {
+            "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io",
+                      "upstream-timeout": "1", "rate_limit": "2/min"},
+            "docker.io": {"upstream": hole.url},
+            "ghcr.io": {"upstream": open_registry.url},
+        })
+        d = start_docxy("--config", cfg)
+        for _ in range(2):
+            assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
+        assert_error(index_request(d.port, LIB_PATH + "?ns=ghcr.io"), 429, "TOOMANYREQUESTS")
+        assert len(open_registry.reqs(path=LIB_PATH)) == 2
+        start = time.monotonic()
+        assert_error(call(d.port, "GET", "/v2/", timeout=15), 504, "UNAVAILABLE")
+        assert time.monotonic() - start < 5  # upstream-timeout 1, not the default 10
+        assert hole.conns
+    finally:
+        hole.close()
+
+
+def test_flags_override_environment_which_overrides_config_file(tmp_path, start_docxy, registry, open_registry):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io", "rate-limit": "1/min"},
+        "docker.io": {"upstream": "http://127.0.0.1:%d" % free_port(), "library": "on"},
+        "ghcr.io": {"upstream": open_registry.url},
+    })
+    env = {"DOCXY_RATE_LIMIT": "2/min", "DOCXY_UPSTREAM": registry.url}
+    by_env = start_docxy("--config", cfg, env=env)
+    assert call(by_env.port, "GET", "/v2/").status == 401  # the Docker-Hub-like fake, not the dead port
+    assert len(registry.reqs("GET", "/v2/")) == 1
+    statuses = [index_request(by_env.port, LIB_PATH + "?ns=ghcr.io").status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+    dead = "http://127.0.0.1:%d" % free_port()
+    by_flag = start_docxy("--config", cfg, "--upstream", registry.url, "--rate-limit", "100/min",
+                          env={"DOCXY_RATE_LIMIT": "2/min", "DOCXY_UPSTREAM": dead})
+    assert call(by_flag.port, "GET", "/v2/").status == 401
+    assert len(registry.reqs("GET", "/v2/")) == 2
+    statuses = [index_request(by_flag.port, LIB_PATH + "?ns=ghcr.io").status for _ in range(4)]
+    assert statuses == [200] * 4
+
+
+def test_registries_flag_enables_only_the_named_registries(multi_config, start_docxy, registry, open_registry,
+                                                           registry_b, tokens_b, content):
+    d = start_docxy("--config", multi_config, "--registries", "docker.io,ghcr.io")
+    for path in (LIB_PATH + "?ns=internal", LIB_PATH + "?ns=quay.io", "/v2/quay.io/x/y/manifests/z",
+                 "/v2/?ns=internal"):
+        assert_error(index_request(d.port, path), 404, "NAME_UNKNOWN")
+    assert upstream_requests() == []
+    # A host of the disabled registry is just an unknown Host: the default registry answers.
+    r = index_request(d.port, LIB_PATH, [("Host", "internal.mirror.example.com")])
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(registry) == {LIB_PATH}
+    assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
+    assert manifest_paths(open_registry) == {LIB_PATH}
+    assert registry_b.reqs() == [] and tokens_b.reqs() == []
+
+
+def test_default_registry_is_first_enabled_one_without_docker_io(multi_config, start_docxy, registry,
+                                                                  open_registry, registry_b, content):
+    d = start_docxy("--config", multi_config, "--registries", "ghcr.io,internal")
+    assert call(d.port, "GET", "/v2/").status == 200
+    r = index_request(d.port, LIB_PATH)
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(open_registry) == {LIB_PATH}
+    assert registry.reqs() == [] and registry_b.reqs() == []
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_unknown_registry_name_exits_2(how, tmp_path):
+    if how == "flag":
+        assert_config_error(["--registries", "docker.io,nosuch.example"])
+    else:
+        cfg = write_config(tmp_path / "docxy.ini", {"docxy": {"registries": "docker.io, nosuch.example"}})
+        assert_config_error(["--config", cfg])
+
+
+def test_check_lists_every_preset_and_custom_registry(tmp_path):
+    cfg = write_config(tmp_path / "docxy.ini", {"corp.example": {"upstream": "http://127.0.0.1:5002"}})
+    code, out, err = run_to_exit(["--check", "--config", cfg])
+    assert code == 0, err
+    for name, upstream in PRESET_UPSTREAMS.items():
+        registry_line(out + err, name, upstream)
+    registry_line(out + err, "corp.example", "http://127.0.0.1:5002")
+    assert "listening on" not in out + err and "Traceback" not in err
+
+
+def test_check_prints_registries_but_never_secrets(tmp_path):
+    file_secret, env_secret = "Zebra-File-Secret-93817", "Env-Token-Secret-55120"
+    (tmp_path / "hub.secret").write_text(file_secret)
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"registries": "docker.io, ghcr.io, internal", "allow": "127.0.0.1/32"},
+        "docker.io": {"upstream": "http://127.0.0.1:5001", "username": "alice",
+                      "password_file": str(tmp_path / "hub.secret")},
+        "ghcr.io": {"upstream": "http://127.0.0.1:5003"},
+        "internal": {"upstream": "http://127.0.0.1:5002", "username": "robot",
+                     "password_env": "INTERNAL_TOKEN"},
+    })
+    code, out, err = run_to_exit(["--check", "--config", cfg], env={"INTERNAL_TOKEN": env_secret})
+    assert code == 0, err
+    registry_line(out + err, "docker.io", "http://127.0.0.1:5001")
+    registry_line(out + err, "ghcr.io", "http://127.0.0.1:5003")
+    registry_line(out + err, "internal", "http://127.0.0.1:5002")
+    for secret in (file_secret, env_secret, base64.b64encode(("alice:" + file_secret).encode()).decode(),
+                   base64.b64encode(("robot:" + env_secret).encode()).decode()):
+        assert secret not in out + err
+    assert "listening on" not in out + err
+
+
+BAD_CONFIGS = {
+    "bad-upstream-scheme": {"internal": {"upstream": "ftp://127.0.0.1:21"}},
+    "bad-registry-name": {"Bad_Name!": {"upstream": "http://127.0.0.1:5002"}},
+    "bad-library-value": {"internal": {"upstream": "http://127.0.0.1:5002", "library": "sometimes"}},
+    "missing-password-file": {"docxy": {"allow": "127.0.0.1/32"},
+                              "docker.io": {"username": "alice", "password_file": "/nonexistent/hub.secret"}},
+    "unset-password-env": {"docxy": {"allow": "127.0.0.1/32"},
+                           "docker.io": {"username": "alice", "password_env": "DOCXY_TEST_SURELY_UNSET_VAR"}},
+    "unknown-enabled-registry": {"docxy": {"registries": "docker.io, nosuch.example"}},
+    "bad-allow-network": {"docxy": {"allow": "10.0.0.0/33"}},
+    "bad-trusted-proxy": {"docxy": {"trusted-proxy": "not-a-network"}},
+    "bad-rate-limit": {"docxy": {"rate-limit": "lots"}},
+    "missing-users-file": {"docxy": {"users": "/nonexistent/users"}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS) + ["not-ini", "missing-file"])
+def test_check_and_start_reject_bad_configuration_with_exit_2(case, tmp_path):
+    path = tmp_path / "docxy.ini"
+    if case == "not-ini":
+        path.write_text("this is not an INI file\nupstream http://x\n")
+        cfg = str(path)
+    elif case == "missing-file":
+        cfg = str(tmp_path / "nope.ini")
+    else:
+        cfg = write_config(path, BAD_CONFIGS[case])
+    code, out, err = run_to_exit(["--check", "--config", cfg])
+    assert code == 2, (code, out, err)
+    assert any(line.startswith("docxy: error:") for line in (out + err).splitlines()), out + err
+    assert "Traceback" not in out + err
+    assert_config_error(["--config", cfg])
+
+
+@pytest.mark.parametrize("source", ["password_file", "password_env"])
+def test_upstream_credentials_without_access_control_refuse_to_start(source, tmp_path):
+    secret = "Hub-Token-Secret-2741"
+    (tmp_path / "hub.secret").write_text(secret)
+    section = {"upstream": "http://127.0.0.1:%d" % free_port(), "username": "alice"}
+    section[source] = str(tmp_path / "hub.secret") if source == "password_file" else "HUB_TOKEN"
+    cfg = write_config(tmp_path / "docxy.ini", {"docxy": {"listen": "127.0.0.1:0"}, "docker.io": section})
+    code, out, err = run_to_exit(["--config", cfg], env={"HUB_TOKEN": secret})
+    assert code == 2, (code, err)
+    errors = [line for line in err.splitlines() if line.startswith("docxy: error:")]
+    assert errors and CONSENT in "\n".join(errors), err
+    assert "listening on" not in out + err and secret not in out + err and "Traceback" not in err
+
+
+MIRROR_USER = ("mirror-user", "Mirror-Pass-7781")
+MIRROR_BASIC = basic(*MIRROR_USER)
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory):
+    """A --users file: comment, blank line, two users; hashes made by `docxy.py hash-password`."""
+    path = tmp_path_factory.mktemp("users") / "users"
+    path.write_text("# docxy users\n\n%s:%s\nbob:%s\n" % (
+        MIRROR_USER[0], hash_password(MIRROR_USER[1]), hash_password("Bob-Pass-1234")))
+    return str(path)
+
+
+@pytest.mark.parametrize("control", ["consent-flag", "allow", "users"])
+def test_upstream_credentials_start_with_access_control_or_explicit_consent(control, tmp_path, start_docxy,
+                                                                           registry, users):
+    (tmp_path / "hub.secret").write_text("s3cret")
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io"},
+        "docker.io": {"upstream": registry.url, "username": "alice",
+                      "password_file": str(tmp_path / "hub.secret")}})
+    extra = {"consent-flag": [CONSENT], "allow": ["--allow", "127.0.0.1/32"], "users": ["--users", users]}
+    d = start_docxy("--config", cfg, *extra[control])
+    r = call(d.port, "GET", "/health")
+    assert r.status == 200 and r.json() == {"status": "ok"}
+    assert "s3cret" not in d.log()
+
+
+# ==========================================================================
+# Many registries: routing by ?ns=, Host header, path prefix, default
+# ==========================================================================
+
+ROUTES = [
+    # (request path, extra headers, fake that must get it, upstream path)
+    (LIB_PATH + "?ns=ghcr.io", [], "open_registry", LIB_PATH),
+    (LIB_PATH + "?ns=internal", [], "registry_b", LIB_PATH),
+    (LIB_PATH + "?ns=index.docker.io", [], "registry", LIB_PATH),
+    ("/v2/busybox/manifests/latest?ns=docker.io", [], "registry", LIB_PATH),
+    (LIB_PATH, [("Host", "ghcr.io")], "open_registry", LIB_PATH),
+    (LIB_PATH, [("Host", "ghcr.io:5000")], "open_registry", LIB_PATH),
+    (LIB_PATH, [("Host", "internal.mirror.example.com")], "registry_b", LIB_PATH),
+    (LIB_PATH, [("Host", "other.example:8443")], "registry_b", LIB_PATH),
+    ("/v2/busybox/manifests/latest", [("Host", "registry-1.docker.io")], "registry", LIB_PATH),
+    ("/v2/ghcr.io/library/busybox/manifests/latest", [], "open_registry", LIB_PATH),
+    ("/v2/internal/library/busybox/manifests/latest", [], "registry_b", LIB_PATH),
+    ("/v2/docker.io/busybox/manifests/latest", [], "registry", LIB_PATH),
+    ("/v2/index.docker.io/library/busybox/manifests/latest", [], "registry", LIB_PATH),
+    ("/v2/busybox/manifests/latest", [], "registry", LIB_PATH),
+    (LIB_PATH, [], "registry", LIB_PATH),
+]
+
+
+@pytest.mark.parametrize("path,headers,target,upstream_path", ROUTES,
+                         ids=["%s %s" % (p, h[0][1] if h else "") for p, h, _, _ in ROUTES])
+def test_request_routed_to_the_right_registry_and_path(path, headers, target, upstream_path, multi, request,
+                                                       content):
+    fakes = {name: request.getfixturevalue(name) for name in ("registry", "open_registry", "registry_b")}
+    r = index_request(multi.port, path, headers)
+    assert r.status == 200, r
+    assert r.body == content.index_bytes
+    assert manifest_paths(fakes[target]) == {upstream_path}
+    for name, fake in fakes.items():
+        if name != target:
+            assert fake.reqs() == [], name
+
+
+def test_one_component_name_gets_library_only_where_the_rule_is_on(multi, registry, open_registry, registry_b):
+    for path in ("/v2/busybox/manifests/latest?ns=ghcr.io", "/v2/ghcr.io/busybox/manifests/latest",
+                 "/v2/internal/busybox/manifests/latest"):
+        index_request(multi.port, path)
+    assert manifest_paths(open_registry) == {"/v2/busybox/manifests/latest"}
+    assert manifest_paths(registry_b) == {"/v2/busybox/manifests/latest"}
+    assert registry.reqs() == []
+
+
+def test_registry_answers_to_its_upstream_host_and_port(multi, open_registry, registry, registry_b, content):
+    hostport = "127.0.0.1:%d" % open_registry.port
+    for path in (LIB_PATH + "?ns=" + hostport, "/v2/%s/library/busybox/manifests/latest" % hostport):
+        r = index_request(multi.port, path)
+        assert r.status == 200 and r.body == content.index_bytes, path
+    assert manifest_paths(open_registry) == {LIB_PATH}
+    assert registry.reqs() == [] and registry_b.reqs() == []
+
+
+def test_path_prefix_routes_blobs_tags_and_head(multi, open_registry, cdn, registry, content):
+    digest = content.platform["arm64"]["layers"][0]
+    r = call(multi.port, "GET", "/v2/ghcr.io/library/busybox/blobs/" + digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    assert_no_cdn_trace(r)
+    r = call(multi.port, "GET", "/v2/ghcr.io/library/busybox/tags/list")
+    assert r.status == 200 and r.json()["name"] == "library/busybox"
+    r = call(multi.port, "HEAD", "/v2/ghcr.io/library/busybox/manifests/latest", [("Accept", MT_INDEX)])
+    assert r.status == 200 and r.body == b"" and r.headers["Docker-Content-Digest"] == content.index_digest
+    assert [(q.method, q.path) for q in open_registry.reqs() if q.path != "/v2/"] == [
+        ("GET", "/v2/library/busybox/blobs/" + digest), ("GET", "/v2/library/busybox/tags/list"),
+        ("HEAD", LIB_PATH)]
+    assert [q.path for q in cdn.reqs()] == ["/blobs/" + digest]
+    assert registry.reqs() == []
+
+
+def test_host_short_name_under_public_url_routes(multi_config, start_docxy, registry, open_registry, content):
+    d = start_docxy("--config", multi_config, "--public-url", "https://mirror.example.com")
+    r = index_request(d.port, LIB_PATH, [("Host", "ghcr.mirror.example.com")])
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(open_registry) == {LIB_PATH} and registry.reqs() == []
+    r = call(d.port, "GET", "/v2/", [("Host", "ghcr.mirror.example.com")])
+    assert r.status == 200 and r.json() == {}
+    assert len(open_registry.reqs("GET", "/v2/")) == 1
+    open_registry.clear()
+    for host in ("docker.mirror.example.com", "evil.mirror.example.com"):
+        r = index_request(d.port, "/v2/busybox/manifests/latest", [("Host", host)])
+        assert r.status == 200 and r.body == content.index_bytes, host
+    assert manifest_paths(registry) == {LIB_PATH}
+    assert open_registry.reqs() == []
+    r = call(d.port, "GET", "/v2/", [("Host", "docker.mirror.example.com")])
+    assert r.status == 401
+    _, params = parse_challenge(r.headers["WWW-Authenticate"])
+    assert params["realm"] in ("https://mirror.example.com/auth/docker.io/token",
+                               "https://mirror.example.com/auth/token")
+
+
+HOSTILE_TARGETS = [
+    LIB_PATH + "?ns=internal.host",
+    LIB_PATH + "?ns=169.254.169.254",
+    LIB_PATH + "?ns=127.0.0.1:1",
+    LIB_PATH + "?ns=localhost:5000",
+    LIB_PATH + "?ns=quay.io",
+    LIB_PATH + "?ns=ghcr.io.evil.com",
+    "/v2/?ns=internal.host",
+    "/v2/?ns=169.254.169.254",
+    "/v2/evil.com/x/manifests/y",
+    "/v2/evil.com:443/x/manifests/y",
+    "/v2/localhost:5000/x/manifests/y",
+    "/v2/localhost/x/manifests/y",
+    "/v2/169.254.169.254/latest/manifests/y",
+    "/v2/ghcr.io.evil.com/x/manifests/y",
+    "/v2/quay.io/x/y/manifests/z",
+    "/v2/evil.com/x/blobs/" + "sha256:" + "ab" * 32,
+    "/v2/evil.com/x/tags/list",
+]
+
+
+@pytest.mark.parametrize("target", HOSTILE_TARGETS)
+def test_unknown_registry_is_404_name_unknown_without_any_upstream_contact(target, multi, registry,
+                                                                           open_registry, registry_b):
+    assert_error(raw_request(multi.port, target), 404, "NAME_UNKNOWN")
+    assert raw_request(multi.port, target, "HEAD").status == 404
+    assert upstream_requests() == []
+
+
+@pytest.mark.parametrize("host", ["evil.com", "169.254.169.254", "ghcr.io.evil.com", "localhost:5000",
+                                  "mirror.internal.example.com"])
+def test_unknown_host_header_goes_to_default_registry_only(host, multi, registry, open_registry, registry_b,
+                                                           tokens_b, content):
+    r = index_request(multi.port, "/v2/busybox/manifests/latest", [("Host", host)])
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(registry) == {LIB_PATH}
+    assert open_registry.reqs() == [] and registry_b.reqs() == [] and tokens_b.reqs() == []
+
+
+# ==========================================================================
+# Many registries: auth realms, token routing, docxy-side upstream auth
+# ==========================================================================
+
+
+def test_v2_challenge_realm_names_the_routed_registry(multi, registry, registry_b, open_registry):
+    base = "http://127.0.0.1:%d" % multi.port
+    for path, headers, realm_base in (("/v2/?ns=internal", [], base),
+                                      ("/v2/", [("Host", "internal.mirror.example.com")],
+                                       "http://internal.mirror.example.com"),
+                                      ("/v2/", [("Host", "other.example:8443")], "http://other.example:8443")):
+        r = call(multi.port, "GET", path, headers)
+        assert r.status == 401, r
+        scheme, params = parse_challenge(r.headers["WWW-Authenticate"])
+        assert scheme == "Bearer"
+        assert params == {"realm": realm_base + "/auth/internal/token", "service": SERVICE_B}
+    assert len(registry_b.reqs("GET", "/v2/")) == 3
+    r = call(multi.port, "GET", "/v2/?ns=docker.io")
+    assert r.status == 401
+    _, params = parse_challenge(r.headers["WWW-Authenticate"])
+    assert params["realm"] in (base + "/auth/docker.io/token", base + "/auth/token")
+    assert params["service"] == SERVICE
+    r = call(multi.port, "GET", "/v2/?ns=ghcr.io")
+    assert r.status == 200 and r.json() == {} and "WWW-Authenticate" not in r.headers
+    assert len(registry.reqs("GET", "/v2/")) == 1 and len(open_registry.reqs("GET", "/v2/")) == 1
+
+
+def test_token_request_through_registry_realm_reaches_its_token_server(multi, tokens, tokens_b, registry_b,
+                                                                      content):
+    r = call(multi.port, "GET", "/v2/?ns=internal")
+    realm = urllib.parse.urlsplit(parse_challenge(r.headers["WWW-Authenticate"])[1]["realm"])
+    assert realm.path == "/auth/internal/token"
+    query = urllib.parse.urlencode([("scope", "repository:library/busybox:pull"), ("service", SERVICE_B)])
+    r = call(multi.port, "GET", realm.path + "?" + query)
+    assert r.status == 200, r
+    seen = tokens_b.reqs("GET", "/token")
+    assert len(seen) == 1
+    assert seen[0].params()["scope"] == ["repository:library/busybox:pull"]
+    assert seen[0].params()["service"] == [SERVICE_B]
+    assert r.body == seen[0].response
+    assert tokens.reqs() == []
+    token = r.json()["token"]
+    r = index_request(multi.port, LIB_PATH + "?ns=internal", bearer(token))
+    assert r.status == 200 and r.body == content.index_bytes
+    up = [q for q in registry_b.reqs() if q.path == LIB_PATH]
+    assert len(up) == 1 and up[0].header("Authorization") == "Bearer " + token
+
+
+def test_token_scope_with_registry_prefix_goes_to_that_registrys_token_server(multi, tokens, tokens_b,
+                                                                             registry_b, content):
+    r = call(multi.port, "GET", "/v2/")
+    realm = urllib.parse.urlsplit(parse_challenge(r.headers["WWW-Authenticate"])[1]["realm"])
+    query = urllib.parse.urlencode([("scope", "repository:internal/library/busybox:pull"), ("service", SERVICE)])
+    r = call(multi.port, "GET", realm.path + "?" + query)
+    assert r.status == 200, r
+    seen = tokens_b.reqs("GET", "/token")
+    assert len(seen) == 1
+    assert seen[0].params()["scope"] == ["repository:library/busybox:pull"]
+    assert seen[0].params()["service"] == [SERVICE_B]
+    assert r.body == seen[0].response
+    assert tokens.reqs() == []
+    token = r.json()["token"]
+    r = index_request(multi.port, "/v2/internal/library/busybox/manifests/latest", bearer(token))
+    assert r.status == 200 and r.body == content.index_bytes
+    assert [q.header("Authorization") for q in registry_b.reqs() if "/manifests/" in q.path] == ["Bearer " + token]
+    # The prefix of the default registry itself, with its library/ rule.
+    query = urllib.parse.urlencode([("scope", "repository:docker.io/busybox:pull"), ("service", SERVICE)])
+    assert call(multi.port, "GET", realm.path + "?" + query).status == 200
+    assert [q.params()["scope"] for q in tokens.reqs("GET", "/token")] == [["repository:library/busybox:pull"]]
+    assert len(tokens_b.reqs()) == 1
+
+
+def test_private_repository_challenge_of_prefixed_registry_leads_to_its_realm(multi, tokens, tokens_b,
+                                                                             registry_b, content):
+    path = "/v2/internal/acme/private/manifests/latest"
+    r = call(multi.port, "GET", path, [("Accept", MT_MANIFEST)])
+    assert r.status == 401, r
+    scheme, params = parse_challenge(r.headers["WWW-Authenticate"])
+    assert scheme == "Bearer"
+    assert params == {"realm": "http://127.0.0.1:%d/auth/internal/token" % multi.port, "service": SERVICE_B,
+                      "scope": "repository:acme/private:pull"}
+    realm = urllib.parse.urlsplit(params["realm"])
+    query = urllib.parse.urlencode([("scope", params["scope"]), ("service", params["service"])])
+    r = call(multi.port, "GET", realm.path + "?" + query, [("Authorization", "Basic " + ALICE_B64)])
+    assert r.status == 200, r
+    assert tokens_b.reqs("GET", "/token")[-1].header("Authorization") == "Basic " + ALICE_B64
+    r = call(multi.port, "GET", path, bearer(r.json()["token"]) + [("Accept", MT_MANIFEST)])
+    assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
+    assert tokens.reqs() == []
+
+
+def test_anonymous_client_is_served_with_a_docxy_side_token_cached_per_scope(multi_config, start_docxy,
+                                                                            registry, tokens, cdn, content):
+    d = start_docxy("--config", multi_config)
+    digest = content.platform["amd64"]["layers"][0]
+    for _ in range(2):
+        r = index_request(d.port, LIB_PATH)
+        assert r.status == 200 and r.body == content.index_bytes
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+        assert_no_cdn_trace(r)
+    seen = tokens.reqs("GET", "/token")
+    assert [q.params().get("scope") for q in seen] == [["repository:library/busybox:pull"]]
+    assert seen[0].header("Authorization") is None
+    token = json.loads(seen[0].response)["token"]
+    authorized = [q.header("Authorization") for q in registry.reqs(prefix="/v2/library/busybox/")
+                  if q.header("Authorization")]
+    assert len(authorized) == 4 and set(authorized) == {"Bearer " + token}
+    hits = cdn.reqs("GET", "/blobs/" + digest)
+    assert len(hits) == 2 and all(h.header("Authorization") is None for h in hits)
+
+
+def test_docxy_side_token_is_fetched_again_after_it_expires(multi_config, start_docxy, registry, tokens,
+                                                            content):
+    tokens.expires_in = 1  # and the fake registry stops honouring the token after that second
+    try:
+        d = start_docxy("--config", multi_config)
+        assert index_request(d.port, LIB_PATH).status == 200
+        time.sleep(2.5)
+        r = index_request(d.port, LIB_PATH)
+        assert r.status == 200 and r.body == content.index_bytes
+    finally:
+        del tokens.expires_in
+    issued = [json.loads(q.response)["token"] for q in tokens.reqs("GET", "/token")]
+    assert len(issued) == 2
+    served = [q for q in registry.reqs(path=LIB_PATH) if q.header("Authorization")]
+    assert served[-1].header("Authorization") == "Bearer " + issued[1]
+
+
+def operator_config(tmp_path, registry, open_registry, registry_b, password="s3cret"):
+    """The many-registry configuration plus operator credentials for docker.io (from a file)."""
+    (tmp_path / "hub.secret").write_text(password)
+    sections = multi_sections(registry, open_registry, registry_b)
+    sections["docker.io"].update(username="alice", password_file=str(tmp_path / "hub.secret"))
+    return write_config(tmp_path / "operator.ini", sections)
+
+
+def test_private_repository_readable_with_operator_credentials_only(tmp_path, multi_config, start_docxy,
+                                                                   registry, open_registry, registry_b,
+                                                                   tokens, cdn, content):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b),
+                    "--allow", "127.0.0.1/32")
+    r = call(d.port, "GET", "/v2/acme/private/manifests/latest", [("Accept", MT_MANIFEST)])
+    assert r.status == 200, r
+    assert sha256_digest(r.body) == content.private["manifest"]
+    layer = content.private["layers"][0]
+    r = call(d.port, "GET", "/v2/acme/private/blobs/" + layer)
+    assert r.status == 200 and sha256_digest(r.body) == layer
+    seen = tokens.reqs("GET", "/token")
+    assert seen and all(q.header("Authorization") == "Basic " + ALICE_B64 for q in seen)
+    hits = cdn.reqs("GET", "/blobs/" + layer)
+    assert len(hits) == 1 and hits[0].header("Authorization") is None
+    assert all((q.header("Authorization") or "Bearer ").startswith("Bearer ") for q in registry.reqs())
+
+    tokens.clear()
+    plain = start_docxy("--config", multi_config)
+    r = call(plain.port, "GET", "/v2/acme/private/manifests/latest", [("Accept", MT_MANIFEST)])
+    assert r.status == 401, r
+    assert tokens.reqs() and all(q.header("Authorization") is None for q in tokens.reqs())
+
+
+def test_operator_credentials_go_only_to_their_registry_and_its_realm(tmp_path, start_docxy, registry,
+                                                                      open_registry, registry_b, tokens,
+                                                                      tokens_b, cdn, content):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), CONSENT)
+    digest = content.platform["amd64"]["layers"][1]
+    for prefix in ("", "/ghcr.io", "/internal"):
+        r = index_request(d.port, "/v2%s/library/busybox/manifests/latest" % prefix)
+        assert r.status == 200, (prefix, r)
+        r = call(d.port, "GET", "/v2%s/library/busybox/blobs/%s" % (prefix, digest))
+        assert r.status == 200 and sha256_digest(r.body) == digest, prefix
+    r = call(d.port, "GET", "/auth/internal/token?service=%s&scope=repository:library/busybox:pull" % SERVICE_B)
+    assert r.status == 200
+    assert tokens.reqs() and registry_b.reqs() and tokens_b.reqs() and open_registry.reqs()
+    leaks = fakes_that_saw(ALICE_B64, "s3cret")
+    assert leaks and {url for url, _, _ in leaks} == {tokens.url}, leaks
+    assert all(q.header("Authorization") is None for q in tokens_b.reqs() + open_registry.reqs() + cdn.reqs())
+    log = d.log()
+    assert "s3cret" not in log and ALICE_B64 not in log and "Basic " not in log
+
+
+def test_operator_credentials_added_only_to_token_requests_without_authorization(tmp_path, start_docxy, registry,
+                                                                                open_registry, registry_b,
+                                                                                tokens, tokens_b, content):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), CONSENT)
+    call(d.port, "GET", "/v2/")
+    scope = "service=%s&scope=repository:acme/private:pull" % SERVICE
+    r = call(d.port, "GET", "/auth/docker.io/token?" + scope)
+    assert r.status == 200, r
+    assert tokens.reqs("GET", "/token")[-1].header("Authorization") == "Basic " + ALICE_B64
+    r = call(d.port, "GET", "/v2/acme/private/manifests/latest", bearer(r.json()["token"]) + [("Accept", MT_MANIFEST)])
+    assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
+    bob = basic("bob", "Bob-Pass-1234")
+    r = call(d.port, "GET", "/auth/docker.io/token?" + scope, [("Authorization", bob)])
+    assert r.status == 401  # the token server's verdict on bob's own credentials
+    assert tokens.reqs("GET", "/token")[-1].header("Authorization") == bob
+    r = call(d.port, "GET", "/auth/internal/token?service=%s&scope=repository:acme/private:pull" % SERVICE_B)
+    assert r.status == 200
+    assert tokens_b.reqs("GET", "/token")[-1].header("Authorization") is None
+
+
+def test_basic_challenge_passes_through_unchanged_without_operator_credentials(tmp_path, start_docxy,
+                                                                               basic_registry, content):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "vault.example"},
+        "vault.example": {"upstream": basic_registry.url}})
+    d = start_docxy("--config", cfg)
+    for path in ("/v2/", LIB_PATH):
+        r = index_request(d.port, path)
+        assert r.status == 401, r
+        assert r.headers["WWW-Authenticate"] == BASIC_CHALLENGE
+    r = index_request(d.port, LIB_PATH, [("Authorization", "Basic " + ALICE_B64)])
+    assert r.status == 200 and r.body == content.index_bytes
+    auths = [q.header("Authorization") for q in basic_registry.reqs()]
+    assert auths[-1] == "Basic " + ALICE_B64 and set(auths[:-1]) == {None}, auths
+
+
+def test_basic_challenge_answered_with_operator_credentials(tmp_path, start_docxy, basic_registry, cdn,
+                                                            content):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "vault.example"},
+        "vault.example": {"upstream": basic_registry.url, "username": "alice",
+                          "password_env": "VAULT_PASSWORD"}})
+    d = start_docxy("--config", cfg, CONSENT, env={"VAULT_PASSWORD": "s3cret"})
+    r = index_request(d.port, LIB_PATH)
+    assert r.status == 200 and r.body == content.index_bytes
+    digest = content.platform["arm64"]["config"]
+    r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    for path in (LIB_PATH, "/v2/library/busybox/blobs/" + digest):
+        assert basic_registry.reqs(path=path)[-1].header("Authorization") == "Basic " + ALICE_B64
+    hits = cdn.reqs("GET", "/blobs/" + digest)
+    assert len(hits) == 1 and hits[0].header("Authorization") is None
+    assert "s3cret" not in d.log() and ALICE_B64 not in d.log()
+
+
+def test_rejected_operator_credentials_never_appear_in_errors_or_log(tmp_path, start_docxy, registry,
+                                                                      open_registry, registry_b, tokens):
+    secret = "Wrong-Secret-4410"
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b, secret), CONSENT)
+    r = index_request(d.port, LIB_PATH)
+    assert r.status >= 400
+    assert tokens.reqs("GET", "/token")[-1].header("Authorization") == basic("alice", secret)
+    encoded = basic("alice", secret)[len("Basic "):]
+    for text in [r.body.decode("latin-1")] + ["%s: %s" % kv for kv in r.headers.items()] + [d.log()]:
+        assert secret not in text and encoded not in text
+    assert "Traceback" not in d.log()
+
+
+def test_client_authorization_reaches_only_the_registry_it_was_sent_to(multi, registry, tokens, open_registry,
+                                                                       registry_b, tokens_b, cdn, content):
+    mark = "client-secret-token-0123"
+    r = index_request(multi.port, "/v2/ghcr.io/library/busybox/manifests/latest", bearer(mark))
+    assert r.status == 200
+    digest = content.platform["amd64"]["config"]
+    r = call(multi.port, "GET", "/v2/library/busybox/blobs/%s?ns=ghcr.io" % digest, bearer(mark))
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    carol = basic("carol", "Carol-Pass-3131")
+    r = call(multi.port, "GET", "/auth/internal/token?service=%s&scope=repository:library/busybox:pull" % SERVICE_B,
+             [("Authorization", carol)])
+    assert r.status == 401
+    seen = {(url, where) for url, _, where in fakes_that_saw(mark, carol)}
+    assert seen == {(open_registry.url, "header Authorization"), (tokens_b.url, "header Authorization")}, seen
+    assert len(open_registry.reqs()) == 2 and cdn.reqs() and registry.reqs() == [] and tokens.reqs() == []
+
+
+# ==========================================================================
+# Client access control: --allow, --trusted-proxy, --users, --rate-limit
+# ==========================================================================
+
+DENIED_REQUESTS = [
+    ("GET", "/v2/"), ("GET", LIB_PATH), ("HEAD", LIB_PATH), ("GET", "/v2/library/busybox/blobs/" + GOOD_DIGEST),
+    ("GET", "/v2/ghcr.io/library/busybox/tags/list"), ("GET", LIB_PATH + "?ns=internal"),
+    ("GET", "/auth/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
+    ("GET", "/auth/docker.io/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
+    ("GET", "/nope"),
+]
+
+
+@pytest.mark.parametrize("how,allow", [("flag", "127.0.0.2/32"), ("flag", "127.0.0.2"),
+                                       ("config", "10.0.0.0/8, 127.0.0.2, ::1/128")])
+def test_allowlist_denies_other_clients_before_any_upstream_contact(how, allow, tmp_path, start_docxy, registry,
+                                                                   open_registry, registry_b, content):
+    if how == "flag":
+        d = start_docxy("--config", write_config(tmp_path / "docxy.ini", multi_sections(
+            registry, open_registry, registry_b)), "--allow", allow)
+    else:
+        sections = multi_sections(registry, open_registry, registry_b)
+        sections["docxy"]["allow"] = allow
+        d = start_docxy("--config", write_config(tmp_path / "docxy.ini", sections))
+    clear_fakes()
+    for method, path in DENIED_REQUESTS:
+        r = call(d.port, method, path)
+        assert r.status == 403, (method, path, r)
+        if method == "GET":
+            assert_error(r, 403, "DENIED")
+    r = call(d.port, "GET", "/health")
+    assert r.status == 200 and r.json() == {"status": "ok"}
+    assert upstream_requests() == []
+    r = index_request(d.port, LIB_PATH, source="127.0.0.2")
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(registry) == {LIB_PATH}
+
+
+def test_allowlist_with_ipv6_network(multi_config, start_docxy, open_registry, content):
+    if not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    d = start_docxy("--config", multi_config, "--listen", "127.0.0.1:0", "--listen", "[::1]:0",
+                    "--allow", "::1/128", listeners=2)
+    ports = {host: port for _, host, port in d.urls}
+    r = index_request(ports["::1"], LIB_PATH + "?ns=ghcr.io", host="::1")
+    assert r.status == 200 and r.body == content.index_bytes
+    assert len(open_registry.reqs(path=LIB_PATH)) == 1
+    assert_error(index_request(ports["127.0.0.1"], LIB_PATH + "?ns=ghcr.io"), 403, "DENIED")
+    assert len(open_registry.reqs(path=LIB_PATH)) == 1
+
+
+def test_forged_forwarding_headers_from_untrusted_peer_are_ignored(multi_config, start_docxy):
+    d = start_docxy("--config", multi_config, "--allow", "127.0.0.2/32", "--trusted-proxy", "10.0.0.0/8")
+    clear_fakes()
+    forged = [[("X-Forwarded-For", "127.0.0.2")], [("X-Forwarded-For", "10.1.1.1, 127.0.0.2")],
+              [("X-Real-IP", "127.0.0.2")], [("Forwarded", "for=127.0.0.2")]]
+    for headers in forged:
+        assert_error(index_request(d.port, "/v2/library/busybox/manifests/forged", headers), 403, "DENIED")
+    assert upstream_requests() == []
+    d.wait_for(r'^docxy: 127\.0\.0\.1 "GET /v2/library/busybox/manifests/forged[^"]*" 403', len(forged))
+    assert not re.search(r'^docxy: (127\.0\.0\.2|10\.1\.1\.1) ', d.log(), re.M), d.log()
+
+
+def test_trusted_proxy_client_is_rightmost_untrusted_forwarded_address(multi_config, start_docxy, registry,
+                                                                      content):
+    d = start_docxy("--config", multi_config, "--allow", "127.0.0.2/32", "--trusted-proxy", "127.0.0.1/32")
+    for xff in ("10.9.9.9, 127.0.0.2", "127.0.0.2, 127.0.0.1", "127.0.0.2"):
+        r = index_request(d.port, "/v2/library/busybox/manifests/1.36", [("X-Forwarded-For", xff)])
+        assert r.status == 200 and r.body == content.index_bytes, xff
+    clear_fakes()
+    for xff in ("127.0.0.2, 10.9.9.9", "127.0.0.2, 10.9.9.9, 127.0.0.1"):
+        assert_error(index_request(d.port, "/v2/library/busybox/manifests/denied", [("X-Forwarded-For", xff)]),
+                     403, "DENIED")
+    assert_error(index_request(d.port, "/v2/library/busybox/manifests/denied"), 403, "DENIED")  # the proxy itself
+    assert upstream_requests() == []
+    d.wait_for(r'^docxy: 127\.0\.0\.2 "GET /v2/library/busybox/manifests/1\.36[^"]*" 200', 3)
+    d.wait_for(r'^docxy: 10\.9\.9\.9 "GET /v2/library/busybox/manifests/denied[^"]*" 403', 2)
+    d.wait_for(r'^docxy: 127\.0\.0\.1 "GET /v2/library/busybox/manifests/denied[^"]*" 403', 1)
+
+
+def test_forwarded_proto_and_host_shape_realm_only_from_trusted_proxy(multi_config, start_docxy):
+    d = start_docxy("--config", multi_config, "--trusted-proxy", "127.0.0.2/32")
+    forwarded = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "mirror.example.com:8443")]
+
+    def realm(headers, source=None):
+        r = call(d.port, "GET", "/v2/?ns=internal", headers, source=source)
+        return r, parse_challenge(r.headers.get("WWW-Authenticate") or "")[1].get("realm")
+
+    r, value = realm(forwarded, source="127.0.0.2")
+    assert r.status == 401 and value == "https://mirror.example.com:8443/auth/internal/token"
+    r, value = realm(forwarded)
+    assert r.status == 401 and value == "http://127.0.0.1:%d/auth/internal/token" % d.port
+    for bad in ('evil.com/"x', "evil.com@other", "evil.com:99999"):
+        r, _ = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)], source="127.0.0.2")
+        assert "evil.com" not in (r.headers.get("WWW-Authenticate") or ""), (bad, r.headers)
+    r, value = realm([("X-Forwarded-Proto", "javascript"), ("X-Forwarded-Host", "mirror.example.com")],
+                     source="127.0.0.2")
+    assert not (value or "").startswith("javascript"), value
+
+
+def test_hash_password_prints_salted_pbkdf2_sha256_hash():
+    password = "Correct-Horse-42"
+    hashes = [hash_password(password) for _ in range(2)]
+    salts = set()
+    for value in hashes:
+        m = re.fullmatch(r"pbkdf2_sha256\$(\d+)\$([A-Za-z0-9+/_=-]+)\$([A-Za-z0-9+/_=-]+)", value)
+        assert m, value
+        iterations = int(m.group(1))
+        assert iterations >= 200000
+        salt, digest = b64decode_any(m.group(2)), b64decode_any(m.group(3))
+        assert len(salt) == 16 and len(digest) >= 16
+        assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations, len(digest)) == digest
+        assert hashlib.pbkdf2_hmac("sha256", b"correct-horse-42", salt, iterations, len(digest)) != digest
+        salts.add(salt)
+    assert len(salts) == 2
+
+
+@pytest.fixture(scope="module")
+def users_docxy(multi_config, users):
+    """The many-registry mirror with --users: clients need mirror-user's (or bob's) Basic credentials."""
+    d = Docxy(["--config", multi_config, "--users", users])
+    yield d
+    d.stop()
+
+
+def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, tokens, content):
+    direct = call(tokens.port, "GET", "/token?service=%s&scope=repository:library/busybox:pull" % SERVICE)
+    minted = direct.json()["token"]  # valid at the fake registry, minted outside docxy
+    clear_fakes()
+    refused = [
+        [], [("Authorization", basic(MIRROR_USER[0], "wrong-password"))],
+        [("Authorization", basic("nobody", MIRROR_USER[1]))], [("Authorization", basic(MIRROR_USER[0], ""))],
+        [("Authorization", "Basic " + ALICE_B64)],  # the upstream account is not a mirror user
+        [("Authorization", "Basic !!!not-base64")], [("Authorization", "Basic " + base64.b64encode(b"nocolon").decode())],
+        bearer(minted), [("Authorization", "Bearer " + MIRROR_BASIC[len("Basic "):])],
+    ]
+    paths = ["/v2/", LIB_PATH, "/v2/library/busybox/blobs/" + content.platform["amd64"]["config"],
+             "/v2/ghcr.io/library/busybox/tags/list", LIB_PATH + "?ns=internal"]
+    for headers in refused:
+        for path in paths:
+            r = call(users_docxy.port, "GET", path, headers)
+            assert_error(r, 401, "UNAUTHORIZED")
+            assert r.headers["WWW-Authenticate"] == 'Basic realm="docxy"', (headers, path)
+    assert call(users_docxy.port, "HEAD", LIB_PATH).status == 401
+    assert upstream_requests() == []
+    r = call(users_docxy.port, "GET", "/health")
+    assert r.status == 200 and r.json() == {"status": "ok"}
+
+
+def test_users_mode_serves_valid_users_with_docxy_side_upstream_auth(users_docxy, registry, tokens, cdn,
+                                                                    open_registry, content):
+    auth = [("Authorization", MIRROR_BASIC)]
+    r = call(users_docxy.port, "GET", "/v2/", auth)
+    assert r.status == 200 and r.json() == {}
+    assert upstream_requests() == []
+    r = index_request(users_docxy.port, LIB_PATH, auth)
+    assert r.status == 200 and r.body == content.index_bytes
+    digest = content.platform["amd64"]["layers"][0]
+    r = call(users_docxy.port, "GET", "/v2/library/busybox/blobs/" + digest, auth)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    r = index_request(users_docxy.port, "/v2/ghcr.io/library/busybox/manifests/latest", auth)
+    assert r.status == 200 and r.body == content.index_bytes
+    bob = basic("bob", "Bob-Pass-1234")
+    r = index_request(users_docxy.port, "/v2/busybox/manifests/1.36", [("Authorization", bob)])
+    assert r.status == 200 and r.body == content.index_bytes
+    assert all(q.header("Authorization") is None for q in tokens.reqs())
+    assert all((q.header("Authorization") or "Bearer ").startswith("Bearer ") for q in registry.reqs())
+    assert any(q.header("Authorization") for q in registry.reqs(path=LIB_PATH))
+    assert all(q.header("Authorization") is None for q in open_registry.reqs() + cdn.reqs())
+    secrets = (MIRROR_BASIC[len("Basic "):], MIRROR_USER[1], bob[len("Basic "):], "Bob-Pass-1234")
+    assert fakes_that_saw(*secrets) == []
+    assert not any(s in users_docxy.log() for s in secrets)
+
+
+def test_users_mode_has_no_token_endpoint(users_docxy, tokens, tokens_b):
+    query = "?service=%s&scope=repository:library/busybox:pull" % SERVICE
+    for path in ("/auth/token", "/auth/docker.io/token", "/auth/internal/token"):
+        for headers in ([], [("Authorization", MIRROR_BASIC)]):
+            assert call(users_docxy.port, "GET", path + query, headers).status == 404, (path, headers)
+            form = b"grant_type=password&username=alice&password=s3cret&service=registry.docker.io"
+            r = call(users_docxy.port, "POST", path, headers + [("Content-Type", "application/x-www-form-urlencoded")],
+                     body=form)
+            assert r.status == 404, (path, headers, r)
+    assert upstream_requests() == []
+
+
+def test_users_mode_with_operator_credentials_reads_private_repository(tmp_path, start_docxy, users, registry,
+                                                                      open_registry, registry_b, tokens, content):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), "--users", users)
+    r = call(d.port, "GET", "/v2/acme/private/manifests/latest", [("Authorization", MIRROR_BASIC),
+                                                                  ("Accept", MT_MANIFEST)])
+    assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
+    seen = tokens.reqs("GET", "/token")
+    assert seen and all(q.header("Authorization") == "Basic " + ALICE_B64 for q in seen)
+    assert fakes_that_saw(MIRROR_BASIC[len("Basic "):], MIRROR_USER[1]) == []
+
+
+def test_rate_limit_applies_per_address_to_manifest_requests_only(multi_config, start_docxy, open_registry, cdn,
+                                                                  content):
+    d = start_docxy("--config", multi_config, "--rate-limit", "3/min")
+    path = LIB_PATH + "?ns=ghcr.io"
+    assert index_request(d.port, path).status == 200
+    assert call(d.port, "HEAD", path, [("Accept", MT_INDEX)]).status == 200
+    assert index_request(d.port, "/v2/ghcr.io/library/busybox/manifests/" + content.index_digest).status == 200
+    r = index_request(d.port, path)
+    assert_error(r, 429, "TOOMANYREQUESTS")
+    assert re.fullmatch(r"[1-9]\d*", r.headers.get("Retry-After") or ""), r.headers.items()
+    assert int(r.headers["Retry-After"]) <= 60
+    assert call(d.port, "HEAD", path, [("Accept", MT_INDEX)]).status == 429
+    assert len([q for q in open_registry.reqs() if "/manifests/" in q.path]) == 3  # the refused ones never left
+    digest = content.platform["amd64"]["config"]
+    for _ in range(4):
+        r = call(d.port, "GET", "/v2/ghcr.io/library/busybox/blobs/" + digest)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+    assert call(d.port, "GET", "/v2/ghcr.io/library/busybox/tags/list").status == 200
+    assert call(d.port, "GET", "/v2/?ns=ghcr.io").status == 200
+    r = index_request(d.port, path, source="127.0.0.2")
+    assert r.status == 200 and r.body == content.index_bytes
+
+
+@pytest.mark.parametrize("limit,low,high", [("1/s", 1, 2), ("1/h", 60, 3600)])
+def test_rate_limit_units_and_retry_after(limit, low, high, multi_config, start_docxy):
+    d = start_docxy("--config", multi_config, "--rate-limit", limit)
+    assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
+    r = index_request(d.port, LIB_PATH + "?ns=ghcr.io")
+    assert_error(r, 429, "TOOMANYREQUESTS")
+    assert low <= int(r.headers["Retry-After"]) <= high, r.headers["Retry-After"]
+
+
+def test_rate_limit_buckets_forwarded_clients_and_ipv6_per_64(multi_config, start_docxy):
+    d = start_docxy("--config", multi_config, "--rate-limit", "2/min", "--trusted-proxy", "127.0.0.1/32")
+
+    def status(client):
+        return index_request(d.port, LIB_PATH + "?ns=ghcr.io", [("X-Forwarded-For", client)]).status
+
+    assert [status("2001:db8:0:1::1"), status("2001:db8:0:1::2")] == [200, 200]
+    assert status("2001:db8:0:1:ffff::9") == 429  # same /64
+    assert status("2001:db8:0:2::1") == 200  # the next /64
+    assert [status("192.0.2.1"), status("192.0.2.1"), status("192.0.2.1")] == [200, 200, 429]
+    assert status("192.0.2.2") == 200  # IPv4: per address
+
+
+# ==========================================================================
+# Networks: outbound proxy, IPv6 upstreams, --ipv4-only
+# ==========================================================================
+
+PROXY_PASSWORD = "Proxy-Pw-5531"
+
+
+@pytest.fixture
+def proxy():
+    """A fake outbound proxy that requires puser's credentials."""
+    fake = FakeServer(ProxyHandler, auth=basic("puser", PROXY_PASSWORD))
+    yield fake
+    fake.close()
+
+
+def proxy_url(proxy):
+    return "http://puser:%s@127.0.0.1:%d" % (PROXY_PASSWORD, proxy.port)
+
+
+def assert_no_proxy_secret(d):
+    log = d.log()
+    assert PROXY_PASSWORD not in log and basic("puser", PROXY_PASSWORD)[len("Basic "):] not in log
+
+
+@pytest.mark.parametrize("var", ["HTTP_PROXY", "http_proxy"])
+def test_http_proxy_carries_every_http_upstream_request(var, proxy, start_docxy, multi_config, registry, tokens,
+                                                        cdn, open_registry, content):
+    d = start_docxy("--config", multi_config, env={var: proxy_url(proxy)})
+    r = index_request(d.port, LIB_PATH)
+    assert r.status == 200 and r.body == content.index_bytes
+    digest = content.platform["arm64"]["layers"][0]
+    r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
+    seen = proxy.reqs()
+    assert all(q.method != "CONNECT" for q in seen)
+    assert all(q.header("Proxy-Authorization") == proxy.auth for q in seen)
+    targets = [q.target for q in seen]
+    assert "%s%s" % (registry.url, LIB_PATH) in targets
+    for fake in (registry, tokens, cdn, open_registry):
+        via_proxy = [t for t in targets if t.startswith(fake.url + "/")]
+        assert fake.reqs() and len(via_proxy) == len(fake.reqs()), (fake.url, targets)
+    assert_no_proxy_secret(d)
+
+
+def test_no_proxy_exempts_listed_hosts(proxy, start_docxy, multi_config, registry, tokens, cdn, content):
+    d = start_docxy("--config", multi_config, env={"HTTP_PROXY": proxy_url(proxy), "NO_PROXY": "127.0.0.1"})
+    assert index_request(d.port, LIB_PATH).status == 200
+    digest = content.platform["arm64"]["layers"][0]
+    r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    assert registry.reqs() and tokens.reqs()
+    targets = [q.target for q in proxy.reqs()]
+    assert targets and all(t.startswith(cdn.url + "/blobs/") for t in targets), targets  # 127.0.0.2 is not exempt
+    assert len(targets) == len(cdn.reqs())
+
+
+def test_https_proxy_tunnels_tls_upstream_with_connect(proxy, start_docxy, tls_registry, certs, content):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", tls_registry.url,
+                    env={"HTTPS_PROXY": proxy_url(proxy), "SSL_CERT_FILE": certs["ca.pem"]})
+    r = index_request(d.port, LIB_PATH)
+    assert r.status == 200 and r.body == content.index_bytes
+    r = call(d.port, "HEAD", "/v2/library/busybox/manifests/1.36", [("Accept", MT_INDEX)])
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == content.index_digest
+    seen = proxy.reqs()
+    assert seen and all(q.method == "CONNECT" and q.target == "127.0.0.1:%d" % tls_registry.port for q in seen), seen
+    assert all(q.header("Proxy-Authorization") == proxy.auth for q in seen)
+    assert len(tls_registry.reqs(prefix="/v2/library/busybox/manifests/")) == 2
+    assert_no_proxy_secret(d)
+
+
+def test_ipv6_upstream_literal_works(start_docxy, content, cdn, store):
+    if not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    v6 = FakeServer(RegistryHandler, host="::1", content=content, cdn=cdn, store=store, token_url=None, auth=False)
+    try:
+        assert v6.url.startswith("http://[::1]:")
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", v6.url)
+        r = index_request(d.port, LIB_PATH)
+        assert r.status == 200 and r.body == content.index_bytes
+        digest = content.platform["amd64"]["layers"][1]
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+        assert [q.path for q in v6.reqs() if q.path != "/v2/"] == [LIB_PATH, "/v2/library/busybox/blobs/" + digest]
+    finally:
+        v6.close()
+
+
+def test_ipv4_only_still_reaches_ipv4_upstreams(multi_config, start_docxy, registry, tokens, cdn, content):
+    d = start_docxy("--config", multi_config, "--ipv4-only")
+    assert index_request(d.port, LIB_PATH).status == 200
+    digest = content.platform["amd64"]["config"]
+    r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest
+    assert registry.reqs() and tokens.reqs() and cdn.reqs()
+
+
+def ipv6_only_host_name():
+    for name in ("ip6-localhost", "ip6-loopback", "localhost6"):
+        try:
+            infos = socket.getaddrinfo(name, 80, proto=socket.IPPROTO_TCP)
+        except OSError:
+            continue
+        if infos and all(info[0] == socket.AF_INET6 for info in infos):
+            return name
+    return None
+
+
+def test_ipv4_only_never_connects_to_an_ipv6_only_upstream_name(tmp_path, start_docxy, registry, content, cdn,
+                                                               store):
+    name = ipv6_only_host_name()
+    if not has_ipv6_loopback() or name is None:
+        pytest.skip("no host name resolves to ::1 only here (ip6-localhost is not in /etc/hosts)")
+    v6 = FakeServer(RegistryHandler, host="::1", content=content, cdn=cdn, store=store, token_url=None, auth=False)
+    try:
+        cfg = write_config(tmp_path / "docxy.ini", {
+            "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io"},
+            "docker.io": {"upstream": registry.url, "library": "on"},
+            "ghcr.io": {"upstream": "http://%s:%d" % (name, v6.port)}})
+        plain = start_docxy("--config", cfg)
+        assert index_request(plain.port, LIB_PATH + "?ns=ghcr.io").status == 200  # the name itself works
+        v6.clear()
+        d = start_docxy("--config", cfg, "--ipv4-only")
+        assert_error(index_request(d.port, LIB_PATH + "?ns=ghcr.io"), 502, "UNAVAILABLE")
+        assert v6.reqs() == []
+        assert index_request(d.port, LIB_PATH).status == 200
+    finally:
+        v6.close()
+
+
+def test_ipv4_only_never_connects_to_an_ipv6_literal_upstream(tmp_path, start_docxy, registry, content, cdn, store):
+    if not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    v6 = FakeServer(RegistryHandler, host="::1", content=content, cdn=cdn, store=store, token_url=None, auth=False)
+    try:
+        cfg = write_config(tmp_path / "docxy.ini", {
+            "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io"},
+            "docker.io": {"upstream": registry.url, "library": "on"},
+            "ghcr.io": {"upstream": v6.url}})
+        code, out, err = run_to_exit(["--check", "--config", cfg, "--ipv4-only"])
+        if code == 2:  # refusing the contradiction at start-up is fine too
+            assert any(line.startswith("docxy: error:") for line in err.splitlines()), err
+            return
+        assert code == 0, err
+        d = start_docxy("--config", cfg, "--ipv4-only")
+        assert_error(index_request(d.port, LIB_PATH + "?ns=ghcr.io"), 502, "UNAVAILABLE")
+        assert v6.reqs() == []
+        assert index_request(d.port, LIB_PATH).status == 200
+    finally:
+        v6.close()
+
+
+# ==========================================================================
 # Real clients: skopeo and the CNCF distribution registry
 # ==========================================================================
 
@@ -2134,3 +3376,58 @@ def test_distribution_pull_through_cache_via_docxy(origin, start_docxy, tmp_path
         assert '/v2/library/demo/blobs/' in d.log()
     finally:
         cache.stop()
+
+
+@pytest.fixture(scope="module")
+def origin_b(tmp_path_factory):
+    """A second real distribution registry holding team/app:2 (two platforms, other content than origin)."""
+    need_tool("skopeo")
+    need_tool("docker-registry")
+    tmp = tmp_path_factory.mktemp("origin-b")
+    reg = DistributionRegistry(tmp, "origin-b")
+    skopeo = Skopeo(tmp)
+    info, index_digest = build_oci_layout(tmp / "layout", "2")
+    skopeo("copy", "--all", "--dest-tls-verify=false", "oci:%s:2" % (tmp / "layout"),
+           "docker://127.0.0.1:%d/team/app:2" % reg.port)
+    yield reg, info, index_digest
+    reg.stop()
+
+
+def assert_copied(out, info, index_digest):
+    got = verify_oci_layout(out)
+    for arch in ("amd64", "arm64"):
+        assert {info[arch]["manifest"], info[arch]["config"]} | set(info[arch]["layers"]) <= got, arch
+    assert json.loads((out / "index.json").read_text())["manifests"][0]["digest"] == index_digest
+
+
+def test_skopeo_pulls_from_two_upstreams_through_one_docxy(origin, origin_b, start_docxy, tmp_path):
+    reg_a, skopeo, info_a, index_a = origin
+    reg_b, info_b, index_b = origin_b
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "reg-a.local, reg-b.local"},
+        "reg-a.local": {"upstream": reg_a.url},
+        "reg-b.local": {"upstream": reg_b.url}})
+    d = start_docxy("--config", cfg)
+    skopeo("copy", "--all", "--src-tls-verify=false",
+           "docker://127.0.0.1:%d/reg-a.local/library/demo:1" % d.port, "oci:%s:1" % (tmp_path / "out-a"))
+    skopeo("copy", "--all", "--src-tls-verify=false",
+           "docker://127.0.0.1:%d/reg-b.local/team/app:2" % d.port, "oci:%s:2" % (tmp_path / "out-b"))
+    assert_copied(tmp_path / "out-a", info_a, index_a)
+    assert_copied(tmp_path / "out-b", info_b, index_b)
+    assert not set(info_a["amd64"]["layers"]) & set(info_b["amd64"]["layers"])
+    # Each upstream only has its own image: a swapped route cannot succeed.
+    swapped = skopeo("inspect", "--raw", "--tls-verify=false",
+                     "docker://127.0.0.1:%d/reg-b.local/library/demo:1" % d.port, check=False)
+    assert swapped.returncode != 0
+
+
+def test_skopeo_creds_pull_through_users_mirror(origin, start_docxy, users, tmp_path):
+    reg, skopeo, info, index_digest = origin
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", reg.url, "--library-prefix", "on", "--users", users)
+    src = "docker://127.0.0.1:%d/demo:1" % d.port
+    denied = skopeo("inspect", "--raw", "--tls-verify=false", src, check=False)
+    assert denied.returncode != 0
+    skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", "%s:%s" % MIRROR_USER, src,
+           "oci:%s:1" % (tmp_path / "out"))
+    assert_copied(tmp_path / "out", info, index_digest)
+    assert MIRROR_USER[1] not in d.log()
