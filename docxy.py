@@ -25,6 +25,7 @@ import base64
 import configparser
 import hashlib
 import hmac
+import html
 import http.client
 import http.server
 import io
@@ -72,8 +73,10 @@ DEFAULTS = {
     "drain_seconds": 30.0,
     "library_prefix": "auto",
     "tag_ttl": 300.0,
+    "log_format": "text",
+    "cert_check_interval": 60.0,
 }
-REPEATABLE = ("listen", "allow", "trusted_proxy")
+REPEATABLE = ("listen", "allow", "trusted_proxy", "metrics_allow")
 SWITCHES = ("ipv4_only", "i_understand_credentials_are_shared", "check")
 REGISTRY_KEYS = ("upstream", "hosts", "library", "username", "password_file", "password_env")
 REGISTRY_NAME = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*(?::\d{1,5})?")
@@ -139,6 +142,13 @@ def build_parser():
         help="cap on the cache, e.g. 20G (default: 80%% of the free space at start-up)")
     add("--tag-ttl", type=float, metavar="SECONDS",
         help="how long a cached tag is trusted before an upstream HEAD checks it (default 300)")
+    add("--metrics-allow", action="append", metavar="CIDR",
+        help="who may read /metrics, repeatable (default: loopback only)")
+    add("--log-format", choices=("text", "json"), help="access log lines as text (default) or JSON")
+    add("--acme-webroot", metavar="DIR",
+        help="serve /.well-known/acme-challenge/ from DIR on the --http-redirect listener")
+    add("--cert-check-interval", type=float, metavar="SECONDS",
+        help="how often to look for a renewed certificate on disk (default 60)")
     add("--upstream-timeout", type=float, metavar="SECONDS",
         help="connect and read timeout towards upstreams (default 10)")
     add("--ipv4-only", action="store_true", default=None, help="reach upstreams over IPv4 only")
@@ -200,7 +210,7 @@ def read_config(argv, environ):
 
 
 def read_ini(path):
-    ini = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    ini = configparser.ConfigParser(interpolation=None, default_section="\0none", inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as handle:
             ini.read_file(handle)
@@ -224,13 +234,17 @@ def check_config(config, sections, environ):
         if not config.tls:
             raise ConfigError("--http-redirect needs --cert and --key (it redirects to HTTPS)")
         config.http_redirect = parse_address(config.http_redirect, "--http-redirect")
-    for name in ("upstream_timeout", "client_timeout", "drain_seconds"):
+    for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     if config.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
     config.allow = [parse_network(text, "--allow") for text in config.allow or []]
     config.trusted_proxy = [parse_network(text, "--trusted-proxy") for text in config.trusted_proxy or []]
+    config.metrics_allow = [parse_network(text, "--metrics-allow")
+                            for text in config.metrics_allow or ["127.0.0.0/8", "::1/128"]]
+    if config.acme_webroot and not os.path.isdir(config.acme_webroot):
+        raise ConfigError("--acme-webroot %s is not a directory" % config.acme_webroot)
     config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
     config.cache_max_size = parse_size(config.cache_max_size) if config.cache_max_size else None
     if config.tag_ttl < 0:
@@ -496,6 +510,7 @@ def valid_host_header(value):
 
 # ---------------------------------------------------------------- upstream client
 
+LONG_TRANSFER = 64 << 20    # bodies this large get a start line in the log, and a speed at the end
 CHUNK = 1 << 20             # 1 MiB reads: the copy loop's biggest lever (64 KiB reached ~0.45x nginx)
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -518,9 +533,10 @@ class UpstreamError(Exception):
     """The upstream could not be reached or misbehaved: 502, or 504 for a timeout.
     The message is for the client; the detail, which may name hosts, for the log."""
 
-    def __init__(self, status, message, detail=""):
+    def __init__(self, status, message, detail="", kind=None):
         super().__init__(message)
         self.status, self.message, self.detail = status, message, detail
+        self.kind = kind or ("timeout" if status == 504 else "protocol")
 
 
 def passes_header(name):
@@ -581,10 +597,10 @@ class ConnectionPool:
         except socket.timeout:
             raise UpstreamError(504, "upstream did not answer in time", "connect to %s" % origin.host)
         except ssl.SSLError as error:
-            raise UpstreamError(502, "upstream TLS failed", "%s: %s" % (origin.host, error.reason))
+            raise UpstreamError(502, "upstream TLS failed", "%s: %s" % (origin.host, error.reason), "connect")
         except OSError as error:
             raise UpstreamError(502, "upstream unreachable",
-                                "%s: %s" % (origin.host, error.strerror or error))
+                                "%s: %s" % (origin.host, error.strerror or error), "connect")
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
@@ -1003,6 +1019,7 @@ class RateLimiter:
 
     def __init__(self, burst, rate):
         self.burst, self.rate, self.buckets, self.lock = burst, rate, {}, threading.Lock()
+        self.rate_limit = (burst, rate)
 
     def wait_needed(self, address):
         """0 if the client may go on now, else the seconds until it may."""
@@ -1021,6 +1038,12 @@ class RateLimiter:
             return max(1, int((1 - tokens) / self.rate + 0.999))
 
 
+def plain_address(text):
+    """An address as networks see it: an IPv4 client of an [::] listener is IPv4."""
+    ip = ipaddress.ip_address(text)
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
 def client_network(address):
     ip = ipaddress.ip_address(address)
     if ip.version == 4:
@@ -1028,36 +1051,144 @@ def client_network(address):
     return ip.ipv4_mapped or ipaddress.ip_network("%s/64" % ip, strict=False)
 
 
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """Counters for /metrics and the status page, in the Prometheus text format."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = collections.Counter()       # (name, labels) -> value
+        self.durations = {}                         # route -> [bucket counts..., sum, count]
+        self.gauges = {}                            # (name, labels) -> value
+        self.started = time.time()
+        self.inflight = 0
+
+    def add(self, name, labels=(), value=1):
+        with self.lock:
+            self.counters[(name, tuple(labels))] += value
+
+    def set(self, name, labels, value):
+        with self.lock:
+            self.gauges[(name, tuple(labels))] = value
+
+    def request_done(self, route, status, sent, seconds):
+        with self.lock:
+            self.counters[("docxy_requests_total", (("route", route), ("status", str(status))))] += 1
+            self.counters[("docxy_sent_bytes_total", (("route", route),))] += sent
+            cells = self.durations.setdefault(route, [0] * (len(DURATION_BUCKETS) + 2))
+            for i, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    cells[i] += 1
+            cells[-2] += seconds
+            cells[-1] += 1
+
+    def total(self, name, **match):
+        with self.lock:
+            return sum(v for (n, labels), v in self.counters.items()
+                       if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+
+    def exposition(self, cache):
+        """The Prometheus text exposition format, version 0.0.4."""
+        with self.lock:
+            counters, gauges = dict(self.counters), dict(self.gauges)
+            durations = {route: list(cells) for route, cells in self.durations.items()}
+            inflight = self.inflight
+        gauges[("docxy_inflight_requests", ())] = inflight
+        gauges[("docxy_uptime_seconds", ())] = round(time.time() - self.started, 3)
+        if cache:
+            with cache.lock:
+                gauges[("docxy_cache_size_bytes", ())] = cache.size
+                gauges[("docxy_cache_max_size_bytes", ())] = cache.max_size
+                gauges[("docxy_cache_objects", ())] = len(cache.objects)
+                for event, value in cache.stats.items():
+                    if event == "bytes_served":
+                        counters[("docxy_cache_served_bytes_total", ())] = value
+                    else:
+                        counters[("docxy_cache_events_total", (("event", event),))] = value
+        lines = []
+        for kind, table in (("counter", counters), ("gauge", gauges)):
+            for name in sorted({n for n, _ in table}):
+                lines += ["# HELP %s %s" % (name, METRIC_HELP.get(name, name.replace("_", " "))),
+                          "# TYPE %s %s" % (name, kind)]
+                lines += ["%s%s %s" % (name, prometheus_labels(labels), number(value))
+                          for (n, labels), value in sorted(table.items()) if n == name]
+        name = "docxy_request_duration_seconds"
+        lines += ["# HELP %s %s" % (name, METRIC_HELP[name]), "# TYPE %s histogram" % name]
+        for route, cells in sorted(durations.items()):
+            for bound, count in zip(DURATION_BUCKETS + ("+Inf",), cells[:len(DURATION_BUCKETS)] + [cells[-1]]):
+                lines.append("%s_bucket%s %d" % (name, prometheus_labels((("route", route), ("le", str(bound)))), count))
+            lines.append("%s_sum%s %s" % (name, prometheus_labels((("route", route),)), number(cells[-2])))
+            lines.append("%s_count%s %d" % (name, prometheus_labels((("route", route),)), cells[-1]))
+        return "\n".join(lines) + "\n"
+
+
+METRIC_HELP = {
+    "docxy_requests_total": "Requests answered, by route class and status.",
+    "docxy_sent_bytes_total": "Body bytes sent to clients, by route class.",
+    "docxy_upstream_received_bytes_total": "Body bytes received from upstreams, by registry.",
+    "docxy_upstream_errors_total": "Failed upstream exchanges, by registry and kind (connect, timeout, protocol, 429, 5xx).",
+    "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, by registry.",
+    "docxy_inflight_requests": "Requests being answered now.",
+    "docxy_uptime_seconds": "Seconds since docxy started.",
+    "docxy_cache_size_bytes": "Bytes held in the cache.",
+    "docxy_cache_max_size_bytes": "The cache's size cap.",
+    "docxy_cache_objects": "Objects held in the cache.",
+    "docxy_cache_events_total": "Cache events: hits, misses, coalesced waits, tag hits, revalidations and stale serves, evictions, discards, write errors.",
+    "docxy_cache_served_bytes_total": "Body bytes served from the cache.",
+    "docxy_request_duration_seconds": "Time to answer a request, by route class.",
+}
+
+
+def prometheus_labels(labels):
+    if not labels:
+        return ""
+    escape = lambda value: str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{%s}" % ",".join('%s="%s"' % (key, escape(value)) for key, value in labels)
+
+
+def number(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
 class Mirror:
     """Everything the running server shares: its settings, what it learned, its connections."""
 
     def __init__(self, config):
-        self.config = config
-        self.registries = config.registries
-        self.default = config.registries[config.default_registry]
-        self.by_name, self.by_host = {}, {}
-        for registry in self.registries.values():
-            for name in registry.names:
-                self.by_name.setdefault(name, registry)
-            for host in registry.hosts:
-                self.by_host.setdefault(host, registry)
-        for registry in self.registries.values():   # a registry's own name beats anyone's alias
-            self.by_name[registry.name] = self.by_host[registry.name] = registry
-            if config.public_url and registry.short:
-                self.by_host["%s.%s" % (registry.short, urllib.parse.urlsplit(config.public_url).hostname)] = registry
+        self.limiter = None
+        self.configure(config)
         self.upstream_tls = ssl.create_default_context()   # system store; honours SSL_CERT_FILE
         self.pool = ConnectionPool(config.upstream_timeout, self.upstream_tls, config.ipv4_only)
-        self.challenges = {}                # registry name -> its Bearer challenge (realm, service)
-        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained itself
-        self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
         self.password_checks = threading.BoundedSemaphore(2)   # PBKDF2 is slow on purpose
-        self.limiter = RateLimiter(*config.rate_limit) if config.rate_limit else None
         self.cache = open_cache(config) if config.cache_dir else None
+        self.metrics = Metrics()
         self.https_port = 443               # where --http-redirect sends clients
         self.slots = threading.BoundedSemaphore(config.max_connections)
         self.draining = threading.Event()
         self.connections = {}               # socket -> handler, to close idle ones when draining
         self.lock = threading.Lock()
+
+    def configure(self, config):
+        """Take a configuration's registries and access rules: at start, and on a reload."""
+        by_name, by_host = {}, {}
+        for registry in config.registries.values():
+            for name in registry.names:
+                by_name.setdefault(name, registry)
+            for host in registry.hosts:
+                by_host.setdefault(host, registry)
+        for registry in config.registries.values():   # a registry's own name beats anyone's alias
+            by_name[registry.name] = by_host[registry.name] = registry
+            if config.public_url and registry.short:
+                by_host["%s.%s" % (registry.short, urllib.parse.urlsplit(config.public_url).hostname)] = registry
+        keep_limiter = self.limiter and self.limiter.rate_limit == config.rate_limit
+        self.limiter = self.limiter if keep_limiter else RateLimiter(*config.rate_limit) if config.rate_limit else None
+        self.by_name, self.by_host, self.registries = by_name, by_host, config.registries
+        self.default = config.registries[config.default_registry]
+        self.challenges = {}                # registry name -> its Bearer challenge (realm, service)
+        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained itself
+        self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
+        self.config = config
 
     def learn_challenge(self, registry, challenge):
         """Remember a registry's token realm; a realm may not be less secure than its registry."""
@@ -1074,12 +1205,13 @@ class Mirror:
     def registry_by_prefix(self, name):
         """'ghcr.io/owner/image' -> (ghcr.io's Registry, 'owner/image'), or (None, name)."""
         first, _, rest = name.partition("/")
-        registry = self.by_name.get(first)
-        if registry and rest:
-            return registry, rest
-        if first == "localhost" or ("." in first or ":" in first) and REGISTRY_NAME.fullmatch(first):
+        # Docker's own rule: a first component is a registry if it has a dot or a port, or is
+        # localhost; anything else is a Docker Hub namespace, whatever registries are named.
+        if not rest or not (first == "localhost" or ("." in first or ":" in first) and REGISTRY_NAME.fullmatch(first)):
+            return None, name
+        if first not in self.by_name:
             raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", first[:200])
-        return None, name
+        return self.by_name[first], rest
 
     def check_login(self, authorization):
         """The user whose Basic credentials these are, or None. Verified hashes are remembered
@@ -1133,6 +1265,14 @@ def basic_authorization(registry):
     return "Basic " + base64.b64encode(login.encode()).decode()
 
 
+def pull_only(scope):
+    """A repository scope cut down to pull; None for a scope that grants no pull."""
+    named = split_scope(scope)
+    if not named or "pull" not in named[1].split(","):
+        return None
+    return "repository:%s:pull" % named[0]
+
+
 def split_scope(scope):
     """'repository:NAME:ACTIONS' -> (NAME, ACTIONS); None for any other scope."""
     kind, _, rest = scope.partition(":")
@@ -1144,6 +1284,23 @@ def split_scope(scope):
 
 LOG_LOCK = threading.Lock()
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def log_json(fields):
+    line = json.dumps(fields, separators=(",", ":")) + "\n"
+    with LOG_LOCK:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def route_class(path):
+    """A request's kind, for metrics: a bounded label set, whatever clients send."""
+    path = path.partition("?")[0]
+    match = ROUTE.fullmatch(path)
+    if match:
+        return {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}.get(match.group("kind"), "tags")
+    return {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics", "/": "status"}.get(
+        path, "token" if TOKEN_PATH.fullmatch(path) else "other")
 
 
 def log(message):
@@ -1213,6 +1370,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.command, self.path, self.request_version = None, "-", "HTTP/1.0"
         self.client, self.user, self.cache_status = self.client_address[0], None, "-"
+        self.registry_name, self.received, self.upstream_seconds, self.long_transfer = "-", 0, 0.0, 0
+        metrics = self.mirror.metrics
+        with metrics.lock:
+            metrics.inflight += 1
         try:
             if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
                 # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
@@ -1234,24 +1395,26 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         except socket.timeout:
             self.close_connection = True
         finally:
+            with metrics.lock:
+                metrics.inflight -= 1
             if self.status is not None:
                 self.log_access()
 
     # -- who is asking
 
     def trusted_peer(self):
-        peer = ipaddress.ip_address(self.client_address[0])
+        peer = plain_address(self.client_address[0])
         return any(peer in network for network in self.mirror.config.trusted_proxy)
 
     def forwarded_client(self):
         """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
         X-Forwarded-For entry that is not itself a trusted proxy."""
+        client = str(plain_address(self.client_address[0]))
         if not self.trusted_peer():
-            return self.client_address[0]
-        client = self.client_address[0]
+            return client
         for hop in reversed(",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")):
             try:
-                address = ipaddress.ip_address(hop.strip())
+                address = plain_address(hop.strip())
             except ValueError:
                 break       # a forged or garbled entry: trust nothing left of it
             client = str(address)
@@ -1262,7 +1425,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     def check_access(self, path, registry_request):
         """--allow, then --users: refused clients never cause an upstream request."""
         allow = self.mirror.config.allow
-        if allow and not any(ipaddress.ip_address(self.client) in network for network in allow):
+        if allow and not any(plain_address(self.client) in network for network in allow):
             raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
         if self.mirror.config.users and registry_request:
             self.user = self.mirror.check_login(self.headers.get("Authorization", ""))
@@ -1277,7 +1440,11 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         try:
             if path == "/health" and self.command in ("GET", "HEAD"):
                 return self.send_json(200, {"status": "ok"})
+            if path == "/metrics" and self.command in ("GET", "HEAD"):
+                return self.send_metrics()
             self.check_access(path, path == "/v2" or path.startswith("/v2/"))
+            if path == "/" and self.command in ("GET", "HEAD"):
+                return self.send_status()
             token_path = TOKEN_PATH.fullmatch(path)
             if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
                 self.close_connection = True    # a body we will not read may follow
@@ -1412,7 +1579,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if target is not registry:
             headers.pop("Authorization", None)
         if "Authorization" not in headers and target.username:
+            # The operator's account lends pulls, nothing more: no push, delete or catalog token.
             headers["Authorization"] = basic_authorization(target)
+            scoped = [(key, pull_only(value)) for key, value in scoped if key != "scope" or pull_only(value)]
         realm = challenge["realm"]
         if self.command == "POST":
             body = urllib.parse.urlencode(scoped).encode()
@@ -1666,14 +1835,29 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             known = self.upstream_login(registry, format_challenge("Bearer", list(challenge.items())), scope)
         if known:
             headers["Authorization"] = known
-        origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
-        if scope and response.status == 401 and origin == registry.upstream:
-            login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
-            if login:
-                discard_body(pool, origin, connection, response)
-                headers["Authorization"] = login
-                origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+        self.registry_name = registry.name
+        began = time.monotonic()
+        try:
+            origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+            if scope and response.status == 401 and origin == registry.upstream:
+                login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
+                if login:
+                    discard_body(pool, origin, connection, response)
+                    headers["Authorization"] = login
+                    origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+        except UpstreamError as error:
+            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", error.kind)))
+            raise
+        finally:
+            self.upstream_seconds += time.monotonic() - began
         self.upstream_status = str(response.status)
+        if response.status == 429 or response.status >= 500:
+            kind = "429" if response.status == 429 else "5xx"
+            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", kind)))
+        remaining = re.match(r"\s*(\d+)", response.getheader("RateLimit-Remaining", "") or "")
+        if remaining:
+            self.mirror.metrics.set("docxy_upstream_ratelimit_remaining", (("registry", registry.name),),
+                                    int(remaining.group(1)))
         return origin, connection, response, first_hop
 
     def relay(self, registry, method, url, headers, body=None, verify=None, rewrite_challenge=True, scope=None):
@@ -1785,6 +1969,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 new = response.readinto(view[held:])
                 if not new:
                     break
+                self.received += new
                 if fill:
                     self.mirror.cache.write(fill, view[held:held + new])
                 if hasher:
@@ -1821,6 +2006,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.upstream_status += "!"
         if isinstance(error, UpstreamError):
+            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.registry_name), ("kind", error.kind)))
             log("transfer aborted: %s (%s)" % (error.message, error.detail))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
             log("transfer aborted: %s" % (error,))
@@ -1828,6 +2014,57 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    # -- pages for operators and people
+
+    def send_metrics(self):
+        if not any(plain_address(self.client) in network for network in self.mirror.config.metrics_allow):
+            raise RegistryError(403, "DENIED", "metrics are not served to your address (--metrics-allow)")
+        body = self.mirror.metrics.exposition(self.mirror.cache).encode()
+        self.send_body(200, "text/plain; version=0.0.4; charset=utf-8", body)
+
+    def status_figures(self):
+        """What the status page shows: live figures, nothing secret or internal."""
+        metrics, cache = self.mirror.metrics, self.mirror.cache
+        figures = {
+            "version": __version__,
+            "uptime_seconds": int(time.time() - metrics.started),
+            "requests": metrics.total("docxy_requests_total"),
+            "bytes_sent": metrics.total("docxy_sent_bytes_total"),
+            "registries": [{"name": r.name, "upstream": origin_url(r.upstream),
+                            "ratelimit_remaining": metrics.gauges.get(
+                                ("docxy_upstream_ratelimit_remaining", (("registry", r.name),)))}
+                           for r in self.mirror.registries.values()],
+            "login_required": bool(self.mirror.config.users),
+            "cache": None,
+        }
+        if cache:
+            hits = cache.stats["hits"] + cache.stats["tag_hit"]
+            misses = cache.stats["misses"] + cache.stats["tag_revalidated"]
+            figures["cache"] = {"size_bytes": cache.size, "max_size_bytes": cache.max_size,
+                                "objects": len(cache.objects), "hit_ratio": round(hits / max(1, hits + misses), 3),
+                                "bytes_served": cache.stats["bytes_served"], "stale_serves": cache.stats["tag_stale"]}
+        return figures
+
+    def send_status(self):
+        figures = self.status_figures()
+        try:
+            figures["url"] = self.public_base()
+        except RegistryError:
+            figures["url"] = None
+        if "text/html" in ",".join(self.headers.get_all("Accept") or []):
+            return self.send_body(200, "text/html; charset=utf-8", status_page(figures, self.mirror).encode())
+        self.send_body(200, "application/json", json.dumps(figures, indent=1).encode())
+
+    def send_body(self, status, content_type, body):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            self.sent += len(body)
 
     # -- docxy's own answers
 
@@ -1861,15 +2098,107 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.status = code
         super().send_response(code, message)
 
+    def send_header(self, keyword, value):
+        if keyword.lower() == "content-length" and self.command == "GET" and str(value).isdigit() \
+                and int(value) >= LONG_TRANSFER:
+            self.long_transfer = int(value)
+            log('%s "%s %s" started: %.1f MiB' % (self.client, self.command, self.path[:300], int(value) / 1048576))
+        super().send_header(keyword, value)
+
     def log_request(self, code="-", size="-"):
         pass    # one line per request is written by log_access, once the body is sent
 
     def log_access(self):
         path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
-        log('%s "%s %s" %s %dB %.3fs upstream=%s%s' % (
-            self.client, self.command or "-", path[:300], self.status, self.sent,
-            time.monotonic() - self.started, self.upstream_status, " user=" + self.user if self.user else "")
-            + (" cache=" + self.cache_status if self.cache_status != "-" else ""))
+        seconds = time.monotonic() - self.started
+        metrics = self.mirror.metrics
+        metrics.request_done(route_class(self.path), self.status, self.sent, seconds)
+        if self.received:
+            metrics.add("docxy_upstream_received_bytes_total", (("registry", self.registry_name),), self.received)
+        if self.mirror.config.log_format == "json":
+            return log_json({
+                "time": round(time.time(), 3), "client": self.client, "method": self.command or "-",
+                "path": path[:300], "status": self.status, "bytes": self.sent, "duration": round(seconds, 4),
+                "upstream_status": self.upstream_status, "upstream_time": round(self.upstream_seconds, 4),
+                "registry": self.registry_name, "cache": self.cache_status, "user": self.user})
+        speed = " %.1fMiB/s" % (self.sent / 1048576 / max(seconds, 1e-6)) if self.long_transfer else ""
+        log('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
+            self.client, self.command or "-", path[:300], self.status, self.sent, seconds, speed,
+            self.upstream_status, " user=" + self.user if self.user else "",
+            " cache=" + self.cache_status if self.cache_status != "-" else ""))
+
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>docxy registry mirror</title>
+<style>
+body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:46rem;padding:1rem;color:#222}
+h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.1rem;margin-top:1.6rem}
+pre{background:#f4f4f4;padding:.7rem;overflow-x:auto;border-radius:4px;font-size:.85rem}
+table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
+.figures{display:flex;flex-wrap:wrap;gap:.5rem}.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;flex:1 1 8rem}
+.figures b{display:block;font-size:1.3rem}small{color:#666}
+</style></head><body>
+<h1>docxy registry mirror</h1>
+<p>This server is a pull-through mirror of the container registries below, at <code>%(url)s</code>.
+Point your container runtime at it; pulls then come through here%(login)s.</p>
+<div class="figures"><div><b>%(uptime)s</b>uptime</div><div><b>%(requests)s</b>requests</div>
+<div><b>%(sent)s</b>sent</div>%(cache_figures)s</div>
+<h2>Registries</h2><table><tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table>
+<h2>Docker</h2><p><code>/etc/docker/daemon.json</code> (Docker Hub images), then restart Docker:</p>
+<pre>{"registry-mirrors": ["%(url)s"]%(insecure)s}</pre>
+<p>Or pull straight from the mirror:</p><pre>docker pull %(host)s/library/busybox
+docker pull %(host)s/%(other)s/owner/image:tag</pre>
+<h2>containerd and Kubernetes nodes</h2><p><code>/etc/containerd/certs.d/docker.io/hosts.toml</code> on each node
+(likewise a folder per registry, e.g. <code>certs.d/ghcr.io</code> with its own <code>server</code>):</p>
+<pre>server = "https://registry-1.docker.io"
+[host."%(url)s"]
+  capabilities = ["pull", "resolve"]</pre>
+<p>containerd reads these files when its CRI config has <code>config_path = "/etc/containerd/certs.d"</code>.</p>
+<h2>podman</h2><p><code>/etc/containers/registries.conf</code>:</p>
+<pre>[[registry]]
+prefix = "docker.io"
+location = "registry-1.docker.io"
+[[registry.mirror]]
+location = "%(host)s"%(podman_insecure)s</pre>
+<p><small>docxy %(version)s &middot; <a href="/health">health</a> &middot; figures as JSON: send <code>Accept: application/json</code></small></p>
+</body></html>
+"""
+
+
+def status_page(figures, mirror):
+    escape = html.escape
+    url = figures["url"] or "http://this-mirror:5000"
+    host = urllib.parse.urlsplit(url).netloc
+    cache = figures["cache"]
+    cache_figures = "" if not cache else (
+        "<div><b>%s</b>cache of %s</div><div><b>%.0f%%%%</b>cache hits</div>"
+        % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]), cache["hit_ratio"] * 100))
+    rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
+        escape(r["name"]), escape(r["upstream"]), "" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
+        for r in figures["registries"])
+    others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
+    return (STATUS_PAGE % {
+        "url": escape(url), "host": escape(host), "version": escape(figures["version"]),
+        "login": " (log in first: <code>docker login %s</code>)" % escape(host) if figures["login_required"] else "",
+        "uptime": "%dd %dh %dm" % (figures["uptime_seconds"] // 86400, figures["uptime_seconds"] // 3600 % 24,
+                                   figures["uptime_seconds"] // 60 % 60),
+        "requests": figures["requests"], "sent": human_bytes(figures["bytes_sent"]),
+        "cache_figures": cache_figures, "registries": rows, "other": escape(others[0] if others else "ghcr.io"),
+        "insecure": ', "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
+        "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
+    }).replace("%%", "%")
+
+
+def human_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024
+
+
+ACME_PREFIX = "/.well-known/acme-challenge/"
+ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class RedirectHandler(http.server.BaseHTTPRequestHandler):
@@ -1882,6 +2211,8 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         mirror = self.server.mirror
+        if self.path.startswith(ACME_PREFIX) and mirror.config.acme_webroot:
+            return self.send_acme_file(mirror.config.acme_webroot, self.path[len(ACME_PREFIX):])
         if mirror.config.public_url:
             base = mirror.config.public_url
         else:
@@ -1898,6 +2229,23 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     do_HEAD = do_GET
+
+    def send_acme_file(self, webroot, token):
+        """An HTTP-01 challenge file, for webroot renewals while docxy holds port 80. Only
+        token-shaped names: no path can leave the challenge folder."""
+        body = None
+        if ACME_TOKEN.fullmatch(token):
+            try:
+                with open(os.path.join(webroot, ".well-known", "acme-challenge", token), "rb") as handle:
+                    body = handle.read(65536)
+            except OSError:
+                pass
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
         log('%s "%s %s" %s redirect' % (self.client_address[0], self.command, self.path[:300], code))
@@ -2042,7 +2390,8 @@ def check_command(config):
         print("registry %s: upstream %s, library/ rule %s, credentials %s" % (
             registry.name, origin_url(registry.upstream), "on" if registry.library else "off",
             "for user %s" % registry.username if registry.username else "none"))
-    print("listen: %s; tls: %s" % (", ".join("%s:%d" % a for a in config.listen), "yes" if config.tls else "no"))
+    print("listen: %s; tls: %s" % (", ".join(("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+                                            for host, port in config.listen), "yes" if config.tls else "no"))
     return 0
 
 
@@ -2145,6 +2494,63 @@ def hash_password_command():
     return 0
 
 
+# What a reload cannot change in a running process; a changed value is reported, not applied.
+NEEDS_RESTART = ("listen", "http_redirect", "cache_dir", "cache_max_size", "max_connections", "ipv4_only",
+                 "upstream_timeout")
+
+
+def reload(mirror, listeners, argv):
+    """SIGHUP: read the configuration, certificate and users file again. A broken new one is
+    refused with a log line, and the running one stays; connections are never dropped."""
+    try:
+        config = read_config(argv, os.environ)
+    except ConfigError as error:
+        log("reload refused, the running configuration stays: %s" % error)
+        return False
+    except SystemExit:
+        log("reload refused: the configuration does not parse")
+        return False
+    for name in NEEDS_RESTART:
+        if getattr(config, name) != getattr(mirror.config, name):
+            log("reload: %s changed; that takes a restart" % name.replace("_", "-"))
+            setattr(config, name, getattr(mirror.config, name))
+    if bool(config.tls) != bool(mirror.config.tls):
+        log("reload: switching TLS on or off takes a restart")
+        config.tls = mirror.config.tls
+    for listener in listeners:
+        if listener.tls_context and config.tls:
+            listener.tls_context = config.tls    # new connections only; open ones keep theirs
+    mirror.configure(config)
+    log("reloaded configuration%s" % (" and certificate" if config.tls else ""))
+    return True
+
+
+def watch_certificate(mirror, listeners, stop, interval):
+    """Reload the certificate when its files change on disk, so acme.sh and certbot renewals
+    apply without a restart. A half-written pair fails to load and is tried again next time."""
+    def stamp():
+        try:
+            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (mirror.config.cert, mirror.config.key)]
+        except OSError:
+            return None
+    seen = stamp()
+    while not stop.wait(interval):
+        now = stamp()
+        if now == seen or now is None:
+            continue
+        seen = now
+        try:
+            context = server_tls_context(mirror.config.cert, mirror.config.key)
+        except ConfigError as error:
+            log("certificate changed on disk but does not load; keeping the old one: %s" % error)
+            continue
+        for listener in listeners:
+            if listener.tls_context:
+                listener.tls_context = context
+        mirror.config.tls = context
+        log("certificate changed on disk: reloaded")
+
+
 def drain(mirror, listeners):
     """Stop accepting, close idle keep-alive connections, let transfers finish."""
     mirror.draining.set()
@@ -2189,11 +2595,14 @@ def main(argv=None):
         print("docxy: error: cannot listen: %s" % (error.strerror or error), file=sys.stderr)
         return 2
 
-    stop = threading.Event()
+    stop, reload_asked = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if hasattr(signal, "SIGHUP"):   # systemd's ExecReload must not kill the service
-        signal.signal(signal.SIGHUP, lambda *_: log("SIGHUP: nothing to reload"))
+    if hasattr(signal, "SIGHUP"):   # systemd's ExecReload
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
+    if config.tls:
+        threading.Thread(target=watch_certificate, args=(mirror, listeners, stop, config.cert_check_interval),
+                         name="certificate", daemon=True).start()
 
     log("docxy %s" % __version__)
     for line in access_summary(config, listeners):
@@ -2207,8 +2616,10 @@ def main(argv=None):
     for line in client_snippet(mirror, listeners):
         log(line)
 
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.2):
+        if reload_asked.is_set():
+            reload_asked.clear()
+            reload(mirror, listeners, argv)
     log("stopping: draining transfers for up to %gs" % config.drain_seconds)
     clean = drain(mirror, listeners)
     log("stopped" if clean else "stopped with transfers still running")

@@ -2,14 +2,18 @@
 
 Every test drives the real server (``python docxy.py --listen 127.0.0.1:0 ...``)
 as a subprocess over real loopback sockets, against fakes that behave like
-Docker Hub's registry, its token service and its blob CDN.  The fakes record
-every request they see so tests can assert on what really went upstream.
+Docker Hub's registry, its token service and its blob CDN, plus a second
+Bearer registry, an open (no-auth) one, a Basic-auth one and an outbound HTTP
+proxy.  The fakes record every request they see so tests can assert on what
+really went upstream.
 
 Order: fakes and helpers, fixtures, then tests grouped as
 configuration/start-up -> name validation -> upstream client (auth,
 redirects, streaming, errors) -> request handler (routes, HEAD, errors) ->
-server (keep-alive, TLS, limits, signals) -> real clients (skopeo,
-docker-registry).
+server (keep-alive, TLS, limits, signals) -> many registries (config file,
+routing, auth and credentials) -> client access control (--allow,
+--trusted-proxy, --users, --rate-limit) -> networks (proxy, IPv6) -> real
+clients (skopeo, docker-registry).
 
 Only pytest and the standard library are used.  Addresses are loopback only
 (127.0.0.1, 127.0.0.2 for the "other host" CDN, ::1).
@@ -24,6 +28,7 @@ import http.server
 import io
 import json
 import os
+import pty
 import re
 import select
 import shutil
@@ -1207,7 +1212,7 @@ def tokens_b():
 
 @pytest.fixture(scope="module")
 def registry_b(content, cdn, tokens_b):
-    """A second Docker-Hub-like registry (Bearer via tokens_b, blobs on the CDN): the custom `internal`."""
+    """A second Docker-Hub-like registry (Bearer via tokens_b, blobs on the CDN): the custom `internal.local`."""
     fake = FakeServer(RegistryHandler, content=content, cdn=cdn, store=tokens_b.store,
                       token_url=tokens_b.url + "/token", auth=True, service=SERVICE_B)
     yield fake
@@ -1224,13 +1229,13 @@ def basic_registry(content, cdn, store):
 
 def multi_sections(registry, open_registry, registry_b):
     """Three registries behind one docxy, configured by file only: docker.io -> the Docker-Hub-like
-    fake, ghcr.io -> the open (no-auth) fake, and a custom `internal` -> the second Bearer fake."""
+    fake, ghcr.io -> the open (no-auth) fake, and a custom `internal.local` -> the second Bearer fake."""
     return {
-        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io, internal",
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io, internal.local",
                   "upstream-timeout": "5"},
         "docker.io": {"upstream": registry.url, "library": "on"},
         "ghcr.io": {"upstream": open_registry.url},
-        "internal": {"upstream": registry_b.url, "hosts": "internal.mirror.example.com, other.example"},
+        "internal.local": {"upstream": registry_b.url, "hosts": "internal.mirror.example.com, other.example"},
     }
 
 
@@ -1293,6 +1298,12 @@ def assert_config_error(args):
     assert any(line.startswith("docxy: error:") for line in err.splitlines()), err
     assert "listening on" not in out + err
     assert "Traceback" not in err
+    return err
+
+
+def assert_not_usage_error(text):
+    """The exit 2 came from checking the configuration, not from an unknown option."""
+    assert "unrecognized arguments" not in text and "usage:" not in text, text
 
 
 @pytest.mark.parametrize("args", [
@@ -1920,7 +1931,7 @@ def test_write_methods_rejected_405(method, target, docxy, registry):
     assert registry.reqs() == []
 
 
-@pytest.mark.parametrize("target", ["/", "/nope", "/v3/", "/v2/busybox/foo/bar", "/healthz", "/auth/other"])
+@pytest.mark.parametrize("target", ["/nope", "/v3/", "/v2/busybox/foo/bar", "/healthz", "/auth/other"])
 def test_unknown_paths_404_json(target, docxy, registry, tokens):
     assert_error(raw_request(docxy.port, target), 404, "NOT_FOUND")
     assert registry.reqs() == [] and tokens.reqs() == []
@@ -2209,7 +2220,7 @@ def test_config_file_alone_sets_listener_and_every_registry_section(multi, regis
     r = call(multi.port, "GET", "/v2/acme/private/manifests/latest?ns=ghcr.io", [("Accept", MT_MANIFEST)])
     assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
     assert manifest_paths(open_registry) == {"/v2/acme/private/manifests/latest"}
-    r = index_request(multi.port, LIB_PATH + "?ns=internal")
+    r = index_request(multi.port, LIB_PATH + "?ns=internal.local")
     assert r.status == 200 and r.body == content.index_bytes
     assert manifest_paths(registry_b) == {LIB_PATH}
     r = index_request(multi.port, "/v2/busybox/manifests/1.36")
@@ -2264,8 +2275,8 @@ def test_flags_override_environment_which_overrides_config_file(tmp_path, start_
 def test_registries_flag_enables_only_the_named_registries(multi_config, start_docxy, registry, open_registry,
                                                            registry_b, tokens_b, content):
     d = start_docxy("--config", multi_config, "--registries", "docker.io,ghcr.io")
-    for path in (LIB_PATH + "?ns=internal", LIB_PATH + "?ns=quay.io", "/v2/quay.io/x/y/manifests/z",
-                 "/v2/?ns=internal"):
+    for path in (LIB_PATH + "?ns=internal.local", LIB_PATH + "?ns=quay.io", "/v2/quay.io/x/y/manifests/z",
+                 "/v2/?ns=internal.local"):
         assert_error(index_request(d.port, path), 404, "NAME_UNKNOWN")
     assert upstream_requests() == []
     # A host of the disabled registry is just an unknown Host: the default registry answers.
@@ -2279,7 +2290,7 @@ def test_registries_flag_enables_only_the_named_registries(multi_config, start_d
 
 def test_default_registry_is_first_enabled_one_without_docker_io(multi_config, start_docxy, registry,
                                                                   open_registry, registry_b, content):
-    d = start_docxy("--config", multi_config, "--registries", "ghcr.io,internal")
+    d = start_docxy("--config", multi_config, "--registries", "ghcr.io,internal.local")
     assert call(d.port, "GET", "/v2/").status == 200
     r = index_request(d.port, LIB_PATH)
     assert r.status == 200 and r.body == content.index_bytes
@@ -2290,10 +2301,11 @@ def test_default_registry_is_first_enabled_one_without_docker_io(multi_config, s
 @pytest.mark.parametrize("how", ["flag", "config"])
 def test_unknown_registry_name_exits_2(how, tmp_path):
     if how == "flag":
-        assert_config_error(["--registries", "docker.io,nosuch.example"])
+        err = assert_config_error(["--registries", "docker.io,nosuch.example"])
     else:
         cfg = write_config(tmp_path / "docxy.ini", {"docxy": {"registries": "docker.io, nosuch.example"}})
-        assert_config_error(["--config", cfg])
+        err = assert_config_error(["--config", cfg])
+    assert_not_usage_error(err)
 
 
 def test_check_lists_every_preset_and_custom_registry(tmp_path):
@@ -2358,7 +2370,19 @@ def test_check_and_start_reject_bad_configuration_with_exit_2(case, tmp_path):
     assert code == 2, (code, out, err)
     assert any(line.startswith("docxy: error:") for line in (out + err).splitlines()), out + err
     assert "Traceback" not in out + err
-    assert_config_error(["--config", cfg])
+    assert_not_usage_error(out + err)
+    assert_not_usage_error(assert_config_error(["--config", cfg]))
+
+
+def test_check_validates_certificate_and_key_files(certs):
+    code, out, err = run_to_exit(["--check", "--cert", certs["rsa-chain.pem"], "--key", certs["rsa.key"]])
+    assert code == 0, err
+    assert "listening on" not in out + err
+    for cert, key in ((certs["garbage.pem"], certs["rsa.key"]), (certs["rsa-chain.pem"], certs["ec.key"])):
+        code, out, err = run_to_exit(["--check", "--cert", cert, "--key", key])
+        assert code == 2, (code, out, err)
+        assert any(line.startswith("docxy: error:") for line in (out + err).splitlines()), out + err
+        assert_not_usage_error(out + err)
 
 
 @pytest.mark.parametrize("source", ["password_file", "password_env"])
@@ -2410,7 +2434,7 @@ def test_upstream_credentials_start_with_access_control_or_explicit_consent(cont
 ROUTES = [
     # (request path, extra headers, fake that must get it, upstream path)
     (LIB_PATH + "?ns=ghcr.io", [], "open_registry", LIB_PATH),
-    (LIB_PATH + "?ns=internal", [], "registry_b", LIB_PATH),
+    (LIB_PATH + "?ns=internal.local", [], "registry_b", LIB_PATH),
     (LIB_PATH + "?ns=index.docker.io", [], "registry", LIB_PATH),
     ("/v2/busybox/manifests/latest?ns=docker.io", [], "registry", LIB_PATH),
     (LIB_PATH, [("Host", "ghcr.io")], "open_registry", LIB_PATH),
@@ -2419,7 +2443,7 @@ ROUTES = [
     (LIB_PATH, [("Host", "other.example:8443")], "registry_b", LIB_PATH),
     ("/v2/busybox/manifests/latest", [("Host", "registry-1.docker.io")], "registry", LIB_PATH),
     ("/v2/ghcr.io/library/busybox/manifests/latest", [], "open_registry", LIB_PATH),
-    ("/v2/internal/library/busybox/manifests/latest", [], "registry_b", LIB_PATH),
+    ("/v2/internal.local/library/busybox/manifests/latest", [], "registry_b", LIB_PATH),
     ("/v2/docker.io/busybox/manifests/latest", [], "registry", LIB_PATH),
     ("/v2/index.docker.io/library/busybox/manifests/latest", [], "registry", LIB_PATH),
     ("/v2/busybox/manifests/latest", [], "registry", LIB_PATH),
@@ -2441,9 +2465,23 @@ def test_request_routed_to_the_right_registry_and_path(path, headers, target, up
             assert fake.reqs() == [], name
 
 
+def test_dotless_custom_registry_name_routes_as_path_prefix(tmp_path, start_docxy, registry, open_registry,
+                                                            content):
+    """Rule 3: a first component equal to an enabled registry's name, with or without a dot."""
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, internal"},
+        "docker.io": {"upstream": registry.url, "library": "on"},
+        "internal": {"upstream": open_registry.url}})
+    d = start_docxy("--config", cfg)
+    r = index_request(d.port, "/v2/internal/library/busybox/manifests/latest")
+    assert r.status == 200 and r.body == content.index_bytes
+    assert manifest_paths(open_registry) == {LIB_PATH}
+    assert registry.reqs() == []
+
+
 def test_one_component_name_gets_library_only_where_the_rule_is_on(multi, registry, open_registry, registry_b):
     for path in ("/v2/busybox/manifests/latest?ns=ghcr.io", "/v2/ghcr.io/busybox/manifests/latest",
-                 "/v2/internal/busybox/manifests/latest"):
+                 "/v2/internal.local/busybox/manifests/latest"):
         index_request(multi.port, path)
     assert manifest_paths(open_registry) == {"/v2/busybox/manifests/latest"}
     assert manifest_paths(registry_b) == {"/v2/busybox/manifests/latest"}
@@ -2492,8 +2530,7 @@ def test_host_short_name_under_public_url_routes(multi_config, start_docxy, regi
     r = call(d.port, "GET", "/v2/", [("Host", "docker.mirror.example.com")])
     assert r.status == 401
     _, params = parse_challenge(r.headers["WWW-Authenticate"])
-    assert params["realm"] in ("https://mirror.example.com/auth/docker.io/token",
-                               "https://mirror.example.com/auth/token")
+    assert params["realm"] == "https://mirror.example.com/auth/token"
 
 
 HOSTILE_TARGETS = [
@@ -2542,7 +2579,7 @@ def test_unknown_host_header_goes_to_default_registry_only(host, multi, registry
 
 def test_v2_challenge_realm_names_the_routed_registry(multi, registry, registry_b, open_registry):
     base = "http://127.0.0.1:%d" % multi.port
-    for path, headers, realm_base in (("/v2/?ns=internal", [], base),
+    for path, headers, realm_base in (("/v2/?ns=internal.local", [], base),
                                       ("/v2/", [("Host", "internal.mirror.example.com")],
                                        "http://internal.mirror.example.com"),
                                       ("/v2/", [("Host", "other.example:8443")], "http://other.example:8443")):
@@ -2550,13 +2587,12 @@ def test_v2_challenge_realm_names_the_routed_registry(multi, registry, registry_
         assert r.status == 401, r
         scheme, params = parse_challenge(r.headers["WWW-Authenticate"])
         assert scheme == "Bearer"
-        assert params == {"realm": realm_base + "/auth/internal/token", "service": SERVICE_B}
+        assert params == {"realm": realm_base + "/auth/internal.local/token", "service": SERVICE_B}
     assert len(registry_b.reqs("GET", "/v2/")) == 3
     r = call(multi.port, "GET", "/v2/?ns=docker.io")
     assert r.status == 401
     _, params = parse_challenge(r.headers["WWW-Authenticate"])
-    assert params["realm"] in (base + "/auth/docker.io/token", base + "/auth/token")
-    assert params["service"] == SERVICE
+    assert params == {"realm": base + "/auth/token", "service": SERVICE}  # the default registry's stays
     r = call(multi.port, "GET", "/v2/?ns=ghcr.io")
     assert r.status == 200 and r.json() == {} and "WWW-Authenticate" not in r.headers
     assert len(registry.reqs("GET", "/v2/")) == 1 and len(open_registry.reqs("GET", "/v2/")) == 1
@@ -2564,9 +2600,9 @@ def test_v2_challenge_realm_names_the_routed_registry(multi, registry, registry_
 
 def test_token_request_through_registry_realm_reaches_its_token_server(multi, tokens, tokens_b, registry_b,
                                                                       content):
-    r = call(multi.port, "GET", "/v2/?ns=internal")
+    r = call(multi.port, "GET", "/v2/?ns=internal.local")
     realm = urllib.parse.urlsplit(parse_challenge(r.headers["WWW-Authenticate"])[1]["realm"])
-    assert realm.path == "/auth/internal/token"
+    assert realm.path == "/auth/internal.local/token"
     query = urllib.parse.urlencode([("scope", "repository:library/busybox:pull"), ("service", SERVICE_B)])
     r = call(multi.port, "GET", realm.path + "?" + query)
     assert r.status == 200, r
@@ -2577,7 +2613,7 @@ def test_token_request_through_registry_realm_reaches_its_token_server(multi, to
     assert r.body == seen[0].response
     assert tokens.reqs() == []
     token = r.json()["token"]
-    r = index_request(multi.port, LIB_PATH + "?ns=internal", bearer(token))
+    r = index_request(multi.port, LIB_PATH + "?ns=internal.local", bearer(token))
     assert r.status == 200 and r.body == content.index_bytes
     up = [q for q in registry_b.reqs() if q.path == LIB_PATH]
     assert len(up) == 1 and up[0].header("Authorization") == "Bearer " + token
@@ -2587,7 +2623,8 @@ def test_token_scope_with_registry_prefix_goes_to_that_registrys_token_server(mu
                                                                              registry_b, content):
     r = call(multi.port, "GET", "/v2/")
     realm = urllib.parse.urlsplit(parse_challenge(r.headers["WWW-Authenticate"])[1]["realm"])
-    query = urllib.parse.urlencode([("scope", "repository:internal/library/busybox:pull"), ("service", SERVICE)])
+    query = urllib.parse.urlencode([("scope", "repository:internal.local/library/busybox:pull"),
+                                    ("service", SERVICE)])
     r = call(multi.port, "GET", realm.path + "?" + query)
     assert r.status == 200, r
     seen = tokens_b.reqs("GET", "/token")
@@ -2597,7 +2634,7 @@ def test_token_scope_with_registry_prefix_goes_to_that_registrys_token_server(mu
     assert r.body == seen[0].response
     assert tokens.reqs() == []
     token = r.json()["token"]
-    r = index_request(multi.port, "/v2/internal/library/busybox/manifests/latest", bearer(token))
+    r = index_request(multi.port, "/v2/internal.local/library/busybox/manifests/latest", bearer(token))
     assert r.status == 200 and r.body == content.index_bytes
     assert [q.header("Authorization") for q in registry_b.reqs() if "/manifests/" in q.path] == ["Bearer " + token]
     # The prefix of the default registry itself, with its library/ rule.
@@ -2609,12 +2646,12 @@ def test_token_scope_with_registry_prefix_goes_to_that_registrys_token_server(mu
 
 def test_private_repository_challenge_of_prefixed_registry_leads_to_its_realm(multi, tokens, tokens_b,
                                                                              registry_b, content):
-    path = "/v2/internal/acme/private/manifests/latest"
+    path = "/v2/internal.local/acme/private/manifests/latest"
     r = call(multi.port, "GET", path, [("Accept", MT_MANIFEST)])
     assert r.status == 401, r
     scheme, params = parse_challenge(r.headers["WWW-Authenticate"])
     assert scheme == "Bearer"
-    assert params == {"realm": "http://127.0.0.1:%d/auth/internal/token" % multi.port, "service": SERVICE_B,
+    assert params == {"realm": "http://127.0.0.1:%d/auth/internal.local/token" % multi.port, "service": SERVICE_B,
                       "scope": "repository:acme/private:pull"}
     realm = urllib.parse.urlsplit(params["realm"])
     query = urllib.parse.urlencode([("scope", params["scope"]), ("service", params["service"])])
@@ -2701,12 +2738,13 @@ def test_operator_credentials_go_only_to_their_registry_and_its_realm(tmp_path, 
                                                                       tokens_b, cdn, content):
     d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), CONSENT)
     digest = content.platform["amd64"]["layers"][1]
-    for prefix in ("", "/ghcr.io", "/internal"):
+    for prefix in ("", "/ghcr.io", "/internal.local"):
         r = index_request(d.port, "/v2%s/library/busybox/manifests/latest" % prefix)
         assert r.status == 200, (prefix, r)
         r = call(d.port, "GET", "/v2%s/library/busybox/blobs/%s" % (prefix, digest))
         assert r.status == 200 and sha256_digest(r.body) == digest, prefix
-    r = call(d.port, "GET", "/auth/internal/token?service=%s&scope=repository:library/busybox:pull" % SERVICE_B)
+    r = call(d.port, "GET", "/auth/internal.local/token?service=%s&scope=repository:library/busybox:pull"
+             % SERVICE_B)
     assert r.status == 200
     assert tokens.reqs() and registry_b.reqs() and tokens_b.reqs() and open_registry.reqs()
     leaks = fakes_that_saw(ALICE_B64, "s3cret")
@@ -2725,13 +2763,14 @@ def test_operator_credentials_added_only_to_token_requests_without_authorization
     r = call(d.port, "GET", "/auth/docker.io/token?" + scope)
     assert r.status == 200, r
     assert tokens.reqs("GET", "/token")[-1].header("Authorization") == "Basic " + ALICE_B64
-    r = call(d.port, "GET", "/v2/acme/private/manifests/latest", bearer(r.json()["token"]) + [("Accept", MT_MANIFEST)])
+    r = call(d.port, "GET", "/v2/acme/private/manifests/latest",
+             bearer(r.json()["token"]) + [("Accept", MT_MANIFEST)])
     assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
     bob = basic("bob", "Bob-Pass-1234")
     r = call(d.port, "GET", "/auth/docker.io/token?" + scope, [("Authorization", bob)])
     assert r.status == 401  # the token server's verdict on bob's own credentials
     assert tokens.reqs("GET", "/token")[-1].header("Authorization") == bob
-    r = call(d.port, "GET", "/auth/internal/token?service=%s&scope=repository:acme/private:pull" % SERVICE_B)
+    r = call(d.port, "GET", "/auth/internal.local/token?service=%s&scope=repository:acme/private:pull" % SERVICE_B)
     assert r.status == 200
     assert tokens_b.reqs("GET", "/token")[-1].header("Authorization") is None
 
@@ -2793,7 +2832,8 @@ def test_client_authorization_reaches_only_the_registry_it_was_sent_to(multi, re
     r = call(multi.port, "GET", "/v2/library/busybox/blobs/%s?ns=ghcr.io" % digest, bearer(mark))
     assert r.status == 200 and sha256_digest(r.body) == digest
     carol = basic("carol", "Carol-Pass-3131")
-    r = call(multi.port, "GET", "/auth/internal/token?service=%s&scope=repository:library/busybox:pull" % SERVICE_B,
+    r = call(multi.port, "GET",
+             "/auth/internal.local/token?service=%s&scope=repository:library/busybox:pull" % SERVICE_B,
              [("Authorization", carol)])
     assert r.status == 401
     seen = {(url, where) for url, _, where in fakes_that_saw(mark, carol)}
@@ -2801,13 +2841,26 @@ def test_client_authorization_reaches_only_the_registry_it_was_sent_to(multi, re
     assert len(open_registry.reqs()) == 2 and cdn.reqs() and registry.reqs() == [] and tokens.reqs() == []
 
 
+
+def test_client_token_credentials_never_follow_a_scope_to_another_registry(multi, tokens, tokens_b):
+    """docker login mirror + docker pull mirror/internal.local/...: the login was for docker.io's realm."""
+    carol = basic("carol", "Carol-Pass-3131")
+    r = call(multi.port, "GET", "/v2/")
+    realm = urllib.parse.urlsplit(parse_challenge(r.headers["WWW-Authenticate"])[1]["realm"])
+    query = urllib.parse.urlencode([("scope", "repository:internal.local/library/busybox:pull"),
+                                    ("service", SERVICE)])
+    r = call(multi.port, "GET", realm.path + "?" + query, [("Authorization", carol)])
+    assert r.status == 200, r  # an anonymous token of internal.local's token server
+    assert len(tokens_b.reqs("GET", "/token")) == 1 and tokens.reqs() == []
+    assert fakes_that_saw(carol[len("Basic "):], "Carol-Pass-3131") == []
+
 # ==========================================================================
 # Client access control: --allow, --trusted-proxy, --users, --rate-limit
 # ==========================================================================
 
 DENIED_REQUESTS = [
     ("GET", "/v2/"), ("GET", LIB_PATH), ("HEAD", LIB_PATH), ("GET", "/v2/library/busybox/blobs/" + GOOD_DIGEST),
-    ("GET", "/v2/ghcr.io/library/busybox/tags/list"), ("GET", LIB_PATH + "?ns=internal"),
+    ("GET", "/v2/ghcr.io/library/busybox/tags/list"), ("GET", LIB_PATH + "?ns=internal.local"),
     ("GET", "/auth/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
     ("GET", "/auth/docker.io/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
     ("GET", "/nope"),
@@ -2886,13 +2939,13 @@ def test_forwarded_proto_and_host_shape_realm_only_from_trusted_proxy(multi_conf
     forwarded = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "mirror.example.com:8443")]
 
     def realm(headers, source=None):
-        r = call(d.port, "GET", "/v2/?ns=internal", headers, source=source)
+        r = call(d.port, "GET", "/v2/?ns=internal.local", headers, source=source)
         return r, parse_challenge(r.headers.get("WWW-Authenticate") or "")[1].get("realm")
 
     r, value = realm(forwarded, source="127.0.0.2")
-    assert r.status == 401 and value == "https://mirror.example.com:8443/auth/internal/token"
+    assert r.status == 401 and value == "https://mirror.example.com:8443/auth/internal.local/token"
     r, value = realm(forwarded)
-    assert r.status == 401 and value == "http://127.0.0.1:%d/auth/internal/token" % d.port
+    assert r.status == 401 and value == "http://127.0.0.1:%d/auth/internal.local/token" % d.port
     for bad in ('evil.com/"x', "evil.com@other", "evil.com:99999"):
         r, _ = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)], source="127.0.0.2")
         assert "evil.com" not in (r.headers.get("WWW-Authenticate") or ""), (bad, r.headers)
@@ -2918,6 +2971,61 @@ def test_hash_password_prints_salted_pbkdf2_sha256_hash():
     assert len(salts) == 2
 
 
+def test_hash_password_on_a_terminal_does_not_echo(tmp_path):
+    """On a tty the password is typed at a prompt (maybe twice) and never shown."""
+    password = "Tty-Secret-6620"
+    try:
+        pid, fd = pty.fork()
+    except OSError as exc:
+        pytest.skip("no pseudo-terminal: %s" % exc)
+    if pid == 0:  # the child: docxy on its own controlling terminal
+        try:
+            os.chdir(HERE)
+            os.execve(sys.executable, [sys.executable, DOCXY, "hash-password"], clean_env())
+        finally:
+            os._exit(127)
+    output, sent, start = b"", 0, time.monotonic()
+    try:
+        while time.monotonic() - start < 20 and b"pbkdf2_sha256$" not in output:
+            readable, _, _ = select.select([fd], [], [], 0.2)
+            if readable:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child has gone
+                    break
+                if not chunk:
+                    break
+                output += chunk
+                if chunk.rstrip().endswith(b":") and sent < 3:  # a prompt
+                    os.write(fd, password.encode() + b"\n")
+                    sent += 1
+            elif not sent and time.monotonic() - start > 2:  # no prompt at all
+                os.write(fd, password.encode() + b"\n")
+                sent += 1
+        while True:  # the rest, until the child closes the terminal
+            readable, _, _ = select.select([fd], [], [], 5)
+            try:
+                chunk = os.read(fd, 4096) if readable else b""
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(fd)
+        deadline = time.monotonic() + 5
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+    assert sent >= 1
+    assert password.encode() not in output, output
+    m = re.search(rb"pbkdf2_sha256\$(\d+)\$([A-Za-z0-9+/_=-]+)\$([A-Za-z0-9+/_=-]+)", output)
+    assert m, output
+    salt, digest = b64decode_any(m.group(2).decode()), b64decode_any(m.group(3).decode())
+    assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, int(m.group(1)), len(digest)) == digest
+
+
 @pytest.fixture(scope="module")
 def users_docxy(multi_config, users):
     """The many-registry mirror with --users: clients need mirror-user's (or bob's) Basic credentials."""
@@ -2934,11 +3042,12 @@ def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, t
         [], [("Authorization", basic(MIRROR_USER[0], "wrong-password"))],
         [("Authorization", basic("nobody", MIRROR_USER[1]))], [("Authorization", basic(MIRROR_USER[0], ""))],
         [("Authorization", "Basic " + ALICE_B64)],  # the upstream account is not a mirror user
-        [("Authorization", "Basic !!!not-base64")], [("Authorization", "Basic " + base64.b64encode(b"nocolon").decode())],
+        [("Authorization", "Basic !!!not-base64")],
+        [("Authorization", "Basic " + base64.b64encode(b"nocolon").decode())],
         bearer(minted), [("Authorization", "Bearer " + MIRROR_BASIC[len("Basic "):])],
     ]
     paths = ["/v2/", LIB_PATH, "/v2/library/busybox/blobs/" + content.platform["amd64"]["config"],
-             "/v2/ghcr.io/library/busybox/tags/list", LIB_PATH + "?ns=internal"]
+             "/v2/ghcr.io/library/busybox/tags/list", LIB_PATH + "?ns=internal.local"]
     for headers in refused:
         for path in paths:
             r = call(users_docxy.port, "GET", path, headers)
@@ -2977,12 +3086,12 @@ def test_users_mode_serves_valid_users_with_docxy_side_upstream_auth(users_docxy
 
 def test_users_mode_has_no_token_endpoint(users_docxy, tokens, tokens_b):
     query = "?service=%s&scope=repository:library/busybox:pull" % SERVICE
-    for path in ("/auth/token", "/auth/docker.io/token", "/auth/internal/token"):
+    for path in ("/auth/token", "/auth/docker.io/token", "/auth/internal.local/token"):
         for headers in ([], [("Authorization", MIRROR_BASIC)]):
             assert call(users_docxy.port, "GET", path + query, headers).status == 404, (path, headers)
             form = b"grant_type=password&username=alice&password=s3cret&service=registry.docker.io"
-            r = call(users_docxy.port, "POST", path, headers + [("Content-Type", "application/x-www-form-urlencoded")],
-                     body=form)
+            r = call(users_docxy.port, "POST", path,
+                     headers + [("Content-Type", "application/x-www-form-urlencoded")], body=form)
             assert r.status == 404, (path, headers, r)
     assert upstream_requests() == []
 
@@ -3108,7 +3217,8 @@ def test_https_proxy_tunnels_tls_upstream_with_connect(proxy, start_docxy, tls_r
     r = call(d.port, "HEAD", "/v2/library/busybox/manifests/1.36", [("Accept", MT_INDEX)])
     assert r.status == 200 and r.headers["Docker-Content-Digest"] == content.index_digest
     seen = proxy.reqs()
-    assert seen and all(q.method == "CONNECT" and q.target == "127.0.0.1:%d" % tls_registry.port for q in seen), seen
+    tunnel = "127.0.0.1:%d" % tls_registry.port
+    assert seen and all(q.method == "CONNECT" and q.target == tunnel for q in seen), seen
     assert all(q.header("Proxy-Authorization") == proxy.auth for q in seen)
     assert len(tls_registry.reqs(prefix="/v2/library/busybox/manifests/")) == 2
     assert_no_proxy_secret(d)
@@ -3185,6 +3295,8 @@ def test_ipv4_only_never_connects_to_an_ipv6_literal_upstream(tmp_path, start_do
         code, out, err = run_to_exit(["--check", "--config", cfg, "--ipv4-only"])
         if code == 2:  # refusing the contradiction at start-up is fine too
             assert any(line.startswith("docxy: error:") for line in err.splitlines()), err
+            assert_not_usage_error(err)
+            assert re.search(r"ipv4|ipv6", err, re.I), err
             return
         assert code == 0, err
         d = start_docxy("--config", cfg, "--ipv4-only")
