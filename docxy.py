@@ -222,41 +222,72 @@ def read_ini(path):
 
 
 def check_config(config, sections, environ):
-    """Validate and normalise the settings; every problem is a ConfigError."""
-    if config.public_url:
-        config.public_url = origin_url(parse_origin(config.public_url, "--public-url"))
+    """Validate and normalise the settings. Every problem is reported, one line each."""
+    problems = []
+    for check in (check_addresses, check_tls, check_redirect, check_numbers, check_networks, check_users, check_registries):
+        try:
+            check(config, sections, environ)
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def check_tls(config, sections, environ):
+    config.tls = None
     if bool(config.cert) != bool(config.key):
         raise ConfigError("--cert and --key go together")
-    config.tls = server_tls_context(config.cert, config.key) if config.cert else None
-    default_listen = "0.0.0.0:443" if config.tls else "0.0.0.0:5000"
-    config.listen = [parse_address(a, "--listen") for a in (config.listen or [default_listen])]
+    if config.cert:
+        config.tls = server_tls_context(config.cert, config.key)
+
+
+def check_redirect(config, sections, environ):
     if config.http_redirect:
-        if not config.tls:
+        if not config.cert:
             raise ConfigError("--http-redirect needs --cert and --key (it redirects to HTTPS)")
         config.http_redirect = parse_address(config.http_redirect, "--http-redirect")
+
+
+def check_addresses(config, sections, environ):
+    if config.public_url:
+        config.public_url = origin_url(parse_origin(config.public_url, "--public-url"))
+    default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
+    config.listen = [parse_address(a, "--listen") for a in (config.listen or [default_listen])]
+
+
+def check_numbers(config, sections, environ):
     for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     if config.max_connections < 1:
         raise ConfigError("--max-connections must be at least 1")
+    if config.tag_ttl < 0:
+        raise ConfigError("--tag-ttl must not be negative")
+    config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
+    config.cache_max_size = parse_size(config.cache_max_size) if config.cache_max_size else None
+
+
+def check_networks(config, sections, environ):
     config.allow = [parse_network(text, "--allow") for text in config.allow or []]
     config.trusted_proxy = [parse_network(text, "--trusted-proxy") for text in config.trusted_proxy or []]
     config.metrics_allow = [parse_network(text, "--metrics-allow")
                             for text in config.metrics_allow or ["127.0.0.0/8", "::1/128"]]
     if config.acme_webroot and not os.path.isdir(config.acme_webroot):
         raise ConfigError("--acme-webroot %s is not a directory" % config.acme_webroot)
-    config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
-    config.cache_max_size = parse_size(config.cache_max_size) if config.cache_max_size else None
-    if config.tag_ttl < 0:
-        raise ConfigError("--tag-ttl must not be negative")
+
+
+def check_users(config, sections, environ):
     config.users = read_users(config.users) if config.users else None
+
+
+def check_registries(config, sections, environ):
     config.registries, config.default_registry = build_registries(config, sections, environ)
     shared = [r.name for r in config.registries.values() if r.username]
     if shared and not (config.allow or config.users or config.i_understand_credentials_are_shared):
         raise ConfigError(
             "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
             "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
-    return config
 
 
 def build_registries(config, sections, environ):
@@ -726,6 +757,7 @@ def format_challenge(scheme, params):
 # ---------------------------------------------------------------- cache
 
 TAG_RECORD_VERSION = 1
+PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
 STALE_WARNING = '110 - "Response is Stale"'
 
 
@@ -733,8 +765,9 @@ class Fill:
     """An object being downloaded into the cache. Other clients asking for it read the
     growing file instead of asking upstream again; the last byte only once it is verified."""
 
-    def __init__(self, path, handle):
-        self.path, self.handle = path, handle
+    def __init__(self, path, descriptor):
+        # Written with os.write, unbuffered: `written` must count bytes that readers can see.
+        self.path, self.descriptor = path, descriptor
         self.length = None          # the upstream's Content-Length, once its headers arrived
         self.media_type = None
         self.written = 0
@@ -849,25 +882,25 @@ class Cache:
             except OSError as error:
                 self.pause(error)
                 return None, False
-            fill = self.fills[digest] = Fill(path, os.fdopen(descriptor, "wb"))
+            fill = self.fills[digest] = Fill(path, descriptor)
             self.busy[digest] += 1
             return fill, True
 
     def finish_fill(self, digest, fill, verified):
         """Commit a verified download (fsync, atomic rename) or discard it."""
-        committed = verified and fill.handle is not None
+        committed = verified and fill.descriptor is not None
         try:
             if committed:
-                fill.handle.flush()
-                os.fsync(fill.handle.fileno())
+                os.fsync(fill.descriptor)
                 os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
                 os.rename(fill.path, self.path(digest))
         except OSError as error:
             committed = False
             self.pause(error)
         finally:
-            if fill.handle:
-                fill.handle.close()
+            if fill.descriptor is not None:
+                os.close(fill.descriptor)
+                fill.descriptor = None
             if not committed:
                 try:
                     os.unlink(fill.path)
@@ -888,15 +921,17 @@ class Cache:
 
     def write(self, fill, data):
         """Append to a download; a full or read-only disk pauses caching, never the transfer."""
-        if not fill.handle:
+        if fill.descriptor is None:
             return
         try:
-            fill.handle.write(data)
-            fill.update(written=fill.written + len(data))
+            done = 0
+            while done < len(data):
+                done += os.write(fill.descriptor, data[done:])
+            fill.update(written=fill.written + done)
         except OSError as error:
             self.pause(error)
-            fill.handle.close()
-            fill.handle = None
+            os.close(fill.descriptor)
+            fill.descriptor = None
             fill.update(state="failed")
 
     def pause(self, error):
@@ -1489,7 +1524,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         registry, _ = self.registry_for(query)
         cache = self.mirror.cache
         asked = cache and cache.pings.get(registry.name)
-        if asked and time.monotonic() - asked < cache.tag_ttl:
+        if asked and time.monotonic() - asked < PING_MEMORY:
             self.cache_status = "hit"
             return self.send_ping(registry)
         try:
@@ -1626,7 +1661,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return self.relay(registry, "GET", url, headers, verify=digest,
                               scope=None if "Authorization" in headers else "repository:%s:pull" % name)
         if not leader:
-            return self.follow_fill(fill, digest, kind, media_type)
+            return self.follow_fill(fill, digest, kind, media_type, lambda: self.relay(
+                registry, "GET", url, headers, verify=digest,
+                scope=None if "Authorization" in headers else "repository:%s:pull" % name))
         verified = False
         try:
             cache.stats["misses"] += 1
@@ -1651,17 +1688,27 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return False
         return self.send_upstream(registry, "GET", exchange, False, digest, fill=fill, media_type=media_type)
 
-    def follow_fill(self, fill, digest, kind, media_type):
-        """Serve a download another client started, from the file as it grows."""
+    def follow_fill(self, fill, digest, kind, media_type, pass_through):
+        """Serve a download another client started, from the file as it grows. If it fails
+        before it began (content docxy's own login may not read), fetch it as this client."""
         cache = self.mirror.cache
         cache.stats["coalesced"] += 1
         self.cache_status = "coalesced"
         timeout = self.mirror.config.upstream_timeout
         try:
-            with open(fill.path, "rb") as handle:
+            handle = open(fill.path, "rb")
+        except OSError:     # committed (renamed) a moment ago, or discarded
+            cache.release(digest)
+            hit = cache.open(digest)
+            if not hit:
+                raise UpstreamError(502, "the upstream download this request waited for failed", digest)
+            return self.send_cached(hit, digest, kind, media_type, "hit")
+        try:
+            with handle:
                 _, state, length = fill.wait(lambda f: f.length is not None, timeout)
                 if state == "failed" or length is None:
-                    raise UpstreamError(502, "the upstream download this request waited for failed", digest)
+                    self.cache_status = "-"
+                    return pass_through()
                 self.send_object_headers(200, digest, kind, media_type or fill.media_type, length)
                 sent = 0
                 while sent < length:
@@ -1760,8 +1807,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     def send_file(self, handle, offset, count):
         """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
         if not self.server.tls_context:
-            self.connection.sendfile(handle, offset, count)
-            self.sent += count
+            sent = self.connection.sendfile(handle, offset, count)
+            self.sent += sent
+            if sent != count:
+                raise OSError("cached object shorter than expected")
             return
         handle.seek(offset)
         buffer = bytearray(min(CHUNK, max(count, 1)))
@@ -2134,7 +2183,8 @@ STATUS_PAGE = """<!doctype html>
 <style>
 body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:46rem;padding:1rem;color:#222}
 h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.1rem;margin-top:1.6rem}
-pre{background:#f4f4f4;padding:.7rem;overflow-x:auto;border-radius:4px;font-size:.85rem}
+pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-space:pre-wrap;overflow-wrap:anywhere}
+code{overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
 .figures{display:flex;flex-wrap:wrap;gap:.5rem}.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;flex:1 1 8rem}
 .figures b{display:block;font-size:1.3rem}small{color:#666}
@@ -2146,7 +2196,9 @@ Point your container runtime at it; pulls then come through here%(login)s.</p>
 <div><b>%(sent)s</b>sent</div>%(cache_figures)s</div>
 <h2>Registries</h2><table><tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table>
 <h2>Docker</h2><p><code>/etc/docker/daemon.json</code> (Docker Hub images), then restart Docker:</p>
-<pre>{"registry-mirrors": ["%(url)s"]%(insecure)s}</pre>
+<pre>{
+  "registry-mirrors": ["%(url)s"]%(insecure)s
+}</pre>
 <p>Or pull straight from the mirror:</p><pre>docker pull %(host)s/library/busybox
 docker pull %(host)s/%(other)s/owner/image:tag</pre>
 <h2>containerd and Kubernetes nodes</h2><p><code>/etc/containerd/certs.d/docker.io/hosts.toml</code> on each node
@@ -2175,7 +2227,7 @@ def status_page(figures, mirror):
         "<div><b>%s</b>cache of %s</div><div><b>%.0f%%%%</b>cache hits</div>"
         % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]), cache["hit_ratio"] * 100))
     rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
-        escape(r["name"]), escape(r["upstream"]), "" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
+        escape(r["name"]), escape(r["upstream"]), "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
         for r in figures["registries"])
     others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
     return (STATUS_PAGE % {
@@ -2185,7 +2237,7 @@ def status_page(figures, mirror):
                                    figures["uptime_seconds"] // 60 % 60),
         "requests": figures["requests"], "sent": human_bytes(figures["bytes_sent"]),
         "cache_figures": cache_figures, "registries": rows, "other": escape(others[0] if others else "ghcr.io"),
-        "insecure": ', "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
+        "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
         "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
     }).replace("%%", "%")
 
@@ -2589,7 +2641,8 @@ def main(argv=None):
         mirror = Mirror(config)
         listeners = open_listeners(mirror)
     except ConfigError as error:
-        print("docxy: error: %s" % error, file=sys.stderr)
+        for line in str(error).splitlines():
+            print("docxy: error: %s" % line, file=sys.stderr)
         return 2
     except OSError as error:
         print("docxy: error: cannot listen: %s" % (error.strerror or error), file=sys.stderr)
