@@ -1616,7 +1616,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if "Authorization" not in headers and target.username:
             # The operator's account lends pulls, nothing more: no push, delete or catalog token.
             headers["Authorization"] = basic_authorization(target)
-            scoped = [(key, pull_only(value)) for key, value in scoped if key != "scope" or pull_only(value)]
+            scoped = [(key, pull_only(value) if key == "scope" else value) for key, value in scoped
+                      if key != "scope" or pull_only(value)]
         realm = challenge["realm"]
         if self.command == "POST":
             body = urllib.parse.urlencode(scoped).encode()
