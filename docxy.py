@@ -1,27 +1,36 @@
 #!/usr/bin/env python3
-"""docxy: a Docker registry mirror in one file, with no dependencies.
+"""docxy: a container registry mirror in one file, with no dependencies.
 
-Copy this file onto a server that can reach Docker Hub (or any Registry-v2
-upstream), run it, and point Docker, containerd, podman or Kubernetes nodes at
-it. It speaks the registry protocol to clients and forwards every pull to the
-upstream: token challenges are re-pointed at the mirror, blob redirects to the
-upstream's CDN are followed by the mirror itself, and bodies are streamed in
-fixed-size chunks, verified against the digest the client asked for.
+Copy this file onto a server that can reach the registries, run it, and point
+Docker, containerd, podman or Kubernetes nodes at it. It speaks the registry
+protocol (pull side) to clients and forwards each pull to the registry it is
+for: Docker Hub and the other public registries, or any Registry-v2 server of
+your own. Token challenges are re-pointed at the mirror, blob redirects to a
+CDN are followed by the mirror itself, and every body is streamed in
+fixed-size chunks and checked against the digest the client asked for. With
+--cache-dir it keeps what it fetched, so the second pull costs the upstream
+nothing and a pull still works while the upstream is down.
 
-    python3 docxy.py                                # Docker Hub mirror on http://0.0.0.0:5000
-    python3 docxy.py --cert fullchain.pem --key privkey.pem   # HTTPS on :443
-    python3 docxy.py --help                         # every flag (each also DOCXY_<FLAG>)
+    python3 docxy.py                                   # Docker Hub mirror on http://0.0.0.0:5000
+    python3 docxy.py --cert fullchain.pem --key privkey.pem --cache-dir /var/lib/docxy
+    python3 docxy.py --config /etc/docxy/docxy.ini     # registries, credentials, access rules
+    python3 docxy.py --help                            # every flag (each also DOCXY_<FLAG>)
+    python3 docxy.py hash-password                     # a line for --users
+    python3 docxy.py prefetch busybox:latest --cache-dir DIR   # warm the cache
 
 Then, on each Docker host, /etc/docker/daemon.json:
 
     {"registry-mirrors": ["https://mirror.example.com"]}
 
-Python 3.8+, standard library only.
+Python 3.8+, standard library only. The code follows a request: configuration,
+registry names and validation, the upstream client, the cache, shared state,
+the request handler, and the server.
 """
 
+
 import argparse
-import collections
 import base64
+import collections
 import configparser
 import hashlib
 import hmac
@@ -524,6 +533,26 @@ def clean_query(query, grammar):
 HOST_HEADER = re.compile(
     r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+
+
+def login_scope(headers, name):
+    """With no credentials from the client, docxy logs in upstream itself, for this scope."""
+    return None if "Authorization" in headers else "repository:%s:pull" % name
+
+
+def pull_only(scope):
+    """A repository scope cut down to pull; None for a scope that grants no pull."""
+    named = split_scope(scope)
+    if not named or "pull" not in named[1].split(","):
+        return None
+    return "repository:%s:pull" % named[0]
+
+
+def split_scope(scope):
+    """'repository:NAME:ACTIONS' -> (NAME, ACTIONS); None for any other scope."""
+    kind, _, rest = scope.partition(":")
+    name, _, actions = rest.rpartition(":")
+    return (name, actions) if kind == "repository" and name else None
 
 
 def valid_host_header(value):
@@ -1300,21 +1329,6 @@ def basic_authorization(registry):
     return "Basic " + base64.b64encode(login.encode()).decode()
 
 
-def pull_only(scope):
-    """A repository scope cut down to pull; None for a scope that grants no pull."""
-    named = split_scope(scope)
-    if not named or "pull" not in named[1].split(","):
-        return None
-    return "repository:%s:pull" % named[0]
-
-
-def split_scope(scope):
-    """'repository:NAME:ACTIONS' -> (NAME, ACTIONS); None for any other scope."""
-    kind, _, rest = scope.partition(":")
-    name, _, actions = rest.rpartition(":")
-    return (name, actions) if kind == "repository" and name else None
-
-
 # ---------------------------------------------------------------- logging
 
 LOG_LOCK = threading.Lock()
@@ -1558,7 +1572,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                                     {"retry_after": wait}, [("Retry-After", str(wait))])
         verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
         headers = self.forward_headers()
-        scope = None if "Authorization" in headers else "repository:%s:pull" % name
+        scope = login_scope(headers, name)
         url = origin_url(registry.upstream) + upstream_path
         if self.mirror.cache and verify:
             return self.serve_object(registry, url, name, kind, verify, headers)
@@ -1654,17 +1668,17 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         hit = cache.open(digest)
         if hit:
             return self.send_cached(hit, digest, kind, media_type, "hit")
+
+        def pass_through():     # uncached, as the core proxy does
+            return self.relay(registry, self.command, url, headers, verify=digest, scope=login_scope(headers, name))
+
         if self.command == "HEAD" or "Range" in headers:
-            scope = None if "Authorization" in headers else "repository:%s:pull" % name
-            return self.relay(registry, self.command, url, headers, verify=digest, scope=scope)
+            return pass_through()
         fill, leader = cache.start_fill(digest)
         if fill is None:
-            return self.relay(registry, "GET", url, headers, verify=digest,
-                              scope=None if "Authorization" in headers else "repository:%s:pull" % name)
+            return pass_through()
         if not leader:
-            return self.follow_fill(fill, digest, kind, media_type, lambda: self.relay(
-                registry, "GET", url, headers, verify=digest,
-                scope=None if "Authorization" in headers else "repository:%s:pull" % name))
+            return self.follow_fill(fill, digest, kind, media_type, pass_through)
         verified = False
         try:
             cache.stats["misses"] += 1
@@ -1752,8 +1766,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 elif record and (response.status == 429 or response.status >= 500):
                     status = "stale"
                 else:   # unknown, or readable only with the client's own credentials: not shared
-                    scope = None if "Authorization" in headers else "repository:%s:pull" % name
-                    return self.relay(registry, self.command, url, headers, scope=scope)
+                    return self.relay(registry, self.command, url, headers, scope=login_scope(headers, name))
         cache.stats["tag_" + status] += 1
         self.cache_status = status
         if self.command == "HEAD":
