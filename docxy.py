@@ -1870,7 +1870,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(token, str) or not token:
             return None
         authorization = Secret("Bearer " + token)
-        self.mirror.tokens.put((registry.name, scope), authorization, max(5.0, min(lifetime, 3600) - 10))
+        lifetime = min(max(lifetime, 0.0), 3600.0)     # kept a little less long than it lives
+        self.mirror.tokens.put((registry.name, scope), authorization, lifetime - min(10.0, lifetime * 0.1))
         return authorization
 
     # -- relaying an upstream response

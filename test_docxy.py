@@ -30,6 +30,7 @@ import json
 import os
 import pty
 import re
+import resource
 import select
 import shutil
 import signal
@@ -2465,18 +2466,22 @@ def test_request_routed_to_the_right_registry_and_path(path, headers, target, up
             assert fake.reqs() == [], name
 
 
-def test_dotless_custom_registry_name_routes_as_path_prefix(tmp_path, start_docxy, registry, open_registry,
-                                                            content):
-    """Rule 3: a first component equal to an enabled registry's name, with or without a dot."""
+def test_dotless_custom_registry_is_reached_by_ns_but_is_no_path_prefix(tmp_path, start_docxy, registry,
+                                                                       open_registry, content):
+    """Docker's reference rule: /v2/internal/... is the Docker Hub repository internal/..., even with an
+    enabled [internal]; that registry is reached by ?ns= (and Host) only."""
     cfg = write_config(tmp_path / "docxy.ini", {
         "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, internal"},
         "docker.io": {"upstream": registry.url, "library": "on"},
         "internal": {"upstream": open_registry.url}})
     d = start_docxy("--config", cfg)
     r = index_request(d.port, "/v2/internal/library/busybox/manifests/latest")
+    assert r.status == 404  # the Docker-Hub-like fake has no internal/library/busybox
+    assert manifest_paths(registry) == {"/v2/internal/library/busybox/manifests/latest"}
+    assert open_registry.reqs() == []
+    r = index_request(d.port, LIB_PATH + "?ns=internal")
     assert r.status == 200 and r.body == content.index_bytes
     assert manifest_paths(open_registry) == {LIB_PATH}
-    assert registry.reqs() == []
 
 
 def test_one_component_name_gets_library_only_where_the_rule_is_on(multi, registry, open_registry, registry_b):
@@ -2733,6 +2738,19 @@ def test_private_repository_readable_with_operator_credentials_only(tmp_path, mu
     assert tokens.reqs() and all(q.header("Authorization") is None for q in tokens.reqs())
 
 
+def test_dockerd_style_pull_uses_operator_credentials(tmp_path, start_docxy, registry, open_registry, registry_b,
+                                                     tokens, cdn, content):
+    """dockerd with registry-mirrors: /v2/ challenge, anonymous /auth/token, then Bearer pulls."""
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b),
+                    "--allow", "127.0.0.1/32")
+    index_digest, fetched = pull_like_dockerd(d.port)
+    assert index_digest == content.index_digest and len(fetched) == 5
+    seen = tokens.reqs("GET", "/token")
+    assert len(seen) == 1 and seen[0].header("Authorization") == "Basic " + ALICE_B64
+    assert seen[0].params() == {"scope": ["repository:library/busybox:pull"], "service": [SERVICE]}
+    assert cdn.reqs() and all(q.header("Authorization") is None for q in cdn.reqs())
+
+
 def test_operator_credentials_go_only_to_their_registry_and_its_realm(tmp_path, start_docxy, registry,
                                                                       open_registry, registry_b, tokens,
                                                                       tokens_b, cdn, content):
@@ -2752,6 +2770,9 @@ def test_operator_credentials_go_only_to_their_registry_and_its_realm(tmp_path, 
     assert all(q.header("Authorization") is None for q in tokens_b.reqs() + open_registry.reqs() + cdn.reqs())
     log = d.log()
     assert "s3cret" not in log and ALICE_B64 not in log and "Basic " not in log
+    for page in ("/", "/metrics", "/health"):  # status pages, whatever they show
+        r = call(d.port, "GET", page)
+        assert b"s3cret" not in r.body and ALICE_B64.encode() not in r.body, page
 
 
 def test_operator_credentials_added_only_to_token_requests_without_authorization(tmp_path, start_docxy, registry,
@@ -2773,6 +2794,24 @@ def test_operator_credentials_added_only_to_token_requests_without_authorization
     r = call(d.port, "GET", "/auth/internal.local/token?service=%s&scope=repository:acme/private:pull" % SERVICE_B)
     assert r.status == 200
     assert tokens_b.reqs("GET", "/token")[-1].header("Authorization") is None
+
+
+def test_operator_credentials_only_ever_request_pull_scopes(tmp_path, start_docxy, registry, open_registry,
+                                                           registry_b, tokens):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), CONSENT)
+    call(d.port, "GET", "/v2/")
+    query = urllib.parse.urlencode([("service", SERVICE), ("scope", "repository:acme/private:pull,push"),
+                                    ("scope", "repository:library/busybox:push"), ("scope", "registry:catalog:*")])
+    r = call(d.port, "GET", "/auth/docker.io/token?" + query)
+    seen = tokens.reqs("GET", "/token")[-1]
+    assert seen.header("Authorization") == "Basic " + ALICE_B64
+    assert seen.params()["scope"] == ["repository:acme/private:pull"]
+    assert r.status == 200, r
+    # A client's own credentials buy whatever it asks for: passed through untouched.
+    query = urllib.parse.urlencode([("service", SERVICE), ("scope", "repository:acme/private:pull,push")])
+    r = call(d.port, "GET", "/auth/docker.io/token?" + query, [("Authorization", "Basic " + ALICE_B64)])
+    assert r.status == 200
+    assert tokens.reqs("GET", "/token")[-1].params()["scope"] == ["repository:acme/private:pull,push"]
 
 
 def test_basic_challenge_passes_through_unchanged_without_operator_credentials(tmp_path, start_docxy,
@@ -2863,7 +2902,7 @@ DENIED_REQUESTS = [
     ("GET", "/v2/ghcr.io/library/busybox/tags/list"), ("GET", LIB_PATH + "?ns=internal.local"),
     ("GET", "/auth/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
     ("GET", "/auth/docker.io/token?service=registry.docker.io&scope=repository:library/busybox:pull"),
-    ("GET", "/nope"),
+    ("GET", "/nope"), ("GET", "/"),  # (/metrics has its own --metrics-allow, issue 5)
 ]
 
 
@@ -2971,7 +3010,7 @@ def test_hash_password_prints_salted_pbkdf2_sha256_hash():
     assert len(salts) == 2
 
 
-def test_hash_password_on_a_terminal_does_not_echo(tmp_path):
+def test_hash_password_on_a_terminal_does_not_echo():
     """On a tty the password is typed at a prompt (maybe twice) and never shown."""
     password = "Tty-Secret-6620"
     try:
@@ -3305,6 +3344,562 @@ def test_ipv4_only_never_connects_to_an_ipv6_literal_upstream(tmp_path, start_do
         assert index_request(d.port, LIB_PATH).status == 200
     finally:
         v6.close()
+
+
+# ==========================================================================
+# Pull-through cache (--cache-dir)
+# ==========================================================================
+
+CACHE_HIT_LINE = r'^docxy: 127\.0\.0\.1 "GET /v2/library/busybox/%s/%s" 200 \d+B .* cache=(\S+)$'
+
+
+def cached_docxy(start_docxy, registry, cache_dir, *extra, **kwargs):
+    """A docxy in front of the fake Docker Hub with its cache in `cache_dir`."""
+    return start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
+                       "--upstream-timeout", "5", "--cache-dir", str(cache_dir), *extra, **kwargs)
+
+
+def cached_objects(cache_dir):
+    """digest -> size of every file under objects/ (layout objects/<algorithm>/<xx>/<hex>)."""
+    found = {}
+    for folder, _, names in os.walk(os.path.join(str(cache_dir), "objects")):
+        algorithm = os.path.basename(os.path.dirname(folder))
+        for name in names:
+            found["%s:%s" % (algorithm, name)] = os.path.getsize(os.path.join(folder, name))
+    return found
+
+
+def assert_cache_verified(cache_dir):
+    """Every committed object's bytes hash to the digest it is filed under."""
+    objects = cached_objects(cache_dir)
+    for digest in objects:
+        algorithm, hexdigest = digest.split(":")
+        with open(os.path.join(str(cache_dir), "objects", algorithm, hexdigest[:2], hexdigest), "rb") as f:
+            assert hashlib.new(algorithm, f.read()).hexdigest() == hexdigest, "corrupt object " + digest
+    return objects
+
+
+def wait_until(predicate, timeout=5, what="condition"):
+    """Commit (fsync, rename) and eviction follow the last byte sent: poll briefly for them."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.02)
+
+
+def wait_cached(cache_dir, digests, timeout=5):
+    wait_until(lambda: set(digests) <= set(cached_objects(cache_dir)), timeout, "%s in the cache" % digests)
+
+
+def tmp_files(cache_dir):
+    return os.listdir(os.path.join(str(cache_dir), "tmp"))
+
+
+def authorized(requests):
+    """The requests that carried a login: docxy's first try of a scope is a 401 without one."""
+    return [r for r in requests if r.header("Authorization")]
+
+
+def content_requests(fake):
+    """Requests for manifests or blobs (anything but the /v2/ version check)."""
+    return [r for r in fake.reqs() if r.path != "/v2/"]
+
+
+def amd64_digests(content):
+    amd = content.platform["amd64"]
+    return [content.index_digest, amd["manifest"], amd["config"]] + amd["layers"]
+
+
+def kind_of(content, digest):
+    """Where a digest of the busybox amd64 pull lives: manifests or blobs."""
+    return "manifests" if digest in (content.index_digest, content.platform["amd64"]["manifest"]) else "blobs"
+
+
+def get_blob(port, digest, headers=(), repo="busybox"):
+    return call(port, "GET", "/v2/%s/blobs/%s" % (repo, digest), list(headers), timeout=15)
+
+
+def pull_from(port, auth=(), repo="library/busybox", arch="amd64", tag="latest"):
+    """The manifest and blob requests of a pull (no token dance), digests verified; the responses."""
+    accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+    head = call(port, "HEAD", "/v2/%s/manifests/%s" % (repo, tag), list(auth) + accept)
+    assert head.status == 200 and head.body == b"", head
+    responses = [head]
+
+    def get(kind, digest):
+        r = call(port, "GET", "/v2/%s/%s/%s" % (repo, kind, digest), list(auth) + accept)
+        assert r.status == 200, r
+        assert sha256_digest(r.body) == digest
+        responses.append(r)
+        return r.body
+
+    index = json.loads(get("manifests", head.headers["Docker-Content-Digest"]))
+    chosen = [m for m in index["manifests"] if m["platform"] == {"architecture": arch, "os": "linux"}]
+    manifest = json.loads(get("manifests", chosen[0]["digest"]))
+    for blob in [manifest["config"]] + manifest["layers"]:
+        get("blobs", blob["digest"])
+    return responses
+
+
+def test_without_cache_dir_nothing_is_cached_and_every_pull_goes_upstream(start_docxy, registry, cdn, content,
+                                                                          tmp_path):
+    home = tmp_path / "home"
+    scratch = tmp_path / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    env = {"HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache")}
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on", env=env)
+    layers = content.platform["amd64"]["layers"]
+    for _ in range(2):
+        clear_fakes()
+        pull_like_dockerd(d.port)
+        assert sorted(r.path.rsplit("/", 1)[1] for r in cdn.reqs("GET")) == sorted(
+            [content.platform["amd64"]["config"]] + layers)
+        assert len(registry.reqs("HEAD", "/v2/library/busybox/manifests/latest")) == 1
+    r = call(d.port, "GET", "/v2/busybox/blobs/" + layers[0])
+    assert r.status == 200 and "X-Docxy-Cache" not in r.headers
+    assert os.listdir(str(home)) == [] and os.listdir(str(scratch)) == []
+    assert " cache=" not in d.log() and "cache " not in d.log()
+
+
+def test_second_pull_within_tag_ttl_makes_no_registry_or_cdn_request(start_docxy, registry, cdn, content, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    index_digest, first = pull_like_dockerd(d.port)
+    assert index_digest == content.index_digest
+    wait_cached(tmp_path / "cache", amd64_digests(content))
+    clear_fakes()
+    _, second = pull_like_dockerd(d.port)
+    assert second == first
+    assert registry.reqs() == [] and cdn.reqs() == []
+    # Another client, asking without a token at all, is served from the cache too.
+    responses = pull_from(d.port)
+    assert [r.headers["X-Docxy-Cache"] for r in responses] == ["hit"] * len(responses)
+    assert registry.reqs() == [] and cdn.reqs() == []
+    for digest in second:
+        statuses = [m.group(1) for m in d.wait_for(re.compile(CACHE_HIT_LINE % (kind_of(content, digest), digest)), 3)]
+        assert statuses == ["miss", "hit", "hit"], (digest, statuses)
+
+
+def test_after_tag_ttl_one_head_per_tag_and_no_get_when_tag_did_not_move(start_docxy, registry, cdn, content,
+                                                                          tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--tag-ttl", "1")
+    pull_like_dockerd(d.port)
+    wait_cached(tmp_path / "cache", amd64_digests(content))
+    time.sleep(1.2)
+    clear_fakes()
+    _, fetched = pull_like_dockerd(d.port)
+    assert set(fetched) == set(amd64_digests(content))
+    assert [(r.method, r.path) for r in content_requests(registry)] == [
+        ("HEAD", "/v2/library/busybox/manifests/latest")]
+    assert cdn.reqs() == []
+    # The issue's measured outcome says 0 GETs upstream after the TTL, the /v2/ check included.
+    assert registry.reqs("GET") == [], "GETs at the registry after the TTL: %s" % registry.reqs("GET")
+
+
+def test_after_tag_ttl_a_moved_tag_serves_the_new_manifest(start_docxy, registry, cdn, content, tmp_path):
+    busybox = content.repos["library/busybox"]
+    index = json.loads(content.index_bytes)
+    old = content.add_manifest(busybox, dict(index, annotations={"build": "1"}), tags=("moving",))
+    new = content.add_manifest(busybox, dict(index, annotations={"build": "2"}))
+    try:
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--tag-ttl", "1")
+        path = "/v2/library/busybox/manifests/moving"
+        accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+        r = call(d.port, "GET", path, accept)
+        assert r.status == 200 and sha256_digest(r.body) == old["digest"]
+        busybox["tags"]["moving"] = new["digest"]
+        r = call(d.port, "GET", path, accept)
+        assert sha256_digest(r.body) == old["digest"], "the tag was revalidated before --tag-ttl passed"
+        time.sleep(1.2)
+        clear_fakes()
+        r = call(d.port, "GET", path, accept)
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == new["digest"]
+        assert sha256_digest(r.body) == new["digest"]
+        assert [(q.method, q.path) for q in content_requests(registry)] == [
+            ("HEAD", path), ("GET", "/v2/library/busybox/manifests/" + new["digest"])]
+        clear_fakes()
+        r = call(d.port, "HEAD", path, accept)
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == new["digest"]
+        assert content_requests(registry) == []
+    finally:
+        del busybox["tags"]["moving"]   # tags/list tests expect the fixed set
+
+
+def read_blob(port, digest, headers=(), timeout=5, repo="busybox"):
+    """GET a blob; (status, X-Docxy-Cache, bytes received, error or None): a stalled body is reported, not raised."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    body, error, resp = b"", None, None
+    try:
+        conn.request("GET", "/v2/%s/blobs/%s" % (repo, digest), headers=dict(headers))
+        resp = conn.getresponse()
+        while True:
+            chunk = resp.read1(1 * MIB)
+            if not chunk:
+                break
+            body += chunk
+    except (OSError, http.client.HTTPException) as exc:
+        error = repr(exc)
+    finally:
+        conn.close()
+    return (resp and resp.status, resp and resp.getheader("X-Docxy-Cache"), body, error)
+
+
+def test_eight_concurrent_clients_cause_one_upstream_fetch_of_a_blob(start_docxy, registry, cdn, content, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    token = get_token(d.port, "repository:library/busybox:pull")
+    other = content.add_blob(content.repos["library/busybox"], os.urandom(8 * MIB))["digest"]
+    for digest in (content.big_digest, other):     # two rounds: a race is more likely to show
+        clear_fakes()
+        barrier = threading.Barrier(8)
+        results = [None] * 8
+
+        def pull(i):
+            barrier.wait(10)
+            results[i] = read_blob(d.port, digest, bearer(token))
+
+        threads = [threading.Thread(target=pull, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        got = [(r[0], r[1], len(r[2]), r[3]) if r else None for r in results]
+        intact = [bool(r) and r[0] == 200 and r[3] is None and sha256_digest(r[2]) == digest for r in results]
+        assert intact == [True] * 8, got
+        assert len(cdn.reqs("GET", "/blobs/" + digest)) == 1
+        assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+        statuses = sorted(r[1] for r in results)
+        assert statuses.count("miss") == 1 and "coalesced" in statuses, statuses
+        assert set(statuses) <= {"miss", "coalesced", "hit"}, statuses
+
+
+def test_miss_streams_to_the_client_and_a_coalesced_client_reads_the_growing_file(start_docxy, registry, content,
+                                                                                   tmp_path):
+    digest, data = content.special["slow"]
+    quarter = len(data) // 4
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    first = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
+    try:
+        first.request("GET", "/v2/busybox/blobs/" + digest)
+        leader = first.getresponse()
+        assert leader.status == 200 and leader.getheader("X-Docxy-Cache") == "miss"
+        assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+        # The upstream now holds the second half back: what arrives comes as it arrived.
+        assert leader.read(quarter) == data[:quarter]
+        second.request("GET", "/v2/busybox/blobs/" + digest)
+        follower = second.getresponse()
+        assert follower.status == 200 and follower.getheader("X-Docxy-Cache") == "coalesced"
+        assert follower.getheader("Content-Length") == str(len(data))
+        assert follower.read(quarter) == data[:quarter]
+        assert not content.slow_gate.is_set()
+        content.slow_gate.set()
+        assert sha256_digest(data[:quarter] + leader.read()) == digest
+        assert sha256_digest(data[:quarter] + follower.read()) == digest
+    finally:
+        content.slow_gate.set()
+        first.close()
+        second.close()
+    assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+
+
+def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_docxy, registry, content,
+                                                                          tmp_path):
+    cache_dir = tmp_path / "cache"
+    online = cached_docxy(start_docxy, registry, cache_dir)
+    pull_like_dockerd(online.port)
+    wait_cached(cache_dir, amd64_digests(content))
+    online.stop()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
+                    "--library-prefix", "on", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
+    started = time.monotonic()
+    ping = call(d.port, "GET", "/v2/")
+    assert ping.status in (200, 401) and ping.headers["X-Docxy-Cache"] == "stale", ping
+    token = call(d.port, "GET", "/auth/token?scope=repository%3Alibrary%2Fbusybox%3Apull&service=" + SERVICE)
+    assert token.status == 200 and token.json()["token"], token
+    responses = pull_from(d.port, bearer(token.json()["token"]))
+    assert responses[0].headers["Docker-Content-Digest"] == content.index_digest
+    assert responses[0].headers["Warning"] == '110 - "Response is Stale"'
+    assert responses[0].headers["X-Docxy-Cache"] == "stale"
+    tag = call(d.port, "GET", "/v2/library/busybox/manifests/latest", [("Accept", a) for a in DOCKERD_ACCEPT])
+    assert tag.status == 200 and tag.body == content.index_bytes
+    assert tag.headers["Warning"] == '110 - "Response is Stale"'
+    for r in responses[1:]:
+        assert r.headers["X-Docxy-Cache"] == "hit" and "Warning" not in r.headers
+    for digest in amd64_digests(content):   # by digest, without a tag
+        r = call(d.port, "GET", "/v2/library/busybox/%s/%s" % (kind_of(content, digest), digest),
+                 [("Accept", MT_INDEX), ("Accept", MT_MANIFEST)])
+        assert r.status == 200 and sha256_digest(r.body) == digest
+    assert time.monotonic() - started < 10
+    assert "serving library/busybox:latest stale" in d.log()
+
+
+def test_kill_9_while_caching_then_restart_serves_no_partial_object(start_docxy, registry, content, tmp_path):
+    digest, data = content.special["slow"]
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    worker = threading.Thread(target=read_blob, args=(d.port, digest), kwargs={"timeout": 15}, daemon=True)
+    try:
+        worker.start()
+        assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+        wait_until(lambda: tmp_files(cache_dir), what="a temporary file for the download")
+        d.proc.kill()
+        d.proc.wait(10)
+    finally:
+        content.slow_gate.set()
+    worker.join(15)
+    assert tmp_files(cache_dir), "the crash left nothing behind: the test proves nothing"
+    assert digest not in cached_objects(cache_dir)
+    again = cached_docxy(start_docxy, registry, cache_dir)
+    assert tmp_files(cache_dir) == []
+    clear_fakes()
+    r = get_blob(again.port, digest)
+    assert r.status == 200 and r.body == data and r.headers["X-Docxy-Cache"] == "miss"
+    assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+    wait_cached(cache_dir, [digest])
+    pull_like_dockerd(again.port)
+    assert cached_objects(cache_dir)[digest] == len(data)
+    assert_cache_verified(cache_dir)
+
+
+def test_cache_stays_under_cap_and_most_recently_used_image_pulls_from_cache(start_docxy, registry, cdn, content,
+                                                                             tmp_path):
+    cap = 2 * MIB
+    busybox = content.repos["library/busybox"]
+    fillers = [content.add_blob(busybox, os.urandom(512 * KIB))["digest"] for _ in range(8)]
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir, "--cache-max-size", "2M")
+    for digest in fillers:       # 4 MiB through a 2 MiB cache
+        r = get_blob(d.port, digest)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+    pull_like_dockerd(d.port)    # the most recently used image
+    wait_cached(cache_dir, amd64_digests(content))
+    wait_until(lambda: sum(cached_objects(cache_dir).values()) <= cap, what="the cache to shrink under its cap")
+    assert not set(fillers) <= set(cached_objects(cache_dir)), "nothing was evicted"
+    assert_cache_verified(cache_dir)
+    clear_fakes()
+    pull_like_dockerd(d.port)
+    assert registry.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
+
+
+def test_eviction_is_least_recently_used_and_a_hit_refreshes_recency(start_docxy, registry, content, tmp_path):
+    busybox = content.repos["library/busybox"]
+    b1, b2, b3, b4, b5 = [content.add_blob(busybox, os.urandom(512 * KIB))["digest"] for _ in range(5)]
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir, "--cache-max-size", "2M")
+    for digest in (b1, b2, b3):
+        assert get_blob(d.port, digest).status == 200
+        wait_cached(cache_dir, [digest])
+    assert get_blob(d.port, b1).headers["X-Docxy-Cache"] == "hit"
+    for digest in (b4, b5):      # 2.5 MiB: over the cap
+        assert get_blob(d.port, digest).status == 200
+        wait_cached(cache_dir, [digest])
+    wait_until(lambda: sum(cached_objects(cache_dir).values()) <= 2 * MIB, what="eviction")
+    recency = [b2, b3, b1, b4, b5]
+    kept = [digest in cached_objects(cache_dir) for digest in recency]
+    assert not kept[0], "the least recently used blob was not evicted"
+    assert kept == sorted(kept), "evicted out of recency order (b2, b3, b1, b4, b5): %s" % kept
+    assert kept[-1]
+
+
+@pytest.mark.parametrize("kind", ["blob", "manifest"])
+def test_bytes_not_matching_their_digest_are_never_committed(kind, start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    if kind == "blob":
+        digest, data = content.special["corrupt"]
+        path, headers, served = "/v2/busybox/blobs/" + digest, [], data
+    else:
+        digest = content.bad_manifest_digest
+        path, headers, served = "/v2/busybox/manifests/" + digest, [("Accept", MT_MANIFEST)], \
+            content.served_instead[digest]
+    for attempt in (1, 2):
+        partial = read_expecting_incomplete(d.port, path, headers, len(served))
+        assert len(partial) < len(served)
+        wait_until(lambda: tmp_files(cache_dir) == [], what="the discarded download to be removed")
+        assert digest not in cached_objects(cache_dir)
+        upstream_path = path.replace("/v2/busybox/", "/v2/library/busybox/")
+        assert len(authorized(registry.reqs("GET", upstream_path))) == attempt
+    assert "does not match its digest" in d.log()
+
+
+def test_private_content_is_served_to_its_owner_but_never_cached(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    alice = bearer(get_token(d.port, "repository:acme/private:pull", basic=ALICE_B64))
+    anonymous = bearer(get_token(d.port, "repository:acme/private:pull"))
+    private = content.private
+    digests = [("manifests", private["manifest"]), ("blobs", private["config"])] + \
+        [("blobs", layer) for layer in private["layers"]]
+    accept = [("Accept", MT_MANIFEST)]
+    r = call(d.port, "GET", "/v2/acme/private/manifests/latest", alice + accept)
+    assert r.status == 200 and sha256_digest(r.body) == private["manifest"]
+    for kind, digest in digests:
+        r = call(d.port, "GET", "/v2/acme/private/%s/%s" % (kind, digest), alice + accept)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+        assert r.headers["X-Docxy-Cache"] == "private"
+    clear_fakes()
+    for auth in ([], anonymous):
+        for target in ["manifests/latest"] + ["%s/%s" % kd for kd in digests]:
+            for method in ("GET", "HEAD"):
+                r = call(d.port, method, "/v2/acme/private/" + target, auth + accept)
+                assert r.status in (401, 403, 404), (method, target, r)
+                assert r.headers.get("X-Docxy-Cache") not in ("hit", "coalesced", "stale")
+    assert len(registry.reqs(prefix="/v2/acme/private/")) >= 2 * 2 * len(digests)
+    clear_fakes()
+    for kind, digest in digests:     # the owner again: fetched upstream with its token, again
+        r = call(d.port, "GET", "/v2/acme/private/%s/%s" % (kind, digest), alice + accept)
+        assert r.status == 200 and sha256_digest(r.body) == digest
+        assert r.headers["X-Docxy-Cache"] == "private"
+        assert [q.header("Authorization") for q in registry.reqs("GET", "/v2/acme/private/%s/%s" % (kind, digest))
+                if q.header("Authorization")][-1] == alice[0][1]
+    cached = cached_objects(cache_dir)
+    assert not {digest for _, digest in digests} & set(cached)
+    for name in os.listdir(str(cache_dir / "tags")):
+        assert "acme/private" not in (cache_dir / "tags" / name).read_text()
+
+
+def test_concurrent_requests_for_private_content_all_reach_its_owner(start_docxy, registry, content, tmp_path):
+    """A download that is not shared (docxy's own login is refused) must not become one that
+    others wait for: each of the owner's requests is answered."""
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    alice = bearer(get_token(d.port, "repository:acme/private:pull", basic=ALICE_B64))
+    layer = content.private["layers"][0]
+    barrier = threading.Barrier(4)
+    results = [None] * 4
+
+    def pull(i):
+        barrier.wait(10)
+        results[i] = read_blob(d.port, layer, alice, repo="acme/private")
+
+    threads = [threading.Thread(target=pull, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    got = [(r[0], r[1], len(r[2]), r[3]) if r else None for r in results]
+    assert [bool(r) and r[0] == 200 and sha256_digest(r[2]) == layer for r in results] == [True] * 4, got
+    assert layer not in cached_objects(tmp_path / "cache")
+
+
+def test_disk_full_transfer_completes_caching_pauses_nothing_corrupt(start_docxy, registry, cdn, content,
+                                                                    tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    # A file-size limit: writes past 64 KiB fail with EFBIG (Python ignores SIGXFSZ), like a full disk.
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (64 * KIB, 64 * KIB))
+    r = get_blob(d.port, content.big_digest)
+    assert r.status == 200 and len(r.body) == 8 * MIB and sha256_digest(r.body) == content.big_digest
+    d.wait_for(r"cache paused")
+    wait_until(lambda: tmp_files(cache_dir) == [], what="the failed download to be removed")
+    assert content.big_digest not in cached_objects(cache_dir)
+    _, fetched = pull_like_dockerd(d.port)     # while paused: passed through, intact
+    assert set(fetched) == set(amd64_digests(content))
+    clear_fakes()
+    r = get_blob(d.port, content.big_digest)
+    assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+    assert len(cdn.reqs("GET", "/blobs/" + content.big_digest)) == 1
+    objects = assert_cache_verified(cache_dir)
+    assert all(size <= 64 * KIB for size in objects.values())
+    assert "Traceback" not in d.log()
+
+
+def test_default_cap_is_80_percent_of_free_space_and_logged(start_docxy, registry, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    m = d.wait_for(r"cache .*, cap ([\d.]+) MiB \(80% of the free space\)")[0]
+    expected = shutil.disk_usage(str(tmp_path)).free * 0.8 / MIB
+    assert abs(float(m.group(1)) - expected) < max(0.02 * expected, 64)
+
+
+def test_hits_over_tls_are_intact_and_make_no_upstream_request(start_docxy, registry, cdn, certs, content,
+                                                              tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir, "--cert", certs["rsa-chain.pem"], "--key", certs["rsa.key"])
+    _, first = pull_like_dockerd(d.port, tls=certs["client"])
+    wait_cached(cache_dir, first)
+    clear_fakes()
+    _, second = pull_like_dockerd(d.port, tls=certs["client"])
+    assert second == first
+    assert registry.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
+    big = call(d.port, "GET", "/v2/busybox/blobs/" + content.big_digest, tls=certs["client"])
+    wait_cached(cache_dir, [content.big_digest])
+    again = call(d.port, "GET", "/v2/busybox/blobs/" + content.big_digest, tls=certs["client"])
+    assert again.headers["X-Docxy-Cache"] == "hit"
+    assert sha256_digest(big.body) == sha256_digest(again.body) == content.big_digest
+
+
+def test_restart_keeps_the_index_and_serves_hits_without_upstream(start_docxy, registry, cdn, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = cached_docxy(start_docxy, registry, cache_dir)
+    _, fetched = pull_like_dockerd(first.port)
+    wait_cached(cache_dir, fetched)
+    first.stop()
+    objects = cached_objects(cache_dir)
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    m = d.wait_for(r"cache %s: [\d.]+ MiB in (\d+) objects" % re.escape(str(cache_dir)))[0]
+    assert int(m.group(1)) == len(objects)
+    clear_fakes()
+    _, again = pull_like_dockerd(d.port)
+    assert again == fetched
+    assert registry.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
+    for digest in fetched:
+        line = re.compile(CACHE_HIT_LINE % (kind_of(content, digest), digest))
+        assert [m.group(1) for m in d.wait_for(line)] == ["hit"]
+
+
+def test_prefetch_fills_the_cache_with_one_platform_only(start_docxy, registry, cdn, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    code, out, err = run_to_exit(["prefetch", "busybox:latest", "--platform", "linux/amd64",
+                                  "--cache-dir", str(cache_dir), "--upstream", registry.url,
+                                  "--library-prefix", "on"], timeout=30)
+    assert code == 0, err
+    amd, arm = content.platform["amd64"], content.platform["arm64"]
+    progress = re.findall(r"^prefetch: (sha256:[0-9a-f]{64}) ", out, re.M)
+    assert sorted(progress) == sorted([amd["config"]] + amd["layers"]), out
+    objects = cached_objects(cache_dir)
+    assert set(amd64_digests(content)) <= set(objects)
+    assert not ({arm["manifest"], arm["config"]} | set(arm["layers"])) & set(objects)
+    assert_cache_verified(cache_dir)
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    clear_fakes()
+    pull_like_dockerd(d.port)
+    assert cdn.reqs() == []
+    assert registry.reqs(prefix="/v2/library/busybox/blobs/") == []
+    assert registry.reqs(prefix="/v2/library/busybox/manifests/") == []
+
+
+def test_head_and_range_answered_from_cache_without_upstream(start_docxy, registry, cdn, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    digest = content.platform["amd64"]["layers"][0]
+    data = content.blobs[digest]
+    size = len(data)
+    assert get_blob(d.port, digest).status == 200
+    r = call(d.port, "GET", "/v2/busybox/manifests/" + content.index_digest, [("Accept", MT_INDEX)])
+    assert r.status == 200
+    wait_cached(cache_dir, [digest, content.index_digest])
+    clear_fakes()
+    path = "/v2/busybox/blobs/" + digest
+    r = call(d.port, "HEAD", path)
+    assert r.status == 200 and r.body == b"" and r.headers["X-Docxy-Cache"] == "hit"
+    assert r.headers["Content-Length"] == str(size) and r.headers["Docker-Content-Digest"] == digest
+    r = call(d.port, "HEAD", "/v2/busybox/manifests/" + content.index_digest, [("Accept", MT_INDEX)])
+    assert r.status == 200 and r.body == b"" and r.headers["Content-Type"] == MT_INDEX
+    assert r.headers["Content-Length"] == str(len(content.index_bytes))
+    for value, start, end in (("bytes=1000-1999", 1000, 1999), ("bytes=5000-", 5000, size - 1),
+                              ("bytes=-100", size - 100, size - 1), ("bytes=0-99999999", 0, size - 1)):
+        r = call(d.port, "GET", path, [("Range", value)])
+        assert r.status == 206, (value, r)
+        assert r.headers["Content-Range"] == "bytes %d-%d/%d" % (start, end, size)
+        assert r.headers["Content-Length"] == str(end - start + 1)
+        assert r.body == data[start:end + 1]
+        assert r.headers["X-Docxy-Cache"] == "hit"
+    r = call(d.port, "GET", path, [("Range", "bytes=%d-" % size)])
+    assert r.status == 416 and r.headers["Content-Range"] == "bytes */%d" % size
+    assert registry.reqs() == [] and cdn.reqs() == []
 
 
 # ==========================================================================
