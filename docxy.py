@@ -233,70 +233,56 @@ def read_ini(path):
 def check_config(config, sections, environ):
     """Validate and normalise the settings. Every problem is reported, one line each."""
     problems = []
-    for check in (check_addresses, check_tls, check_redirect, check_numbers, check_networks, check_users, check_registries):
+
+    def check(step, *arguments):
         try:
-            check(config, sections, environ)
+            return step(*arguments)
         except ConfigError as error:
             problems.append(str(error))
+
+    if config.public_url:
+        config.public_url = check(lambda: origin_url(parse_origin(config.public_url, "--public-url")))
+    default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
+    config.listen = [check(parse_address, a, "--listen") for a in (config.listen or [default_listen])]
+    config.tls = check(check_certificate, config)
+    if config.http_redirect:
+        if not config.cert:
+            problems.append("--http-redirect needs --cert and --key (it redirects to HTTPS)")
+        config.http_redirect = check(parse_address, config.http_redirect, "--http-redirect")
+    for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
+        if not getattr(config, name) > 0:
+            problems.append("--%s must be positive" % name.replace("_", "-"))
+    if config.max_connections < 1:
+        problems.append("--max-connections must be at least 1")
+    if config.tag_ttl < 0:
+        problems.append("--tag-ttl must not be negative")
+    config.rate_limit = check(parse_rate, config.rate_limit) if config.rate_limit else None
+    config.cache_max_size = check(parse_size, config.cache_max_size) if config.cache_max_size else None
+    for name, default in (("allow", []), ("trusted_proxy", []), ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
+        flag = "--" + name.replace("_", "-")
+        setattr(config, name, [check(parse_network, text, flag) for text in getattr(config, name) or default])
+    if config.acme_webroot and not os.path.isdir(config.acme_webroot):
+        problems.append("--acme-webroot %s is not a directory" % config.acme_webroot)
+    elif config.acme_webroot and not config.http_redirect:
+        problems.append("--acme-webroot is served by the --http-redirect listener: set that too")
+    config.users = check(read_users, config.users) if config.users else None
+    registries = check(build_registries, config, sections, environ)
+    if registries:
+        config.registries, config.default_registry = registries
+        shared = [r.name for r in config.registries.values() if r.username]
+        if shared and not (config.allow or config.users or config.i_understand_credentials_are_shared):
+            problems.append(
+                "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
+                "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
     if problems:
         raise ConfigError("\n".join(problems))
     return config
 
 
-def check_tls(config, sections, environ):
-    config.tls = None
+def check_certificate(config):
     if bool(config.cert) != bool(config.key):
         raise ConfigError("--cert and --key go together")
-    if config.cert:
-        config.tls = server_tls_context(config.cert, config.key)
-
-
-def check_redirect(config, sections, environ):
-    if config.http_redirect:
-        if not config.cert:
-            raise ConfigError("--http-redirect needs --cert and --key (it redirects to HTTPS)")
-        config.http_redirect = parse_address(config.http_redirect, "--http-redirect")
-
-
-def check_addresses(config, sections, environ):
-    if config.public_url:
-        config.public_url = origin_url(parse_origin(config.public_url, "--public-url"))
-    default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
-    config.listen = [parse_address(a, "--listen") for a in (config.listen or [default_listen])]
-
-
-def check_numbers(config, sections, environ):
-    for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
-        if not getattr(config, name) > 0:
-            raise ConfigError("--%s must be positive" % name.replace("_", "-"))
-    if config.max_connections < 1:
-        raise ConfigError("--max-connections must be at least 1")
-    if config.tag_ttl < 0:
-        raise ConfigError("--tag-ttl must not be negative")
-    config.rate_limit = parse_rate(config.rate_limit) if config.rate_limit else None
-    config.cache_max_size = parse_size(config.cache_max_size) if config.cache_max_size else None
-
-
-def check_networks(config, sections, environ):
-    config.allow = [parse_network(text, "--allow") for text in config.allow or []]
-    config.trusted_proxy = [parse_network(text, "--trusted-proxy") for text in config.trusted_proxy or []]
-    config.metrics_allow = [parse_network(text, "--metrics-allow")
-                            for text in config.metrics_allow or ["127.0.0.0/8", "::1/128"]]
-    if config.acme_webroot and not os.path.isdir(config.acme_webroot):
-        raise ConfigError("--acme-webroot %s is not a directory" % config.acme_webroot)
-
-
-def check_users(config, sections, environ):
-    config.users = read_users(config.users) if config.users else None
-
-
-def check_registries(config, sections, environ):
-    config.registries, config.default_registry = build_registries(config, sections, environ)
-    shared = [r.name for r in config.registries.values() if r.username]
-    if shared and not (config.allow or config.users or config.i_understand_credentials_are_shared):
-        raise ConfigError(
-            "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
-            "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
+    return server_tls_context(config.cert, config.key) if config.cert else None
 
 
 def build_registries(config, sections, environ):
@@ -786,6 +772,7 @@ def format_challenge(scheme, params):
 # ---------------------------------------------------------------- cache
 
 TAG_RECORD_VERSION = 1
+OUTAGE_MEMORY = 30.0        # after an upstream failure, stale answers come at once for this long
 PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
 STALE_WARNING = '110 - "Response is Stale"'
 
@@ -836,14 +823,16 @@ class Cache:
         self.tags = {}                              # key -> record
         self.paused_until = 0.0
         self.pings = {}                             # registry name -> when its /v2/ last answered
+        self.down_until = {}                        # registry name -> don't ask it again before
         self.stats = collections.Counter()
         for folder in ("objects", "tags", "tmp"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         self.load()
 
     def load(self):
-        for name in os.listdir(os.path.join(self.root, "tmp")):   # a crash's leftovers: never verified
-            os.unlink(os.path.join(self.root, "tmp", name))
+        for name in os.listdir(os.path.join(self.root, "tmp")):
+            if not process_alive(name.split("-")[0]):   # a crash's leftovers: never verified
+                os.unlink(os.path.join(self.root, "tmp", name))
         found = []
         for folder, _, names in os.walk(os.path.join(self.root, "objects")):
             algorithm = os.path.basename(os.path.dirname(folder))
@@ -874,6 +863,8 @@ class Cache:
         with self.lock:
             size = self.objects.get(digest)
             if size is None:
+                size = self.adopt(digest)
+            if size is None:
                 return None
             try:
                 handle = open(self.path(digest), "rb")
@@ -887,6 +878,16 @@ class Cache:
         except OSError:
             pass
         return handle, size
+
+    def adopt(self, digest):
+        """An object another docxy process (prefetch) verified and committed meanwhile."""
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except OSError:
+            return None
+        self.objects[digest] = size
+        self.size += size
+        return size
 
     def release(self, digest):
         with self.lock:
@@ -907,7 +908,7 @@ class Cache:
             if time.monotonic() < self.paused_until:
                 return None, False
             try:
-                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
+                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
             except OSError as error:
                 self.pause(error)
                 return None, False
@@ -963,11 +964,15 @@ class Cache:
             fill.descriptor = None
             fill.update(state="failed")
 
+    def count(self, event, amount=1):
+        with self.lock:
+            self.stats[event] += amount
+
     def pause(self, error):
         if time.monotonic() >= self.paused_until:
             log("cache paused for 60s, transfers go on uncached: %s" % (error.strerror or error))
         self.paused_until = time.monotonic() + 60
-        self.stats["write_errors"] += 1
+        self.count("write_errors")
 
     def evict(self):
         """Down to 90% of the cap once over it, so eviction is not a per-request cost.
@@ -998,13 +1003,27 @@ class Cache:
             self.tags[key] = record
         name = hashlib.sha256(key.encode()).hexdigest() + ".json"
         try:
-            descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
+            descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(record, handle)
             os.rename(path, os.path.join(self.root, "tags", name))
         except OSError as error:
             self.pause(error)
         return record
+
+
+def process_alive(pid):
+    """Whether a temporary file's owner (its name starts with the PID) still runs: a
+    `prefetch` next to a running docxy must not delete the server's downloads."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
 
 
 def manifest_media_type(handle):
@@ -1247,9 +1266,13 @@ class Mirror:
                 by_host["%s.%s" % (registry.short, urllib.parse.urlsplit(config.public_url).hostname)] = registry
         keep_limiter = self.limiter and self.limiter.rate_limit == config.rate_limit
         self.limiter = self.limiter if keep_limiter else RateLimiter(*config.rate_limit) if config.rate_limit else None
+        old = getattr(self, "registries", {})
         self.by_name, self.by_host, self.registries = by_name, by_host, config.registries
         self.default = config.registries[config.default_registry]
-        self.challenges = {}                # registry name -> its Bearer challenge (realm, service)
+        # registry name -> its Bearer challenge (realm, service), kept while its upstream stays
+        self.challenges = {name: challenge for name, challenge in getattr(self, "challenges", {}).items()
+                           if name in old and name in config.registries
+                           and old[name].upstream == config.registries[name].upstream}
         self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained itself
         self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
         self.config = config
@@ -1513,8 +1536,13 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.send_registry_error(error.status, "UNAVAILABLE", error.message)
 
     def registry_for(self, query, path=None):
-        """Which registry a request is for: ?ns=, else the Host header, else a path prefix,
-        else the default. Returns the registry and the path without its prefix."""
+        """Which registry a request is for, and the path without its prefix."""
+        registry, path = self.route_registry(query, path)
+        self.registry_name = registry.name
+        return registry, path
+
+    def route_registry(self, query, path):
+        """?ns=, else the Host header, else a path prefix, else the default registry."""
         ns = dict(urllib.parse.parse_qsl(query)).get("ns")
         if ns is not None:
             if ns.lower() not in self.mirror.by_name:
@@ -1681,7 +1709,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return self.follow_fill(fill, digest, kind, media_type, pass_through)
         verified = False
         try:
-            cache.stats["misses"] += 1
+            cache.count("misses")
             self.cache_status = "miss"
             verified = self.fill_from_upstream(fill, registry, url, name, digest, headers, media_type)
         finally:
@@ -1707,7 +1735,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         """Serve a download another client started, from the file as it grows. If it fails
         before it began (content docxy's own login may not read), fetch it as this client."""
         cache = self.mirror.cache
-        cache.stats["coalesced"] += 1
+        cache.count("coalesced")
         self.cache_status = "coalesced"
         timeout = self.mirror.config.upstream_timeout
         try:
@@ -1750,11 +1778,17 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             status = "revalidated"
             own = {k: v for k, v in headers.items() if k != "Authorization"}
             try:
+                if record and cache.down_until.get(registry.name, 0) > time.monotonic():
+                    raise UpstreamError(503, "upstream failed moments ago")
                 exchange = self.fetch_upstream(registry, "HEAD", url, own, scope="repository:%s:pull" % name)
             except UpstreamError as error:
                 if not record:
                     raise
-                log("serving %s:%s stale: %s" % (name, tag, error.message))
+                # A silent upstream costs each request --upstream-timeout: wait once per half minute.
+                cache.down_until.setdefault(registry.name, 0)
+                if cache.down_until[registry.name] <= time.monotonic():
+                    cache.down_until[registry.name] = time.monotonic() + OUTAGE_MEMORY
+                    log("serving %s:%s stale: %s" % (name, tag, error.message))
                 exchange, status = None, "stale"
             if exchange:
                 response = exchange[2]
@@ -1767,7 +1801,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                     status = "stale"
                 else:   # unknown, or readable only with the client's own credentials: not shared
                     return self.relay(registry, self.command, url, headers, scope=login_scope(headers, name))
-        cache.stats["tag_" + status] += 1
+        cache.count("tag_" + status)
         self.cache_status = status
         if self.command == "HEAD":
             hit = cache.open(record["digest"])
@@ -1784,7 +1818,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         cache = self.mirror.cache
         try:
             if status == "hit" and self.cache_status == "-":
-                cache.stats["hits"] += 1
+                cache.count("hits")
                 self.cache_status = "hit"
             if kind == "manifests" and not media_type:
                 media_type = manifest_media_type(handle)
@@ -1794,7 +1828,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                                      [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else [])
             if self.command != "HEAD":
                 self.send_file(handle, start, end - start + 1)
-                cache.stats["bytes_served"] += end - start + 1
+                cache.count("bytes_served", end - start + 1)
         except OSError as error:
             self.abort_transfer(error)
         finally:
@@ -2095,7 +2129,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             "uptime_seconds": int(time.time() - metrics.started),
             "requests": metrics.total("docxy_requests_total"),
             "bytes_sent": metrics.total("docxy_sent_bytes_total"),
-            "registries": [{"name": r.name, "upstream": origin_url(r.upstream),
+            "registries": [{"name": r.name,
+                            # a preset's upstream is public knowledge; a custom one may be internal
+                            "upstream": origin_url(r.upstream) if r.name in PRESETS else "(private)",
                             "ratelimit_remaining": metrics.gauges.get(
                                 ("docxy_upstream_ratelimit_remaining", (("registry", r.name),)))}
                            for r in self.mirror.registries.values()],
@@ -2166,7 +2202,11 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if keyword.lower() == "content-length" and self.command == "GET" and str(value).isdigit() \
                 and int(value) >= LONG_TRANSFER:
             self.long_transfer = int(value)
-            log('%s "%s %s" started: %.1f MiB' % (self.client, self.command, self.path[:300], int(value) / 1048576))
+            if self.mirror.config.log_format == "json":
+                log_json({"time": round(time.time(), 3), "event": "transfer-start", "client": self.client,
+                          "method": self.command, "path": self.path[:300], "bytes": int(value)})
+            else:
+                log('%s "%s %s" started: %.1f MiB' % (self.client, self.command, self.path[:300], int(value) / 1048576))
         super().send_header(keyword, value)
 
     def log_request(self, code="-", size="-"):
@@ -2184,7 +2224,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 "time": round(time.time(), 3), "client": self.client, "method": self.command or "-",
                 "path": path[:300], "status": self.status, "bytes": self.sent, "duration": round(seconds, 4),
                 "upstream_status": self.upstream_status, "upstream_time": round(self.upstream_seconds, 4),
-                "registry": self.registry_name, "cache": self.cache_status, "user": self.user})
+                "registry": self.registry_name, "cache": self.cache_status, "user": self.user,
+                "mib_per_second": round(self.sent / 1048576 / max(seconds, 1e-6), 1) if self.long_transfer else None})
         speed = " %.1fMiB/s" % (self.sent / 1048576 / max(seconds, 1e-6)) if self.long_transfer else ""
         log('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
             self.client, self.command or "-", path[:300], self.status, self.sent, seconds, speed,
@@ -2225,7 +2266,7 @@ docker pull %(host)s/%(other)s/owner/image:tag</pre>
 <h2>podman</h2><p><code>/etc/containers/registries.conf</code>:</p>
 <pre>[[registry]]
 prefix = "docker.io"
-location = "registry-1.docker.io"
+location = "docker.io"
 [[registry.mirror]]
 location = "%(host)s"%(podman_insecure)s</pre>
 <p><small>docxy %(version)s &middot; <a href="/health">health</a> &middot; figures as JSON: send <code>Accept: application/json</code></small></p>
@@ -2475,11 +2516,8 @@ def prefetch_command(argv):
         at = argv.index("--platform")
         platform, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
         platform = platform[0] if platform else ""
-    images = [a for a in argv if not a.startswith("-")][:1]
-    flags = argv[:]
-    if images:
-        flags.remove(images[0])
-    if not images or platform == "":
+    images, flags = argv[:1], argv[1:]
+    if not images or images[0].startswith("-") or platform == "":
         print("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
               file=sys.stderr)
         return 2
@@ -2563,7 +2601,7 @@ def hash_password_command():
 
 # What a reload cannot change in a running process; a changed value is reported, not applied.
 NEEDS_RESTART = ("listen", "http_redirect", "cache_dir", "cache_max_size", "max_connections", "ipv4_only",
-                 "upstream_timeout")
+                 "upstream_timeout", "cert_check_interval")
 
 
 def reload(mirror, listeners, argv):
@@ -2588,13 +2626,16 @@ def reload(mirror, listeners, argv):
         if listener.tls_context and config.tls:
             listener.tls_context = config.tls    # new connections only; open ones keep theirs
     mirror.configure(config)
+    if mirror.cache:
+        mirror.cache.tag_ttl = config.tag_ttl
     log("reloaded configuration%s" % (" and certificate" if config.tls else ""))
     return True
 
 
 def watch_certificate(mirror, listeners, stop, interval):
     """Reload the certificate when its files change on disk, so acme.sh and certbot renewals
-    apply without a restart. A half-written pair fails to load and is tried again next time."""
+    apply without a restart. A half-written pair fails to load; writing its other half
+    changes the files again, and then it loads."""
     def stamp():
         try:
             return [(os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (mirror.config.cert, mirror.config.key)]

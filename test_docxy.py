@@ -25,6 +25,7 @@ import hashlib
 import html
 import http.client
 import http.server
+import importlib
 import io
 import json
 import os
@@ -3850,6 +3851,59 @@ def test_restart_keeps_the_index_and_serves_hits_without_upstream(start_docxy, r
         assert [m.group(1) for m in d.wait_for(line)] == ["hit"]
 
 
+def test_objects_another_process_committed_are_hits_and_its_downloads_survive(start_docxy, registry, cdn,
+                                                                               content, tmp_path):
+    # A `prefetch` (or a second docxy) beside a running one: what it verified is the running one's hit,
+    # and its start-up does not delete the running one's downloads in tmp/.
+    cache_dir = tmp_path / "cache"
+    running = cached_docxy(start_docxy, registry, cache_dir)
+    live = os.path.join(str(cache_dir), "tmp", "%d-download" % running.proc.pid)
+    open(live, "wb").close()
+    other = cached_docxy(start_docxy, registry, cache_dir)
+    assert os.path.exists(live)
+    digest = content.platform["amd64"]["layers"][0]
+    assert get_blob(other.port, digest).status == 200
+    wait_cached(cache_dir, [digest])
+    clear_fakes()
+    r = get_blob(running.port, digest)
+    assert r.status == 200 and sha256_digest(r.body) == digest and r.headers["X-Docxy-Cache"] == "hit"
+    assert registry.reqs() == [] and cdn.reqs() == []
+
+
+def test_a_silent_upstream_costs_one_timeout_not_one_per_request(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = cached_docxy(start_docxy, registry, cache_dir)
+    pull_like_dockerd(first.port)
+    first.stop()
+    hole = Blackhole()
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
+                        "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
+        accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+        began = time.monotonic()
+        r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        assert time.monotonic() - began >= 1.5     # it did ask, and waited for the timeout
+        began = time.monotonic()
+        r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        assert time.monotonic() - began < 1.0      # it remembered the outage instead of waiting again
+        assert r.headers["Docker-Content-Digest"] == content.index_digest
+    finally:
+        hole.close()
+
+
+def test_reload_keeps_the_learned_challenge_of_an_unchanged_registry(start_docxy, registry, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    assert call(d.port, "GET", "/v2/").status == 401
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for(r"reloaded configuration")
+    clear_fakes()
+    r = call(d.port, "GET", "/v2/")
+    assert r.status == 401 and "/auth/token" in r.headers["WWW-Authenticate"]
+    assert registry.reqs() == []    # answered from memory, with the challenge still known
+
+
 def test_prefetch_fills_the_cache_with_one_platform_only(start_docxy, registry, cdn, content, tmp_path):
     cache_dir = tmp_path / "cache"
     code, out, err = run_to_exit(["prefetch", "busybox:latest", "--platform", "linux/amd64",
@@ -3900,6 +3954,767 @@ def test_head_and_range_answered_from_cache_without_upstream(start_docxy, regist
     r = call(d.port, "GET", path, [("Range", "bytes=%d-" % size)])
     assert r.status == 416 and r.headers["Content-Range"] == "bytes */%d" % size
     assert registry.reqs() == [] and cdn.reqs() == []
+
+
+# ==========================================================================
+# Operations: /metrics, access logs, certificate reloads, ACME webroot, status page, --check
+# ==========================================================================
+
+# The Prometheus text exposition format (version 0.0.4), as its reference parser reads it.
+PROM_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+PROM_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PROM_NUMBER = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|Inf)|NaN")
+PROM_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+class Exposition:
+    """A parsed /metrics page: TYPE and HELP by family, every sample by (name, labels)."""
+
+    def __init__(self):
+        self.types, self.helps, self.samples = {}, {}, {}
+
+    def get(self, name, default=None, **labels):
+        """The sample with exactly these labels, or default."""
+        return self.samples.get((name, frozenset(labels.items())), default)
+
+    def series(self, name):
+        return {labels: value for (n, labels), value in self.samples.items() if n == name}
+
+
+def prom_family(name, types):
+    """The family a sample belongs to: x_bucket, x_sum and x_count are histogram x's."""
+    if name in types:
+        return name
+    for suffix, kinds in (("_bucket", ("histogram",)), ("_sum", ("histogram", "summary")),
+                          ("_count", ("histogram", "summary"))):
+        if name.endswith(suffix) and types.get(name[:-len(suffix)]) in kinds:
+            return name[:-len(suffix)]
+    return name
+
+
+def prom_label_value(line, pos, where):
+    """A quoted label value from its opening quote on: only \\\\, \\" and \\n are escapes."""
+    assert line[pos:pos + 1] == '"', "%s: label value must be quoted" % where
+    pos, out = pos + 1, []
+    while True:
+        assert pos < len(line), "%s: unterminated label value" % where
+        char = line[pos]
+        if char == "\\":
+            escaped = line[pos + 1:pos + 2]
+            assert escaped in ("\\", '"', "n"), "%s: invalid escape \\%s" % (where, escaped)
+            out.append("\n" if escaped == "n" else escaped)
+            pos += 2
+        elif char == '"':
+            return "".join(out), pos + 1
+        else:
+            out.append(char)
+            pos += 1
+
+
+def prom_labels(line, pos, where):
+    """{name="value",...} from pos, if there; returns (labels, position after)."""
+    labels = {}
+    if line[pos:pos + 1] != "{":
+        return labels, pos
+    pos += 1
+    while True:
+        pos += len(line[pos:]) - len(line[pos:].lstrip(" \t"))
+        if line[pos:pos + 1] == "}":
+            return labels, pos + 1
+        name = PROM_LABEL_NAME.match(line, pos)
+        assert name, "%s: bad label name at %r" % (where, line[pos:])
+        assert name.group() not in labels, "%s: label %s twice" % (where, name.group())
+        assert not name.group().startswith("__"), "%s: reserved label name %s" % (where, name.group())
+        pos = name.end()
+        pos += len(line[pos:]) - len(line[pos:].lstrip(" \t"))
+        assert line[pos:pos + 1] == "=", "%s: '=' expected after label %s" % (where, name.group())
+        pos += 1
+        pos += len(line[pos:]) - len(line[pos:].lstrip(" \t"))
+        labels[name.group()], pos = prom_label_value(line, pos, where)
+        pos += len(line[pos:]) - len(line[pos:].lstrip(" \t"))
+        assert line[pos:pos + 1] in (",", "}"), "%s: ',' or '}' expected at %r" % (where, line[pos:])
+        if line[pos] == ",":
+            pos += 1
+
+
+def parse_exposition(text):
+    """Read a /metrics page line by line with the text format's rules, failing on any break of them:
+    # HELP and # TYPE at most once per family, TYPE before the family's first sample, a family's lines
+    together, samples `name{label="value",...} number [timestamp]` with escaped label values, no
+    series twice, and histograms whose buckets are cumulative and end in +Inf == _count."""
+    assert text.endswith("\n"), "the last line must end with a line feed"
+    page, sampled, finished, current = Exposition(), set(), set(), [None]
+
+    def enter(family, where):
+        if family != current[0]:
+            assert family not in finished, "%s: lines of %s are not together" % (where, family)
+            if current[0] is not None:
+                finished.add(current[0])
+            current[0] = family
+
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = "line %d %r" % (number, line)
+        if not line.strip():
+            continue
+        directive = re.match(r"#[ \t]+(HELP|TYPE)(?:[ \t]+(.*))?$", line)
+        if line.startswith("#") and not directive:
+            continue    # a comment
+        if directive:
+            name, argument = split_directive(directive.group(2))
+            assert PROM_METRIC_NAME.fullmatch(name), "%s: bad metric name" % where
+            enter(name, where)
+            if directive.group(1) == "HELP":
+                assert name not in page.helps, "%s: second HELP" % where
+                assert not re.search(r"\\[^\\n]|\\$", argument), "%s: bad escape in HELP" % where
+                page.helps[name] = argument.replace("\\n", "\n").replace("\\\\", "\\")
+            else:
+                assert argument in PROM_TYPES, "%s: unknown type" % where
+                assert name not in page.types, "%s: second TYPE" % where
+                assert name not in sampled, "%s: TYPE after the family's samples" % where
+                page.types[name] = argument
+            continue
+        name = PROM_METRIC_NAME.match(line)
+        assert name, "%s: not a sample" % where
+        labels, pos = prom_labels(line, name.end(), where)
+        assert line[pos:pos + 1] in (" ", "\t"), "%s: blank expected before the value" % where
+        fields = line[pos:].split()
+        assert 1 <= len(fields) <= 2, "%s: want a value and at most a timestamp" % where
+        assert PROM_NUMBER.fullmatch(fields[0]), "%s: bad value" % where
+        assert len(fields) == 1 or re.fullmatch(r"-?\d+", fields[1]), "%s: bad timestamp" % where
+        family = prom_family(name.group(), page.types)
+        enter(family, where)
+        sampled.add(family)
+        kind = page.types.get(family, "untyped")
+        if kind == "histogram" and name.group() == family + "_bucket":
+            assert "le" in labels and PROM_NUMBER.fullmatch(labels["le"]), "%s: bucket without le" % where
+        else:
+            assert "le" not in labels, "%s: le outside a histogram bucket" % where
+        value = float(fields[0])
+        if kind == "counter" or (kind == "histogram" and name.group() != family + "_sum"):
+            assert value >= 0, "%s: negative count" % where
+        key = (name.group(), frozenset(labels.items()))
+        assert key not in page.samples, "%s: the same series twice" % where
+        page.samples[key] = value
+    for family, kind in page.types.items():
+        if kind == "histogram":
+            check_histogram(page, family)
+    return page
+
+
+def split_directive(rest):
+    """'name the rest' -> ('name', 'the rest')."""
+    parts = re.split(r"[ \t]+", rest or "", 1)
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def check_histogram(page, family):
+    groups = {}
+    for (name, labels), value in page.samples.items():
+        if name == family + "_bucket":
+            rest = frozenset((k, v) for k, v in labels if k != "le")
+            groups.setdefault(rest, []).append((float(dict(labels)["le"]), value))
+    counted = {labels for (name, labels) in page.samples if name == family + "_count"}
+    assert counted == set(groups), "%s: _count without buckets or buckets without _count" % family
+    for labels, buckets in groups.items():
+        buckets.sort()
+        counts = [count for _, count in buckets]
+        assert counts == sorted(counts), "%s%s: buckets not cumulative: %s" % (family, dict(labels), buckets)
+        assert buckets[-1][0] == float("inf"), "%s%s: no +Inf bucket" % (family, dict(labels))
+        assert page.samples[(family + "_count", labels)] == buckets[-1][1], "%s: +Inf != _count" % family
+        assert (family + "_sum", labels) in page.samples, "%s%s: no _sum" % (family, dict(labels))
+
+
+def scrape(port, **kwargs):
+    r = call(port, "GET", "/metrics", **kwargs)
+    assert r.status == 200, r
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers
+    return parse_exposition(r.body.decode("utf-8"))
+
+
+def logged(d, method, path, count=1):
+    """Wait for a request's text access line: its figures were counted just before it was written."""
+    return d.wait_for(r'^docxy: \S+ "%s %s" \d{3} ' % (method, re.escape(path)), count)
+
+
+class FailingRegistryHandler(RecordingHandler):
+    """An open registry that fails on purpose: /v2/ answers 200; a manifest of repository
+    `status/<code>` answers that code (a 429 with Retry-After), with RateLimit-Remaining: 0;w=60."""
+
+    def handle_request(self):
+        if self.rec.path == "/v2/":
+            return self.send_json(200, {})
+        m = re.match(r"^/v2/status/(\d{3})/manifests/[^/]+$", self.rec.path)
+        if not m:
+            return self.send_json(404, registry_error("NAME_UNKNOWN", "repository name not known to registry"))
+        code = int(m.group(1))
+        headers = [("RateLimit-Remaining", "0;w=60")] + ([("Retry-After", "7")] if code == 429 else [])
+        self.send_json(code, registry_error("TOOMANYREQUESTS" if code == 429 else "UNAVAILABLE",
+                                            "failing on purpose"), headers)
+
+
+@pytest.fixture(scope="module")
+def failing_registry():
+    fake = FakeServer(FailingRegistryHandler)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def blackhole():
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+def test_metrics_label_values_escape_backslash_quote_and_newline():
+    """No label docxy puts on /metrics can carry these characters (routes, statuses, error kinds and
+    cache events are fixed words; registry names follow a strict grammar), so docxy's escaping
+    function is checked in-process, against the parser the /metrics tests use."""
+    module = importlib.import_module("docxy")
+    hard = 'back\\slash "quoted"\nnext line'
+    sample = "docxy_example_total%s 1\n" % module.prometheus_labels((("registry", hard), ("kind", "x")))
+    assert sample.count("\n") == 1, sample
+    page = parse_exposition("# TYPE docxy_example_total counter\n" + sample)
+    assert page.get("docxy_example_total", registry=hard, kind="x") == 1
+
+
+def test_metrics_parse_and_move_with_traffic_and_upstream_errors(start_docxy, registry, failing_registry,
+                                                                 blackhole, content, tmp_path):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "upstream-timeout": "1",
+                  "registries": "docker.io, dead.example, hole.example, flaky.example"},
+        "docker.io": {"upstream": registry.url, "library": "on"},
+        "dead.example": {"upstream": "http://127.0.0.1:%d" % free_port()},
+        "hole.example": {"upstream": blackhole.url},
+        "flaky.example": {"upstream": failing_registry.url},
+    })
+    d = start_docxy("--config", cfg)
+    before = scrape(d.port)
+    assert before.types["docxy_request_duration_seconds"] == "histogram"
+    assert before.types["docxy_inflight_requests"] == "gauge"
+    assert before.get("docxy_inflight_requests") == 1     # the scrape itself
+    assert before.series("docxy_upstream_ratelimit_remaining") == {}
+    assert before.series("docxy_upstream_errors_total") == {}
+
+    token = get_token(d.port, "repository:library/busybox:pull")
+    manifest, blob = "/v2/busybox/manifests/latest", "/v2/busybox/blobs/" + content.big_digest
+    r = call(d.port, "GET", manifest, bearer(token) + [("Accept", MT_INDEX)])
+    assert r.status == 200 and r.body == content.index_bytes
+    r = call(d.port, "GET", blob, bearer(token))
+    assert r.status == 200 and r.body == content.big
+    failures = {"/v2/dead.example/x/manifests/latest": 502, "/v2/hole.example/x/manifests/latest": 504,
+                "/v2/flaky.example/status/503/manifests/latest": 503,
+                "/v2/flaky.example/status/429/manifests/latest": 429}
+    for path, status in failures.items():
+        assert call(d.port, "GET", path, timeout=10).status == status, path
+    for path in [manifest, blob] + list(failures):
+        logged(d, "GET", path)
+    after = scrape(d.port)
+
+    def grew(name, **labels):
+        return after.get(name, 0, **labels) - before.get(name, 0, **labels)
+
+    assert grew("docxy_requests_total", route="manifest", status="200") == 1
+    assert grew("docxy_requests_total", route="blob", status="200") == 1
+    for status in (502, 504, 503, 429):
+        assert grew("docxy_requests_total", route="manifest", status=str(status)) == 1, status
+    assert grew("docxy_sent_bytes_total", route="blob") == len(content.big)
+    assert grew("docxy_sent_bytes_total", route="manifest") >= len(content.index_bytes)
+    assert grew("docxy_upstream_received_bytes_total", registry="docker.io") >= \
+        len(content.big) + len(content.index_bytes)
+    assert after.series("docxy_upstream_errors_total") == {
+        frozenset({("registry", "dead.example"), ("kind", "connect")}): 1,
+        frozenset({("registry", "hole.example"), ("kind", "timeout")}): 1,
+        frozenset({("registry", "flaky.example"), ("kind", "5xx")}): 1,
+        frozenset({("registry", "flaky.example"), ("kind", "429")}): 1,
+    }
+    for family in ("docxy_requests_total", "docxy_sent_bytes_total", "docxy_upstream_received_bytes_total",
+                   "docxy_upstream_errors_total"):
+        assert after.types[family] == "counter", family
+    assert after.get("docxy_upstream_ratelimit_remaining", registry="docker.io") == 76
+    assert after.get("docxy_upstream_ratelimit_remaining", registry="flaky.example") == 0
+    assert after.types["docxy_upstream_ratelimit_remaining"] == "gauge"
+    # Five manifest requests, one of them the 1 s upstream timeout: the histogram saw it.
+    hist = "docxy_request_duration_seconds"
+    assert grew(hist + "_count", route="manifest") == 5
+    assert grew(hist + "_bucket", route="manifest", le="+Inf") == 5
+    assert grew(hist + "_bucket", route="manifest", le="0.5") <= 4
+    assert grew(hist + "_sum", route="manifest") >= 0.9
+    assert grew(hist + "_count", route="blob") == 1
+    assert after.get("docxy_uptime_seconds") >= before.get("docxy_uptime_seconds")
+    for family in after.types:
+        assert after.helps.get(family), "no HELP for " + family
+
+
+def test_metrics_count_cache_hits_misses_coalesced_waits_and_size(start_docxy, registry, content, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--cache-max-size", "64M")
+    m = scrape(d.port)
+    assert m.get("docxy_cache_size_bytes") == 0 and m.get("docxy_cache_objects") == 0
+    assert m.get("docxy_cache_max_size_bytes") == 64 * MIB
+
+    def event(page, name):
+        return page.get("docxy_cache_events_total", 0, event=name)
+
+    layer = content.platform["amd64"]["layers"][0]
+    data = content.blobs[layer]
+    path = "/v2/busybox/blobs/" + layer
+    for expected, count in (("miss", 1), ("hit", 2)):
+        r = get_blob(d.port, layer)
+        assert r.status == 200 and r.body == data and r.headers["X-Docxy-Cache"] == expected
+        logged(d, "GET", path, count)
+        m = scrape(d.port)
+        assert event(m, "misses") == 1 and event(m, "hits") == count - 1
+        assert m.get("docxy_cache_served_bytes_total", 0) == (count - 1) * len(data)
+    assert m.types["docxy_cache_events_total"] == "counter"
+
+    # Two clients of the slow blob: the second waits on the first's download, both in flight.
+    digest, slow = content.special["slow"]
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    first = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    try:
+        first.request("GET", "/v2/busybox/blobs/" + digest)
+        leader = first.getresponse()
+        assert leader.getheader("X-Docxy-Cache") == "miss"
+        assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+        second.request("GET", "/v2/busybox/blobs/" + digest)
+        follower = second.getresponse()
+        assert follower.getheader("X-Docxy-Cache") == "coalesced"
+        assert scrape(d.port).get("docxy_inflight_requests") == 3
+        content.slow_gate.set()
+        assert sha256_digest(leader.read()) == digest and sha256_digest(follower.read()) == digest
+    finally:
+        content.slow_gate.set()
+        first.close()
+        second.close()
+    logged(d, "GET", "/v2/busybox/blobs/" + digest, 2)
+    m = scrape(d.port)
+    assert event(m, "misses") == 2 and event(m, "coalesced") == 1 and event(m, "hits") == 1
+    assert m.get("docxy_cache_size_bytes") == len(data) + len(slow)
+    assert m.get("docxy_cache_objects") == 2
+    assert m.get("docxy_inflight_requests") == 1
+
+
+def test_metrics_served_only_to_metrics_allow_networks(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--metrics-allow", "127.0.0.2/32")
+    r = call(d.port, "GET", "/metrics")
+    assert_error(r, 403, "DENIED")
+    assert b"docxy_requests_total" not in r.body
+    d.wait_for(r'"GET /metrics" 403 ')
+    page = scrape(d.port, source="127.0.0.2")
+    assert page.get("docxy_requests_total", route="metrics", status="403") == 1
+    assert call(d.port, "GET", "/health").status == 200
+    # By default loopback only: a client behind a trusted proxy is judged by its own address.
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--trusted-proxy", "127.0.0.1/32")
+    scrape(d.port)
+    r = call(d.port, "GET", "/metrics", [("X-Forwarded-For", "203.0.113.9")])
+    assert_error(r, 403, "DENIED")
+    assert b"docxy_requests_total" not in r.body
+
+
+JSON_LOG_FIELDS = {"time", "client", "method", "path", "status", "bytes", "duration", "upstream_status",
+                   "upstream_time", "registry", "cache", "user"}
+
+
+def json_access_records(d):
+    """Every access record of a --log-format json docxy; no access line may be text."""
+    records = []
+    for line in d.log().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            assert isinstance(record, dict) and JSON_LOG_FIELDS <= set(record), line
+            records.append(record)
+        else:
+            assert not re.match(r'^docxy: \S+ "[A-Z]+ ', line), "a text access line in JSON mode: " + line
+    return records
+
+
+def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registry, store, users, content, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--log-format", "json")
+    started = time.time()
+    query = "service=%s&scope=repository:library/busybox:pull&account=alice" % SERVICE
+    r = call(d.port, "GET", "/auth/token?" + query, [("Authorization", "Basic " + ALICE_B64)])
+    assert r.status == 200, r
+    token, token_body = r.json()["token"], r.body
+    form = urllib.parse.urlencode([("grant_type", "password"), ("username", "alice"), ("password", "s3cret"),
+                                   ("service", SERVICE), ("scope", "repository:library/busybox:pull")]).encode()
+    r = call(d.port, "POST", "/auth/token", [("Content-Type", "application/x-www-form-urlencoded")], form)
+    assert r.status == 200, r
+    assert call(d.port, "GET", "/v2/busybox/manifests/latest", bearer(token) + [("Accept", MT_INDEX)]).status == 200
+    layer = content.platform["amd64"]["layers"][1]
+    for count in (1, 2):    # the second once the first is logged, so committed to the cache
+        assert get_blob(d.port, layer, bearer(token)).status == 200
+        d.wait_for(r'^\{.*"path":"/v2/busybox/blobs/%s"' % layer, count)
+    d.wait_for(r"^\{", 5)
+    records = json_access_records(d)
+    assert len(records) == 5, records
+    for record in records:
+        assert started - 1 <= record["time"] <= time.time() + 1, record
+        assert record["client"] == "127.0.0.1", record
+        assert isinstance(record["status"], int) and isinstance(record["bytes"], int), record
+        assert 0 <= record["upstream_time"] <= record["duration"] + 0.01 < 30, record
+        assert record["user"] is None, record
+    get_token_record, post_token, manifest, miss, hit = records
+    assert (get_token_record["method"], get_token_record["path"], get_token_record["status"]) == \
+        ("GET", "/auth/token", 200)
+    assert get_token_record["bytes"] == len(token_body) and get_token_record["upstream_status"] == "200"
+    assert (post_token["method"], post_token["path"], post_token["status"]) == ("POST", "/auth/token", 200)
+    assert manifest["path"] == "/v2/busybox/manifests/latest" and manifest["bytes"] == len(content.index_bytes)
+    assert manifest["cache"] in ("miss", "revalidated") and manifest["upstream_status"] == "200"
+    assert (miss["cache"], miss["upstream_status"], miss["bytes"]) == ("miss", "200", len(content.blobs[layer]))
+    assert miss["upstream_time"] > 0
+    assert (hit["cache"], hit["upstream_status"], hit["upstream_time"]) == ("hit", "-", 0)
+    # Each request was for docker.io, whether or not upstream was asked: a hit names its registry too.
+    assert [record["registry"] for record in records] == ["docker.io"] * 5, records
+    log = d.log()
+    for secret in ["s3cret", ALICE_B64, "Basic ", "Bearer", "scope=", "account=", "grant_type"] + store.all_tokens():
+        assert secret not in log, secret
+
+    u = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users, "--log-format", "json")
+    assert call(u.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 200
+    assert call(u.port, "GET", "/v2/", [("Authorization", basic(MIRROR_USER[0], "wrong"))]).status == 401
+    u.wait_for(r"^\{", 2)
+    assert [(r["user"], r["status"]) for r in json_access_records(u)] == [(MIRROR_USER[0], 200), (None, 401)]
+    assert MIRROR_USER[1] not in u.log() and MIRROR_BASIC[6:] not in u.log()
+
+
+def test_long_transfer_logs_a_start_line_then_an_end_line_with_throughput(start_docxy, registry, content):
+    data = os.urandom(64 * MIB)     # docxy's threshold for "long", exactly
+    digest = sha256_digest(data)
+    repo = content.repos["library/busybox"]
+    repo["blobs"][digest] = content.blobs[digest] = data
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on")
+        token = get_token(d.port, "repository:library/busybox:pull")
+        path = "/v2/busybox/blobs/" + digest
+        start = r'^docxy: 127\.0\.0\.1 "GET %s" started: 64\.0 MiB$' % re.escape(path)
+        end = r'^docxy: 127\.0\.0\.1 "GET %s" 200 %dB (\d+\.\d+)s (\d+\.\d)MiB/s upstream=200$' % (
+            re.escape(path), len(data))
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=20)
+        try:
+            conn.request("GET", path, headers=dict(bearer(token)))
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Content-Length") == str(len(data))
+            hasher = hashlib.sha256(resp.read(MIB))
+            # One MiB in, the rest still on its way: the start line is there, the end line is not.
+            d.wait_for(start)
+            assert not re.search(end, d.log(), re.M), d.log()
+            while True:
+                chunk = resp.read(4 * MIB)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+        finally:
+            conn.close()
+        assert "sha256:" + hasher.hexdigest() == digest
+        seconds, speed = map(float, d.wait_for(end)[0].groups())
+        assert abs(speed * seconds - 64) < 0.5 + 0.05 * speed, (speed, seconds)
+        lines = d.log().splitlines()
+        assert [i for i, l in enumerate(lines) if re.search(start, l)] < \
+            [i for i, l in enumerate(lines) if re.search(end, l)]
+        # A smaller body (8 MiB) gets one line, without a speed.
+        small = "/v2/busybox/blobs/" + content.big_digest
+        assert call(d.port, "GET", small, bearer(token)).status == 200
+        line = logged(d, "GET", small)[0].string
+        assert "MiB/s" not in line and '"GET %s" started' % small not in d.log()
+    finally:
+        del repo["blobs"][digest], content.blobs[digest]
+
+
+def install_pair(folder, certs, chain, key):
+    """Put a certificate and its key where docxy reads them, the way renewals do: new files renamed
+    over the old ones. `chain` or `key` may be a name in `certs` or None to leave that file."""
+    for source, name in ((chain, "cert.pem"), (key, "key.pem")):
+        if source:
+            shutil.copyfile(certs[source], str(folder / (name + ".new")))
+            os.replace(str(folder / (name + ".new")), str(folder / name))
+
+
+def certificate_der(certs, name):
+    with open(certs[name]) as f:
+        return ssl.PEM_cert_to_DER_cert(f.read())
+
+
+def served_certificate(port, certs):
+    """The certificate (DER) a new TLS connection to docxy is given."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with certs["client"].wrap_socket(raw, server_hostname="127.0.0.1") as tls_sock:
+            return tls_sock.getpeercert(binary_form=True)
+
+
+def wait_served(port, certs, der, timeout):
+    deadline = time.monotonic() + timeout
+    while served_certificate(port, certs) != der:
+        assert time.monotonic() < deadline, "the renewed certificate was not served within %ss" % timeout
+        time.sleep(0.05)
+
+
+def reloading_tls_docxy(start_docxy, registry, folder, *extra):
+    return start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
+                       "--cert", str(folder / "cert.pem"), "--key", str(folder / "key.pem"), *extra)
+
+
+def test_certificate_renewed_on_disk_serves_new_connections_while_a_download_finishes_on_the_old(
+        start_docxy, registry, certs, content, tmp_path):
+    install_pair(tmp_path, certs, "rsa-chain.pem", "rsa.key")
+    d = reloading_tls_docxy(start_docxy, registry, tmp_path, "--cert-check-interval", "1")
+    old, new = certificate_der(certs, "rsa.crt"), certificate_der(certs, "ec.crt")
+    assert served_certificate(d.port, certs) == old
+    token = get_token(d.port, "repository:library/busybox:pull", tls=certs["client"])
+    digest, data = content.special["slow"]
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    conn = http.client.HTTPSConnection("127.0.0.1", d.port, timeout=20, context=certs["client"])
+    try:
+        conn.request("GET", "/v2/busybox/blobs/" + digest, headers=dict(bearer(token)))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+        assert conn.sock.getpeercert(binary_form=True) == old
+        install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
+        wait_served(d.port, certs, new, 3.5)
+        assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
+        assert not content.slow_gate.is_set()   # the old download was in flight all along
+        content.slow_gate.set()
+        body = resp.read()
+    finally:
+        content.slow_gate.set()
+        conn.close()
+    assert sha256_digest(body) == digest
+    d.wait_for(r"^docxy: certificate changed on disk: reloaded$")
+    assert d.proc.poll() is None
+    assert len([l for l in d.log().splitlines() if LISTEN_RE.search(l)]) == 1, "docxy restarted its listener"
+
+
+def test_sighup_keeps_the_old_certificate_when_the_new_one_is_broken(start_docxy, registry, certs, tmp_path):
+    install_pair(tmp_path, certs, "rsa-chain.pem", "rsa.key")
+    d = reloading_tls_docxy(start_docxy, registry, tmp_path)
+    old, new = certificate_der(certs, "rsa.crt"), certificate_der(certs, "ec.crt")
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with certs["client"].wrap_socket(socket.create_connection(("127.0.0.1", d.port), timeout=10),
+                                     server_hostname="127.0.0.1") as kept:
+        assert send_and_read(kept, health)[0].status == 200
+        install_pair(tmp_path, certs, "garbage.pem", None)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(r"^docxy: reload refused, the running configuration stays: .*certificate")
+        assert served_certificate(d.port, certs) == old
+        assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
+        install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(r"^docxy: reloaded configuration and certificate$")
+        assert served_certificate(d.port, certs) == new
+        resp, _ = send_and_read(kept, health)     # the connection from before both reloads
+        assert resp.status == 200 and kept.getpeercert(binary_form=True) == old
+    assert d.proc.poll() is None
+
+
+def test_broken_certificate_on_disk_is_refused_and_a_later_good_one_loaded(start_docxy, registry, certs, tmp_path):
+    install_pair(tmp_path, certs, "rsa-chain.pem", "rsa.key")
+    d = reloading_tls_docxy(start_docxy, registry, tmp_path, "--cert-check-interval", "1")
+    old, new = certificate_der(certs, "rsa.crt"), certificate_der(certs, "ec.crt")
+    install_pair(tmp_path, certs, "garbage.pem", None)
+    d.wait_for(r"^docxy: certificate changed on disk but does not load; keeping the old one", timeout=5)
+    assert served_certificate(d.port, certs) == old
+    assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
+    install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
+    wait_served(d.port, certs, new, 3.5)
+
+
+def test_sighup_reloads_users_and_config_file_without_dropping_a_keep_alive_connection(start_docxy, registry,
+                                                                                    users, tmp_path):
+    users_file = tmp_path / "users"
+    shutil.copyfile(users, str(users_file))
+    sections = {"docxy": {"listen": "127.0.0.1:0", "registries": "docker.io", "allow": "127.0.0.1/32"},
+                "docker.io": {"upstream": registry.url, "library": "on"}}
+    cfg = write_config(tmp_path / "docxy.ini", sections)
+    d = start_docxy("--config", cfg, "--users", str(users_file))
+    carol = basic("carol", "Carol-Pass-5150")
+    carol_line = "carol:" + hash_password("Carol-Pass-5150")
+
+    def ping(sock, authorization):
+        return send_and_read(sock, ("GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n\r\n"
+                                    % authorization).encode())[0]
+
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as kept:
+        resp = ping(kept, MIRROR_BASIC)
+        assert resp.status == 200 and not resp.will_close
+        assert call(d.port, "GET", "/v2/", [("Authorization", carol)]).status == 401
+        assert_error(call(d.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)], source="127.0.0.2"), 403, "DENIED")
+        # carol joins, mirror-user leaves, and 127.0.0.2 is let in.
+        kept_lines = [l for l in users_file.read_text().splitlines() if not l.startswith(MIRROR_USER[0] + ":")]
+        users_file.write_text("\n".join(kept_lines + [carol_line]) + "\n")
+        sections["docxy"]["allow"] = "127.0.0.1/32, 127.0.0.2/32"
+        write_config(tmp_path / "docxy.ini", sections)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(r"^docxy: reloaded configuration$")
+        resp = ping(kept, carol)     # the same connection, open across the reload
+        assert resp.status == 200
+    assert call(d.port, "GET", "/v2/", [("Authorization", carol)], source="127.0.0.2").status == 200
+    assert call(d.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 401
+
+
+ACME = "/.well-known/acme-challenge/"
+
+
+def test_acme_webroot_serves_challenge_files_and_refuses_traversal(start_docxy, registry, certs, tmp_path):
+    secrets = {"outside.txt": "SECRET-OUTSIDE-4410", "webroot/root.txt": "SECRET-ROOT-4411",
+               "webroot/.well-known/wk.txt": "SECRET-WELLKNOWN-4412",
+               "webroot/.well-known/acme-challenge/dotted.token": "SECRET-DOTTED-4413"}
+    for name, text in secrets.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    challenge = tmp_path / "webroot" / ".well-known" / "acme-challenge"
+    token = "Kx0_9-abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"
+    (challenge / token).write_text(token + ".thumbprint-of-the-account-key")
+    (challenge / "somedir").mkdir()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"], "--http-redirect", "127.0.0.1:0",
+                    "--acme-webroot", str(tmp_path / "webroot"), redirects=1)
+    port = d.redirect_ports[0]
+    r = raw_request(port, ACME + token)
+    assert r.status == 200 and r.body == (token + ".thumbprint-of-the-account-key").encode()
+    assert r.headers["Content-Type"].startswith("text/plain")
+    r = raw_request(port, ACME + token, method="HEAD")
+    assert r.status == 200 and r.body == b"" and r.headers["Content-Length"] == str(len(token) + 30)
+    outside = str(tmp_path / "outside.txt")
+    attempts = ["../../../outside.txt", "../../root.txt", "../wk.txt", "%2e%2e%2f%2e%2e%2froot.txt",
+                "..%2f..%2froot.txt", "..%2F..%2F..%2Foutside.txt", "%2e%2e/wk.txt", "..\\..\\root.txt",
+                outside, "/" + outside.lstrip("/"), urllib.parse.quote(outside, safe=""), "dotted.token",
+                "somedir", "somedir/", token + "/", token + "/..", "A" * 300, "", ".", "..", token + "%00"]
+    for attempt in attempts:
+        r = raw_request(port, ACME + attempt)
+        assert r.status == 404 and r.body == b"", (attempt, r)
+        assert not any(text.encode() in r.body for text in secrets.values())
+    for path in ("/v2/", "/.well-known/other", "/.well-known/acme-challenge"):
+        r = raw_request(port, path)
+        assert r.status == 301 and r.headers["Location"] == "https://127.0.0.1:%d%s" % (d.port, path), (path, r)
+    assert registry.reqs() == []
+
+
+PUBLIC = "https://mirror.example.test"
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, registry, open_registry, users,
+                                                                    content, tmp_path):
+    secret, operator = "Status-Page-Secret-Zebra-8812", "robot-operator-x9"
+    secret_file = tmp_path / "ghcr-password-file-q3"
+    secret_file.write_text(secret)
+    cache_dir = tmp_path / "cache-dir-q7"
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"listen": "127.0.0.1:0", "registries": "docker.io, ghcr.io", "upstream-timeout": "5"},
+        "docker.io": {"upstream": registry.url, "library": "on"},
+        "ghcr.io": {"upstream": open_registry.url, "username": operator, "password_file": str(secret_file)}})
+    d = start_docxy("--config", cfg, "--users", users, "--cache-dir", str(cache_dir), "--public-url", PUBLIC,
+                    "--trusted-proxy", "127.0.0.1/32", "--allow", "198.51.100.0/24")
+    client = [("X-Forwarded-For", "198.51.100.77")]     # an address nothing else on the page has
+
+    def status(accept, count):
+        r = call(d.port, "GET", "/", client + [("Accept", accept)])     # no login: the page is for people
+        assert r.status == 200, r
+        logged(d, "GET", "/", count)
+        return r
+
+    first = status("application/json", 1)
+    before = first.json()
+    assert before["requests"] == 0 and before["bytes_sent"] == 0 and before["url"] == PUBLIC
+    assert [(r["name"], r["ratelimit_remaining"]) for r in before["registries"]] == [("docker.io", None),
+                                                                                    ("ghcr.io", None)]
+    assert before["cache"]["objects"] == 0 and before["login_required"] is True
+
+    login = client + [("Authorization", MIRROR_BASIC)]
+    assert call(d.port, "GET", "/v2/busybox/manifests/latest", login + [("Accept", MT_INDEX)]).status == 200
+    logged(d, "GET", "/v2/busybox/manifests/latest")
+    layer = content.platform["amd64"]["layers"][0]
+    for count in (1, 2):    # the second once the first is logged, so committed to the cache
+        assert get_blob(d.port, layer, login).status == 200
+        logged(d, "GET", "/v2/busybox/blobs/" + layer, count)
+
+    second = status("application/json", 2)
+    after = second.json()
+    assert after["requests"] == 4
+    assert after["bytes_sent"] == len(first.body) + len(content.index_bytes) + 2 * len(content.blobs[layer])
+    assert after["uptime_seconds"] >= before["uptime_seconds"]
+    assert [(r["name"], r["ratelimit_remaining"]) for r in after["registries"]] == [("docker.io", 76),
+                                                                                   ("ghcr.io", None)]
+    assert after["cache"]["objects"] == 2 and after["cache"]["bytes_served"] == len(content.blobs[layer])
+    assert after["cache"]["size_bytes"] == len(content.index_bytes) + len(content.blobs[layer])
+    assert 0 < after["cache"]["hit_ratio"] < 1
+
+    r = status(BROWSER_ACCEPT, 3)
+    assert r.headers["Content-Type"].startswith("text/html")
+    page = r.body.decode("utf-8")
+    text = html.unescape(page)
+    assert re.search(r"\b%d\s*</b>\s*requests" % (after["requests"] + 1), page), page
+    row = [row for row in re.findall(r"<tr>(.*?)</tr>", page, re.S) if ">docker.io<" in row]
+    assert row and ">76<" in row[0], row
+    assert "%d%%" % round(after["cache"]["hit_ratio"] * 100) in text
+    assert "<script" not in page.lower() and " src=" not in page.lower() and "<link" not in page.lower()
+    assert "@import" not in page and "url(" not in page
+    assert all(href.startswith(("/", "#")) for href in re.findall(r'href="([^"]*)"', page)), page
+    assert 'name="viewport"' in page
+    for snippet in ('"registry-mirrors": ["%s"]' % PUBLIC, 'daemon.json', 'hosts.toml', '[host."%s"]' % PUBLIC,
+                    'capabilities = ["pull", "resolve"]', "Kubernetes", "registries.conf",
+                    'location = "mirror.example.test"', "docker pull mirror.example.test/",
+                    "docker login mirror.example.test", ">docker.io<", ">ghcr.io<"):
+        assert snippet in (text if not snippet.startswith(">") else page), snippet
+    markers = [secret, operator, str(secret_file), str(cache_dir), cache_dir.name, users, cfg, str(tmp_path),
+               "198.51.100.77", MIRROR_USER[0], MIRROR_USER[1], MIRROR_BASIC[6:]]
+    for body in (first.body, second.body, r.body):
+        shown = html.unescape(body.decode("utf-8"))
+        for marker in markers:
+            assert marker not in shown, marker
+
+    for accept in (BROWSER_ACCEPT, "application/json"):
+        denied = call(d.port, "GET", "/", [("X-Forwarded-For", "203.0.113.5"), ("Accept", accept)])
+        assert_error(denied, 403, "DENIED")
+        assert b"registry-mirrors" not in denied.body and b"requests" not in denied.body
+
+
+def test_check_reports_each_problem_on_its_own_line_and_exits_2(tmp_path):
+    cert = str(tmp_path / "missing-cert.pem")
+    code, out, err = run_to_exit(["--check", "--allow", "10.0.0.0/33", "--rate-limit", "lots",
+                                  "--cert", cert, "--key", str(tmp_path / "missing-key.pem")])
+    assert code == 2, (code, out, err)
+    errors = [line for line in (out + err).splitlines() if line.startswith("docxy: error:")]
+    assert len(errors) == 3, out + err
+    for needle in ("--allow", "--rate-limit", cert):
+        assert len([line for line in errors if needle in line]) == 1, (needle, errors)
+    assert "configuration ok" not in out + err and "Traceback" not in out + err
+    assert_not_usage_error(out + err)
+
+
+def test_check_reports_several_problems_of_related_settings_each_on_its_own_line(tmp_path):
+    problems = {"--allow": "10.0.0.0/33", "--trusted-proxy": "not-a-network", "--metrics-allow": "nor-this",
+                "--rate-limit": "lots", "--cache-max-size": "huge", "--cert-check-interval": "0",
+                "--acme-webroot": str(tmp_path / "no-such-dir")}
+    code, out, err = run_to_exit(["--check"] + [part for item in problems.items() for part in item])
+    assert code == 2, (code, out, err)
+    errors = [line for line in (out + err).splitlines() if line.startswith("docxy: error:")]
+    for flag in problems:
+        assert len([line for line in errors if flag in line]) == 1, (flag, errors)
+    assert len(errors) == len(problems), errors
+    assert_not_usage_error(out + err)
+
+
+def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path):
+    secret = "Check-Ops-Secret-7731"
+    (tmp_path / "hub.secret").write_text(secret)
+    (tmp_path / "webroot").mkdir()
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"allow": "10.0.0.0/8", "registries": "docker.io"},
+        "docker.io": {"upstream": "http://127.0.0.1:5001", "username": "alice",
+                      "password_file": str(tmp_path / "hub.secret")}})
+    code, out, err = run_to_exit(["--check", "--config", cfg, "--cert", certs["rsa-chain.pem"], "--key",
+                                  certs["rsa.key"], "--http-redirect", "127.0.0.1:0", "--acme-webroot",
+                                  str(tmp_path / "webroot"), "--metrics-allow", "10.0.0.0/8",
+                                  "--log-format", "json", "--cert-check-interval", "5"])
+    assert code == 0, (out, err)
+    assert "configuration ok" in out
+    assert re.search(r"^registry docker\.io: upstream http://127\.0\.0\.1:5001\b.*\balice\b", out, re.M), out
+    assert re.search(r"tls: yes", out), out
+    assert secret not in out + err and "listening on" not in out + err and "error" not in out + err
 
 
 # ==========================================================================
