@@ -772,6 +772,7 @@ def format_challenge(scheme, params):
 # ---------------------------------------------------------------- cache
 
 TAG_RECORD_VERSION = 1
+NO_TOKEN = "docxy-placeholder"  # handed out where no upstream token can be had; never sent upstream
 OUTAGE_MEMORY = 30.0        # after an upstream failure, stale answers come at once for this long
 PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
 STALE_WARNING = '110 - "Response is Stale"'
@@ -995,6 +996,16 @@ class Cache:
     def tag(self, key):
         with self.lock:
             return self.tags.get(key)
+
+    def tag_for_any_client(self, prefix, accepted):
+        """A record of this tag made for another Accept list, of a type this client accepts."""
+        types = set(accepted.split(","))
+        with self.lock:
+            for key, record in self.tags.items():
+                if key.rsplit("\n", 1)[0] == prefix and (record["type"] in types or not accepted
+                                                         or "*/*" in types):
+                    return record
+        return None
 
     def remember_tag(self, key, digest, media_type, length):
         record = {"version": TAG_RECORD_VERSION, "key": key, "digest": digest, "type": media_type,
@@ -1627,7 +1638,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             # shows, so a placeholder lets clients pull cached images while the realm is down.
             log("token service of %s unreachable, handing out a placeholder: %s" % (registry.name, error.message))
             self.cache_status = "stale"
-            self.send_json(200, {"token": "docxy-offline", "access_token": "docxy-offline", "expires_in": 60},
+            self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 60},
                            self.cache_headers())
 
     def forward_token_request(self, registry, query):
@@ -1641,6 +1652,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             if named and target is registry:
                 target = self.mirror.registry_by_prefix(named[0])[0] or registry
         challenge = self.mirror.challenges.get(target.name) or self.discover_challenge(target)
+        if challenge is None:
+            # A registry without token auth, reached by prefix after docker.io's challenge: the
+            # client still wants a token. A placeholder does; docxy drops it again upstream.
+            return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 300})
         scoped = []
         for key, value in params:
             if key == "scope" and split_scope(value):
@@ -1670,15 +1685,13 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.relay(target, self.command, url, headers, body=body, rewrite_challenge=False)
 
     def discover_challenge(self, registry):
-        """Ask a registry's /v2/ for its challenge: a client may come for a token first."""
+        """Ask a registry's /v2/ for its challenge: a client may come for a token first.
+        None for a registry that uses no tokens."""
         origin, connection, response, _ = fetch(self.mirror.pool, "GET", origin_url(registry.upstream) + "/v2/",
                                                 {"User-Agent": self.server_version})
         challenge = response.getheader("WWW-Authenticate", "")
         discard_body(self.mirror.pool, origin, connection, response)
-        learned = self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
-        if not learned:
-            raise RegistryError(404, "NOT_FOUND", "%s does not use token authentication" % registry.name)
-        return learned
+        return self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
 
     def read_form_body(self, limit=65536):
         length = self.headers.get("Content-Length", "")
@@ -1761,6 +1774,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                     if state == "failed" or ready <= sent:
                         return self.abort_transfer(UpstreamError(502, "coalesced download failed", digest))
                     self.send_file(handle, sent, ready - sent)
+                    cache.count("bytes_served", ready - sent)
                     sent = ready
         except OSError as error:
             self.abort_transfer(error)
@@ -1771,25 +1785,29 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
         HEAD (free on Docker Hub); when upstream fails, the last known manifest is served stale."""
         cache = self.mirror.cache
-        key = "\n".join((registry.name, name, tag, accept_key(self.headers.get_all("Accept") or [])))
+        accepted = accept_key(self.headers.get_all("Accept") or [])
+        key = "\n".join((registry.name, name, tag, accepted))
         record = cache.tag(key)
         status = "hit"
         if not record or time.time() - record["checked"] >= cache.tag_ttl:
-            status = "revalidated"
+            status = "revalidated" if record else "miss"
             own = {k: v for k, v in headers.items() if k != "Authorization"}
+            # During an outage a record made for another client's Accept list will do, if this
+            # client accepts its media type: a fleet of Docker and containerd nodes shares it.
+            fallback = record or cache.tag_for_any_client(key.rsplit("\n", 1)[0], accepted)
             try:
-                if record and cache.down_until.get(registry.name, 0) > time.monotonic():
+                if fallback and cache.down_until.get(registry.name, 0) > time.monotonic():
                     raise UpstreamError(503, "upstream failed moments ago")
                 exchange = self.fetch_upstream(registry, "HEAD", url, own, scope="repository:%s:pull" % name)
             except UpstreamError as error:
-                if not record:
+                if not fallback:
                     raise
                 # A silent upstream costs each request --upstream-timeout: wait once per half minute.
-                cache.down_until.setdefault(registry.name, 0)
-                if cache.down_until[registry.name] <= time.monotonic():
+                if cache.down_until.get(registry.name, 0) <= time.monotonic():
                     cache.down_until[registry.name] = time.monotonic() + OUTAGE_MEMORY
-                    log("serving %s:%s stale: %s" % (name, tag, error.message))
-                exchange, status = None, "stale"
+                    log("upstream %s failed (%s): serving cached tags stale for %gs, %s/%s:%s first"
+                        % (registry.name, error.message, OUTAGE_MEMORY, registry.name, name, tag))
+                exchange, status, record = None, "stale", fallback
             if exchange:
                 response = exchange[2]
                 digest = response.getheader("Docker-Content-Digest", "")
@@ -1916,7 +1934,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         for name in ("Authorization", "Range", "If-None-Match", "If-Range"):
             if self.headers.get(name):
                 headers[name] = self.headers[name]
-        if self.mirror.config.users:
+        if self.mirror.config.users or headers.get("Authorization") == "Bearer " + NO_TOKEN:
             headers.pop("Authorization", None)  # that login was for docxy, not for the upstream
         accept = self.headers.get_all("Accept")
         if accept:
@@ -1944,11 +1962,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                     headers["Authorization"] = login
                     origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
         except UpstreamError as error:
+            self.upstream_status = "error"
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", error.kind)))
             raise
         finally:
             self.upstream_seconds += time.monotonic() - began
         self.upstream_status = str(response.status)
+        if self.mirror.cache and response.status < 500:
+            self.mirror.cache.down_until.pop(registry.name, None)     # it answers again
         if response.status == 429 or response.status >= 500:
             kind = "429" if response.status == 429 else "5xx"
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", kind)))
@@ -2131,7 +2152,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             "bytes_sent": metrics.total("docxy_sent_bytes_total"),
             "registries": [{"name": r.name,
                             # a preset's upstream is public knowledge; a custom one may be internal
-                            "upstream": origin_url(r.upstream) if r.name in PRESETS else "(private)",
+                            "upstream": origin_url(r.upstream)
+                            if r.name in PRESETS and origin_url(r.upstream) == PRESETS[r.name][0] else "(private)",
                             "ratelimit_remaining": metrics.gauges.get(
                                 ("docxy_upstream_ratelimit_remaining", (("registry", r.name),)))}
                            for r in self.mirror.registries.values()],
@@ -2139,8 +2161,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             "cache": None,
         }
         if cache:
-            hits = cache.stats["hits"] + cache.stats["tag_hit"]
-            misses = cache.stats["misses"] + cache.stats["tag_revalidated"]
+            # Answers that cost the upstream nothing, against those that fetched or checked upstream.
+            hits = sum(cache.stats[e] for e in ("hits", "tag_hit", "coalesced", "tag_stale"))
+            misses = sum(cache.stats[e] for e in ("misses", "tag_miss", "tag_revalidated"))
             figures["cache"] = {"size_bytes": cache.size, "max_size_bytes": cache.max_size,
                                 "objects": len(cache.objects), "hit_ratio": round(hits / max(1, hits + misses), 3),
                                 "bytes_served": cache.stats["bytes_served"], "stale_serves": cache.stats["tag_stale"]}
@@ -2462,7 +2485,8 @@ def client_snippet(mirror, listeners):
     default = mirror.default
     lines = ["Docker, /etc/docker/daemon.json (mirrors %s):" % default.name, "  " + json.dumps(docker),
              "containerd, /etc/containerd/certs.d/%s/hosts.toml (likewise for each registry):" % default.name,
-             '  server = "%s"' % origin_url(default.upstream), '  [host."%s"]' % url,
+             '  server = "%s"' % (PRESETS[default.name][0] if default.name in PRESETS else origin_url(default.upstream)),
+             '  [host."%s"]' % url,
              '    capabilities = ["pull", "resolve"]']
     others = [name for name in mirror.registries if name != default.name]
     if others:

@@ -2625,6 +2625,23 @@ def test_token_request_through_registry_realm_reaches_its_token_server(multi, to
     assert len(up) == 1 and up[0].header("Authorization") == "Bearer " + token
 
 
+def test_prefix_pull_from_a_registry_without_tokens_after_docker_hubs_challenge(multi, registry, open_registry,
+                                                                               tokens, content):
+    # `docker pull mirror/ghcr.io/...` sees docker.io's challenge at /v2/ and asks for a token scoped to
+    # ghcr.io, which uses none: a placeholder satisfies the client and never goes upstream.
+    assert call(multi.port, "GET", "/v2/").status == 401
+    r = call(multi.port, "GET", "/auth/token?service=%s&scope=repository%%3Aghcr.io%%2Flibrary%%2Fbusybox%%3Apull"
+             % SERVICE)
+    assert r.status == 200, r
+    placeholder = r.json()["token"]
+    assert tokens.reqs() == []
+    r = call(multi.port, "GET", "/v2/ghcr.io/library/busybox/manifests/latest",
+             bearer(placeholder) + [("Accept", MT_INDEX)])
+    assert r.status == 200 and r.body == content.index_bytes
+    seen = open_registry.reqs(path="/v2/library/busybox/manifests/latest")
+    assert len(seen) == 1 and "Authorization" not in seen[0].headers
+
+
 def test_token_scope_with_registry_prefix_goes_to_that_registrys_token_server(multi, tokens, tokens_b,
                                                                              registry_b, content):
     r = call(multi.port, "GET", "/v2/")
@@ -3633,7 +3650,30 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
                  [("Accept", MT_INDEX), ("Accept", MT_MANIFEST)])
         assert r.status == 200 and sha256_digest(r.body) == digest
     assert time.monotonic() - started < 10
-    assert "serving library/busybox:latest stale" in d.log()
+    assert re.search(r"upstream docker\.io failed .*: serving cached tags stale .* docker\.io/library/busybox:latest",
+                     d.log())
+
+
+def test_outage_serves_a_tag_cached_for_another_clients_accept_list(start_docxy, registry, content, tmp_path):
+    # Docker cached the tag; a containerd node (another Accept list, same index type accepted) pulls
+    # it during the outage.
+    cache_dir = tmp_path / "cache"
+    online = cached_docxy(start_docxy, registry, cache_dir)
+    pull_like_dockerd(online.port)
+    wait_cached(cache_dir, amd64_digests(content))
+    online.stop()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
+                    "--library-prefix", "on", "--cache-dir", str(cache_dir))
+    containerd_accept = [("Accept", "application/vnd.docker.distribution.manifest.v2+json, "
+                          "application/vnd.docker.distribution.manifest.list.v2+json, " + MT_MANIFEST + ", "
+                          + MT_INDEX + ", */*")]
+    r = call(d.port, "GET", "/v2/library/busybox/manifests/latest?ns=docker.io", containerd_accept)
+    assert r.status == 200 and r.body == content.index_bytes
+    assert r.headers["X-Docxy-Cache"] == "stale" and r.headers["Warning"] == '110 - "Response is Stale"'
+    # A client that accepts no index type is not handed one.
+    r = call(d.port, "GET", "/v2/library/busybox/manifests/latest",
+             [("Accept", "application/vnd.docker.distribution.manifest.v1+prettyjws")])
+    assert r.status == 502
 
 
 def test_kill_9_while_caching_then_restart_serves_no_partial_object(start_docxy, registry, content, tmp_path):
