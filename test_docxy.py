@@ -4874,17 +4874,23 @@ class DistributionRegistry:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory):
-    """A real distribution registry holding library/demo:1 (two platforms), pushed with skopeo."""
+def registry_holding(tmp_path_factory, name, repository, tag):
+    """A real distribution registry holding repository:tag (two platforms), pushed with skopeo."""
     need_tool("skopeo")
     need_tool("docker-registry")
-    tmp = tmp_path_factory.mktemp("origin")
-    reg = DistributionRegistry(tmp, "origin")
+    tmp = tmp_path_factory.mktemp(name)
+    reg = DistributionRegistry(tmp, name)
     skopeo = Skopeo(tmp)
-    info, index_digest = build_oci_layout(tmp / "layout", "1")
-    skopeo("copy", "--all", "--dest-tls-verify=false", "oci:%s:1" % (tmp / "layout"),
-           "docker://127.0.0.1:%d/library/demo:1" % reg.port)
+    info, index_digest = build_oci_layout(tmp / "layout", tag)
+    skopeo("copy", "--all", "--dest-tls-verify=false", "oci:%s:%s" % (tmp / "layout", tag),
+           "docker://127.0.0.1:%d/%s:%s" % (reg.port, repository, tag))
+    return reg, skopeo, info, index_digest
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory):
+    """A real distribution registry holding library/demo:1."""
+    reg, skopeo, info, index_digest = registry_holding(tmp_path_factory, "origin", "library/demo", "1")
     yield reg, skopeo, info, index_digest
     reg.stop()
 
@@ -4942,15 +4948,8 @@ def test_distribution_pull_through_cache_via_docxy(origin, start_docxy, tmp_path
 
 @pytest.fixture(scope="module")
 def origin_b(tmp_path_factory):
-    """A second real distribution registry holding team/app:2 (two platforms, other content than origin)."""
-    need_tool("skopeo")
-    need_tool("docker-registry")
-    tmp = tmp_path_factory.mktemp("origin-b")
-    reg = DistributionRegistry(tmp, "origin-b")
-    skopeo = Skopeo(tmp)
-    info, index_digest = build_oci_layout(tmp / "layout", "2")
-    skopeo("copy", "--all", "--dest-tls-verify=false", "oci:%s:2" % (tmp / "layout"),
-           "docker://127.0.0.1:%d/team/app:2" % reg.port)
+    """A second real distribution registry holding team/app:2 (other content than origin)."""
+    reg, _, info, index_digest = registry_holding(tmp_path_factory, "origin-b", "team/app", "2")
     yield reg, info, index_digest
     reg.stop()
 
