@@ -2073,9 +2073,9 @@ def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, regi
     second = socket.create_connection(("127.0.0.1", d.port), timeout=10)
     third = socket.create_connection(("127.0.0.1", d.port), timeout=10)
     try:
-        for sock in (first, second):
-            resp, _ = send_and_read(sock, health)
-            assert resp.status == 200 and not resp.will_close
+        for sock in (first, second):    # both in the middle of a request: each holds a slot
+            sock.sendall(health[:20])
+        time.sleep(0.3)
         third.sendall(health)
         third.settimeout(1.5)
         with pytest.raises(socket.timeout):
@@ -2089,6 +2089,77 @@ def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, regi
     finally:
         for sock in (first, second, third):
             sock.close()
+
+
+def test_idle_keep_alive_connections_give_back_their_slots(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--max-connections", "2",
+                    "--client-timeout", "30")
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    idle = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
+    try:
+        for sock in idle:
+            resp, _ = send_and_read(sock, health)
+            assert resp.status == 200 and not resp.will_close
+        time.sleep(1.0)     # quiet for longer than docxy waits before it parks a connection
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
+            third.settimeout(2)     # with the slots still held, this would wait for 30 s
+            resp, body = send_and_read(third, health)
+            assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+        for sock in idle:           # the parked connections still serve their next requests
+            for _ in range(2):
+                resp, body = send_and_read(sock, health)
+                assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+                time.sleep(0.7)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_parked_tls_connection_serves_its_next_request(tls_docxy, certs):
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    raw = socket.create_connection(("127.0.0.1", tls_docxy.port), timeout=10)
+    with certs["client"].wrap_socket(raw, server_hostname="localhost") as sock:
+        for pause in (1.0, 1.0, 0):
+            resp, body = send_and_read(sock, health)
+            assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+            assert not resp.will_close
+            time.sleep(pause)
+
+
+def test_pipelined_requests_are_all_answered(docxy):
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=10) as sock:
+        sock.sendall(health * 3)
+        answers = sock.makefile("rb")   # one reader: the answers may arrive in one segment
+        for _ in range(3):
+            head = [answers.readline() for _ in range(1)]
+            while head[-1] not in (b"\r\n", b""):
+                head.append(answers.readline())
+            assert head[0].startswith(b"HTTP/1.1 200 "), head
+            length = int(next(line.split(b":")[1] for line in head if line.lower().startswith(b"content-length:")))
+            assert json.loads(answers.read(length)) == {"status": "ok"}
+
+
+def test_request_split_across_a_pause_is_not_lost(docxy):
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=10) as sock:
+        resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert resp.status == 200
+        sock.sendall(b"GET /hea")
+        time.sleep(1.0)             # docxy parks the connection with half a request line read
+        sock.sendall(b"lth HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
+
+
+def test_parked_connection_is_closed_after_client_timeout(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--client-timeout", "2")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert resp.status == 200 and not resp.will_close
+        started = time.monotonic()
+        assert sock.recv(1) == b""      # docxy closed it
+        assert 1.5 < time.monotonic() - started < 6
 
 
 def not_served(port):
@@ -2105,6 +2176,19 @@ def not_served(port):
         return True
     finally:
         sock.close()
+
+
+def test_sigterm_closes_parked_keep_alive_connections_and_exits_at_once(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--drain-seconds", "20")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert resp.status == 200 and not resp.will_close
+        time.sleep(1.0)         # parked by now
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+        assert time.monotonic() - started < 5, "docxy waited for an idle client"
+        assert sock.recv(1) == b""
 
 
 def test_sigterm_drains_inflight_transfer_and_exits_zero(start_docxy, registry, content):
