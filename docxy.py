@@ -2477,24 +2477,56 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
 PARK_AFTER = 0.5    # seconds of silence before a keep-alive connection gives up its thread
 
 
+def open_file_limit():
+    """Raise the soft limit on open files to the hard one (capped at 65536), as Go and nginx
+    setups do; parked connections are bounded by what is left. Returns the limit."""
+    try:
+        import resource     # Unix only
+    except ImportError:
+        return 2048
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return 65536 if soft == resource.RLIM_INFINITY else soft
+
+
+def parking_capacity(config):
+    # Descriptors the rest needs: each served client and its upstream connection, the
+    # upstream pool, and some for listeners, cache files and logs.
+    return max(16, open_file_limit() - 2 * config.max_connections - IDLE_TOTAL - 64)
+
+
 class IdleConnections:
     """Keep-alive connections between requests, held in one selector instead of a thread each.
 
     A thread waiting in a read holds its stack and, over TLS, OpenSSL's state in its own malloc
     arena: 500 idle TLS clients cost 48 MiB that way and 26 MiB parked (measured). Parked
     connections do not hold a --max-connections slot either. When one becomes readable it goes
-    back to its listener like a new connection; after --client-timeout of silence it is closed.
+    back to its listener like a new connection; after --client-timeout of silence it is closed,
+    and so is the longest-quiet one when more are parked than there are file descriptors for.
     """
 
-    def __init__(self, timeout):
-        self.timeout = timeout
+    def __init__(self, timeout, capacity):
+        self.timeout, self.capacity = timeout, capacity
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
         threading.Thread(target=self.run, name="idle", daemon=True).start()
 
     def park(self, listener, sock, address, quiet_since):
+        oldest = None
         with self.lock:
+            keys = self.selector.get_map()
+            if len(keys) >= self.capacity:  # full: the longest-quiet client reconnects when it must
+                oldest = min(keys.values(), key=lambda key: key.data[2])
+                self.selector.unregister(oldest.fileobj)
             self.selector.register(sock, selectors.EVENT_READ, (listener, address, quiet_since))
+        if oldest:
+            oldest.fileobj.close()
 
     def run(self):
         while True:
@@ -2525,10 +2557,6 @@ class IdleConnections:
                 self.selector.unregister(key.fileobj)
         for key in keys:
             key.fileobj.close()
-
-    def __len__(self):
-        with self.lock:
-            return len(self.selector.get_map())
 
 
 class Listener(http.server.ThreadingHTTPServer):
@@ -2620,7 +2648,7 @@ def open_listeners(mirror):
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
         listeners.append(Listener(config.http_redirect, RedirectHandler, mirror))
-    mirror.idle_connections = IdleConnections(config.client_timeout)
+    mirror.idle_connections = IdleConnections(config.client_timeout, parking_capacity(config))
     return listeners
 
 

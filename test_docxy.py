@@ -760,13 +760,13 @@ def clean_env(extra=None):
 class Docxy:
     """docxy.py as a subprocess; stdout/stderr lines are collected by background threads."""
 
-    def __init__(self, args, env=None, listeners=1, redirects=0):
+    def __init__(self, args, env=None, listeners=1, redirects=0, preexec_fn=None):
         if not os.path.exists(DOCXY):
             pytest.fail("docxy.py not found at %s" % DOCXY)
         self.args = list(args)
         self.proc = subprocess.Popen([sys.executable, DOCXY] + self.args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=clean_env(env), cwd=HERE)
+                                     env=clean_env(env), cwd=HERE, preexec_fn=preexec_fn)
         self.lines, self.out = [], []
         self.cond = threading.Condition()
         self.open_pipes = 2
@@ -2110,6 +2110,41 @@ def test_idle_keep_alive_connections_give_back_their_slots(start_docxy, registry
                 resp, body = send_and_read(sock, health)
                 assert resp.status == 200 and json.loads(body) == {"status": "ok"}
                 time.sleep(0.7)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_parked_connections_are_bounded_by_the_open_file_limit(start_docxy, registry):
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    # room for 400 - 2 * 8 (served clients and their upstreams) - 256 (upstream pool) - 64 = 64
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--max-connections", "8",
+                    preexec_fn=few_files)
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    idle = []
+    try:
+        for _ in range(80):
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            idle.append(sock)
+            assert send_and_read(sock, health)[0].status == 200
+        time.sleep(1.5)     # all parked, and the longest-quiet ones closed to make room
+
+        def closed(sock):
+            sock.setblocking(False)
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:
+                return False
+            finally:
+                sock.setblocking(True)
+
+        assert [closed(sock) for sock in idle] == [True] * 16 + [False] * 64
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as new:
+            assert send_and_read(new, health)[0].status == 200
+        for sock in idle[16::8]:
+            assert send_and_read(sock, health)[0].status == 200
     finally:
         for sock in idle:
             sock.close()
