@@ -2548,7 +2548,11 @@ class IdleConnections:
                 key.fileobj.close()
             for key in woken:
                 listener, address, _ = key.data
-                listener.process_request(key.fileobj, address)
+                try:
+                    listener.process_request(key.fileobj, address)
+                except Exception as error:     # e.g. no thread to be had: this client, not all
+                    log("could not serve a parked connection from %s: %s" % (address[0], error))
+                    key.fileobj.close()
 
     def close_all(self):
         with self.lock:
