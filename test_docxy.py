@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tarfile
@@ -154,7 +155,8 @@ class Content:
             "layers": [], "annotations": {"padding": "x" * 128 * KIB}}, tags=("truncated",))
         self.truncated_manifest = busybox["manifests"][big_manifest["digest"]][1]
 
-        for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("slow", 2 * MIB),
+        for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("corrupt-large", 12 * MIB),
+                           ("slow", 2 * MIB),
                            ("chain5", 64 * KIB), ("chain6", 64 * KIB), ("loop", 16 * KIB)):
             data = os.urandom(size)
             self.special[kind] = (sha256_digest(data), data)
@@ -491,7 +493,7 @@ class RegistryHandler(RecordingHandler):
             return self.redirect(307, "%s/chain/%d/%s" % (self.fake.url, hops - 1, digest))
         if kind == "loop":
             return self.redirect(307, "%s/loop/%s" % (self.fake.url, digest))
-        if kind == "corrupt":
+        if kind.startswith("corrupt"):
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
@@ -1839,10 +1841,35 @@ def test_truncated_manifest_by_tag_never_looks_complete(docxy, token, content):
     assert data.startswith(partial)
 
 
-def test_blob_not_matching_its_digest_never_delivered_complete(docxy, token, content):
-    digest, data = content.special["corrupt"]
+@pytest.mark.parametrize("kind", ["corrupt", "corrupt-large"])
+def test_blob_not_matching_its_digest_never_delivered_complete(kind, docxy, token, content):
+    """corrupt-large is hashed on a second thread while it is sent (bodies over 8 MiB)."""
+    digest, data = content.special[kind]
     partial = read_expecting_incomplete(docxy.port, "/v2/busybox/blobs/" + digest, bearer(token), len(data))
     assert len(partial) < len(data)
+    assert data[:len(partial)] == partial
+
+
+def thread_count(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def test_hashing_thread_ends_with_the_transfer_a_client_abandons(start_docxy, registry, content):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--upstream-timeout", "5")
+    r = call(d.port, "GET", "/v2/library/busybox/blobs/" + content.big_digest)
+    assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+    time.sleep(0.2)
+    before = thread_count(d.proc.pid)
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        sock.sendall(b"GET /v2/library/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % content.big_digest.encode())
+        assert sock.recv(65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()        # a reset: docxy's next write fails mid-body
+    deadline = time.monotonic() + 10
+    while thread_count(d.proc.pid) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thread_count(d.proc.pid) <= before
 
 
 def test_manifest_not_matching_its_digest_never_delivered_complete(docxy, token, content):
