@@ -55,6 +55,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+HASH_ROW = "sha256 alone (in memory)"
+
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -192,6 +194,37 @@ def cpu_seconds(pids):
         except (OSError, IndexError, ValueError):
             pass
     return total / CLK_TCK
+
+
+def machine_cpu():
+    """(busy, all) CPU seconds of the whole machine so far, from /proc/stat: every process
+    counts, the load client and the upstream too."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]            # idle and iowait
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
+
+
+def busy_share(before, after):
+    """How much of the machine's CPU was busy between two machine_cpu() readings (0..1)."""
+    if not before or not after or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def hash_speed(size, chunk=MiB):
+    """sha256 over `size` bytes in memory on one core (MiB/s, CPU s/GiB): the ceiling of
+    any proxy that checks one stream's digest on the way through."""
+    block = os.urandom(chunk)
+    hasher = hashlib.sha256()
+    cpu0, start = time.process_time(), time.perf_counter()
+    for _ in range(size // chunk):
+        hasher.update(block)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return size / MiB / seconds, cpu / (size / GiB)
 
 
 def status_kib(pid, field):
@@ -701,6 +734,8 @@ def client_get(spec):
             barrier.wait()
             buffer = bytearray(MiB)
             view = memoryview(buffer)
+            if number == 0:
+                machine[0] = machine_cpu()
             result["start"] = time.perf_counter()
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
@@ -718,11 +753,13 @@ def client_get(spec):
         finally:
             connection.close()
 
+    machine = [None]
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    busy = busy_share(machine[0], machine_cpu())
     starts = [r["start"] for r in results if r["start"]]
     ends = [r["end"] for r in results if r["end"]]
     seconds = (max(ends) - min(starts)) if starts and ends else None
@@ -730,7 +767,7 @@ def client_get(spec):
             "statuses": sorted(set(r["status"] for r in results if r["status"] is not None)),
             "cache": sorted(set(r["cache"] for r in results if r["cache"])),
             "errors": sorted(set(r["error"] for r in results if r["error"]))[:3],
-            "short": sum(1 for r in results if r["bytes"] != spec.get("expect", r["bytes"]))}
+            "short": sum(1 for r in results if r["bytes"] != spec.get("expect", r["bytes"])), "busy": busy}
 
 
 def client_pull(spec):
@@ -1016,6 +1053,10 @@ def summary(values, digits=0, suffix=""):
     return "%s [%s–%s]%s" % (fmt % statistics.median(values), fmt % min(values), fmt % max(values), suffix)
 
 
+def percent(values):
+    return summary({key: 100 * value for key, value in values.items() if value is not None}, 0, "%")
+
+
 def median(values):
     values = [v for v in (values.values() if isinstance(values, dict) else values) if v is not None]
     return statistics.median(values) if values else None
@@ -1204,6 +1245,7 @@ class Bench:
         finally:
             peak = sampler.finish()
         cpu = cpu_seconds(pids) - cpu0
+        self.last_busy = answer.get("busy")
         if answer["errors"] or answer["statuses"] != [status] or answer["short"] or answer["bytes"] != size:
             raise RuntimeError("GET %s: statuses %s, %d of %d bytes, %d short streams, errors %s" % (
                 path, answer["statuses"], answer["bytes"], size, answer["short"], answer["errors"]))
@@ -1237,12 +1279,12 @@ class Bench:
             def run():
                 target = self.targets[name]
                 mibs, cpu, _, cache = self.get(target, path, 1, headers, size, status)
-                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu)
+                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu, busy=self.last_busy)
                 if expect_cache and cache != expect_cache:
                     self.results.note(measure, "", row, "round %d: X-Docxy-Cache was %r, not %r"
                                       % (rnd, cache, expect_cache))
-                say("  blob %-26s %8.0f MiB/s  %.2f CPU s/GiB%s" % (row, mibs, cpu,
-                                                                   "  cache=" + cache if cache else ""))
+                say("  blob %-26s %8.0f MiB/s  %.2f CPU s/GiB  machine %3.0f%% busy%s" % (
+                    row, mibs, cpu, 100 * (self.last_busy or 0), "  cache=" + cache if cache else ""))
             self.attempt(measure, "", row, rnd, run)
 
         def registry_pair():
@@ -1271,6 +1313,12 @@ class Bench:
                 units.append(lambda name=name, row=row: plain(row, name))
         if self.have("docxy"):
             units.append(lambda: plain("docxy (range, unverified)", "docxy", {"Range": "bytes=0-"}, 206))
+
+        def ceiling():
+            mibs, cpu = hash_speed(size)
+            self.results.put(measure, "", HASH_ROW, rnd, mibs=mibs, cpu=cpu, busy=None)
+            say("  blob %-26s %8.0f MiB/s  %.2f CPU s/GiB" % (HASH_ROW, mibs, cpu))
+        units.append(ceiling)
         if self.have("registry"):
             units.append(registry_pair)
         if self.have("docxy-cache"):
@@ -1289,12 +1337,12 @@ class Bench:
         def run(row, name, expect_cache=None):
             def go():
                 mibs, cpu, peak, cache = self.get(self.targets[name], path, streams, None, size)
-                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu, rss=peak)
+                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu, rss=peak, busy=self.last_busy)
                 if expect_cache and cache != expect_cache:
                     self.results.note(measure, "", row, "round %d: X-Docxy-Cache was %r, not %r"
                                       % (rnd, cache, expect_cache))
-                say("  %dx %-26s %8.0f MiB/s  peak RSS %5.1f MiB  %.2f CPU s/GiB%s" % (
-                    streams, row, mibs, peak, cpu, "  cache=" + cache if cache else ""))
+                say("  %dx %-26s %8.0f MiB/s  peak RSS %5.1f MiB  %.2f CPU s/GiB  machine %3.0f%% busy%s" % (
+                    streams, row, mibs, peak, cpu, 100 * (self.last_busy or 0), "  cache=" + cache if cache else ""))
             self.attempt(measure, "", row, rnd, go)
 
         def registry_hit():
@@ -1623,7 +1671,8 @@ class Bench:
         selected = self.args.measures
         if "blob" in selected:
             rows = ["direct", "nginx", "nginx (https)", "registry (miss)", "registry (hit)", "docxy",
-                    "docxy (range, unverified)", "docxy (https)", "docxy-cache (miss)", "docxy-cache (hit)"]
+                    "docxy (range, unverified)", "docxy (https)", "docxy-cache (miss)", "docxy-cache (hit)",
+                    HASH_ROW]
             registry_ref = {"docxy-cache (miss)": "registry (miss)", "docxy-cache (hit)": "registry (hit)",
                             "docxy": "registry (miss)"}
             body = []
@@ -1634,12 +1683,18 @@ class Bench:
                              ratio("blob", "", row, "mibs", "nginx (https)" if https_of(row) else "nginx"),
                              ratio("blob", "", row, "mibs", "direct"),
                              ratio("blob", "", row, "mibs", registry_ref.get(row)),
-                             summary(res.series("blob", "", row, "cpu"), 2)))
+                             summary(res.series("blob", "", row, "cpu"), 2),
+                             percent(res.series("blob", "", row, "busy"))))
             w("")
             w("%s: %d MiB, client reads with readinto into a 1 MiB buffer, own process"
               % (MEASURE_TITLES["blob"], sizes["big"] // MiB))
-            w(table(("target", "MiB/s", "× nginx*", "× direct", "× registry**", "server CPU s/GiB"), body))
+            w(table(("target", "MiB/s", "× nginx*", "× direct", "× registry**", "server CPU s/GiB", "machine busy"),
+                    body))
             w("  * https rows vs nginx (https).  ** cache rows vs the registry's miss/hit; docxy vs registry (miss)")
+            w("  machine busy: the share of all cores in use while the bytes flowed, load client and upstream included.")
+            w("  %s: no server; the bench itself hashes the blob's size in memory on one core. No proxy that"
+              % HASH_ROW)
+            w("  checks a stream's sha256 on the way through can pass that stream faster.")
             w("  registry (miss): distribution 2.8 streams the blob to the client and fetches it a second time in the")
             w("  background to store it; its hit is measured once that stored copy exists. docxy-cache (miss) writes")
             w("  what it streams: see 'file writes' under machine for this disk's page-cache write speed")
@@ -1656,10 +1711,12 @@ class Bench:
                              ratio("concurrent", "", row, "mibs", "nginx (https)" if https_of(row) else "nginx"),
                              ratio("concurrent", "", row, "mibs", "direct"),
                              summary(res.series("concurrent", "", row, "rss"), 1),
-                             summary(res.series("concurrent", "", row, "cpu"), 2)))
+                             summary(res.series("concurrent", "", row, "cpu"), 2),
+                             percent(res.series("concurrent", "", row, "busy"))))
             w("")
             w("%s: %d × %d MiB at once" % (MEASURE_TITLES["concurrent"], sizes["streams"], sizes["mid"] // MiB))
-            w(table(("target", "aggregate MiB/s", "× nginx*", "× direct", "peak RSS MiB", "server CPU s/GiB"), body))
+            w(table(("target", "aggregate MiB/s", "× nginx*", "× direct", "peak RSS MiB", "server CPU s/GiB",
+                     "machine busy"), body))
             w("  * https rows vs nginx (https). Peak RSS: all server processes (nginx: master + workers), "
               "VmHWM reset before each run")
             out.extend(notes_for("concurrent", rows))
