@@ -1584,6 +1584,27 @@ def test_post_token_forwarded_with_form_body(docxy, tokens, content):
     assert r.status == 200 and sha256_digest(r.body) == content.private["manifest"]
 
 
+def test_post_token_with_expect_100_continue_gets_continue_before_sending_the_form(docxy, tokens):
+    """curl and some token clients send Expect: 100-continue and wait for the interim answer."""
+    call(docxy.port, "GET", "/v2/")
+    form = urllib.parse.urlencode([("grant_type", "password"), ("username", "alice"), ("password", "s3cret"),
+                                   ("scope", "repository:acme/private:pull"), ("service", SERVICE),
+                                   ("client_id", "docker")]).encode()
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(form))
+        sock.settimeout(3)
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(form)
+        reply = b""
+        while b"access_token" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
+
+
 # ==========================================================================
 # Upstream client: forwarding of requests and responses
 # ==========================================================================
@@ -1843,11 +1864,14 @@ def test_truncated_manifest_by_tag_never_looks_complete(docxy, token, content):
 
 @pytest.mark.parametrize("kind", ["corrupt", "corrupt-large"])
 def test_blob_not_matching_its_digest_never_delivered_complete(kind, docxy, token, content):
-    """corrupt-large is hashed on a second thread while it is sent (bodies over 8 MiB)."""
+    """corrupt-large is hashed on a second thread while it is sent (bodies over 8 MiB);
+    corrupt (200 KiB) fits one buffer and is checked before any of it is sent."""
     digest, data = content.special[kind]
     partial = read_expecting_incomplete(docxy.port, "/v2/busybox/blobs/" + digest, bearer(token), len(data))
     assert len(partial) < len(data)
     assert data[:len(partial)] == partial
+    if kind == "corrupt":
+        assert partial == b""
 
 
 def thread_count(pid):
@@ -1877,7 +1901,27 @@ def test_manifest_not_matching_its_digest_never_delivered_complete(docxy, token,
     served = content.served_instead[digest]
     partial = read_expecting_incomplete(docxy.port, "/v2/busybox/manifests/" + digest,
                                         bearer(token) + [("Accept", MT_MANIFEST)], len(served))
-    assert len(partial) < len(served)
+    assert partial == b""
+
+
+def test_small_answer_leaves_with_its_head_in_one_send(docxy, token, content):
+    """The head waits for the body: one send per manifest instead of two or three (a verified
+    body used to go as head, all but its last byte, then that byte)."""
+    digest = content.platform["amd64"]["manifest"]
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
+        sock.sendall(("GET /v2/busybox/manifests/%s HTTP/1.1\r\nHost: x\r\nAccept: %s\r\n"
+                      "Authorization: Bearer %s\r\n\r\n" % (digest, MT_MANIFEST, token)).encode())
+        sock.settimeout(3)
+        first = sock.recv(1 << 20)
+        time.sleep(0.2)                 # anything sent separately has arrived by now
+        sock.setblocking(False)
+        try:
+            rest = sock.recv(1 << 20)
+        except BlockingIOError:
+            rest = b""
+    head, _, body = first.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert rest == b"" and sha256_digest(body) == digest
 
 
 # ==========================================================================
