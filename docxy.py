@@ -1343,6 +1343,7 @@ class Mirror:
         self.connections = {}               # socket -> handler, to close idle ones when draining
         self.idle_connections = None        # IdleConnections, once there are listeners
         self.lock = threading.Lock()
+        self.date = (0, "")                 # (second, its Date header): see date_time_string
 
     def configure(self, config):
         """Take a configuration's registries and access rules: at start, and on a reload."""
@@ -1545,6 +1546,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.mirror = self.server.mirror
         self.connection = self.request
         self.connection.settimeout(self.mirror.config.client_timeout)
+        self.peer = plain_address(self.client_address[0])
+        self.peer_text = str(self.peer)
         self.reader = DeadlineReader(self.connection, self.mirror.config.client_timeout)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.wfile = ResponseWriter(self.connection)
@@ -1633,13 +1636,12 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     # -- who is asking
 
     def trusted_peer(self):
-        peer = plain_address(self.client_address[0])
-        return any(peer in network for network in self.mirror.config.trusted_proxy)
+        return any(self.peer in network for network in self.mirror.config.trusted_proxy)
 
     def forwarded_client(self):
         """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
         X-Forwarded-For entry that is not itself a trusted proxy."""
-        client = str(plain_address(self.client_address[0]))
+        client = self.peer_text
         if not self.trusted_peer():
             return client
         for hop in reversed(",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")):
@@ -2403,6 +2405,15 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     def send_response(self, code, message=None):
         self.status = code
         super().send_response(code, message)
+
+    def date_time_string(self, timestamp=None):
+        # Formatted once a second, not once an answer (email.utils costs ~2% of a manifest GET).
+        now = int(time.time() if timestamp is None else timestamp)
+        second, text = self.mirror.date
+        if second != now:
+            text = super().date_time_string(now)
+            self.mirror.date = (now, text)
+        return text
 
     def flush_headers(self):
         # A final answer's head goes out with its body (ResponseWriter); "100 Continue",
