@@ -671,6 +671,28 @@ def passes_header(name):
     return name in PASSED_HEADERS or name.startswith("ratelimit-")
 
 
+def address_scope(host):
+    """The kind of network an address is in: "public", "loopback", "link-local" (where cloud
+    metadata services answer) or "private" (every other range that is not public).
+    None for a host name; "localhost" is loopback whatever resolves it."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return "loopback" if host.lower().rstrip(".") == "localhost" else None
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    return "public" if ip.is_global else "private"
+
+
+def refused_scope(origin, scope):
+    return UpstreamError(502, "upstream redirected into a network docxy does not enter; refused",
+                         "%s is a %s address" % (origin.host, scope), "redirect")
+
+
 class ConnectionPool:
     """Idle upstream connections, reused so that a pull costs one TLS handshake, not dozens.
     New connections go through the HTTPS_PROXY / HTTP_PROXY of the environment unless
@@ -680,18 +702,36 @@ class ConnectionPool:
         self.timeout, self.tls_context, self.ipv4_only = timeout, tls_context, ipv4_only
         self.proxies = urllib.request.getproxies_environment()
         self.idle = {}          # Origin -> [(connection, idle since)]
+        self.scopes = {}        # Origin -> the scope of the address it was last reached at
         self.lock = threading.Lock()
 
-    def get(self, origin):
-        """A connected connection to origin: a pooled one, or a new one. Says which."""
+    def get(self, origin, within=None):
+        """A connected connection to origin: a pooled one, or a new one. Says which.
+        `within`: the scopes (see address_scope) the connection may lead into; None: any.
+        An address literal is checked before connecting, where a name led after: so a name
+        that resolves one way for a check and another way for the connection cannot slip by."""
+        if within and address_scope(origin.host) not in (None,) + within:
+            raise refused_scope(origin, address_scope(origin.host))
         with self.lock:
             stack = self.idle.get(origin, [])
             while stack:
                 connection, since = stack.pop()
                 if time.monotonic() - since < IDLE_SECONDS:
-                    return connection, True
+                    return self.checked(origin, connection, within), True
                 connection.close()
-        return self.connect(origin), False
+        return self.checked(origin, self.connect(origin), within), False
+
+    def checked(self, origin, connection, within):
+        if within and connection.docxy_scope not in within:
+            connection.close()
+            raise refused_scope(origin, connection.docxy_scope)
+        return connection
+
+    def reachable_from(self, home):
+        """Where a hop away from a registry's own host may lead: public addresses, and the kind
+        of network the registry itself is in (a registry on a private network may send docxy
+        to its storage there). Link-local is never among them unless the registry is too."""
+        return ("public", address_scope(home.host) or self.scopes.get(home, "public"))
 
     def proxy_for(self, origin):
         proxy = self.proxies.get(origin.scheme)
@@ -729,6 +769,10 @@ class ConnectionPool:
             raise UpstreamError(502, "upstream unreachable",
                                 "%s: %s" % (origin.host, error.strerror or error), "connect")
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Through a proxy, the proxy resolves names: docxy cannot see where they lead.
+        connection.docxy_scope = address_scope(origin.host) or (
+            "public" if proxy else address_scope(connection.sock.getpeername()[0]))
+        self.scopes[origin] = connection.docxy_scope
         return connection
 
     def put(self, origin, connection):
@@ -765,10 +809,10 @@ def connect_ipv4(address, timeout, source_address=None):
     raise error or OSError("no IPv4 address for %s" % address[0])
 
 
-def send_once(pool, origin, method, target, headers, body):
+def send_once(pool, origin, method, target, headers, body, within=None):
     """One request/response exchange; a stale pooled connection is retried once on a new one."""
     while True:
-        connection, reused = pool.get(origin)
+        connection, reused = pool.get(origin, within)
         try:
             connection.request(method, getattr(connection, "docxy_prefix", "") + target, body=body,
                                headers=dict(headers, **getattr(connection, "docxy_headers", {})))
@@ -782,12 +826,15 @@ def send_once(pool, origin, method, target, headers, body):
                 raise UpstreamError(502, "upstream failed", "%s: %s" % (origin.host, error))
 
 
-def fetch(pool, method, url, headers, body=None):
+def fetch(pool, method, url, headers, body=None, home=None):
     """Send a request upstream and follow redirects the way a registry client must.
 
     Returns (origin, connection, response, first_hop_headers). Authorization and
     Cookie are only sent to the host they were meant for; the scheme never drops
-    from https to http.
+    from https to http. `home` is the origin of the registry the request is for:
+    any other host (a CDN, a token realm) must be at an address the registry may
+    send docxy to (ConnectionPool.reachable_from), so an upstream cannot point docxy
+    at a metadata service or an internal network.
     """
     first_hop_headers = []
     headers = dict(headers)
@@ -795,7 +842,8 @@ def fetch(pool, method, url, headers, body=None):
         parts = urllib.parse.urlsplit(url)
         origin = Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        connection, response = send_once(pool, origin, method, target, headers, body)
+        within = pool.reachable_from(home) if home and origin != home else None
+        connection, response = send_once(pool, origin, method, target, headers, body, within)
         location = response.getheader("Location")
         if response.status not in REDIRECTS or not location:
             return origin, connection, response, first_hop_headers
@@ -1837,7 +1885,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         """Ask a registry's /v2/ for its challenge: a client may come for a token first.
         None for a registry that uses no tokens."""
         origin, connection, response, _ = fetch(self.mirror.pool, "GET", origin_url(registry.upstream) + "/v2/",
-                                                {"User-Agent": self.server_version})
+                                                {"User-Agent": self.server_version}, home=registry.upstream)
         challenge = response.getheader("WWW-Authenticate", "")
         discard_body(self.mirror.pool, origin, connection, response)
         return self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
@@ -2062,7 +2110,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if registry.username:
             headers["Authorization"] = basic_authorization(registry)
         origin, connection, response, _ = fetch(self.mirror.pool, "GET", realm + (
-            "&" if "?" in realm else "?") + urllib.parse.urlencode(query), headers)
+            "&" if "?" in realm else "?") + urllib.parse.urlencode(query), headers, home=registry.upstream)
         try:
             body = response.read(1 << 20) if response.status == 200 else b""
         finally:
@@ -2108,13 +2156,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.registry_name = registry.name
         began = time.monotonic()
         try:
-            origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+            origin, connection, response, first_hop = fetch(pool, method, url, headers, body, registry.upstream)
             if scope and response.status == 401 and origin == registry.upstream:
                 login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
                 if login:
                     discard_body(pool, origin, connection, response)
                     headers["Authorization"] = login
-                    origin, connection, response, first_hop = fetch(pool, method, url, headers, body)
+                    origin, connection, response, first_hop = fetch(pool, method, url, headers, body,
+                                                                    registry.upstream)
         except UpstreamError as error:
             self.upstream_status = "error"
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", error.kind)))

@@ -43,6 +43,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 import urllib.parse
 
 import pytest
@@ -652,11 +653,20 @@ class ProxyHandler(RecordingHandler):
             return self.tunnel()
         return self.forward()
 
+    def destination(self, host, port):
+        """Where a target really is: fake.routes maps names to loopback fakes; any other host
+        that is not a loopback address is never connected to (None)."""
+        routed = getattr(self.fake, "routes", {}).get(host)
+        if routed:
+            split = urllib.parse.urlsplit(routed)
+            return split.hostname, split.port
+        return (host, port) if host in ("127.0.0.1", "127.0.0.2", "::1", "localhost") else None
+
     def tunnel(self):
         host, _, port = self.path.rpartition(":")
         try:
-            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
-        except (OSError, ValueError):
+            upstream = socket.create_connection(self.destination(host.strip("[]"), int(port)), timeout=10)
+        except (OSError, ValueError, TypeError):
             self.close_connection = True
             return self.send_bytes(502, b"cannot connect", "text/plain")
         self.close_connection = True
@@ -680,7 +690,10 @@ class ProxyHandler(RecordingHandler):
         split = urllib.parse.urlsplit(self.path)
         if split.scheme != "http" or not split.hostname:
             return self.send_bytes(400, b"absolute-form http:// target expected", "text/plain")
-        conn = http.client.HTTPConnection(split.hostname, split.port or 80, timeout=10)
+        destination = self.destination(split.hostname, split.port or 80)
+        if destination is None:
+            return self.send_bytes(502, b"not reachable from the tests", "text/plain")
+        conn = http.client.HTTPConnection(*destination, timeout=10)
         try:
             target = split.path + ("?" + split.query if split.query else "")
             conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
@@ -3469,6 +3482,70 @@ def test_https_proxy_tunnels_tls_upstream_with_connect(proxy, start_docxy, tls_r
     assert all(q.header("Proxy-Authorization") == proxy.auth for q in seen)
     assert len(tls_registry.reqs(prefix="/v2/library/busybox/manifests/")) == 2
     assert_no_proxy_secret(d)
+
+
+@pytest.mark.parametrize("location", ["http://10.1.2.3", "http://169.254.169.254", "http://[fd00::1]:8080",
+                                      "http://127.0.0.1:9", "http://[::ffff:10.0.0.1]"])
+def test_public_registry_cannot_redirect_docxy_into_a_private_network(location, start_docxy, content, store):
+    """A registry at a public name (reached here through the fake proxy, which plays the
+    internet) redirects a blob to a metadata service, a private network or loopback: docxy
+    refuses before it sends anything there."""
+    inner = FakeServer(RegistryHandler, content=content, cdn=types.SimpleNamespace(url=location), store=store,
+                       token_url=None, auth=False)
+    internet = FakeServer(ProxyHandler, auth=None, routes={"registry.example": inner.url})
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://registry.example",
+                        env={"HTTP_PROXY": internet.url})
+        r = index_request(d.port, LIB_PATH)
+        assert r.status == 200 and r.body == content.index_bytes
+        digest = content.platform["amd64"]["layers"][0]
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+        assert_error(r, 502, {"UNAVAILABLE", "UNKNOWN"})
+        assert "network docxy does not enter" in r.body.decode()
+        host = urllib.parse.urlsplit(location).hostname
+        assert re.search(r"does not enter; refused \(%s is a (private|loopback|link-local) address\)" % re.escape(host),
+                         d.log()), d.log()
+        targets = [q.target for q in internet.reqs()]
+        assert targets and all(t.startswith("http://registry.example:80/") for t in targets), targets
+        assert len(inner.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 1
+    finally:
+        internet.close()
+        inner.close()
+
+
+def test_registry_on_loopback_cannot_redirect_docxy_into_a_private_network(start_docxy, content, store):
+    """Loopback to loopback stays allowed (the fake Docker Hub on 127.0.0.1 sends every blob to
+    its CDN on 127.0.0.2); loopback to a private network is another network."""
+    inner = FakeServer(RegistryHandler, content=content, cdn=types.SimpleNamespace(url="http://192.168.7.7"),
+                       store=store, token_url=None, auth=False)
+    internet = FakeServer(ProxyHandler, auth=None)
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", inner.url, env={"HTTP_PROXY": internet.url})
+        digest = content.platform["amd64"]["layers"][0]
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + digest)
+        assert_error(r, 502, {"UNAVAILABLE", "UNKNOWN"})
+        assert "network docxy does not enter" in r.body.decode()
+        assert len(inner.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 1
+        assert not [q for q in internet.reqs() if "192.168" in q.target]
+    finally:
+        internet.close()
+        inner.close()
+
+
+def test_network_scopes_that_tests_cannot_reach_on_loopback():
+    """Only loopback exists here, so where a registry on a private network may send docxy is
+    checked in-process: into its own network and to public addresses, never link-local."""
+    module = importlib.import_module("docxy")
+    scope = module.address_scope
+    assert [scope(a) for a in ("169.254.169.254", "fe80::1%eth0", "10.0.0.9", "100.64.0.1", "fd00:ec2::254",
+                               "::ffff:192.168.1.1", "127.0.0.2", "::1", "localhost", "8.8.8.8",
+                               "2606:4700::1111", "registry-1.docker.io")] == [
+        "link-local", "link-local", "private", "private", "private", "private", "loopback", "loopback",
+        "loopback", "public", "public", None]
+    pool = module.ConnectionPool(5, None)
+    home = module.Origin("https", "10.0.0.5", 443)
+    assert set(pool.reachable_from(home)) == {"public", "private"}
+    assert set(pool.reachable_from(module.Origin("https", "registry-1.docker.io", 443))) == {"public"}
 
 
 def test_ipv6_upstream_literal_works(start_docxy, content, cdn, store):
