@@ -215,6 +215,12 @@ def busy_share(before, after):
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def settle():
+    """Write back what the last cell left dirty (a cache miss writes 1 GiB) before the next cell
+    runs: the kernel's write-back took CPU from whichever target came next, one round a run."""
+    os.sync()
+
+
 def hash_speed(size, chunk=MiB):
     """sha256 over `size` bytes in memory on one core (MiB/s, CPU s/GiB): the ceiling of
     any proxy that checks one stream's digest on the way through."""
@@ -1325,6 +1331,7 @@ class Bench:
             units.append(cache_pair)
         for unit in self.rotate(units, rnd):
             unit()
+            settle()
 
     # -- measure 2: concurrent GETs of one medium blob
 
@@ -1370,6 +1377,7 @@ class Bench:
             units.append(cache_pair)
         for unit in self.rotate(units, rnd):
             unit()
+            settle()
 
     # -- measure 3: manifests by tag
 
@@ -1608,6 +1616,7 @@ class Bench:
                 units.append(pair(name))
         for unit in self.rotate(units, rnd):
             unit()
+            settle()
 
     # -- the run
 
