@@ -675,14 +675,15 @@ def passes_header(name):
 def address_scope(host):
     """The kind of network an address is in: "public", "loopback", "link-local" (where cloud
     metadata services answer) or "private" (every other range that is not public).
-    None for a host name; "localhost" is loopback whatever resolves it."""
+    None for a host name; "localhost" is loopback whatever resolves it, and so is 0.0.0.0 (or
+    ::), which a connect on Linux takes to this host."""
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return "loopback" if host.lower().rstrip(".") == "localhost" else None
     if ip.version == 6 and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    if ip.is_loopback:
+    if ip.is_loopback or ip.is_unspecified:
         return "loopback"
     if ip.is_link_local:
         return "link-local"

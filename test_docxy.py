@@ -3539,9 +3539,9 @@ def test_network_scopes_that_tests_cannot_reach_on_loopback():
     scope = module.address_scope
     assert [scope(a) for a in ("169.254.169.254", "fe80::1%eth0", "10.0.0.9", "100.64.0.1", "fd00:ec2::254",
                                "::ffff:192.168.1.1", "127.0.0.2", "::1", "localhost", "8.8.8.8",
-                               "2606:4700::1111", "registry-1.docker.io")] == [
+                               "2606:4700::1111", "registry-1.docker.io", "0.0.0.0", "::")] == [
         "link-local", "link-local", "private", "private", "private", "private", "loopback", "loopback",
-        "loopback", "public", "public", None]
+        "loopback", "public", "public", None, "loopback", "loopback"]
     pool = module.ConnectionPool(5, None)
     home = module.Origin("https", "10.0.0.5", 443)
     assert set(pool.reachable_from(home)) == {"public", "private"}
