@@ -678,11 +678,9 @@ def address_scope(host):
     None for a host name; "localhost" is loopback whatever resolves it, and so is 0.0.0.0 (or
     ::), which a connect on Linux takes to this host."""
     try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
+        ip = plain_address(host.partition("%")[0])
     except ValueError:
         return "loopback" if host.lower().rstrip(".") == "localhost" else None
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
     if ip.is_loopback or ip.is_unspecified:
         return "loopback"
     if ip.is_link_local:
