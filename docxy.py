@@ -93,8 +93,11 @@ DEFAULTS = {
 REPEATABLE = ("listen", "allow", "trusted_proxy", "metrics_allow")
 SWITCHES = ("ipv4_only", "i_understand_credentials_are_shared", "check")
 REGISTRY_KEYS = ("upstream", "hosts", "library", "username", "password_file", "password_env")
+# Matched against path prefixes too: linear, as a separator is never alphanumeric.
 REGISTRY_NAME = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*(?::\d{1,5})?")
 PBKDF2_ITERATIONS = 300000
+LOGIN_HASHERS, LOGIN_QUEUE = 2, 8       # logins hashed at once, and waiting to be
+LOGIN_FAILURES = (10, 10 / 60)          # failed logins per client network: burst, then per second
 # The original docxy's variable names, kept so existing deployments carry over.
 ENV_ALIASES = {"DOCXY_CERT_PATH": "cert", "DOCXY_KEY_PATH": "key"}
 
@@ -461,6 +464,14 @@ def server_tls_context(cert, key):
 
 # The OCI distribution spec's grammar. Paths are matched raw, never unquoted: no
 # legitimate name, tag or digest needs percent-encoding, so '%' is simply invalid.
+#
+# Every expression here sees client or upstream input, and each runs in linear time: no
+# repeated group can match the same text in two ways. In NAME_COMPONENT a separator is never
+# alphanumeric, so each repetition starts where the last must end (and names are length-checked
+# before they are matched); TAG, DIGEST and MEDIA_TYPE are runs of bounded length; ROUTE's only
+# backtracking is `.+` giving back one character at a time, each position tried in constant
+# time. Headers with a richer grammar (Range, WWW-Authenticate, Accept, X-Forwarded-For) are
+# parsed by hand, without regular expressions.
 NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME = re.compile(r"%s(?:/%s)*" % (NAME_COMPONENT, NAME_COMPONENT))
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -521,6 +532,8 @@ def clean_query(query, grammar):
     return "?" + urllib.parse.urlencode(kept) if kept else ""
 
 
+# Labels are separated by a dot that no label contains: linear, and valid_host_header checks
+# the length (at most 255) before matching.
 HOST_HEADER = re.compile(
     r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
@@ -546,10 +559,36 @@ def split_scope(scope):
     return (name, actions) if kind == "repository" and name else None
 
 
+def without_port(host):
+    """'example.com:5000' -> 'example.com', '[::1]:5000' -> '[::1]', of a valid Host header."""
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
+
+
+TOKEN_FIELDS = ("token", "access_token", "expires_in", "issued_at")
+
+
+def token_answer(body):
+    """A token service's answer to a request docxy made, cut down to the token itself: a
+    refresh token, or anything else the realm adds, stays with docxy. Unchanged when there
+    is nothing to cut, so that clients get the realm's own bytes."""
+    try:
+        answer = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UpstreamError(502, "the token service answered something that is not a token")
+    if not isinstance(answer, dict):
+        raise UpstreamError(502, "the token service answered something that is not a token")
+    if set(answer) <= set(TOKEN_FIELDS):
+        return body
+    return json.dumps({key: answer[key] for key in TOKEN_FIELDS if key in answer}).encode()
+
+
 def valid_host_header(value):
     """True for host[:port] and nothing else: the Host header ends up in auth realms."""
-    match = HOST_HEADER.fullmatch(value or "")
-    if not match or len(value) > 255 or (match.group("port") and int(match.group("port")) > 65535):
+    if not value or len(value) > 255:      # bounded first: HOST_HEADER's labels backtrack a little
+        return False
+    match = HOST_HEADER.fullmatch(value)
+    if not match or (match.group("port") and int(match.group("port")) > 65535):
         return False
     if match.group("host").startswith("["):
         try:
@@ -887,10 +926,42 @@ def discard_body(pool, origin, connection, response, limit=65536):
 
 
 def parse_challenge(value):
-    """'Bearer realm="x",service="y"' -> ('Bearer', [('realm', 'x'), ('service', 'y')])."""
+    """'Bearer realm="x",service="y"' -> ('Bearer', [('realm', 'x'), ('service', 'y')]).
+    A scanner, not a regular expression: every step moves on by a character, so an upstream's
+    header costs time in proportion to its length (findall over it was quadratic)."""
     scheme, _, rest = value.strip().partition(" ")
-    params = re.findall(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?', rest)
-    return scheme, [(key, quoted.replace('\\"', '"') if quoted else bare) for key, quoted, bare in params]
+    params, at, end = [], 0, len(rest)
+    while at < end:
+        while at < end and rest[at] in " \t,":
+            at += 1
+        start = at
+        while at < end and (rest[at].isalnum() or rest[at] in "_-"):
+            at += 1
+        key = rest[start:at]
+        while at < end and rest[at] in " \t":
+            at += 1
+        if not key or at >= end or rest[at] != "=":
+            while at < end and rest[at] != ",":     # not a parameter: on to the next one
+                at += 1
+            continue
+        at += 1
+        while at < end and rest[at] in " \t":
+            at += 1
+        if at < end and rest[at] == '"':
+            at, text = at + 1, []
+            while at < end and rest[at] != '"':
+                if rest[at] == "\\" and at + 1 < end:
+                    at += 1
+                text.append(rest[at])
+                at += 1
+            params.append((key, "".join(text)))
+            at += 1
+        else:
+            start = at
+            while at < end and rest[at] not in " \t,":
+                at += 1
+            params.append((key, rest[start:at]))
+    return scheme, params
 
 
 def format_challenge(scheme, params):
@@ -899,7 +970,10 @@ def format_challenge(scheme, params):
 
 # ---------------------------------------------------------------- cache
 
-TAG_RECORD_VERSION = 1
+TAG_RECORD_VERSION = 2      # version 1 keyed records by the client's raw Accept list
+TAG_RECORDS_PER_TAG = 4     # one tag, answered for that many Accept sets at most
+TAG_RECORDS_MAX = 100000    # in memory and on disk, whatever the cap: each is held in memory
+TAG_SHARE = 0.1             # tag records take at most this share of the cache's cap
 NO_TOKEN = "docxy-placeholder"  # handed out where no upstream token can be had; never sent upstream
 OUTAGE_MEMORY = 30.0        # after an upstream failure, stale answers come at once for this long
 PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
@@ -910,11 +984,11 @@ class Fill:
     """An object being downloaded into the cache. Other clients asking for it read the
     growing file instead of asking upstream again; the last byte only once it is verified."""
 
-    def __init__(self, path, descriptor):
+    def __init__(self, path, descriptor, kind):
         # Written with os.write, unbuffered: `written` must count bytes that readers can see.
-        self.path, self.descriptor = path, descriptor
+        self.path, self.descriptor, self.kind = path, descriptor, kind
         self.length = None          # the upstream's Content-Length, once its headers arrived
-        self.media_type = None
+        self.media_type = None      # a manifest's, from the upstream's Content-Type
         self.written = 0
         self.state = "filling"      # then "done" (verified and committed) or "failed"
         self.changed = threading.Condition()
@@ -939,7 +1013,10 @@ class Cache:
     """Blobs and manifests by digest, content-addressed on disk and verified before they are
     committed, evicted least-recently-used under a size cap; plus tag -> digest records.
 
-    Layout: objects/<algorithm>/<first two hex>/<hex>, tags/<hash of the key>.json, tmp/.
+    Layout: objects/<algorithm>/<first two hex>/<hex>, tags/<hash of the key>.json, tmp/, and
+    types/<algorithm>/<hex> holding the media type of each object that was fetched as a
+    manifest: only those are ever served as manifests, with the type the upstream gave them
+    (never one read from the object's own bytes, which any blob could choose).
     There is no database: the index is rebuilt from the directory at start-up."""
 
     def __init__(self, root, max_size, tag_ttl):
@@ -949,12 +1026,16 @@ class Cache:
         self.size = 0
         self.busy = collections.Counter()           # digest -> transfers reading or writing it
         self.fills = {}                             # digest -> Fill in progress
-        self.tags = {}                              # key -> record
+        self.types = {}                             # digest -> media type, of manifests
+        # Tag records: key (registry, name, tag, Accept set) -> record; the keys of each tag;
+        # each record's file size, least recently used first. Their bytes count in `size`.
+        self.tags, self.tag_keys = {}, collections.defaultdict(list)
+        self.tag_files, self.tag_bytes = collections.OrderedDict(), 0
         self.paused_until = 0.0
         self.pings = {}                             # registry name -> when its /v2/ last answered
         self.down_until = {}                        # registry name -> don't ask it again before
         self.stats = collections.Counter()
-        for folder in ("objects", "tags", "tmp"):
+        for folder in ("objects", "tags", "tmp", "types"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         self.load()
 
@@ -973,28 +1054,69 @@ class Cache:
         for _, digest, size in sorted(found):
             self.objects[digest] = size
             self.size += size
+        for folder, _, names in os.walk(os.path.join(self.root, "types")):
+            for name in names:
+                digest = "%s:%s" % (os.path.basename(folder), name)
+                media_type = self.read_type(digest) if digest in self.objects else None
+                if media_type:
+                    self.types[digest] = media_type
+                else:       # its object was evicted or never committed
+                    self.unlink(self.type_path(digest))
+        records = []
         for name in os.listdir(os.path.join(self.root, "tags")):
+            path = os.path.join(self.root, "tags", name)
             try:
-                with open(os.path.join(self.root, "tags", name), encoding="utf-8") as handle:
-                    record = json.load(handle)
-                if record.get("version") == TAG_RECORD_VERSION:
-                    self.tags[record["key"]] = record
-            except (OSError, ValueError, KeyError, AttributeError):
-                continue
+                with open(path, "rb") as handle:
+                    data = handle.read(65536)
+                record = json.loads(data.decode("utf-8"))
+                if record.get("version") == TAG_RECORD_VERSION and tag_file(record["key"]) == name:
+                    records.append((record["checked"], record["key"], record, len(data)))
+                    continue
+            except (OSError, ValueError, KeyError, AttributeError, TypeError):
+                pass
+            self.unlink(path)       # an older version's, or not one of ours
+        with self.lock:
+            for _, key, record, size in sorted(records):
+                self.add_tag(key, record, size)
         self.evict()
 
     def path(self, digest):
         algorithm, hexdigest = digest.split(":")
         return os.path.join(self.root, "objects", algorithm, hexdigest[:2], hexdigest)
 
-    def open(self, digest):
-        """On a hit, the open file and its size, marked busy until release(); else None."""
+    def type_path(self, digest):
+        algorithm, hexdigest = digest.split(":")
+        return os.path.join(self.root, "types", algorithm, hexdigest)
+
+    def read_type(self, digest):
+        """The media type recorded for a manifest (by this process or another), or None."""
+        try:
+            with open(self.type_path(digest), encoding="ascii") as handle:
+                return media_type_of(handle.read(256))
+        except (OSError, ValueError):
+            return None
+
+    def unlink(self, path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def open(self, digest, kind="blobs"):
+        """On a hit, (the open file, its size, its media type), marked busy until release();
+        else None. A manifest is a hit only if it was stored as one."""
         with self.lock:
             size = self.objects.get(digest)
             if size is None:
                 size = self.adopt(digest)
             if size is None:
                 return None
+            media_type = self.types.get(digest)
+            if kind == "manifests" and not media_type:
+                media_type = self.types[digest] = self.read_type(digest)
+                if not media_type:
+                    del self.types[digest]
+                    return None
             try:
                 handle = open(self.path(digest), "rb")
             except OSError:
@@ -1006,7 +1128,7 @@ class Cache:
             os.utime(handle.fileno())   # recency that survives a restart
         except OSError:
             pass
-        return handle, size
+        return handle, size, media_type
 
     def adopt(self, digest):
         """An object another docxy process (prefetch) verified and committed meanwhile."""
@@ -1026,12 +1148,16 @@ class Cache:
 
     def forget(self, digest):
         self.size -= self.objects.pop(digest, 0)
+        self.types.pop(digest, None)
 
-    def start_fill(self, digest):
+    def start_fill(self, digest, kind):
         """(fill, True): download it; (fill, False): follow the download in progress;
-        (None, False): caching is paused, pass the request through."""
+        (None, False): caching is paused, or a blob is downloading where a manifest is
+        asked for: pass the request through."""
         with self.lock:
             if digest in self.fills:
+                if kind == "manifests" and self.fills[digest].kind != kind:
+                    return None, False
                 self.busy[digest] += 1
                 return self.fills[digest], False
             if time.monotonic() < self.paused_until:
@@ -1041,16 +1167,19 @@ class Cache:
             except OSError as error:
                 self.pause(error)
                 return None, False
-            fill = self.fills[digest] = Fill(path, descriptor)
+            fill = self.fills[digest] = Fill(path, descriptor, kind)
             self.busy[digest] += 1
             return fill, True
 
     def finish_fill(self, digest, fill, verified):
         """Commit a verified download (fsync, atomic rename) or discard it."""
         committed = verified and fill.descriptor is not None
+        media_type = fill.media_type if fill.kind == "manifests" else None
         try:
             if committed:
                 os.fsync(fill.descriptor)
+                if media_type:      # before the object: whoever finds the object finds its type
+                    self.write_file(self.type_path(digest), media_type.encode())
                 os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
                 os.rename(fill.path, self.path(digest))
         except OSError as error:
@@ -1071,6 +1200,8 @@ class Cache:
                 self.forget(digest)
                 self.objects[digest] = fill.written
                 self.size += fill.written
+                if media_type:
+                    self.types[digest] = media_type
             elif fill.written:
                 self.stats["discarded"] += 1      # bytes came, but not the ones the digest names
         self.release(digest)
@@ -1116,39 +1247,86 @@ class Cache:
                     continue
                 self.forget(digest)
                 self.stats["evictions"] += 1
-                try:
-                    os.unlink(self.path(digest))
-                except OSError:
-                    pass
+                self.unlink(self.path(digest))
+                self.unlink(self.type_path(digest))
 
     def tag(self, key):
         with self.lock:
+            if key in self.tag_files:
+                self.tag_files.move_to_end(key)
             return self.tags.get(key)
 
-    def tag_for_any_client(self, prefix, accepted):
-        """A record of this tag made for another Accept list, of a type this client accepts."""
-        types = set(accepted.split(","))
+    def tag_for_any_client(self, key, accepted):
+        """The newest checked record of this tag made for another Accept set, of a type this
+        client accepts: during an outage a fleet of Docker and containerd nodes shares it."""
+        types = set(accepted)
         with self.lock:
-            for key, record in self.tags.items():
-                if key.rsplit("\n", 1)[0] == prefix and (record["type"] in types or not accepted
-                                                         or "*/*" in types):
-                    return record
-        return None
+            records = [self.tags[other] for other in self.tag_keys.get(key[:3], ())]
+        fits = [record for record in records
+                if record["type"] in types or not accepted or "*/*" in types]
+        return max(fits, key=lambda record: record["checked"], default=None)
 
     def remember_tag(self, key, digest, media_type, length):
         record = {"version": TAG_RECORD_VERSION, "key": key, "digest": digest, "type": media_type,
                   "length": length, "checked": time.time()}
-        with self.lock:
-            self.tags[key] = record
-        name = hashlib.sha256(key.encode()).hexdigest() + ".json"
+        data = json.dumps(record).encode()
         try:
-            descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(record, handle)
-            os.rename(path, os.path.join(self.root, "tags", name))
+            self.write_file(os.path.join(self.root, "tags", tag_file(key)), data)
         except OSError as error:
             self.pause(error)
+            return record
+        with self.lock:
+            self.add_tag(key, record, len(data))
         return record
+
+    def add_tag(self, key, record, size):
+        """Index a record whose file is written; drop the oldest of its tag past
+        TAG_RECORDS_PER_TAG, and the least recently used of all past the tags' share."""
+        key = tuple(key)
+        replaced = self.tag_files.pop(key, 0)
+        self.tags[key], self.tag_files[key] = record, size
+        self.tag_bytes += size - replaced
+        self.size += size - replaced
+        siblings = self.tag_keys[key[:3]]
+        if key not in siblings:
+            siblings.append(key)
+        if len(siblings) > TAG_RECORDS_PER_TAG:
+            self.drop_tag(min(siblings, key=lambda other: self.tags[other]["checked"]))
+        while self.tag_files and (len(self.tag_files) > TAG_RECORDS_MAX
+                                  or self.tag_bytes > self.max_size * TAG_SHARE):
+            self.drop_tag(next(iter(self.tag_files)))
+
+    def drop_tag(self, key):
+        if key not in self.tags:
+            return
+        del self.tags[key]
+        size = self.tag_files.pop(key)
+        self.tag_bytes -= size
+        self.size -= size
+        siblings = self.tag_keys[key[:3]]
+        siblings.remove(key)
+        if not siblings:
+            del self.tag_keys[key[:3]]
+        self.unlink(os.path.join(self.root, "tags", tag_file(key)))
+
+    def write_file(self, path, data):
+        """Write a whole small file under its final name, or nothing (another process or a
+        crash sees the old file or the new one)."""
+        descriptor, temporary = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"),
+                                                 prefix="%d-" % os.getpid())
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.rename(temporary, path)
+        except OSError:
+            self.unlink(temporary)
+            raise
+
+
+def tag_file(key):
+    """A tag record's file name: the key has names and media types, not a file name's shape."""
+    return hashlib.sha256("\n".join(key).encode()).hexdigest() + ".json"
 
 
 def process_alive(pid):
@@ -1165,31 +1343,25 @@ def process_alive(pid):
         return True
 
 
-def manifest_media_type(handle):
-    """A cached manifest's media type, from its own mediaType field (or its shape)."""
-    try:
-        document = json.loads(handle.read(4 << 20).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        document = {}
-    finally:
-        handle.seek(0)
-    if isinstance(document, dict) and isinstance(document.get("mediaType"), str):
-        return document["mediaType"]
-    if isinstance(document, dict) and "manifests" in document:
-        return "application/vnd.oci.image.index.v1+json"
-    return "application/vnd.oci.image.manifest.v1+json"
+MAX_RANGE_HEADER = 200     # a longer Range is not one byte range: ignoring it is always allowed
 
 
 def parse_range(value, size):
-    """A single 'bytes=a-b' range -> (start, end inclusive); None for the whole object."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value or "")
-    if not match or not (match.group(1) or match.group(2)):
-        return None                 # absent, or several ranges: the whole object is a valid answer
-    if match.group(1):
-        start = int(match.group(1))
-        end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    """A single 'bytes=a-b' range (RFC 9110 14.1.2) -> (start, end inclusive); None for the
+    whole object. Parsed by hand: a client's header never meets a backtracking expression."""
+    if not value or len(value) > MAX_RANGE_HEADER:
+        return None
+    unit, equals, spec = value.partition("=")
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(" \t"), last.strip(" \t")
+    if unit.strip(" \t").lower() != "bytes" or not equals or not dash or not (first or last) \
+            or not all(is_number(part) for part in (first, last) if part):
+        return None                 # absent, several ranges or malformed: the whole object is valid
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
     else:
-        start, end = max(0, size - int(match.group(2))), size - 1
+        start, end = max(0, size - int(last)), size - 1
     if start >= size or start > end:
         raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"size": size},
                             [("Content-Range", "bytes */%d" % size)])
@@ -1203,10 +1375,50 @@ def parse_size(text):
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
-def accept_key(values):
-    """The set of media types a client accepts: a tag may resolve differently for another set."""
-    types = {part.split(";")[0].strip().lower() for value in values for part in value.split(",")}
-    return ",".join(sorted(types - {""}))
+# The manifest media types docxy asks upstreams for. A client's Accept headers come down to the
+# ones of these it names, and exactly that set goes upstream: the set keys a tag's records, so
+# every client that sends it gets the same answer, and one tag has a bounded number of records.
+MANIFEST_ACCEPT = frozenset((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json", "*/*"))
+
+
+def manifest_accept(values):
+    """The known manifest media types that Accept headers name, sorted. A type whose parameters
+    do not parse is left out, as distribution leaves it out, and so is one with q=0."""
+    types = set()
+    for value in values:
+        for part in value.split(","):
+            media_type, *parameters = part.split(";")
+            media_type = media_type.strip(" \t").lower()
+            if media_type in MANIFEST_ACCEPT and all(map(accepts, parameters)):
+                types.add(media_type)
+    return tuple(sorted(types))
+
+
+def accepts(parameter):
+    """False for a media type parameter that does not parse, or that is q=0."""
+    name, equals, value = parameter.partition("=")
+    name, value = name.strip(" \t").lower(), value.strip(" \t")
+    if not equals or not name or not value:
+        return False
+    if name != "q":
+        return True
+    try:
+        return float(value) > 0 if len(value) <= 5 else False
+    except ValueError:
+        return False
+
+
+def media_type_of(content_type):
+    """The media type of a Content-Type value when it has the grammar's shape, else None: only
+    such a value is ever recorded, and later written into a response header."""
+    media_type = (content_type or "").partition(";")[0].strip(" \t")
+    return media_type if MEDIA_TYPE.fullmatch(media_type) else None
 
 
 # ---------------------------------------------------------------- shared state
@@ -1244,7 +1456,7 @@ class RateLimiter:
         self.rate_limit = (burst, rate)
 
     def wait_needed(self, address):
-        """0 if the client may go on now, else the seconds until it may."""
+        """0 if the client may go on now (and it takes a token), else the seconds until it may."""
         key = client_network(address)
         now = time.monotonic()
         with self.lock:
@@ -1259,11 +1471,41 @@ class RateLimiter:
             self.buckets[key] = (tokens, now)
             return max(1, int((1 - tokens) / self.rate + 0.999))
 
+    def empty_for(self, address):
+        """0 if the client has a token left, else the seconds until it has; takes none."""
+        key = client_network(address)
+        now = time.monotonic()
+        with self.lock:
+            tokens, since = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - since) * self.rate)
+        return 0 if tokens >= 1 else max(1, int((1 - tokens) / self.rate + 0.999))
+
 
 def plain_address(text):
     """An address as networks see it: an IPv4 client of an [::] listener is IPv4."""
     ip = ipaddress.ip_address(text)
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def forwarded_address(text):
+    """An X-Forwarded-For entry as an address: 203.0.113.7, 203.0.113.7:4711, 2001:db8::1,
+    [2001:db8::1] or [2001:db8::1]:4711, as proxies write them. ValueError for anything else
+    ('unknown', an obfuscated name, garbage)."""
+    text = text.strip(" \t")
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or ":" not in host or port and not (port[0] == ":" and is_number(port[1:])):
+            raise ValueError("not an address: %r" % text)
+        text = host
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not is_number(port):
+            raise ValueError("not an address: %r" % text)
+    return plain_address(text)
+
+
+def is_number(text):
+    return text.isascii() and text.isdigit()
 
 
 def client_network(address):
@@ -1359,6 +1601,7 @@ METRIC_HELP = {
     "docxy_cache_objects": "Objects held in the cache.",
     "docxy_cache_events_total": "Cache events: hits, misses, coalesced waits, tag hits, revalidations and stale serves, evictions, discards, write errors.",
     "docxy_cache_served_bytes_total": "Body bytes served from the cache.",
+    "docxy_failed_logins_total": "Logins to this mirror (--users) that failed.",
     "docxy_request_duration_seconds": "Time to answer a request, by route class.",
 }
 
@@ -1382,7 +1625,11 @@ class Mirror:
         self.configure(config)
         self.upstream_tls = ssl.create_default_context()   # system store; honours SSL_CERT_FILE
         self.pool = ConnectionPool(config.upstream_timeout, self.upstream_tls, config.ipv4_only)
-        self.password_checks = threading.BoundedSemaphore(2)   # PBKDF2 is slow on purpose
+        # PBKDF2 is slow on purpose: LOGIN_HASHERS at once, LOGIN_QUEUE more waiting, and a
+        # client network that failed too often is answered at once (see check_login).
+        self.password_checks = threading.BoundedSemaphore(LOGIN_HASHERS)
+        self.login_queue = threading.BoundedSemaphore(LOGIN_HASHERS + LOGIN_QUEUE)
+        self.failed_logins = RateLimiter(*LOGIN_FAILURES)
         self.cache = open_cache(config) if config.cache_dir else None
         self.metrics = Metrics()
         self.https_port = 443               # where --http-redirect sends clients
@@ -1441,9 +1688,12 @@ class Mirror:
             raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", first[:200])
         return self.by_name[first], rest
 
-    def check_login(self, authorization):
+    def check_login(self, authorization, client):
         """The user whose Basic credentials these are, or None. Verified hashes are remembered
-        briefly, so that PBKDF2 runs once per login, not once per request."""
+        briefly, so that PBKDF2 runs once per login, not once per request, and a remembered
+        login never waits behind others. A login to be hashed is refused at once (RegistryError)
+        when its client's network failed too often lately, or when the hashing queue is full:
+        a flood of made-up logins costs the flooder, not the users."""
         if not authorization.startswith("Basic "):
             return None
         key = hashlib.sha256(authorization.encode("latin-1", "replace")).digest()
@@ -1454,9 +1704,23 @@ class Mirror:
             name, _, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        with self.password_checks:
-            ok = password_matches(password, self.config.users.get(name))
+        wait = self.failed_logins.empty_for(client)
+        if wait:
+            raise RegistryError(429, "TOOMANYREQUESTS", "too many failed logins; try again later",
+                                {"retry_after": wait}, [("Retry-After", str(wait))])
+        if not self.login_queue.acquire(blocking=False):
+            raise RegistryError(503, "TOOMANYREQUESTS", "too many logins at once; try again",
+                                {"retry_after": 1}, [("Retry-After", "1")])
+        try:
+            with self.password_checks:
+                ok = password_matches(password, self.config.users.get(name))
+        finally:
+            self.login_queue.release()
         self.logins.put(key, name if ok else "", 300 if ok else 5)
+        if not ok:
+            self.failed_logins.wait_needed(client)
+            self.metrics.add("docxy_failed_logins_total")
+            log("%s failed to log in as %r" % (client, name[:64]))
         return name if ok else None
 
 
@@ -1495,7 +1759,7 @@ def basic_authorization(registry):
 
 # ---------------------------------------------------------------- logging
 
-UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+UNPRINTABLE = re.compile(r"[^\x20-\x7e]")     # one character class: linear
 
 
 def log_json(fields):
@@ -1616,7 +1880,20 @@ class ResponseWriter(io.BufferedIOBase):
             self.send(head)
 
 
-class MirrorHandler(http.server.BaseHTTPRequestHandler):
+class UnsafeHeaderGuard:
+    """Handler mixin: a header with CR, LF or NUL in it is refused (left out, and logged). It
+    would end the header early, and what follows would become headers, or a whole second
+    response, of someone else's making: an upstream's, or a cached object's."""
+
+    def send_header(self, keyword, value):
+        value = str(value)
+        if any(character in keyword + value for character in "\r\n\0"):
+            log("refused to send a %s header with a line break or NUL in it" % keyword[:40])
+            return
+        super().send_header(keyword, value)
+
+
+class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """One client connection: read requests, answer each from upstream or from docxy itself."""
 
     protocol_version = "HTTP/1.1"
@@ -1701,7 +1978,6 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.reader.deadline = None
             if self.reader.poller is None:      # a TLS read may have shortened the timeout
                 self.connection.settimeout(self.mirror.config.client_timeout)
-            self.client = self.forwarded_client()
             if self.mirror.draining.is_set():
                 self.close_connection = True
             self.route()
@@ -1728,11 +2004,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         client = self.peer_text
         if not self.trusted_peer():
             return client
-        for hop in reversed(",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")):
+        hops = ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")
+        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list: empty ones are no hops
             try:
-                address = plain_address(hop.strip())
+                address = forwarded_address(hop)
             except ValueError:
-                break       # a forged or garbled entry: trust nothing left of it
+                # Failing open would make the trusted proxy itself the client.
+                raise RegistryError(400, "DENIED", "X-Forwarded-For names no client address",
+                                    hop.strip()[:100])
             client = str(address)
             if not any(address in network for network in self.mirror.config.trusted_proxy):
                 break
@@ -1744,7 +2023,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if allow and not any(plain_address(self.client) in network for network in allow):
             raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
         if self.mirror.config.users and registry_request:
-            self.user = self.mirror.check_login(self.headers.get("Authorization", ""))
+            self.user = self.mirror.check_login(self.headers.get("Authorization", ""), self.client)
             if not self.user:
                 raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)", None,
                                     [("WWW-Authenticate", 'Basic realm="docxy"')])
@@ -1754,6 +2033,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     def route(self):
         path, _, query = self.path.partition("?")
         try:
+            self.client = self.forwarded_client()
             if path == "/health" and self.command in ("GET", "HEAD"):
                 return self.send_json(200, {"status": "ok"})
             if path == "/metrics" and self.command in ("GET", "HEAD"):
@@ -1792,7 +2072,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             if ns.lower() not in self.mirror.by_name:
                 raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", ns[:200])
             return self.mirror.by_name[ns.lower()], path
-        host = re.sub(r":\d+\Z", "", self.public_host() or "").lower()
+        host = without_port(self.public_host() or "").lower()
         if host in self.mirror.by_host:
             return self.mirror.by_host[host], path
         if path:
@@ -1844,6 +2124,11 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                                     {"retry_after": wait}, [("Retry-After", str(wait))])
         verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
         headers = self.forward_headers()
+        if kind == "manifests":     # what the tag records are keyed by, and nothing else
+            headers.pop("Accept", None)
+            accepted = manifest_accept(self.headers.get_all("Accept") or [])
+            if accepted:
+                headers["Accept"] = ", ".join(accepted)
         scope = login_scope(headers, name)
         url = origin_url(registry.upstream) + upstream_path
         if self.mirror.cache and verify:
@@ -1875,40 +2160,74 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                            self.cache_headers())
 
     def forward_token_request(self, registry, query):
+        """A client's own login (an Authorization header, or an OAuth2 password or refresh
+        grant in a POST form) goes to the realm as the client wrote it, scopes renamed for
+        the upstream. Anything else is a pull, and docxy writes the token request itself:
+        the service the upstream's own challenge named, each repository scope cut down to pull,
+        nothing else the client sent (offline_token would buy a refresh token for the
+        operator's account), and no refresh token in the answer."""
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        body = None
         if self.command == "POST":
             params = urllib.parse.parse_qsl(self.read_form_body().decode("latin-1"), keep_blank_values=True)
+        # A scope parameter may hold several scopes, space-separated (OAuth2's form).
+        scopes = [scope for key, value in params if key == "scope" for scope in value.split()]
         target = registry
-        for key, value in params:
-            named = split_scope(value) if key == "scope" else None
-            if named and target is registry:
-                target = self.mirror.registry_by_prefix(named[0])[0] or registry
+        named = [split_scope(scope) for scope in scopes if split_scope(scope)]
+        if named:
+            target = self.mirror.registry_by_prefix(named[0][0])[0] or registry
         challenge = self.mirror.challenges.get(target.name) or self.discover_challenge(target)
         if challenge is None:
             # A registry without token auth, reached by prefix after docker.io's challenge: the
             # client still wants a token. A placeholder does; docxy drops it again upstream.
             return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 300})
+        renamed = {}    # each of the client's scopes as the target registry calls it
+        for scope in scopes:
+            if split_scope(scope):
+                owner, name, actions = self.scope_owner(scope)
+                if (owner or registry) is target and len(name) <= MAX_NAME and NAME.fullmatch(name):
+                    renamed[scope] = "repository:%s:%s" % (upstream_name(name, target.library), actions)
+        headers = {"User-Agent": self.forward_headers()["User-Agent"]}
+        grant = dict(params).get("grant_type") if self.command == "POST" else None
+        if target is registry and ("Authorization" in self.headers or grant in ("password", "refresh_token")):
+            return self.forward_client_login(target, challenge, params, renamed, headers)
+        pulls = [pull_only(scope) for scope in renamed.values()]
+        query = [("service", challenge["service"])] if challenge.get("service") else []
+        query += [("scope", scope) for scope in pulls if scope]
+        if target.username:
+            headers["Authorization"] = basic_authorization(target)
+        realm = challenge["realm"]
+        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query) if query else realm
+        exchange = self.fetch_upstream(target, "GET", url, headers)
+        response = exchange[2]
+        if response.status != 200:
+            return self.send_upstream(target, "GET", exchange, False, rewrite_challenge=False)
+        try:
+            body = response.read(1 << 20)
+        finally:
+            self.mirror.pool.release(*exchange[:2], response)
+        self.send_json(200, token_answer(body))
+
+    def scope_owner(self, scope):
+        """'repository:ghcr.io/owner/image:pull' -> (ghcr.io's Registry, 'owner/image', 'pull');
+        (None, name, actions) for a name with no registry prefix."""
+        name, actions = split_scope(scope)
+        owner, name = self.mirror.registry_by_prefix(name)
+        return owner, name, actions
+
+    def forward_client_login(self, target, challenge, params, renamed, headers):
+        """The client's own credentials buy what they buy: passed through as a `docker login`
+        expects, with only the scopes renamed (and those for other registries left out)."""
         scoped = []
         for key, value in params:
-            if key == "scope" and split_scope(value):
-                owner, name_in_scope = self.mirror.registry_by_prefix(split_scope(value)[0])
-                if (owner or registry) is not target:
+            if key == "scope":
+                value = " ".join(renamed.get(scope, scope) for scope in value.split()
+                                 if scope in renamed or not split_scope(scope))
+                if not value:
                     continue
-                value = "repository:%s:%s" % (upstream_name(name_in_scope, target.library), split_scope(value)[1])
-            elif key == "service" and target is not registry:
-                value = challenge.get("service", value)
             scoped.append((key, value))
-        headers = {key: value for key, value in self.forward_headers().items()
-                   if key in ("Authorization", "User-Agent", "Accept")}
-        if target is not registry:
-            headers.pop("Authorization", None)
-        if "Authorization" not in headers and target.username:
-            # The operator's account lends pulls, nothing more: no push, delete or catalog token.
-            headers["Authorization"] = basic_authorization(target)
-            scoped = [(key, pull_only(value) if key == "scope" else value) for key, value in scoped
-                      if key != "scope" or pull_only(value)]
-        realm = challenge["realm"]
+        if "Authorization" in self.headers:
+            headers["Authorization"] = self.headers["Authorization"]
+        realm, body = challenge["realm"], None
         if self.command == "POST":
             body = urllib.parse.urlencode(scoped).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
@@ -1939,20 +2258,20 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         """A blob or a manifest by digest: from the cache, from a download in progress, or
         downloaded once while it streams to the client and into the cache."""
         cache = self.mirror.cache
-        hit = cache.open(digest)
+        hit = cache.open(digest, kind)
         if hit:
-            return self.send_cached(hit, digest, kind, media_type, "hit")
+            return self.send_cached(hit, digest, kind, "hit")
 
         def pass_through():     # uncached, as the core proxy does
             return self.relay(registry, self.command, url, headers, verify=digest, scope=login_scope(headers, name))
 
         if self.command == "HEAD" or "Range" in headers:
             return pass_through()
-        fill, leader = cache.start_fill(digest)
+        fill, leader = cache.start_fill(digest, kind)
         if fill is None:
             return pass_through()
         if not leader:
-            return self.follow_fill(fill, digest, kind, media_type, pass_through)
+            return self.follow_fill(fill, digest, kind, pass_through)
         verified = False
         try:
             cache.count("misses")
@@ -1977,7 +2296,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return False
         return self.send_upstream(registry, "GET", exchange, False, digest, fill=fill, media_type=media_type)
 
-    def follow_fill(self, fill, digest, kind, media_type, pass_through):
+    def follow_fill(self, fill, digest, kind, pass_through):
         """Serve a download another client started, from the file as it grows. If it fails
         before it began (content docxy's own login may not read), fetch it as this client."""
         cache = self.mirror.cache
@@ -1988,17 +2307,17 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             handle = open(fill.path, "rb")
         except OSError:     # committed (renamed) a moment ago, or discarded
             cache.release(digest)
-            hit = cache.open(digest)
+            hit = cache.open(digest, kind)
             if not hit:
                 raise UpstreamError(502, "the upstream download this request waited for failed", digest)
-            return self.send_cached(hit, digest, kind, media_type, "hit")
+            return self.send_cached(hit, digest, kind, "hit")
         try:
             with handle:
                 _, state, length = fill.wait(lambda f: f.length is not None, timeout)
-                if state == "failed" or length is None:
+                if state == "failed" or length is None or kind == "manifests" and not fill.media_type:
                     self.cache_status = "-"
                     return pass_through()
-                self.send_object_headers(200, digest, kind, media_type or fill.media_type, length)
+                self.send_object_headers(200, digest, kind, fill.media_type, length)
                 sent = 0
                 while sent < length:
                     # The last byte waits for verification, as on the downloading connection.
@@ -2018,8 +2337,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
         HEAD (free on Docker Hub); when upstream fails, the last known manifest is served stale."""
         cache = self.mirror.cache
-        accepted = accept_key(self.headers.get_all("Accept") or [])
-        key = "\n".join((registry.name, name, tag, accepted))
+        accepted = manifest_accept(self.headers.get_all("Accept") or [])
+        key = (registry.name, name, tag, ",".join(accepted))
         record = cache.tag(key)
         status = "hit"
         if not record or time.time() - record["checked"] >= cache.tag_ttl:
@@ -2027,7 +2346,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             own = {k: v for k, v in headers.items() if k != "Authorization"}
             # During an outage a record made for another client's Accept list will do, if this
             # client accepts its media type: a fleet of Docker and containerd nodes shares it.
-            fallback = record or cache.tag_for_any_client(key.rsplit("\n", 1)[0], accepted)
+            fallback = record or cache.tag_for_any_client(key, accepted)
             try:
                 if fallback and cache.down_until.get(registry.name, 0) > time.monotonic():
                     raise UpstreamError(503, "upstream failed moments ago")
@@ -2044,9 +2363,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             if exchange:
                 response = exchange[2]
                 digest = response.getheader("Docker-Content-Digest", "")
+                media_type = media_type_of(response.getheader("Content-Type"))
                 discard_body(self.mirror.pool, *exchange[:3])
-                if response.status == 200 and DIGEST.fullmatch(digest):
-                    record = cache.remember_tag(key, digest, response.getheader("Content-Type", ""),
+                if response.status == 200 and DIGEST.fullmatch(digest) and media_type:
+                    record = cache.remember_tag(key, digest, media_type,
                                                 response.getheader("Content-Length", ""))
                 elif record and (response.status == 429 or response.status >= 500):
                     status = "stale"
@@ -2055,24 +2375,22 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         cache.count("tag_" + status)
         self.cache_status = status
         if self.command == "HEAD":
-            hit = cache.open(record["digest"])
+            hit = cache.open(record["digest"], "manifests")
             if hit:
-                return self.send_cached(hit, record["digest"], "manifests", record["type"], self.cache_status)
+                return self.send_cached(hit, record["digest"], "manifests", self.cache_status)
             return self.send_object_headers(200, record["digest"], "manifests", record["type"],
                                             int(record["length"] or 0))
         by_digest = url.rsplit("/", 1)[0] + "/" + record["digest"]
         return self.serve_object(registry, by_digest, name, "manifests", record["digest"], headers, record["type"])
 
-    def send_cached(self, hit, digest, kind, media_type, status):
+    def send_cached(self, hit, digest, kind, status):
         """A cache hit: HEAD, a single Range, or the whole object (zero-copy on plain HTTP)."""
-        handle, size = hit
+        handle, size, media_type = hit
         cache = self.mirror.cache
         try:
             if status == "hit" and self.cache_status == "-":
                 cache.count("hits")
                 self.cache_status = "hit"
-            if kind == "manifests" and not media_type:
-                media_type = manifest_media_type(handle)
             span = parse_range(self.headers.get("Range"), size)
             start, end = span or (0, size - 1)
             self.send_object_headers(206 if span else 200, digest, kind, media_type, end - start + 1,
@@ -2212,6 +2530,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         if response.status == 429 or response.status >= 500:
             kind = "429" if response.status == 429 else "5xx"
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", kind)))
+        # Anchored, and the two runs cannot overlap: linear in the header's length.
         remaining = re.match(r"\s*(\d+)", response.getheader("RateLimit-Remaining", "") or "")
         if remaining:
             self.mirror.metrics.set("docxy_upstream_ratelimit_remaining", (("registry", registry.name),),
@@ -2244,7 +2563,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 else:
                     self.close_connection = True
             if fill:
-                fill.media_type = response.getheader("Content-Type")
+                fill.media_type = media_type or media_type_of(response.getheader("Content-Type"))
                 fill.update(length=response.length)
             self.send_response(response.status)
             for name, value in headers_out + self.cache_headers():
@@ -2617,16 +2936,31 @@ def human_bytes(count):
 
 
 ACME_PREFIX = "/.well-known/acme-challenge/"
-ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")     # one bounded run: linear
 
 
-class RedirectHandler(http.server.BaseHTTPRequestHandler):
+class RedirectHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL."""
 
     protocol_version = "HTTP/1.1"
     server_version = MirrorHandler.server_version
     version_string = MirrorHandler.version_string
-    timeout = 30
+
+    def setup(self):
+        # One request a connection, read before the same whole-request deadline as the
+        # mirror's own: a client trickling bytes holds a slot of this listener's small budget
+        # (REDIRECT_CONNECTIONS) for --client-timeout at most, and never one of the mirror's.
+        self.connection = self.request
+        timeout = self.server.mirror.config.client_timeout
+        self.connection.settimeout(timeout)
+        reader = DeadlineReader(self.connection, timeout)
+        reader.deadline = time.monotonic() + timeout
+        self.rfile = io.BufferedReader(reader, 65536)
+        self.wfile = ResponseWriter(self.connection)
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
 
     def do_GET(self):
         mirror = self.server.mirror
@@ -2638,13 +2972,14 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
             host = self.headers.get("Host", "")
             if not valid_host_header(host):
                 return self.send_error(400, "missing or invalid Host header")
-            host = re.sub(r":\d+\Z", "", host)
+            host = without_port(host)
             port = mirror.https_port
             base = "https://" + host + ("" if port == 443 else ":%d" % port)
         path = self.path if self.path.startswith("/") else "/"
         self.send_response(301)
         self.send_header("Location", base + path)
         self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
         self.end_headers()
 
     do_HEAD = do_GET
@@ -2669,10 +3004,14 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         log('%s "%s %s" %s redirect' % (self.client_address[0], self.command, self.path[:300], code))
 
+    def log_message(self, format, *args):
+        log("%s %s" % (self.client_address[0], format % args))
+
 
 # ---------------------------------------------------------------- server and main
 
 PARK_AFTER = 0.5    # seconds of silence before a keep-alive connection gives up its thread
+REDIRECT_CONNECTIONS = 16   # the --http-redirect listener's own budget of connections at once
 
 
 def open_file_limit():
@@ -2770,8 +3109,9 @@ class Listener(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024   # the default 5 left most of a 500-connection burst unanswered
 
-    def __init__(self, address, handler, mirror, tls_context=None, v6only=False):
+    def __init__(self, address, handler, mirror, tls_context=None, v6only=False, slots=None):
         self.mirror, self.tls_context, self.v6only = mirror, tls_context, v6only
+        self.slots = slots or mirror.slots  # connections served at once; more wait in the backlog
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
 
@@ -2792,14 +3132,14 @@ class Listener(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request, client_address):
-        while not self.mirror.slots.acquire(timeout=0.5):
+        while not self.slots.acquire(timeout=0.5):
             if self.mirror.draining.is_set():
                 self.shutdown_request(request)
                 return
         try:
             super().process_request(request, client_address)
         except Exception:
-            self.mirror.slots.release()
+            self.slots.release()
             raise
 
     def process_request_thread(self, request, client_address):
@@ -2816,7 +3156,7 @@ class Listener(http.server.ThreadingHTTPServer):
                 self.mirror.idle_connections.park(self, request, client_address, parked)
             elif request is not None:
                 self.shutdown_request(request)
-            self.mirror.slots.release()
+            self.slots.release()
 
     def finish_request(self, request, client_address):
         """Serve a connection. When it went quiet and is to be parked, still open, returns
@@ -2849,7 +3189,8 @@ def open_listeners(mirror):
                  for host, port in config.listen]
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
-        listeners.append(Listener(config.http_redirect, RedirectHandler, mirror))
+        listeners.append(Listener(config.http_redirect, RedirectHandler, mirror,
+                                  slots=threading.BoundedSemaphore(REDIRECT_CONNECTIONS)))
     mirror.idle_connections = IdleConnections(config.client_timeout, parking_capacity(config))
     return listeners
 
