@@ -568,6 +568,13 @@ def without_port(host):
 TOKEN_FIELDS = ("token", "access_token", "expires_in", "issued_at")
 
 
+def with_query(url, params):
+    """url with (name, value) pairs added to its query."""
+    if not params:
+        return url
+    return url + ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+
+
 def token_answer(body):
     """A token service's answer to a request docxy made, cut down to the token itself: a
     refresh token, or anything else the realm adds, stays with docxy. Unchanged when there
@@ -2005,7 +2012,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         if not self.trusted_peer():
             return client
         hops = ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")
-        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list: empty ones are no hops
+        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list may have empty items
             try:
                 address = forwarded_address(hop)
             except ValueError:
@@ -2185,19 +2192,19 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             if split_scope(scope):
                 owner, name, actions = self.scope_owner(scope)
                 if (owner or registry) is target and len(name) <= MAX_NAME and NAME.fullmatch(name):
-                    renamed[scope] = "repository:%s:%s" % (upstream_name(name, target.library), actions)
+                    name = upstream_name(name, target.library)
+                    renamed[scope] = "repository:%s:%s" % (name, actions)
         headers = {"User-Agent": self.forward_headers()["User-Agent"]}
         grant = dict(params).get("grant_type") if self.command == "POST" else None
-        if target is registry and ("Authorization" in self.headers or grant in ("password", "refresh_token")):
+        own_login = "Authorization" in self.headers or grant in ("password", "refresh_token")
+        if target is registry and own_login:
             return self.forward_client_login(target, challenge, params, renamed, headers)
         pulls = [pull_only(scope) for scope in renamed.values()]
         query = [("service", challenge["service"])] if challenge.get("service") else []
         query += [("scope", scope) for scope in pulls if scope]
         if target.username:
             headers["Authorization"] = basic_authorization(target)
-        realm = challenge["realm"]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query) if query else realm
-        exchange = self.fetch_upstream(target, "GET", url, headers)
+        exchange = self.fetch_upstream(target, "GET", with_query(challenge["realm"], query), headers)
         response = exchange[2]
         if response.status != 200:
             return self.send_upstream(target, "GET", exchange, False, rewrite_challenge=False)
@@ -2233,7 +2240,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             url = realm
         else:
-            url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(scoped) if scoped else realm
+            url = with_query(realm, scoped)
         self.relay(target, self.command, url, headers, body=body, rewrite_challenge=False)
 
     def discover_challenge(self, registry):
@@ -2314,7 +2321,8 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         try:
             with handle:
                 _, state, length = fill.wait(lambda f: f.length is not None, timeout)
-                if state == "failed" or length is None or kind == "manifests" and not fill.media_type:
+                unusable = length is None or kind == "manifests" and not fill.media_type
+                if state == "failed" or unusable:
                     self.cache_status = "-"
                     return pass_through()
                 self.send_object_headers(200, digest, kind, fill.media_type, length)
@@ -2463,8 +2471,8 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         headers = {"User-Agent": self.server_version}
         if registry.username:
             headers["Authorization"] = basic_authorization(registry)
-        origin, connection, response, _ = fetch(self.mirror.pool, "GET", realm + (
-            "&" if "?" in realm else "?") + urllib.parse.urlencode(query), headers, home=registry.upstream)
+        origin, connection, response, _ = fetch(self.mirror.pool, "GET", with_query(realm, query), headers,
+                                                home=registry.upstream)
         try:
             body = response.read(1 << 20) if response.status == 200 else b""
         finally:

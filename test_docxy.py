@@ -451,10 +451,20 @@ class RegistryHandler(RecordingHandler):
         media_type, data = repo["manifests"][digest]
         accept = set()
         for value in self.headers.get_all("Accept") or []:
-            accept.update(v.split(";")[0].strip() for v in value.split(","))
+            for part in value.split(","):
+                kind, *params = part.split(";")
+                if all("=" in p for p in params):  # distribution skips a type whose parameters do not parse
+                    accept.add(kind.strip())
+        accept.discard("")
         if accept and media_type not in accept and "*/*" not in accept:
-            return self.send_json(404, registry_error(
-                "MANIFEST_UNKNOWN", "OCI index found, but accept header does not support OCI indexes"))
+            # With fake.platform_fallback (a manifest digest), like Docker Hub: a client that takes
+            # no index gets one platform's manifest.
+            fallback = getattr(self.fake, "platform_fallback", None)
+            if not (fallback and media_type == MT_INDEX and MT_MANIFEST in accept):
+                return self.send_json(404, registry_error(
+                    "MANIFEST_UNKNOWN", "OCI index found, but accept header does not support OCI indexes"))
+            digest = fallback
+            media_type, data = repo["manifests"][digest]
         etag = '"%s"' % digest
         common = [("Docker-Content-Digest", digest), ("ETag", etag)] + RATE_HEADERS
         if ref == "truncated":
@@ -578,6 +588,8 @@ class TokenHandler(RecordingHandler):
         if self.command == "GET":
             body = {"token": token, "access_token": token, "expires_in": getattr(self.fake, "expires_in", 300),
                     "issued_at": "2024-01-01T00:00:00Z"}
+            if creds is not None and params.get("offline_token") == ["true"]:   # as Docker Hub does
+                body["refresh_token"] = "refresh-" + os.urandom(8).hex()
         else:
             body = {"access_token": token, "scope": " ".join(scopes),
                     "expires_in": getattr(self.fake, "expires_in", 300),
@@ -5031,6 +5043,371 @@ def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path)
     assert re.search(r"^registry docker\.io: upstream http://127\.0\.0\.1:5001\b.*\balice\b", out, re.M), out
     assert re.search(r"tls: yes", out), out
     assert secret not in out + err and "listening on" not in out + err and "error" not in out + err
+
+
+# ==========================================================================
+# Hostile input: what the security review reproduced (parsers, token proxy, cache, floods)
+# ==========================================================================
+
+HOSTILE = 64 * KIB
+
+
+def run_parser(expression, timeout=20):
+    """Evaluate `expression` on a fresh import of docxy in a child process, so that a parser
+    that never finishes fails the test instead of holding this one. Returns the seconds it took."""
+    code = ("import sys, time; sys.argv = ['docxy']; import docxy; n = %d; started = time.monotonic()\n"
+            "try:\n    %s\nexcept Exception:\n    pass\nprint(time.monotonic() - started)" % (HOSTILE, expression))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=clean_env(), timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except subprocess.TimeoutExpired:
+        pytest.fail("%s did not finish within %ss" % (expression, timeout))
+    assert proc.returncode == 0, proc.stderr.decode()
+    return float(proc.stdout.decode().split()[-1])
+
+
+@pytest.mark.parametrize("expression", [
+    "docxy.parse_range('bytes=' + ' ' * (n // 3) + '-' + ' ' * (n // 2) + 'x', 100)",
+    "docxy.parse_range('bytes=' + '1' * (n // 2) + '-' + '2' * (n // 2) + 'x', 100)",
+    "docxy.parse_challenge('Bearer ' + ' ' * n + 'x')",
+    "docxy.parse_challenge('Bearer ' + 'a' * n)",
+    "docxy.parse_challenge('Bearer ' + 'a=\"' * (n // 3))",
+    "docxy.parse_challenge('Bearer realm=\"' + '\\\\\\\\' * (n // 2))",
+    "docxy.valid_host_header('a' * 60 + '.' + 'a-' * (n // 2) + '!')",
+    "docxy.parse_registry_path('/v2/' + 'a/' * (n // 2) + 'manifests/x', '', True)",
+    "docxy.parse_registry_path('/v2/' + 'a-' * (n // 2) + '/manifests/x', '', True)",
+    "docxy.route_class('/v2/' + 'manifests/' * (n // 10) + '!')",
+    "docxy.manifest_accept(['application/vnd.oci.image.index.v1+json;' + 'q=' * (n // 2)])",
+    "docxy.manifest_accept([' ,' * (n // 2)])",
+    "docxy.forwarded_address('[' + ':' * n)",
+    "docxy.TOKEN_PATH.fullmatch('/auth/' + 'a.' * (n // 2) + '/tokex')",
+    "docxy.clean_query('n=' + '1' * n + '&last=' + 'a' * n, docxy.QUERY_GRAMMAR['tags'])",
+])
+def test_each_parser_takes_64_kib_of_hostile_input_in_linear_time(expression):
+    assert run_parser(expression) < 2.0, expression
+
+
+def health_is_answered_at_once(port, tls=None):
+    started = time.monotonic()
+    r = call(port, "GET", "/health", tls=tls, timeout=10)
+    return r.status == 200 and time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("header", ["Range", "Accept", "X-Forwarded-For", "Host", "Authorization"])
+def test_a_hostile_header_never_holds_up_another_connection(header, start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir, "--trusted-proxy", "127.0.0.1/32")
+    layer = content.platform["amd64"]["layers"][0]
+    assert get_blob(d.port, layer).status == 200
+    wait_cached(cache_dir, [layer])
+    value = {"Range": "bytes=" + " " * 20000 + "-" + " " * 40000 + "x",
+             "Accept": (MT_INDEX + ";" + " " * 30000 + "q=1;" * 7000)[:60000],
+             "X-Forwarded-For": "[" + ":" * 20000 + "1" * 30000,
+             "Host": "a" * 60 + "." + "a-" * 29000 + "!",
+             "Authorization": "Basic " + "A" * 60000}[header]
+    target = "/v2/busybox/blobs/" + layer if header == "Range" else "/v2/busybox/manifests/latest"
+    with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
+        sock.sendall(("GET %s HTTP/1.1\r\n%s%s: %s\r\n\r\n" % (
+            target, "" if header == "Host" else "Host: x\r\n", header, value)).encode())
+        time.sleep(0.05)
+        assert health_is_answered_at_once(d.port), header
+        sock.settimeout(15)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 "), header
+
+
+def test_a_hostile_challenge_from_upstream_never_holds_up_another_connection(start_docxy):
+    class Hostile(RecordingHandler):
+        def handle_request(self):
+            self.send_bytes(401, b"{}", "application/json",
+                            [("WWW-Authenticate", "Bearer " + " " * 60000 + "x")])
+    fake = FakeServer(Hostile)
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", fake.url)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
+            sock.sendall(b"GET /v2/library/busybox/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+            assert health_is_answered_at_once(d.port)
+            sock.settimeout(15)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+    finally:
+        fake.close()
+
+
+def operator_docxy(start_docxy, tmp_path, registry, open_registry, registry_b):
+    d = start_docxy("--config", operator_config(tmp_path, registry, open_registry, registry_b), CONSENT)
+    call(d.port, "GET", "/v2/")
+    return d
+
+
+def test_an_anonymous_client_never_gets_a_refresh_token_for_the_operators_account(
+        tmp_path, start_docxy, registry, open_registry, registry_b, tokens):
+    d = operator_docxy(start_docxy, tmp_path, registry, open_registry, registry_b)
+    query = urllib.parse.urlencode([("service", SERVICE), ("scope", "repository:library/busybox:pull"),
+                                    ("offline_token", "true"), ("client_id", "x")])
+    r = call(d.port, "GET", "/auth/token?" + query)
+    assert r.status == 200, r
+    assert "refresh_token" not in r.json() and r.json()["token"]
+    seen = tokens.reqs("GET", "/token")[-1]
+    assert seen.header("Authorization") == "Basic " + ALICE_B64
+    assert seen.params() == {"service": [SERVICE], "scope": ["repository:library/busybox:pull"]}
+
+
+def test_a_refresh_token_the_realm_adds_anyway_stays_with_docxy(start_docxy, content, store):
+    class Generous(TokenHandler):   # a realm that hands out refresh tokens unasked
+        def send_json(self, status, obj, headers=()):
+            if status == 200:
+                obj = dict(obj, refresh_token="refresh-unasked-7781", scope="everything")
+            super().send_json(status, obj, headers)
+    realm = FakeServer(Generous, store=store)
+    upstream = FakeServer(RegistryHandler, content=content, cdn=None, token_url=realm.url + "/token",
+                          store=store, auth=True)
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", upstream.url, "--library-prefix", "on")
+        token = get_token(d.port, "repository:busybox:pull")
+        r = call(d.port, "GET", "/auth/token?service=%s&scope=repository:busybox:pull" % SERVICE)
+        assert r.status == 200 and set(r.json()) == {"token", "access_token", "expires_in", "issued_at"}
+        assert call(d.port, "GET", "/v2/busybox/manifests/latest", bearer(token) + [("Accept", MT_INDEX)]).status \
+            == 200
+    finally:
+        realm.close()
+        upstream.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_smuggled_scopes_and_service_never_reach_the_realm_with_the_operators_login(
+        method, tmp_path, start_docxy, registry, open_registry, registry_b, tokens):
+    d = operator_docxy(start_docxy, tmp_path, registry, open_registry, registry_b)
+    form = [("service", "evil.example"), ("client_id", "x"),
+            ("scope", "repository:victim/app:push,delete repository:acme/private:pull")]
+    if method == "GET":
+        r = call(d.port, "GET", "/auth/token?" + urllib.parse.urlencode(form))
+    else:
+        r = call(d.port, "POST", "/auth/token", [("Content-Type", "application/x-www-form-urlencoded")],
+                 body=urllib.parse.urlencode(form).encode())
+    assert r.status == 200, r
+    seen = tokens.reqs()[-1]
+    assert seen.method == "GET" and seen.header("Authorization") == "Basic " + ALICE_B64
+    assert seen.params() == {"service": [SERVICE], "scope": ["repository:acme/private:pull"]}
+
+
+def test_a_clients_own_login_still_gets_its_refresh_token(tmp_path, start_docxy, registry, open_registry,
+                                                          registry_b, tokens):
+    d = operator_docxy(start_docxy, tmp_path, registry, open_registry, registry_b)
+    query = urllib.parse.urlencode([("service", SERVICE), ("scope", "repository:acme/private:pull"),
+                                    ("offline_token", "true"), ("client_id", "docker")])
+    r = call(d.port, "GET", "/auth/token?" + query, [("Authorization", "Basic " + ALICE_B64)])
+    assert r.status == 200 and r.json()["refresh_token"].startswith("refresh-")
+    assert r.body == tokens.reqs("GET", "/token")[-1].response
+    assert tokens.reqs("GET", "/token")[-1].params()["offline_token"] == ["true"]
+
+
+def json_blob(content, document):
+    """A blob that is a JSON document, pushed to the fake's busybox repository."""
+    return content.add_blob(content.repos["library/busybox"], json.dumps(document).encode())["digest"]
+
+
+def test_a_cached_blob_is_never_served_as_a_manifest(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    planted = {"mediaType": "text/html", "x": "<script>alert(document.domain)</script>"}
+    injected = {"mediaType": "application/json\r\nSet-Cookie: session=evil\r\n\r\nHTTP/1.1 200 OK"}
+    for document in (planted, injected, {"manifests": [], "padding": "x" * (4 * MIB)}):
+        digest = json_blob(content, document)
+        assert get_blob(d.port, digest).status == 200
+        wait_cached(cache_dir, [digest])
+        for method in ("HEAD", "GET"):
+            clear_fakes()
+            r = call(d.port, method, "/v2/anything/here/manifests/" + digest)
+            assert r.status == 404, r      # the upstream's word: no such manifest
+            assert r.headers.get("X-Docxy-Cache") != "hit" and registry.reqs(), method
+            assert r.headers["Content-Type"] == "application/json" and "Set-Cookie" not in r.headers
+
+
+def test_a_cached_manifest_keeps_the_media_type_the_upstream_gave_it(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    digest = content.platform["amd64"]["manifest"]
+    accept = [("Accept", MT_MANIFEST)]
+    assert call(d.port, "GET", "/v2/busybox/manifests/" + digest, accept).status == 200
+    wait_cached(cache_dir, [digest])
+    d.stop()
+    offline = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
+                          "--cache-dir", str(cache_dir))
+    for method in ("HEAD", "GET"):
+        r = call(offline.port, method, "/v2/library/busybox/manifests/" + digest, accept)
+        assert r.status == 200 and r.headers["Content-Type"] == MT_MANIFEST, r
+        assert r.headers["X-Docxy-Cache"] == "hit"
+    assert os.listdir(str(cache_dir / "types" / "sha256")) == [digest.split(":")[1]]
+
+
+def test_a_header_value_with_a_line_break_is_never_relayed(start_docxy):
+    class Splitting(RecordingHandler):
+        def handle_request(self):
+            self.send_response(200)
+            self.send_header("Content-Type", MT_MANIFEST)
+            self.send_header("Docker-Content-Digest", "sha256:" + "0" * 64 + "\rSet-Cookie: evil=1")
+            self.send_header("ETag", "x\x00y")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+    fake = FakeServer(Splitting)
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", fake.url)
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+            sock.sendall(b"GET /v2/x/y/manifests/latest HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = read_until_eof(sock)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body == b"{}", reply
+        assert b"\r" not in head.replace(b"\r\n", b"") and b"\x00" not in head and b"Set-Cookie" not in head
+        d.wait_for(r"refused to send a Docker-Content-Digest header")
+    finally:
+        fake.close()
+
+
+def test_slow_clients_of_the_redirect_listener_never_starve_the_mirror(certs, start_docxy, registry):
+    tls = ssl.create_default_context(cafile=certs["ca.pem"])
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"], "--http-redirect", "127.0.0.1:0", "--client-timeout", "2",
+                    "--max-connections", "4", redirects=1)
+    tricklers = [socket.create_connection(("127.0.0.1", d.redirect_ports[0]), timeout=10) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 3.5:   # a byte every half second: no read ever times out
+            for sock in tricklers:
+                try:
+                    sock.sendall(b"G")
+                except OSError:
+                    pass
+            assert health_is_answered_at_once(d.port, tls=tls)
+            time.sleep(0.5)
+        for sock in tricklers:     # each was cut at its deadline, whatever it still sent
+            sock.settimeout(5)
+            try:
+                assert read_until_eof(sock) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in tricklers:
+            sock.close()
+
+
+@pytest.mark.parametrize("host", ["evil.example/path", "a b", "user@evil.example", "[::1", "x:99999", ""])
+def test_redirect_listener_puts_only_a_valid_host_in_its_location(host, certs, start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"], "--http-redirect", "127.0.0.1:0", redirects=1)
+    r = raw_request(d.redirect_ports[0], "/v2/", headers=["Host: " + host] if host else [])
+    assert r.status == 400 and "Location" not in r.headers, r
+    r = raw_request(d.redirect_ports[0], "/v2/", headers=["Host: mirror.example.test:8080"])
+    assert r.status == 301 and r.headers["Location"].startswith("https://mirror.example.test:")
+
+
+def tags_on_disk(cache_dir):
+    return os.listdir(str(cache_dir / "tags"))
+
+
+def test_tag_records_are_keyed_by_known_media_types_and_bounded_per_tag(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    for i in range(300):    # every one a different Accept header, and the same set of known types
+        r = call(d.port, "GET", "/v2/busybox/manifests/latest",
+                 [("Accept", "%s, application/x-junk-%d, %s;q=0.%d" % (MT_INDEX, i, MT_MANIFEST, i % 9 + 1))])
+        assert r.status == 200 and r.body == content.index_bytes
+    assert len(tags_on_disk(cache_dir)) == 1
+    assert {accept_values(q) == {MT_INDEX, MT_MANIFEST} for q in registry.reqs(path=LIB_PATH)} == {True}
+    known = ["application/vnd.docker.distribution.manifest.v2+json",
+             "application/vnd.docker.distribution.manifest.list.v2+json", MT_MANIFEST, MT_INDEX, "*/*"]
+    for size in range(1, len(known) + 1):
+        for first in range(len(known)):
+            accept = ", ".join(known[first:first + size])
+            assert call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", accept)]).status in (200, 404)
+    assert len(tags_on_disk(cache_dir)) <= 4
+
+
+def test_an_unparsable_accept_parameter_cannot_poison_a_tag_for_other_clients(start_docxy, registry, content,
+                                                                               tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+    registry.platform_fallback = content.platform["amd64"]["manifest"]
+    try:
+        r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ";x, " + MT_MANIFEST)])
+        assert r.status == 200 and sha256_digest(r.body) == content.platform["amd64"]["manifest"]
+        r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ", " + MT_MANIFEST)])
+        assert r.status == 200 and r.body == content.index_bytes, r
+    finally:
+        registry.platform_fallback = None
+
+
+def test_during_an_outage_the_newest_checked_record_of_a_tag_is_served(start_docxy, registry, content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    online = cached_docxy(start_docxy, registry, cache_dir, "--tag-ttl", "0")
+    registry.platform_fallback = content.platform["amd64"]["manifest"]
+    try:
+        for accept in (MT_INDEX, MT_MANIFEST):   # the second is newer, and names another digest
+            assert call(online.port, "GET", "/v2/busybox/manifests/latest", [("Accept", accept)]).status == 200
+            time.sleep(0.05)
+    finally:
+        registry.platform_fallback = None
+    online.stop()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
+                    "--library-prefix", "on", "--cache-dir", str(cache_dir))
+    r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ", " + MT_MANIFEST)])
+    assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+    assert sha256_digest(r.body) == content.platform["amd64"]["manifest"]
+
+
+def login(port, who, source="127.0.0.1"):
+    started = time.monotonic()
+    r = call(port, "GET", "/v2/", [("Authorization", who)], source=source, timeout=30)
+    return r, time.monotonic() - started
+
+
+def test_failed_logins_are_throttled_per_client_address(start_docxy, registry, users):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users)
+    answers = [login(d.port, basic("mallory", "guess-%d" % i), "127.0.0.2")[0] for i in range(12)]
+    assert [r.status for r in answers[:10]] == [401] * 10
+    throttled = answers[-1]
+    assert_error(throttled, 429, "TOOMANYREQUESTS")
+    assert int(throttled.headers["Retry-After"]) >= 1
+    r, _ = login(d.port, MIRROR_BASIC)
+    assert r.status == 200      # another address is not held up by mallory's
+    assert "guess-" not in d.log() and d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'")
+    assert 'docxy_failed_logins_total 10' in call(d.port, "GET", "/metrics").body.decode()
+
+
+def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_docxy, registry, users):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users)
+    assert login(d.port, MIRROR_BASIC)[0].status == 200     # remembered from now on
+    results = []
+
+    def attacker(i):
+        results.append(login(d.port, basic("nobody-%d" % i, "x"), "127.0.1.%d" % (i + 1)))
+    threads = [threading.Thread(target=attacker, args=(i,)) for i in range(60)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    r, seconds = login(d.port, MIRROR_BASIC)
+    assert r.status == 200 and seconds < 1.0
+    for thread in threads:
+        thread.join(60)
+    refused = [r for r, took in results if r.status == 503]
+    assert refused and all(r.headers["Retry-After"] == "1" for r in refused)
+    assert_error(refused[0], 503, "TOOMANYREQUESTS")
+    assert {r.status for r, _ in results} <= {401, 503}
+
+
+@pytest.mark.parametrize("forwarded, status", [
+    ("10.1.2.3:5000", 403), ("[2001:db8::7]", 403), ("[2001:db8::7]:443", 403),
+    ("198.51.100.7:4711", 200), ("[2001:db8:1::7]:80", 200), ("unknown", 400), ("_hidden", 400), ("[::1", 400),
+])
+def test_a_forwarded_address_with_a_port_is_judged_as_that_address(forwarded, status, multi_config, start_docxy,
+                                                                   content):
+    d = start_docxy("--config", multi_config, "--trusted-proxy", "127.0.0.1/32", "--allow", "127.0.0.1/32",
+                    "--allow", "198.51.100.0/24", "--allow", "2001:db8:1::/48")
+    r = call(d.port, "GET", "/v2/", [("X-Forwarded-For", forwarded)])
+    if status == 200:
+        assert r.status == 401, r  # served: the upstream's challenge
+    else:
+        assert_error(r, status, "DENIED")
+    assert call(d.port, "GET", "/metrics", [("X-Forwarded-For", forwarded)]).status in (400, 403)
 
 
 # ==========================================================================
