@@ -1805,44 +1805,148 @@ def write_log_line(line):
 
 # ---------------------------------------------------------------- request handler
 
-class DeadlineReader(io.RawIOBase):
-    """Socket reads that must all finish before a deadline: slow-header clients are cut off.
+# The request line's three parts (RFC 9112 3): each one character class, matched in linear time.
+REQUEST_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")
+HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+MAX_REQUEST_HEAD = 128 << 10    # a request line and headers; a real client's are a few KiB
+MAX_REQUEST_BODY = 64 << 10     # the largest body docxy reads: a token request's form
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-    A plain socket is read with os.readv on its descriptor, which Python keeps non-blocking
-    for a socket with a timeout, and waited for with poll only when nothing is there yet:
-    sock.recv_into would poll before every read, and a deadline set with settimeout costs
-    another system call each time. Each of those lets go of the GIL, and at 16 busy
-    connections the hand-offs are what a small request costs most."""
 
-    def __init__(self, sock, timeout):
+def body_to_wait_for(head):
+    """The length of the body that must arrive with a request before a thread takes it: its
+    Content-Length, when that is one number docxy would read (MAX_REQUEST_BODY at most);
+    else 0, and the thread answers it (an error, or a 405 that leaves the body unread).
+    Also whether the client waits for "100 Continue" before it sends the body."""
+    lengths, expect, chunked = [], False, False
+    for line in head.split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            lengths.append(value.strip())
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"expect":
+            expect = value.strip().lower() == b"100-continue"
+    if chunked or len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) > MAX_REQUEST_BODY:
+        return 0, False
+    return int(lengths[0]), expect and int(lengths[0]) > 0
+
+
+class RequestReader:
+    """A client connection's incoming side: what arrived and is not read yet (`pending`),
+    and reads from the socket before a deadline. It is the handler's rfile (readline, read).
+
+    A connection reaches a thread only once a request has arrived whole (request_arrived), so
+    a slow client never holds one; the thread's reads find their bytes here, and the socket is
+    read only for what came after. A plain socket is read with os.read on its descriptor,
+    which Python keeps non-blocking for a socket with a timeout, and waited for with poll only
+    when nothing is there yet: sock.recv would poll before every read, and a deadline set with
+    settimeout costs another system call each time. Each of those lets go of the GIL, and at
+    16 busy connections the hand-offs are what a small request costs most."""
+
+    def __init__(self, sock, timeout, pending=b""):
         self.sock, self.timeout, self.deadline = sock, timeout, None
+        self.pending = bytearray(pending)
+        self.restart()
         self.fd, self.poller = sock.fileno(), None
-        if not isinstance(sock, ssl.SSLSocket) and hasattr(os, "readv") and hasattr(select, "poll"):
+        if not isinstance(sock, ssl.SSLSocket) and hasattr(select, "poll"):
             self.poller = select.poll()
             self.poller.register(self.fd, select.POLLIN)
 
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        wait = self.timeout
+    def fill(self, wait=None):
+        """Add what the socket has to `pending`, waiting for it up to `wait` seconds (or the
+        deadline). Returns the number of bytes, 0 at the end of the stream; socket.timeout
+        when none came in time."""
+        wait = self.timeout if wait is None else wait
         if self.deadline is not None:
-            wait = self.deadline - time.monotonic()
-            if wait <= 0:
-                raise socket.timeout("request not received in time")
-            wait = min(wait, self.timeout)
+            wait = min(wait, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout("request not received in time")
         if self.poller is None:
             self.sock.settimeout(wait)
-            return self.sock.recv_into(buffer)
-        give_up = time.monotonic() + wait
+            data = self.sock.recv(65536)
+        else:
+            give_up = time.monotonic() + wait
+            while True:
+                try:
+                    data = os.read(self.fd, 65536)
+                    break
+                except BlockingIOError:
+                    pass
+                wait = give_up - time.monotonic()
+                if wait <= 0 or not self.poller.poll(wait * 1000):
+                    raise socket.timeout("timed out")
+        self.pending += data
+        return len(data)
+
+    def take(self, count):
+        data = bytes(self.pending[:count])
+        del self.pending[:count]
+        self.restart()
+        return data
+
+    def restart(self):
+        """Forget what head_end found: `pending` starts anew."""
+        self.head = None            # where the head in `pending` ends, once found
+        self.scanned = 0            # head_end found no line end before this offset
+        self.line_start = 0         # where the line being scanned starts
+        self.continued = False      # "100 Continue" was sent for the request in `pending`
+
+    def readline(self, limit=-1):
+        start = 0
         while True:
-            try:
-                return os.readv(self.fd, [buffer])
-            except BlockingIOError:
-                pass
-            wait = give_up - time.monotonic()
-            if wait <= 0 or not self.poller.poll(wait * 1000):
-                raise socket.timeout("timed out")
+            end = self.pending.find(b"\n", start, None if limit < 0 else limit)
+            if end >= 0:
+                return self.take(end + 1)
+            if 0 <= limit <= len(self.pending):
+                return self.take(limit)
+            start = len(self.pending)
+            if not self.fill():
+                return self.take(len(self.pending))
+
+    def read(self, count):
+        while len(self.pending) < count and self.fill():
+            pass
+        return self.take(count)
+
+    def request_arrived(self):
+        """Whether `pending` starts with a whole request: its head, and the body a thread
+        would read (body_to_wait_for). A request docxy answers with an error at once (a TLS
+        handshake on the plain port, a head too large) counts as whole. Sends "100 Continue"
+        when the client waits for it before the body. Each call looks only at new bytes."""
+        data = self.pending
+        if data[:1] == b"\x16":
+            return True
+        end = self.head_end()
+        if end is None:
+            return len(data) > MAX_REQUEST_HEAD
+        length, wants_continue = body_to_wait_for(bytes(data[:end]))
+        if len(data) >= end + length:
+            return True
+        if wants_continue and not self.continued:
+            self.continued = True
+            self.send_continue()
+        return False
+
+    def head_end(self):
+        """Where the head in `pending` ends (after its first empty line), or None. RFC 9112
+        lets a line end with a bare LF, and the standard library's parser takes one. Resumes
+        where the last call stopped: a client sending a byte at a time costs a byte's work."""
+        data = self.pending
+        while self.head is None:
+            end = data.find(b"\n", self.scanned)
+            if end < 0:
+                self.scanned = len(data)
+                return None
+            if self.line_start and end - self.line_start <= 1 and data[self.line_start:end] in (b"", b"\r"):
+                self.head = end + 1
+            self.scanned = self.line_start = end + 1
+        return self.head
+
+    def send_continue(self):
+        self.sock.sendall(CONTINUE)
 
 
 class ResponseWriter(io.BufferedIOBase):
@@ -1915,8 +2019,8 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.mirror.config.client_timeout)
         self.peer = plain_address(self.client_address[0])
         self.peer_text = str(self.peer)
-        self.reader = DeadlineReader(self.connection, self.mirror.config.client_timeout)
-        self.rfile = io.BufferedReader(self.reader, 65536)
+        self.reader = self.rfile = RequestReader(self.connection, self.mirror.config.client_timeout,
+                                                 self.server.pending.pop(self.connection, b""))
         self.wfile = ResponseWriter(self.connection)
         self.idle = True
         with self.mirror.lock:
@@ -1931,31 +2035,37 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         self.handle_one_request()
         while not self.close_connection:
             self.quiet_since = time.monotonic()
-            if self.quiet_for(PARK_AFTER):
-                self.parked = True      # Listener hands the socket to IdleConnections
+            if not self.next_request_arrived():
+                # Listener hands the socket, and what came of a next request, to
+                # WaitingConnections: a slow client waits there, without a thread.
+                self.parked = not self.close_connection
                 return
             self.handle_one_request()
 
-    def quiet_for(self, seconds):
-        """True when no byte of a next request arrived within seconds. Waits in the read the
-        next request needs anyway; peek() keeps what arrives for it, and a timeout before the
-        first byte loses nothing."""
+    def next_request_arrived(self):
+        """Whether the next request arrived whole within PARK_AFTER. Waits in the read it needs
+        anyway, so a keep-alive client that asks again at once is answered by this thread."""
         self.idle = True
-        self.reader.deadline = time.monotonic() + seconds
+        self.reader.deadline = time.monotonic() + PARK_AFTER
         try:
-            self.rfile.peek(1)      # returns at once when a pipelined request is buffered
-            return False
-        except socket.timeout:
+            while not self.reader.request_arrived():
+                if not self.reader.fill():
+                    self.close_connection = True
+                    return False
             return True
+        except socket.timeout:
+            return False
         except OSError:
-            return False            # handle_one_request meets the same error and closes
+            self.close_connection = True
+            return False
 
     def handle_one_request(self):
         self.status, self.sent, self.upstream_status = None, 0, "-"
         self.reader.deadline = time.monotonic() + self.mirror.config.client_timeout
         self.idle = True
+        tls_probe = self.reader.pending[:2] == b"\x16\x03"
         try:
-            self.raw_requestline = self.rfile.readline(65537)
+            self.raw_requestline = b"\x16\x03" if tls_probe else self.reader.readline(65537)
         except (socket.timeout, OSError):
             self.close_connection = True
             return
@@ -1964,14 +2074,14 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.started = time.monotonic()
-        self.command, self.path, self.request_version = None, "-", "HTTP/1.0"
+        self.command, self.path, self.request_version = None, "-", "HTTP/1.1"
         self.client, self.user, self.cache_status = self.client_address[0], None, "-"
         self.registry_name, self.received, self.upstream_seconds, self.long_transfer = "-", 0, 0.0, 0
         metrics = self.mirror.metrics
         with metrics.lock:
             metrics.inflight += 1
         try:
-            if self.raw_requestline.startswith(b"\x16\x03") and not self.server.tls_context:
+            if tls_probe and not self.server.tls_context:
                 # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
                 # to fall back to http:// ("server gave HTTP response to HTTPS client").
                 self.command, self.path = "-", "(TLS handshake on the plain-HTTP port)"
@@ -1982,9 +2092,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            self.reader.deadline = None
-            if self.reader.poller is None:      # a TLS read may have shortened the timeout
-                self.connection.settimeout(self.mirror.config.client_timeout)
+            self.frame_request()
             if self.mirror.draining.is_set():
                 self.close_connection = True
             self.route()
@@ -1999,6 +2107,72 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                 metrics.inflight -= 1
             if self.status is not None:
                 self.log_access()
+
+    # -- framing: one request, exactly
+
+    def parse_request(self):
+        """The request line first, strictly: METHOD SP TARGET SP HTTP/d.d and nothing else
+        (RFC 9112 3). Anything else is answered 400 in HTTP/1.1 and the connection closes;
+        the standard library would answer some of it in HTTP/0.9, a body with no status line."""
+        line = self.raw_requestline.rstrip(b"\r\n")
+        words = line.split(b" ")
+        if len(words) != 3 or not REQUEST_METHOD.fullmatch(words[0]) \
+                or not REQUEST_TARGET.fullmatch(words[1]) or not HTTP_VERSION.fullmatch(words[2]):
+            self.requestline = line.decode("iso-8859-1")
+            self.command, self.path = "-", "(malformed request line)"
+            self.send_error(400, "malformed request line")
+            return False
+        return super().parse_request()
+
+    def handle_expect_100(self):
+        return True     # RequestReader sent "100 Continue" when the head arrived, if the body was to come
+
+    def frame_request(self):
+        """How long the body is (RFC 9112 6.3): None for chunked, else its Content-Length (0 for
+        none). A request framed two ways, or a way docxy does not know, is refused with 400,
+        and the connection closes: its body cannot be told from the next request."""
+        codings = ",".join(self.headers.get_all("Transfer-Encoding") or [])
+        lengths = self.headers.get_all("Content-Length") or []
+        try:
+            if codings:
+                if lengths:
+                    raise ValueError("both Transfer-Encoding and Content-Length")
+                if [c.strip().lower() for c in codings.split(",")] != ["chunked"]:
+                    raise ValueError("a transfer coding other than chunked")
+                self.body_length = None
+            elif len(lengths) > 1:
+                raise ValueError("more than one Content-Length")
+            elif lengths and not is_number(lengths[0].strip(" \t")):
+                raise ValueError("a Content-Length that is not a number")
+            else:
+                self.body_length = int(lengths[0]) if lengths else 0
+        except ValueError as error:
+            self.close_connection = True
+            self.body_length = 0
+            raise RegistryError(400, "UNSUPPORTED", "request framing refused: %s" % error)
+
+    def read_body(self, wanted):
+        """The request's body if `wanted` (at most MAX_REQUEST_BODY, with a Content-Length);
+        else it is read and dropped (GET and HEAD, within the same limit), or left unread and
+        the connection closed after the answer. Its bytes never become a request."""
+        length = self.body_length
+        if wanted:
+            if length is None:
+                self.close_connection = True
+                raise RegistryError(411, "UNSUPPORTED", "the request body needs a Content-Length")
+            if length > MAX_REQUEST_BODY:
+                self.close_connection = True
+                raise RegistryError(413, "UNSUPPORTED", "the request body is too large")
+            return self.rfile.read(length)
+        if length == 0:
+            return b""
+        if self.command in ("GET", "HEAD") and length is not None and length <= MAX_REQUEST_BODY:
+            self.rfile.read(length)
+            return b""
+        self.close_connection = True
+        if self.command in ("GET", "HEAD"):
+            raise RegistryError(400, "UNSUPPORTED", "a %s request carries no body" % self.command)
+        return b""      # another method gets a 405, and the connection closes with the body unread
 
     # -- who is asking
 
@@ -2048,7 +2222,6 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             self.check_access(path, path == "/v2" or path.startswith("/v2/"))
             if path == "/" and self.command in ("GET", "HEAD"):
                 return self.send_status()
-            token_path = TOKEN_PATH.fullmatch(path)
             if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
                 self.close_connection = True    # a body we will not read may follow
                 raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only", self.command)
