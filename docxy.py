@@ -1264,14 +1264,17 @@ class Cache:
             return self.tags.get(key)
 
     def tag_for_any_client(self, key, accepted):
-        """The newest checked record of this tag made for another Accept set, of a type this
-        client accepts: during an outage a fleet of Docker and containerd nodes shares it."""
+        """A record of this tag made for another Accept set, of a type this client accepts:
+        during an outage a fleet of Docker and containerd nodes shares it. An index (or list)
+        beats one platform's manifest, which might not be this client's platform; then the
+        most recently checked record beats older ones."""
         types = set(accepted)
         with self.lock:
             records = [self.tags[other] for other in self.tag_keys.get(key[:3], ())]
         fits = [record for record in records
                 if record["type"] in types or not accepted or "*/*" in types]
-        return max(fits, key=lambda record: record["checked"], default=None)
+        return max(fits, key=lambda record: (record["type"] in INDEX_TYPES, record["checked"]),
+                   default=None)
 
     def remember_tag(self, key, digest, media_type, length):
         record = {"version": TAG_RECORD_VERSION, "key": key, "digest": digest, "type": media_type,
@@ -1394,6 +1397,10 @@ MANIFEST_ACCEPT = frozenset((
     "application/vnd.oci.artifact.manifest.v1+json", "*/*"))
 
 
+INDEX_TYPES = frozenset(("application/vnd.oci.image.index.v1+json",
+                         "application/vnd.docker.distribution.manifest.list.v2+json"))
+
+
 def manifest_accept(values):
     """The known manifest media types that Accept headers name, sorted. A type whose parameters
     do not parse is left out, as distribution leaves it out, and so is one with q=0."""
@@ -1478,14 +1485,13 @@ class RateLimiter:
             self.buckets[key] = (tokens, now)
             return max(1, int((1 - tokens) / self.rate + 0.999))
 
-    def empty_for(self, address):
-        """0 if the client has a token left, else the seconds until it has; takes none."""
+    def give_back(self, address):
+        """Return the token wait_needed took: what it was taken for turned out well."""
         key = client_network(address)
-        now = time.monotonic()
         with self.lock:
-            tokens, since = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - since) * self.rate)
-        return 0 if tokens >= 1 else max(1, int((1 - tokens) / self.rate + 0.999))
+            if key in self.buckets:
+                tokens, since = self.buckets[key]
+                self.buckets[key] = (min(self.burst, tokens + 1), since)
 
 
 def plain_address(text):
@@ -1711,7 +1717,9 @@ class Mirror:
             name, _, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        wait = self.failed_logins.empty_for(client)
+        # A try takes a token before it is hashed, so that tries at once cannot outrun the
+        # limit, and a refused one costs the client too; a good login gives it back.
+        wait = self.failed_logins.wait_needed(client)
         if wait:
             raise RegistryError(429, "TOOMANYREQUESTS", "too many failed logins; try again later",
                                 {"retry_after": wait}, [("Retry-After", str(wait))])
@@ -1724,8 +1732,9 @@ class Mirror:
         finally:
             self.login_queue.release()
         self.logins.put(key, name if ok else "", 300 if ok else 5)
-        if not ok:
-            self.failed_logins.wait_needed(client)
+        if ok:
+            self.failed_logins.give_back(client)
+        else:
             self.metrics.add("docxy_failed_logins_total")
             log("%s failed to log in as %r" % (client, name[:64]))
         return name if ok else None
@@ -2214,9 +2223,9 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     def route(self):
         path, _, query = self.path.partition("?")
         try:
-            self.client = self.forwarded_client()
             if path == "/health" and self.command in ("GET", "HEAD"):
-                return self.send_json(200, {"status": "ok"})
+                return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
+            self.client = self.forwarded_client()
             if path == "/metrics" and self.command in ("GET", "HEAD"):
                 return self.send_metrics()
             self.check_access(path, path == "/v2" or path.startswith("/v2/"))
@@ -2549,8 +2558,8 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                 if response.status == 200 and DIGEST.fullmatch(digest) and media_type:
                     record = cache.remember_tag(key, digest, media_type,
                                                 response.getheader("Content-Length", ""))
-                elif record and (response.status == 429 or response.status >= 500):
-                    status = "stale"
+                elif fallback and (response.status == 429 or response.status >= 500):
+                    status, record = "stale", fallback
                 else:   # unknown, or readable only with the client's own credentials: not shared
                     return self.relay(registry, self.command, url, headers, scope=login_scope(headers, name))
         cache.count("tag_" + status)

@@ -445,6 +445,10 @@ class RegistryHandler(RecordingHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
 
     def manifest(self, repo, ref):
+        failing = getattr(self.fake, "fail_manifests", None)    # a status every manifest gets
+        if failing:
+            return self.send_json(failing, registry_error("UNAVAILABLE", "failing on purpose"),
+                                  [("Retry-After", "7")] if failing == 429 else [])
         digest = ref if ref.startswith("sha256:") else repo["tags"].get(ref)
         if digest not in repo["manifests"]:
             return self.send_json(404, registry_error("MANIFEST_UNKNOWN", "manifest unknown", {"ref": ref}))
@@ -5337,11 +5341,33 @@ def test_an_unparsable_accept_parameter_cannot_poison_a_tag_for_other_clients(st
 
 
 def test_during_an_outage_the_newest_checked_record_of_a_tag_is_served(start_docxy, registry, content, tmp_path):
+    busybox = content.repos["library/busybox"]
+    moved = content.add_manifest(busybox, {"schemaVersion": 2, "mediaType": MT_INDEX,
+                                           "manifests": [], "annotations": {"moved": "yes"}})["digest"]
+    cache_dir = tmp_path / "cache"
+    online = cached_docxy(start_docxy, registry, cache_dir, "--tag-ttl", "0")
+    try:
+        for accept, digest in ((MT_INDEX, content.index_digest), (MT_INDEX + ", */*", moved)):
+            busybox["tags"]["latest"] = digest     # the tag moves between the two records
+            r = call(online.port, "GET", "/v2/busybox/manifests/latest", [("Accept", accept)])
+            assert r.status == 200 and sha256_digest(r.body) == digest
+            time.sleep(0.05)
+    finally:
+        busybox["tags"]["latest"] = content.index_digest
+    online.stop()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
+                    "--library-prefix", "on", "--cache-dir", str(cache_dir))
+    r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ", " + MT_MANIFEST)])
+    assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+    assert sha256_digest(r.body) == moved
+
+
+def test_during_an_outage_an_index_beats_one_platforms_manifest(start_docxy, registry, content, tmp_path):
     cache_dir = tmp_path / "cache"
     online = cached_docxy(start_docxy, registry, cache_dir, "--tag-ttl", "0")
     registry.platform_fallback = content.platform["amd64"]["manifest"]
     try:
-        for accept in (MT_INDEX, MT_MANIFEST):   # the second is newer, and names another digest
+        for accept in (MT_INDEX, MT_MANIFEST):   # the amd64 manifest's record is the newer
             assert call(online.port, "GET", "/v2/busybox/manifests/latest", [("Accept", accept)]).status == 200
             time.sleep(0.05)
     finally:
@@ -5351,7 +5377,22 @@ def test_during_an_outage_the_newest_checked_record_of_a_tag_is_served(start_doc
                     "--library-prefix", "on", "--cache-dir", str(cache_dir))
     r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ", " + MT_MANIFEST)])
     assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-    assert sha256_digest(r.body) == content.platform["amd64"]["manifest"]
+    assert r.body == content.index_bytes     # an arm64 node must not get the amd64 manifest
+
+
+@pytest.mark.parametrize("failing", [503, 429])
+def test_an_upstream_failing_with_a_status_serves_another_clients_record(failing, start_docxy, registry,
+                                                                        content, tmp_path):
+    d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--tag-ttl", "0")
+    assert index_request(d.port, "/v2/busybox/manifests/latest").status == 200
+    wait_cached(tmp_path / "cache", [content.index_digest])
+    registry.fail_manifests = failing
+    try:
+        r = call(d.port, "GET", "/v2/busybox/manifests/latest", [("Accept", MT_INDEX + ", " + MT_MANIFEST)])
+    finally:
+        registry.fail_manifests = None
+    assert r.status == 200 and r.body == content.index_bytes, r
+    assert r.headers["X-Docxy-Cache"] == "stale"
 
 
 def login(port, who, source="127.0.0.1"):
@@ -5371,6 +5412,22 @@ def test_failed_logins_are_throttled_per_client_address(start_docxy, registry, u
     assert r.status == 200      # another address is not held up by mallory's
     assert "guess-" not in d.log() and d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'")
     assert 'docxy_failed_logins_total 10' in call(d.port, "GET", "/metrics").body.decode()
+
+
+def test_failed_logins_at_once_from_one_address_cannot_outrun_the_throttle(start_docxy, registry, users):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users)
+    results = []
+
+    def guesses(i):     # one after another: each enters the queue as soon as there is room
+        for j in range(5):
+            results.append(login(d.port, basic("mallory", "at-once-%d-%d" % (i, j)), "127.0.0.3")[0].status)
+    threads = [threading.Thread(target=guesses, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 40 and set(results) <= {401, 429, 503}
+    assert results.count(401) <= 11, results    # the burst of 10, and what refilled meanwhile
 
 
 def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_docxy, registry, users):
@@ -5408,6 +5465,7 @@ def test_a_forwarded_address_with_a_port_is_judged_as_that_address(forwarded, st
     else:
         assert_error(r, status, "DENIED")
     assert call(d.port, "GET", "/metrics", [("X-Forwarded-For", forwarded)]).status in (400, 403)
+    assert call(d.port, "GET", "/health", [("X-Forwarded-For", forwarded)]).status == 200   # for balancers
 
 
 # ==========================================================================
