@@ -1646,10 +1646,10 @@ class Mirror:
         self.cache = open_cache(config) if config.cache_dir else None
         self.metrics = Metrics()
         self.https_port = 443               # where --http-redirect sends clients
-        self.slots = threading.BoundedSemaphore(config.max_connections)
+        self.budget = ConnectionBudget(config.max_connections)
         self.draining = threading.Event()
         self.connections = {}               # socket -> handler, to close idle ones when draining
-        self.idle_connections = None        # IdleConnections, once there are listeners
+        self.waiting = None                 # WaitingConnections, once there are listeners
         self.lock = threading.Lock()
         self.date = (0, "")                 # (second, its Date header): see date_time_string
 
@@ -1967,7 +1967,7 @@ class ResponseWriter(io.BufferedIOBase):
 
     def __init__(self, sock):
         self.sock, self.head = sock, b""
-        # As DeadlineReader reads: one write(2) where sendall would poll first.
+        # As RequestReader reads: one write(2) where sendall would poll first.
         self.fd = None if isinstance(sock, ssl.SSLSocket) else sock.fileno()
 
     def writable(self):
@@ -2013,7 +2013,28 @@ class UnsafeHeaderGuard:
         super().send_header(keyword, value)
 
 
-class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
+class StrictRequestLine:
+    """Handler mixin: the request line is METHOD SP TARGET SP HTTP/d.d and nothing else
+    (RFC 9112 3). Anything else is answered 400 in HTTP/1.1 and the connection closes; the
+    standard library would answer some of it in HTTP/0.9, a body with no status line."""
+
+    def parse_request(self):
+        line = self.raw_requestline.rstrip(b"\r\n")
+        words = line.split(b" ")
+        if len(words) != 3 or not REQUEST_METHOD.fullmatch(words[0]) \
+                or not REQUEST_TARGET.fullmatch(words[1]) or not HTTP_VERSION.fullmatch(words[2]):
+            self.requestline = line.decode("iso-8859-1")
+            self.command, self.path, self.request_version = "-", "(malformed request line)", "HTTP/1.1"
+            self.close_connection = True
+            self.send_error(400, "malformed request line")
+            return False
+        return super().parse_request()
+
+    def handle_expect_100(self):
+        return True     # RequestReader sent "100 Continue" if the body was still to come
+
+
+class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """One client connection: read requests, answer each from upstream or from docxy itself."""
 
     protocol_version = "HTTP/1.1"
@@ -2119,23 +2140,6 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
 
     # -- framing: one request, exactly
 
-    def parse_request(self):
-        """The request line first, strictly: METHOD SP TARGET SP HTTP/d.d and nothing else
-        (RFC 9112 3). Anything else is answered 400 in HTTP/1.1 and the connection closes;
-        the standard library would answer some of it in HTTP/0.9, a body with no status line."""
-        line = self.raw_requestline.rstrip(b"\r\n")
-        words = line.split(b" ")
-        if len(words) != 3 or not REQUEST_METHOD.fullmatch(words[0]) \
-                or not REQUEST_TARGET.fullmatch(words[1]) or not HTTP_VERSION.fullmatch(words[2]):
-            self.requestline = line.decode("iso-8859-1")
-            self.command, self.path = "-", "(malformed request line)"
-            self.send_error(400, "malformed request line")
-            return False
-        return super().parse_request()
-
-    def handle_expect_100(self):
-        return True     # RequestReader sent "100 Continue" when the head arrived, if the body was to come
-
     def frame_request(self):
         """How long the body is (RFC 9112 6.3): None for chunked, else its Content-Length (0 for
         none). A request framed two ways, or a way docxy does not know, is refused with 400,
@@ -2222,7 +2226,9 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
 
     def route(self):
         path, _, query = self.path.partition("?")
+        token_path = TOKEN_PATH.fullmatch(path)
         try:
+            self.body = self.read_body(self.command == "POST" and token_path is not None)
             if path == "/health" and self.command in ("GET", "HEAD"):
                 return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
             self.client = self.forwarded_client()
@@ -2232,7 +2238,6 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             if path == "/" and self.command in ("GET", "HEAD"):
                 return self.send_status()
             if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
-                self.close_connection = True    # a body we will not read may follow
                 raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only", self.command)
             if path in ("/v2", "/v2/"):
                 return self.proxy_base(query)
@@ -2357,7 +2362,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         operator's account), and no refresh token in the answer."""
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         if self.command == "POST":
-            params = urllib.parse.parse_qsl(self.read_form_body().decode("latin-1"), keep_blank_values=True)
+            params = urllib.parse.parse_qsl(self.body.decode("latin-1"), keep_blank_values=True)
         # A scope parameter may hold several scopes, space-separated (OAuth2's form).
         scopes = [scope for key, value in params if key == "scope" for scope in value.split()]
         target = registry
@@ -2433,13 +2438,6 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         challenge = response.getheader("WWW-Authenticate", "")
         discard_body(self.mirror.pool, origin, connection, response)
         return self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
-
-    def read_form_body(self, limit=65536):
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit() or int(length) > limit:
-            self.close_connection = True
-            raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large")
-        return self.rfile.read(int(length))
 
     # -- answering from the cache
 
@@ -3129,7 +3127,7 @@ ACME_PREFIX = "/.well-known/acme-challenge/"
 ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")     # one bounded run: linear
 
 
-class RedirectHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
+class RedirectHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL."""
 
     protocol_version = "HTTP/1.1"
@@ -3137,15 +3135,14 @@ class RedirectHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     version_string = MirrorHandler.version_string
 
     def setup(self):
-        # One request a connection, read before the same whole-request deadline as the
-        # mirror's own: a client trickling bytes holds a slot of this listener's small budget
-        # (REDIRECT_CONNECTIONS) for --client-timeout at most, and never one of the mirror's.
+        # One request a connection, read whole in WaitingConnections before this thread took
+        # it: slow clients on port 80 never hold a place of this listener's small budget
+        # (REDIRECT_CONNECTIONS), and never one of the mirror's.
         self.connection = self.request
         timeout = self.server.mirror.config.client_timeout
         self.connection.settimeout(timeout)
-        reader = DeadlineReader(self.connection, timeout)
-        reader.deadline = time.monotonic() + timeout
-        self.rfile = io.BufferedReader(reader, 65536)
+        self.rfile = RequestReader(self.connection, timeout, self.server.pending.pop(self.connection, b""))
+        self.rfile.deadline = time.monotonic() + timeout
         self.wfile = ResponseWriter(self.connection)
 
     def handle(self):
@@ -3228,80 +3225,258 @@ def parking_capacity(config):
     return max(16, open_file_limit() - 2 * config.max_connections - IDLE_TOTAL - 64)
 
 
-class IdleConnections:
-    """Keep-alive connections between requests, held in one selector instead of a thread each.
+MAX_QUEUED = 4096           # whole requests waiting for a thread; past that, 503 at once
+WAITING_BYTES = 64 << 20    # what all waiting connections may hold of their requests together
 
-    A thread waiting in a read holds its stack and, over TLS, OpenSSL's state in its own malloc
-    arena: 500 idle TLS clients cost 48 MiB that way and 26 MiB parked (measured). Parked
-    connections do not hold a --max-connections slot either. When one becomes readable it goes
-    back to its listener like a new connection; after --client-timeout of silence it is closed,
-    and so is the longest-quiet one when more are parked than there are file descriptors for.
-    """
+
+def plain_answer(status, reason, message):
+    """A complete response, written before any handler exists: always HTTP/1.1 with a status
+    line and a registry-style JSON body, and the connection closes after it."""
+    body = error_body("UNSUPPORTED" if status != 408 else "TIMEOUT", message)
+    head = "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
+           "Connection: close\r\n\r\n" % (status, reason, len(body))
+    return head.encode() + body
+
+
+def answer_and_close(sock, data):
+    """Best effort: the socket is non-blocking, and a small answer fits its buffer. Writing is
+    shut first, so what the client still sends does not turn the close into a reset."""
+    try:
+        sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+    except (OSError, ValueError):
+        pass
+    sock.close()
+
+
+class Waiting:
+    """A connection in WaitingConnections: its listener and address, when it went quiet (or
+    was accepted), when the request it is sending began, and what came of it so far."""
+
+    __slots__ = ("listener", "address", "quiet_since", "started", "reader", "handshaking")
+
+    def __init__(self, listener, address, quiet_since, reader, handshaking):
+        self.listener, self.address, self.reader = listener, address, reader
+        self.quiet_since = self.started = quiet_since
+        self.handshaking = handshaking
+
+
+class WaitingConnections:
+    """Connections that have no whole request yet, held in one selector instead of a thread
+    each: new connections, keep-alive ones between requests, and slow ones. Here a TLS
+    handshake is made and a request (head, and the small body docxy reads) is collected as
+    its bytes come, so a client that trickles its request never holds one of the
+    --max-connections threads: a whole request waits only for whole requests before it.
+
+    A thread waiting in a read also holds its stack and, over TLS, OpenSSL's state in its own
+    malloc arena. A request whole goes to its listener (Listener.admit). One not whole within
+    --client-timeout of its start gets 408; a connection silent for --client-timeout between
+    requests is closed, and so is the longest-quiet one when more wait than there are file
+    descriptors for, or the one holding most when all hold more than WAITING_BYTES. The lock
+    guards the selector's registrations and `held`; only the selector's thread reads."""
 
     def __init__(self, timeout, capacity):
         self.timeout, self.capacity = timeout, capacity
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
-        threading.Thread(target=self.run, name="idle", daemon=True).start()
+        self.held = 0           # bytes of requests the waiting connections hold
+        threading.Thread(target=self.run, name="waiting", daemon=True).start()
 
-    def park(self, listener, sock, address, quiet_since):
+    def add(self, listener, sock, address, quiet_since=None, pending=b""):
+        """A new connection, or (with quiet_since) a keep-alive one that went quiet, with what
+        came of its next request. A TLS connection is new until its handshake is made."""
+        now = time.monotonic()
+        handshaking = listener.tls_context is not None and not isinstance(sock, ssl.SSLSocket)
+        entry = Waiting(listener, address, quiet_since or now, RequestReader(sock, self.timeout, pending),
+                        handshaking)
+        if pending:
+            entry.started = now
+        sock.setblocking(False)
         oldest = None
         with self.lock:
             keys = self.selector.get_map()
             if len(keys) >= self.capacity:  # full: the longest-quiet client reconnects when it must
-                oldest = min(keys.values(), key=lambda key: key.data[2])
-                self.selector.unregister(oldest.fileobj)
-            self.selector.register(sock, selectors.EVENT_READ, (listener, address, quiet_since))
+                oldest = self.forget(min(keys.values(), key=lambda key: key.data.quiet_since))
+            self.selector.register(sock, selectors.EVENT_READ, entry)
+            self.held += len(pending)
         if oldest:
-            oldest.fileobj.close()
+            oldest.close()
+        if pending and entry.reader.request_arrived():     # e.g. pipelined behind a slow one
+            self.hand_over(sock, entry)
+
+    def forget(self, key):
+        """Unregister a connection (the lock held); returns its socket."""
+        self.selector.unregister(key.fileobj)
+        self.held -= len(key.data.reader.pending)
+        return key.fileobj
 
     def run(self):
         while True:
             # epoll sees sockets registered while it waits; a select()-based selector sees them
             # at the next turn, a second later at most
-            ready = self.selector.select(1.0)
-            woken = []
-            with self.lock:
-                for key, _ in ready:
-                    try:
-                        woken.append(self.selector.unregister(key.fileobj))
-                    except (KeyError, ValueError):
-                        pass    # close_all took it meanwhile
-                expired = [key for key in self.selector.get_map().values()
-                           if time.monotonic() - key.data[2] > self.timeout]
-                for key in expired:
-                    self.selector.unregister(key.fileobj)
-            for key in expired:
-                key.fileobj.close()
-            for key in woken:
-                listener, address, _ = key.data
+            for key, _ in self.selector.select(1.0):
                 try:
-                    listener.process_request(key.fileobj, address)
-                except Exception as error:     # e.g. no thread to be had: this client, not all
-                    log("could not serve a parked connection from %s: %s" % (address[0], error))
-                    key.fileobj.close()
+                    self.read(key.fileobj, key.data)
+                except Exception as error:     # this client, not all
+                    log("%s: %s" % (key.data.address[0], error))
+                    self.close(key.fileobj)
+            self.expire()
+
+    def read(self, sock, entry):
+        if entry.handshaking:
+            sock = self.handshake(sock, entry)
+            if sock is None:
+                return
+        reader = entry.reader
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return self.close(sock)
+                if not reader.pending:
+                    entry.started = time.monotonic()
+                reader.pending += data
+                with self.lock:
+                    self.held += len(data)
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and len(data) < 65536:
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except OSError:
+            return self.close(sock)
+        if reader.request_arrived():
+            self.hand_over(sock, entry)
+        elif self.held > WAITING_BYTES:
+            self.shed()
+
+    def handshake(self, sock, entry):
+        """Move a TLS connection's handshake on; its socket once made, else None. Plain HTTP
+        sent to the HTTPS port gets a readable 400, as nginx gives, not a reset."""
+        if not isinstance(sock, ssl.SSLSocket):
+            first = sock.recv(1, socket.MSG_PEEK)
+            if first != b"\x16":
+                if first:
+                    log("%s sent plain HTTP to the HTTPS port" % entry.address[0])
+                    answer_and_close(sock, plain_answer(400, "Bad Request", "this port speaks HTTPS"))
+                return self.close(sock)
+            with self.lock:
+                self.selector.unregister(sock)
+                sock = entry.listener.tls_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False)
+                self.selector.register(sock, selectors.EVENT_READ, entry)
+            entry.reader.sock = sock
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLWantWriteError:
+            with self.lock:
+                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, entry)
+            return None
+        except (OSError, ValueError) as error:
+            log("%s TLS handshake failed: %s" % (entry.address[0], getattr(error, "reason", None) or error))
+            return self.close(sock)
+        entry.handshaking = False
+        with self.lock:
+            self.selector.modify(sock, selectors.EVENT_READ, entry)
+        return sock
+
+    def hand_over(self, sock, entry):
+        with self.lock:
+            if sock not in self.selector.get_map():
+                return
+            self.forget(self.selector.get_key(sock))
+        entry.listener.admit(sock, entry.address, bytes(entry.reader.pending))
+
+    def expire(self):
+        now = time.monotonic()
+        with self.lock:
+            expired = []
+            for key in list(self.selector.get_map().values()):
+                entry = key.data
+                busy = entry.reader.pending or entry.handshaking
+                if now - (entry.started if busy else entry.quiet_since) > self.timeout:
+                    expired.append((self.forget(key), entry))
+        for sock, entry in expired:
+            if entry.reader.pending and not entry.handshaking:
+                answer_and_close(sock, plain_answer(408, "Request Timeout", "request not received in time"))
+            sock.close()
+
+    def shed(self):
+        """Over WAITING_BYTES: close the connection that holds the most."""
+        with self.lock:
+            largest = max(self.selector.get_map().values(), key=lambda key: len(key.data.reader.pending))
+            sock = self.forget(largest)
+        log("%s: too many bytes of unfinished requests are waiting; closed" % largest.data.address[0])
+        sock.close()
+
+    def close(self, sock):
+        with self.lock:
+            if sock in self.selector.get_map():
+                self.forget(self.selector.get_key(sock))
+        sock.close()
+        return None
 
     def close_all(self):
         with self.lock:
-            keys = list(self.selector.get_map().values())
-            for key in keys:
-                self.selector.unregister(key.fileobj)
-        for key in keys:
-            key.fileobj.close()
+            socks = [self.forget(key) for key in list(self.selector.get_map().values())]
+        for sock in socks:
+            sock.close()
+
+
+class ConnectionBudget:
+    """Connections served at once, each by a thread (--max-connections, or the redirect
+    listener's own), and the ones whose request arrived whole while all places were taken,
+    first come first served. The lock guards `serving` and `queue`."""
+
+    def __init__(self, capacity):
+        self.capacity, self.serving = capacity, 0
+        self.queue, self.lock = collections.deque(), threading.Lock()
+
+    def admit(self, listener, sock, address, pending):
+        with self.lock:
+            place = self.serving < self.capacity
+            if place:
+                self.serving += 1
+            elif len(self.queue) < MAX_QUEUED:
+                self.queue.append((listener, sock, address, pending))
+                return
+        if place:
+            listener.serve(sock, address, pending)
+        else:
+            answer_and_close(sock, plain_answer(503, "Service Unavailable", "too many requests waiting"))
+
+    def done(self):
+        """A served connection let go of its place: the first one in line takes it."""
+        with self.lock:
+            if not self.queue:
+                self.serving -= 1
+                return
+            listener, sock, address, pending = self.queue.popleft()
+        listener.serve(sock, address, pending)
+
+    def close_queued(self):
+        with self.lock:
+            queued, self.queue = list(self.queue), collections.deque()
+        for _, sock, _, _ in queued:
+            sock.close()
 
 
 class Listener(http.server.ThreadingHTTPServer):
-    """One listening socket. Accepting never blocks on a client: TLS handshakes and
-    everything else happen in the connection's own thread, and at most
-    --max-connections threads exist at once (the rest wait in the backlog)."""
+    """One listening socket. Accepting never blocks on a client: a new connection waits for its
+    request in WaitingConnections, without a thread (TLS handshakes happen there too), and a
+    request that arrived whole is served on a thread of its own, at most as many at once as
+    the listener's ConnectionBudget allows (--max-connections, shared by the mirror's
+    listeners). `pending` hands each thread what arrived of its request."""
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 1024   # the default 5 left most of a 500-connection burst unanswered
 
-    def __init__(self, address, handler, mirror, tls_context=None, v6only=False, slots=None):
+    def __init__(self, address, handler, mirror, tls_context=None, v6only=False, budget=None):
         self.mirror, self.tls_context, self.v6only = mirror, tls_context, v6only
-        self.slots = slots or mirror.slots  # connections served at once; more wait in the backlog
+        self.budget = budget or mirror.budget
+        self.pending = {}       # socket -> the bytes of its request, until its thread takes them
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
 
@@ -3322,46 +3497,46 @@ class Listener(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request, client_address):
-        while not self.slots.acquire(timeout=0.5):
-            if self.mirror.draining.is_set():
-                self.shutdown_request(request)
-                return
+        self.mirror.waiting.add(self, request, client_address)
+
+    def admit(self, sock, address, pending):
+        """A connection whose request arrived whole: served as soon as the budget allows."""
+        self.budget.admit(self, sock, address, pending)
+
+    def serve(self, sock, address, pending):
+        """Serve a connection on a thread of its own; it holds a place in the budget."""
+        if self.mirror.draining.is_set():
+            sock.close()
+            return self.budget.done()
+        self.pending[sock] = pending
         try:
-            super().process_request(request, client_address)
-        except Exception:
-            self.slots.release()
-            raise
+            super().process_request(sock, address)
+        except Exception as error:     # e.g. no thread to be had: this client, not all
+            self.pending.pop(sock, None)
+            log("could not serve %s: %s" % (address[0], error))
+            sock.close()
+            self.budget.done()
 
     def process_request_thread(self, request, client_address):
         parked = None
         try:
-            if self.tls_context and not isinstance(request, ssl.SSLSocket):   # not back from parking
-                request = self.tls_handshake(request, client_address)
-            if request is not None:
-                parked = self.finish_request(request, client_address)
+            parked = self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
             if parked is not None and not self.mirror.draining.is_set():
-                self.mirror.idle_connections.park(self, request, client_address, parked)
-            elif request is not None:
+                self.mirror.waiting.add(self, request, client_address, *parked)
+            else:
                 self.shutdown_request(request)
-            self.slots.release()
+            self.budget.done()
 
     def finish_request(self, request, client_address):
-        """Serve a connection. When it went quiet and is to be parked, still open, returns
-        the time it went quiet; else None."""
+        """Serve a connection. When it went quiet and is to wait for its next request without
+        a thread, still open, returns when it went quiet and what came of that request."""
         handler = self.RequestHandlerClass(request, client_address, self)
-        return handler.quiet_since if getattr(handler, "parked", False) else None
-
-    def tls_handshake(self, sock, address):
-        sock.settimeout(self.mirror.config.client_timeout)
-        try:
-            return self.tls_context.wrap_socket(sock, server_side=True)
-        except (OSError, ValueError) as error:
-            log("%s TLS handshake failed: %s" % (address[0], getattr(error, "reason", None) or error))
-            sock.close()
-            return None
+        if getattr(handler, "parked", False):
+            return handler.quiet_since, bytes(handler.reader.pending)
+        return None
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -3380,8 +3555,8 @@ def open_listeners(mirror):
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
         listeners.append(Listener(config.http_redirect, RedirectHandler, mirror,
-                                  slots=threading.BoundedSemaphore(REDIRECT_CONNECTIONS)))
-    mirror.idle_connections = IdleConnections(config.client_timeout, parking_capacity(config))
+                                  budget=ConnectionBudget(REDIRECT_CONNECTIONS)))
+    mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     return listeners
 
 
@@ -3470,6 +3645,7 @@ def prefetch_command(argv):
         config.users, config.allow, config.rate_limit = None, [], None   # this client is docxy itself
         mirror = Mirror(config)
         listener = Listener(("127.0.0.1", 0), MirrorHandler, mirror)
+        mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     except ConfigError as error:
         print("docxy: error: %s" % error, file=sys.stderr)
         return 2
@@ -3604,7 +3780,9 @@ def watch_certificate(mirror, listeners, stop, interval):
 def drain(mirror, listeners):
     """Stop accepting, close idle keep-alive connections, let transfers finish."""
     mirror.draining.set()
-    mirror.idle_connections.close_all()
+    mirror.waiting.close_all()
+    for listener in listeners:
+        listener.budget.close_queued()
     stoppers = [threading.Thread(target=listener.shutdown) for listener in listeners]
     for stopper in stoppers:
         stopper.start()
