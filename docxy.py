@@ -2018,6 +2018,8 @@ class StrictRequestLine:
     (RFC 9112 3). Anything else is answered 400 in HTTP/1.1 and the connection closes; the
     standard library would answer some of it in HTTP/0.9, a body with no status line."""
 
+    default_request_version = "HTTP/1.1"     # what an answer speaks before the version is known
+
     def parse_request(self):
         line = self.raw_requestline.rstrip(b"\r\n")
         words = line.split(b" ")
@@ -2122,7 +2124,6 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                 return
             if not self.parse_request():
                 return
-            self.frame_request()
             if self.mirror.draining.is_set():
                 self.close_connection = True
             self.route()
@@ -2228,6 +2229,7 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         path, _, query = self.path.partition("?")
         token_path = TOKEN_PATH.fullmatch(path)
         try:
+            self.frame_request()
             self.body = self.read_body(self.command == "POST" and token_path is not None)
             if path == "/health" and self.command in ("GET", "HEAD"):
                 return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
@@ -2990,7 +2992,7 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, huge headers) in registry JSON too."""
         self.close_connection = True
-        codes = {404: "NOT_FOUND", 405: "UNSUPPORTED", 501: "UNSUPPORTED"}
+        codes = {404: "NOT_FOUND", 405: "UNSUPPORTED", 501: "UNSUPPORTED", 505: "UNSUPPORTED"}
         phrase = message or self.responses.get(code, ("error",))[0]
         self.send_registry_error(code, codes.get(code, "BAD_REQUEST"), phrase)
 

@@ -2449,6 +2449,169 @@ def test_credentials_never_appear_in_log(docxy, store, tokens):
 
 
 # ==========================================================================
+# Request framing (RFC 9112) and slow clients
+# ==========================================================================
+
+
+def exchange(port, data, timeout=5, tls=None):
+    """Send raw bytes; everything the server sends back until it closes (or `timeout`)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if tls:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    reply = b""
+    with sock:
+        sock.sendall(data)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return reply
+                reply += chunk
+        except socket.timeout:
+            return reply + b"(still open)"
+        except ConnectionResetError:
+            return reply + b"(reset)"
+
+
+def responses(reply):
+    """The status lines of the HTTP/1.1 responses in a raw reply."""
+    return re.findall(rb"^HTTP/1\.1 (\d{3}) ", reply, re.M)
+
+
+def test_get_with_body_is_not_read_as_a_second_request(docxy, registry):
+    smuggled = b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = exchange(docxy.port, b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(smuggled), smuggled), timeout=2)
+    assert responses(reply) == [b"200"], reply
+    assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
+
+
+def test_a_body_never_carries_a_request_past_allow_behind_a_trusted_proxy(multi_config, start_docxy,
+                                                                         registry):
+    d = start_docxy("--config", multi_config, "--trusted-proxy", "127.0.0.1/32", "--allow", "10.0.0.0/8")
+    inner = b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n"
+    outer = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\nContent-Length: %d\r\n\r\n" % len(inner)
+    reply = exchange(d.port, outer + inner, timeout=2)
+    assert responses(reply) == [b"403"], reply
+    assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5",
+    b"Content-Length: 5\r\nContent-Length: 5",
+    b"Content-Length: 5, 5",
+    b"Content-Length: abc",
+    b"Content-Length: -1",
+    b"Content-Length: +5",
+    b"Transfer-Encoding: gzip",
+    b"Transfer-Encoding: gzip, chunked",
+])
+def test_a_request_framed_two_ways_or_an_unknown_way_is_refused_and_the_connection_closed(framing, docxy,
+                                                                                          registry):
+    reply = exchange(docxy.port, b"GET /health HTTP/1.1\r\nHost: x\r\n%s\r\n\r\nhello"
+                     b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n" % framing)
+    assert responses(reply) == [b"400"], reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head and json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
+
+
+def test_a_large_or_chunked_body_on_a_get_is_refused_with_400(docxy):
+    for framing, body in ((b"Content-Length: %d" % (MIB,), b"x" * 1000),
+                          (b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n")):
+        reply = exchange(docxy.port, b"GET /health HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n%s" % (framing, body))
+        assert responses(reply) == [b"400"], reply
+
+
+def test_a_small_body_on_a_get_is_dropped_and_the_connection_goes_on(docxy):
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
+        for _ in range(2):
+            resp, body = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_expect_100_continue_on_a_get_with_a_body_never_desyncs(docxy):
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        resp, body = send_and_read(sock, b"hello")
+        assert resp.status == 200
+        resp, body = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+
+
+@pytest.mark.parametrize("line, status", [
+    (b"GARBAGE", b"400"), (b"GET /", b"400"), (b"GET / HTTP/1.1 extra", b"400"), (b"GET  / HTTP/1.1", b"400"),
+    (b"GET /\xc3\xa9 HTTP/1.1", b"400"), (b"GET / HTTP/1", b"400"), (b"G\x00T / HTTP/1.1", b"400"),
+    (b"GET / HTTP/9.9", b"505"),
+])
+def test_a_malformed_request_line_gets_a_whole_http_1_1_answer_and_the_connection_closes(line, status, docxy):
+    reply = exchange(docxy.port, line + b"\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses(reply) == [status], reply      # never an HTTP/0.9 body without a status line
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head and json.loads(body)["errors"][0]["message"]
+
+
+def test_clients_trickling_token_bodies_never_keep_others_waiting(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--max-connections", "20",
+                    "--client-timeout", "30")
+    form = b"grant_type=password&username=alice&password=s3cret&service=x"
+    slow = []
+    try:
+        for _ in range(25):
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
+                         b"urlencoded\r\nContent-Length: %d\r\n\r\n%s" % (len(form), form[:3]))
+            slow.append(sock)
+        time.sleep(0.5)
+        assert health_is_answered_at_once(d.port)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_client_timeout_is_a_deadline_for_the_whole_request_body_included(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--client-timeout", "2")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
+        started = time.monotonic()
+        reply = b""
+        try:
+            for _ in range(16):     # a byte every half second: no single read ever waits 2 s
+                sock.sendall(b"a")
+                time.sleep(0.5)
+        except OSError:
+            pass
+        sock.settimeout(5)
+        try:
+            reply = read_until_eof(sock)
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 6
+        assert responses(reply) in ([b"408"], []), reply
+
+
+def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"])
+    reply = exchange(d.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses(reply) == [b"400"] and b"this port speaks HTTPS" in reply, reply
+    d.wait_for(r"127\.0\.0\.1 sent plain HTTP to the HTTPS port")
+    tls = ssl.create_default_context(cafile=certs["ca.pem"])
+    assert call(d.port, "GET", "/health", tls=tls).status == 200
+
+
+def test_a_failed_tls_handshake_is_one_short_log_line(certs, start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"])
+    untrusting = ssl.create_default_context()   # does not trust the test CA: aborts the handshake
+    with pytest.raises(ssl.SSLError):
+        call(d.port, "GET", "/health", tls=untrusting)
+    line = d.wait_for(r"127\.0\.0\.1 TLS handshake failed: \S+")[0].string
+    assert len(line) < 200 and "Traceback" not in d.log()
+
+
+# ==========================================================================
 # Many registries: configuration file, --registries, --check, credentials guard
 # ==========================================================================
 
