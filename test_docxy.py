@@ -2496,6 +2496,16 @@ def test_a_body_never_carries_a_request_past_allow_behind_a_trusted_proxy(multi_
     assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
 
 
+def test_each_request_on_a_proxys_keep_alive_connection_is_judged_by_its_own_forwarded_for(
+        multi_config, start_docxy):
+    d = start_docxy("--config", multi_config, "--trusted-proxy", "127.0.0.1/32", "--allow", "10.0.0.0/8")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        for client, status in (("10.1.1.1", 401), ("192.0.2.7", 403), ("10.2.2.2", 401)):
+            resp, _ = send_and_read(sock, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: %s\r\n\r\n"
+                                    % client.encode())
+            assert resp.status == status, client
+
+
 @pytest.mark.parametrize("framing", [
     b"Transfer-Encoding: chunked\r\nContent-Length: 5",
     b"Content-Length: 5\r\nContent-Length: 5",
