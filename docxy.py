@@ -1838,7 +1838,8 @@ def body_to_wait_for(head):
             chunked = True
         elif name == b"expect":
             expect = value.strip().lower() == b"100-continue"
-    if chunked or len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) > MAX_REQUEST_BODY:
+    if chunked or len(lengths) != 1 or not lengths[0].isdigit() \
+            or int(lengths[0]) > MAX_REQUEST_BODY:
         return 0, False
     return int(lengths[0]), expect and int(lengths[0]) > 0
 
@@ -1949,7 +1950,8 @@ class RequestReader:
             if end < 0:
                 self.scanned = len(data)
                 return None
-            if self.line_start and end - self.line_start <= 1 and data[self.line_start:end] in (b"", b"\r"):
+            empty = end - self.line_start <= 1 and data[self.line_start:end] in (b"", b"\r")
+            if self.line_start and empty:
                 self.head = end + 1
             self.scanned = self.line_start = end + 1
         return self.head
@@ -2026,7 +2028,8 @@ class StrictRequestLine:
         if len(words) != 3 or not REQUEST_METHOD.fullmatch(words[0]) \
                 or not REQUEST_TARGET.fullmatch(words[1]) or not HTTP_VERSION.fullmatch(words[2]):
             self.requestline = line.decode("iso-8859-1")
-            self.command, self.path, self.request_version = "-", "(malformed request line)", "HTTP/1.1"
+            self.command, self.path = "-", "(malformed request line)"
+            self.request_version = "HTTP/1.1"
             self.close_connection = True
             self.send_error(400, "malformed request line")
             return False
@@ -3143,7 +3146,8 @@ class RedirectHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTP
         self.connection = self.request
         timeout = self.server.mirror.config.client_timeout
         self.connection.settimeout(timeout)
-        self.rfile = RequestReader(self.connection, timeout, self.server.pending.pop(self.connection, b""))
+        pending = self.server.pending.pop(self.connection, b"")
+        self.rfile = RequestReader(self.connection, timeout, pending)
         self.rfile.deadline = time.monotonic() + timeout
         self.wfile = ResponseWriter(self.connection)
 
@@ -3289,8 +3293,8 @@ class WaitingConnections:
         came of its next request. A TLS connection is new until its handshake is made."""
         now = time.monotonic()
         handshaking = listener.tls_context is not None and not isinstance(sock, ssl.SSLSocket)
-        entry = Waiting(listener, address, quiet_since or now, RequestReader(sock, self.timeout, pending),
-                        handshaking)
+        reader = RequestReader(sock, self.timeout, pending)
+        entry = Waiting(listener, address, quiet_since or now, reader, handshaking)
         if pending:
             entry.started = now
         sock.setblocking(False)
@@ -3359,7 +3363,8 @@ class WaitingConnections:
             if first != b"\x16":
                 if first:
                     log("%s sent plain HTTP to the HTTPS port" % entry.address[0])
-                    answer_and_close(sock, plain_answer(400, "Bad Request", "this port speaks HTTPS"))
+                    answer_and_close(sock, plain_answer(400, "Bad Request",
+                                                        "this port speaks HTTPS"))
                 return self.close(sock)
             with self.lock:
                 self.selector.unregister(sock)
@@ -3376,7 +3381,8 @@ class WaitingConnections:
                 self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, entry)
             return None
         except (OSError, ValueError) as error:
-            log("%s TLS handshake failed: %s" % (entry.address[0], getattr(error, "reason", None) or error))
+            reason = getattr(error, "reason", None) or error
+            log("%s TLS handshake failed: %s" % (entry.address[0], reason))
             return self.close(sock)
         entry.handshaking = False
         with self.lock:
@@ -3401,15 +3407,18 @@ class WaitingConnections:
                     expired.append((self.forget(key), entry))
         for sock, entry in expired:
             if entry.reader.pending and not entry.handshaking:
-                answer_and_close(sock, plain_answer(408, "Request Timeout", "request not received in time"))
-            sock.close()
+                answer_and_close(sock, plain_answer(408, "Request Timeout",
+                                                    "request not received in time"))
+            else:
+                sock.close()
 
     def shed(self):
         """Over WAITING_BYTES: close the connection that holds the most."""
         with self.lock:
-            largest = max(self.selector.get_map().values(), key=lambda key: len(key.data.reader.pending))
+            largest = max(self.selector.get_map().values(),
+                          key=lambda key: len(key.data.reader.pending))
             sock = self.forget(largest)
-        log("%s: too many bytes of unfinished requests are waiting; closed" % largest.data.address[0])
+        log("%s: too many bytes of unfinished requests wait; closed" % largest.data.address[0])
         sock.close()
 
     def close(self, sock):
@@ -3446,7 +3455,8 @@ class ConnectionBudget:
         if place:
             listener.serve(sock, address, pending)
         else:
-            answer_and_close(sock, plain_answer(503, "Service Unavailable", "too many requests waiting"))
+            answer_and_close(sock, plain_answer(503, "Service Unavailable",
+                                                "too many requests waiting"))
 
     def done(self):
         """A served connection let go of its place: the first one in line takes it."""
