@@ -52,6 +52,7 @@ import socket
 import socketserver
 import shutil
 import ssl
+import struct
 import sys
 import tempfile
 import threading
@@ -703,6 +704,20 @@ def hash_beside(hasher, buffers):
     return jobs.put, free.acquire, finish
 
 
+def reset_connection(sock):
+    """Abort a TCP connection: SO_LINGER with a zero timeout makes the close send a reset
+    (RST), and closing at once keeps any shutdown (the server's, when the handler returns)
+    from sending a FIN first. The descriptor's number stays taken, by an unconnected socket,
+    until its owner closes it: the handler's reader and writer keep using that number, which
+    must not reach a connection accepted meanwhile."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with socket.socket(sock.family, socket.SOCK_STREAM) as stand_in:
+            os.dup2(stand_in.fileno(), sock.fileno(), inheritable=False)
+    except OSError:
+        pass
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or misbehaved: 502, or 504 for a timeout.
     The message is for the client; the detail, which may name hosts, for the log."""
@@ -856,13 +871,14 @@ def connect_ipv4(address, timeout, source_address=None):
 
 
 def send_once(pool, origin, method, target, headers, body, within=None):
-    """One request/response exchange; a stale pooled connection is retried once on a new one."""
+    """One request/response exchange; a stale pooled connection is retried once on a new one.
+    A response whose framing is in doubt (framing_fault) is an upstream failure."""
     while True:
         connection, reused = pool.get(origin, within)
         try:
             connection.request(method, getattr(connection, "docxy_prefix", "") + target, body=body,
                                headers=dict(headers, **getattr(connection, "docxy_headers", {})))
-            return connection, connection.getresponse()
+            response = connection.getresponse()
         except socket.timeout:
             connection.close()
             raise UpstreamError(504, "upstream did not answer in time", "%s %s" % (method, origin.host))
@@ -870,6 +886,52 @@ def send_once(pool, origin, method, target, headers, body, within=None):
             connection.close()
             if not reused:
                 raise UpstreamError(502, "upstream failed", "%s: %s" % (origin.host, error))
+            continue
+        fault = framing_fault(response, method)
+        if fault:
+            connection.close()      # what follows the head cannot be told apart from a next answer
+            raise UpstreamError(502, "upstream sent a response of uncertain length",
+                                "%s: %s" % (origin.host, fault), "protocol")
+        return connection, response
+
+
+def framing_fault(response, method):
+    """Why the end of an upstream response's body is in doubt (RFC 9112 section 6.3), or None.
+    Checked as soon as the head arrives, before any of it is relayed: http.client would pick
+    one of two Content-Lengths, read a malformed one as "until the connection closes", and let
+    Transfer-Encoding override Content-Length; each is how a body gets cut short or runs into
+    the next response unnoticed (response splitting, smuggling).
+
+    A Content-Length repeated with the same value, as two fields or as a list ("42, 42"), is
+    accepted as that one value, as RFC 9112 section 6.3 rule 5 lets a recipient do: a proxy or
+    CDN on the way merged or duplicated the field, and where the body ends is not in doubt.
+    It is relayed as one field. Content-Length is checked in every response, also where no
+    body follows (HEAD, 204, 304): it is relayed, and recorded as the size of a tag's manifest.
+    """
+    headers = response.msg
+    fields = headers.get_all("Content-Length") or []
+    values = [value.strip() for field in fields for value in field.split(",")]
+    if not all(re.fullmatch("[0-9]+", value) for value in values):
+        return "invalid Content-Length %r" % ", ".join(fields)[:100]
+    lengths = {int(value) for value in values}
+    if len(lengths) > 1:
+        return "conflicting Content-Lengths %r" % ", ".join(fields)[:100]
+    if lengths and values != [fields[0]]:
+        length = lengths.pop()
+        del headers["Content-Length"]
+        headers["Content-Length"] = str(length)
+        if response.length is None and not response.chunked:   # http.client gave up on "42, 42"
+            response.length = length
+    bodyless = method == "HEAD" or response.status in (204, 304) or response.status < 200
+    codings = [coding.strip().lower() for field in headers.get_all("Transfer-Encoding") or []
+               for coding in field.split(",")]
+    if bodyless or not codings:
+        return None
+    if fields:
+        return "both Content-Length and Transfer-Encoding"
+    if codings != ["chunked"]:      # docxy decodes chunked only; any other coding would pass raw
+        return "unsupported Transfer-Encoding %r" % ", ".join(codings)[:100]
+    return None
 
 
 def fetch(pool, method, url, headers, body=None, home=None):
@@ -2569,7 +2631,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                 if self.request_version == "HTTP/1.1":
                     headers_out.append(("Transfer-Encoding", "chunked"))
                 else:
-                    self.close_connection = True
+                    self.close_connection = self.close_delimited = True
             if fill:
                 fill.media_type = media_type or media_type_of(response.getheader("Content-Type"))
                 fill.update(length=response.length)
@@ -2713,8 +2775,15 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
             self.wfile.write(b"\r\n")
 
+    # Set when a response is delimited by the connection's end (send_upstream), which then
+    # serves no further request.
+    close_delimited = False
+
     def abort_transfer(self, error):
-        """End the connection mid-body: the client sees an error and retries."""
+        """End the connection mid-body: the client sees an error and retries. A body framed by
+        Content-Length or chunked lacks bytes or its last chunk; one only the connection's end
+        delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
+        would say "complete"."""
         self.close_connection = True
         self.upstream_status += "!"
         try:
@@ -2726,6 +2795,9 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             log("transfer aborted: %s (%s)" % (error.message, error.detail))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
             log("transfer aborted: %s" % (error,))
+        if self.close_delimited:
+            reset_connection(self.connection)
+            return
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
