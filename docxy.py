@@ -2706,6 +2706,10 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         before the body is complete, so the client can never take it for a good one.
         A body that arrives in one read (a manifest, a config) is checked before any
         of it is sent. Returns True when the body was verified whole.
+
+        With a cache fill, the download does not depend on this client: when it hangs up,
+        the body is still read, verified and committed, for the clients following the fill
+        and for the cache, only no longer sent here (see fill_goes_on).
         """
         size = CHUNK if response.length is None else response.length + 1
         inflight = self.mirror.metrics.inflight
@@ -2716,9 +2720,26 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         views = [memoryview(buffer) for buffer in buffers]
         submit, reuse, finish = hash_beside(hasher, len(buffers)) if beside else (hasher and hasher.update, None, None)
         held = tail = None
+        gone = False        # the client hung up, and the download went on into the fill
         write = self.write_chunk if chunked else self.wfile.write
+
+        def deliver(data):
+            nonlocal gone
+            if not gone:
+                try:
+                    write(data)
+                    self.sent += len(data)
+                except OSError as error:
+                    if not self.fill_goes_on(fill):
+                        raise
+                    # Not kept: its traceback holds `data`, a view of a buffer to be released.
+                    gone = True
+                    self.abort_transfer(error)
+
         try:
             for turn in itertools.count():
+                if gone and not self.fill_goes_on(fill):
+                    return False    # caching paused meanwhile: nobody needs the rest
                 view = views[turn % len(views)]
                 if reuse:
                     reuse()
@@ -2739,8 +2760,7 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                         break
                     end -= 1
                     held = view[end]
-                write(view[:end])
-                self.sent += end
+                deliver(view[:end])
             if response.length:      # http.client counts down what Content-Length still promises
                 raise UpstreamError(502, "upstream body ended early", "%d bytes missing" % response.length)
             if finish:
@@ -2749,12 +2769,10 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
             if hasher and hasher.hexdigest() != verify.split(":")[1]:
                 raise UpstreamError(502, "upstream body does not match its digest", verify)
             if tail is not None:
-                write(tail)
-                self.sent += len(tail)
+                deliver(tail)
             elif held is not None:
-                write(bytes((held,)))
-                self.sent += 1
-            if chunked:
+                deliver(bytes((held,)))
+            if chunked and not gone:
                 self.wfile.write(b"0\r\n\r\n")
             return hasher is not None
         except (UpstreamError, OSError, http.client.HTTPException) as error:
@@ -2769,32 +2787,44 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
                 view.release()
                 release_buffer(buffer)
 
+    @staticmethod
+    def fill_goes_on(fill):
+        """Whether a download goes on after its client hung up: while it is being cached at
+        all. Followers read the file, and so does the cache. With no follower left either it
+        still goes on, to be committed: the client that hung up, like Docker after a broken
+        layer download, most likely asks again, and then finds it cached (or in progress)
+        instead of starting over upstream. --upstream-timeout bounds each read as before."""
+        return fill is not None and fill.descriptor is not None
+
     def write_chunk(self, data):
         if len(data):
             self.wfile.write(b"%x\r\n" % len(data))
             self.wfile.write(data)
             self.wfile.write(b"\r\n")
 
-    # Set when a response is delimited by the connection's end (send_upstream), which then
-    # serves no further request.
-    close_delimited = False
+    # Set when a response is delimited by the connection's end (send_upstream), and once a
+    # transfer was aborted; either way the connection serves no further request.
+    close_delimited = aborted = False
 
     def abort_transfer(self, error):
         """End the connection mid-body: the client sees an error and retries. A body framed by
         Content-Length or chunked lacks bytes or its last chunk; one only the connection's end
         delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
-        would say "complete"."""
-        self.close_connection = True
-        self.upstream_status += "!"
-        try:
-            self.wfile.flush()      # the head, if no body went with it: the client sees a body cut short
-        except OSError:
-            pass
+        would say "complete". Called again (the client left, then the upstream failed), it
+        only counts and logs the new error."""
         if isinstance(error, UpstreamError):
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.registry_name), ("kind", error.kind)))
             log("transfer aborted: %s (%s)" % (error.message, error.detail))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
             log("transfer aborted: %s" % (error,))
+        if self.aborted:
+            return
+        self.close_connection = self.aborted = True
+        self.upstream_status += "!"
+        try:
+            self.wfile.flush()      # a head no body went with: the client sees a body cut short
+        except OSError:
+            pass
         if self.close_delimited:
             reset_connection(self.connection)
             return

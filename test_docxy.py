@@ -2001,6 +2001,11 @@ def misbehaving():
     fake.close()
 
 
+def misbehaving_docxy(start_docxy, misbehaving, *extra):
+    return start_docxy("--listen", "127.0.0.1:0", "--upstream", misbehaving.url,
+                       "--upstream-timeout", "5", *extra)
+
+
 def raw_exchange(port, request, timeout=10):
     """Send request bytes; (head lines, body bytes, "fin" or "reset"): how the connection ended."""
     received = []
@@ -2038,10 +2043,9 @@ def dechunk(body):
 
 @pytest.mark.parametrize("how", ["two-lengths", "length-list", "negative-length", "text-length",
                                  "length-and-chunked", "gzip-chunked"])
-def test_upstream_answer_of_uncertain_length_is_a_502_relayed_and_cached_nowhere(how, start_docxy, misbehaving,
-                                                                                  tmp_path):
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", misbehaving.url, "--upstream-timeout", "5",
-                    "--cache-dir", str(tmp_path / "cache"))
+def test_upstream_answer_of_uncertain_length_is_a_502_relayed_and_cached_nowhere(
+        how, start_docxy, misbehaving, tmp_path):
+    d = misbehaving_docxy(start_docxy, misbehaving, "--cache-dir", str(tmp_path / "cache"))
     path = "/v2/misbehave/%s/blobs/%s" % (how, misbehaving.digest)
     body = assert_error(call(d.port, "GET", path), 502, "UNAVAILABLE")
     assert misbehaving.data[:64] not in json.dumps(body).encode()
@@ -2053,8 +2057,9 @@ def test_upstream_answer_of_uncertain_length_is_a_502_relayed_and_cached_nowhere
 
 
 @pytest.mark.parametrize("how", ["equal-lengths", "equal-length-list"])
-def test_upstream_content_length_repeated_with_one_value_is_that_length(how, start_docxy, misbehaving):
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", misbehaving.url, "--upstream-timeout", "5")
+def test_upstream_content_length_repeated_with_one_value_is_that_length(how, start_docxy,
+                                                                        misbehaving):
+    d = misbehaving_docxy(start_docxy, misbehaving)
     request = "GET /v2/misbehave/%s/blobs/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (
         how, misbehaving.digest)
     head, body, _ = raw_exchange(d.port, request.encode())
@@ -2068,14 +2073,16 @@ def test_upstream_content_length_repeated_with_one_value_is_that_length(how, sta
     ("chunked-cut", "HTTP/1.1"), ("close-cut", "HTTP/1.1"),     # relayed chunked: no last chunk
     ("chunked-cut", "HTTP/1.0"), ("close-cut", "HTTP/1.0"),     # delimited by the close: a reset
 ])
-def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(how, version, start_docxy,
-                                                                          misbehaving):
+def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(
+        how, version, start_docxy, misbehaving):
     """close-cut has no length: only the digest tells docxy that the body is cut short."""
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", misbehaving.url, "--upstream-timeout", "5")
-    request = "GET /v2/misbehave/%s/blobs/%s %s\r\nHost: x\r\n\r\n" % (how, misbehaving.digest, version)
+    d = misbehaving_docxy(start_docxy, misbehaving)
+    request = "GET /v2/misbehave/%s/blobs/%s %s\r\nHost: x\r\n\r\n" % (
+        how, misbehaving.digest, version)
     head, body, ending = raw_exchange(d.port, request.encode())
     assert misbehaving.reqs("GET"), "the request never reached the upstream"
-    lengths, codings = header_values(head, "Content-Length"), header_values(head, "Transfer-Encoding")
+    lengths = header_values(head, "Content-Length")
+    codings = header_values(head, "Transfer-Encoding")
     if lengths:
         assert lengths == [str(len(misbehaving.data))] and len(body) < len(misbehaving.data)
         data = body
@@ -4046,6 +4053,71 @@ def test_miss_streams_to_the_client_and_a_coalesced_client_reads_the_growing_fil
         first.close()
         second.close()
     assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+
+
+def start_slow_miss(port, digest, content):
+    """A raw client that GETs the slow blob, a miss; returns its socket once the fake registry
+    holds the download half-way and the head has arrived."""
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % digest.encode())
+    assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    assert b"X-Docxy-Cache: miss" in received, received[:300]
+    return sock
+
+
+def hang_up(sock):
+    """Close with a reset, as a killed client does: docxy's next write to it fails at once."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_coalesced_client_gets_the_whole_blob_when_the_client_that_started_it_hangs_up(
+        start_docxy, registry, content, tmp_path):
+    digest, data = content.special["slow"]
+    quarter = len(data) // 4
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    try:
+        leader = start_slow_miss(d.port, digest, content)
+        second.request("GET", "/v2/busybox/blobs/" + digest)
+        follower = second.getresponse()
+        assert follower.status == 200 and follower.getheader("X-Docxy-Cache") == "coalesced"
+        assert follower.read(quarter) == data[:quarter]
+        hang_up(leader)
+        content.slow_gate.set()
+        assert sha256_digest(data[:quarter] + follower.read()) == digest
+    finally:
+        content.slow_gate.set()
+        second.close()
+    wait_cached(cache_dir, [digest])
+    assert_cache_verified(cache_dir)
+    assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+
+
+def test_download_whose_every_client_hung_up_is_still_committed_to_the_cache(
+        start_docxy, registry, cdn, content, tmp_path):
+    """The choice when no reader is left: finish the download. The client that hung up most
+    likely asks again, and then it is a hit instead of a new download."""
+    digest, data = content.special["slow"]
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    try:
+        hang_up(start_slow_miss(d.port, digest, content))
+    finally:
+        content.slow_gate.set()
+    wait_cached(cache_dir, [digest], timeout=15)
+    assert_cache_verified(cache_dir)
+    clear_fakes()
+    r = get_blob(d.port, digest)
+    assert r.status == 200 and r.body == data and r.headers["X-Docxy-Cache"] == "hit"
+    assert registry.reqs() == [] and cdn.reqs() == []
 
 
 def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_docxy, registry, content,
