@@ -1234,11 +1234,13 @@ class Cache:
             try:
                 descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
             except OSError as error:
-                self.pause(error)
-                return None, False
-            fill = self.fills[digest] = Fill(path, descriptor, kind)
-            self.busy[digest] += 1
-            return fill, True
+                failure = error
+            else:
+                fill = self.fills[digest] = Fill(path, descriptor, kind)
+                self.busy[digest] += 1
+                return fill, True
+        self.pause(failure)     # outside the lock, which pause takes too (it is not reentrant)
+        return None, False
 
     def finish_fill(self, digest, fill, verified):
         """Commit a verified download (fsync, atomic rename) or discard it."""

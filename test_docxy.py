@@ -4346,6 +4346,20 @@ def test_disk_full_transfer_completes_caching_pauses_nothing_corrupt(start_docxy
     assert "Traceback" not in d.log()
 
 
+def test_a_download_file_that_cannot_be_created_pauses_caching_and_the_request_passes(
+        start_docxy, registry, content, tmp_path):
+    """mkstemp failing (here: tmp/ removed; a read-only disk alike) used to hang every cache
+    request: start_fill held the cache lock while pause() took it again."""
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    shutil.rmtree(str(cache_dir / "tmp"))
+    for _ in range(2):
+        r = get_blob(d.port, content.big_digest)
+        assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+    d.wait_for(r"cache paused for 60s, transfers go on uncached: No such file or directory")
+    assert cached_objects(cache_dir) == {}
+
+
 def test_default_cap_is_80_percent_of_free_space_and_logged(start_docxy, registry, tmp_path):
     d = cached_docxy(start_docxy, registry, tmp_path / "cache")
     m = d.wait_for(r"cache .*, cap ([\d.]+) MiB \(80% of the free space\)")[0]
