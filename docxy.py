@@ -52,6 +52,7 @@ import socket
 import socketserver
 import shutil
 import ssl
+import struct
 import sys
 import tempfile
 import threading
@@ -703,6 +704,20 @@ def hash_beside(hasher, buffers):
     return jobs.put, free.acquire, finish
 
 
+def reset_connection(sock):
+    """Abort a TCP connection: SO_LINGER with a zero timeout makes the close send a reset
+    (RST), and closing at once keeps any shutdown (the server's, when the handler returns)
+    from sending a FIN first. The descriptor's number stays taken, by an unconnected socket,
+    until its owner closes it: the handler's reader and writer keep using that number, which
+    must not reach a connection accepted meanwhile."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with socket.socket(sock.family, socket.SOCK_STREAM) as stand_in:
+            os.dup2(stand_in.fileno(), sock.fileno(), inheritable=False)
+    except OSError:
+        pass
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or misbehaved: 502, or 504 for a timeout.
     The message is for the client; the detail, which may name hosts, for the log."""
@@ -856,13 +871,14 @@ def connect_ipv4(address, timeout, source_address=None):
 
 
 def send_once(pool, origin, method, target, headers, body, within=None):
-    """One request/response exchange; a stale pooled connection is retried once on a new one."""
+    """One request/response exchange; a stale pooled connection is retried once on a new one.
+    A response whose framing is in doubt (framing_fault) is an upstream failure."""
     while True:
         connection, reused = pool.get(origin, within)
         try:
             connection.request(method, getattr(connection, "docxy_prefix", "") + target, body=body,
                                headers=dict(headers, **getattr(connection, "docxy_headers", {})))
-            return connection, connection.getresponse()
+            response = connection.getresponse()
         except socket.timeout:
             connection.close()
             raise UpstreamError(504, "upstream did not answer in time", "%s %s" % (method, origin.host))
@@ -870,6 +886,52 @@ def send_once(pool, origin, method, target, headers, body, within=None):
             connection.close()
             if not reused:
                 raise UpstreamError(502, "upstream failed", "%s: %s" % (origin.host, error))
+            continue
+        fault = framing_fault(response, method)
+        if fault:
+            connection.close()      # what follows the head cannot be told apart from a next answer
+            raise UpstreamError(502, "upstream sent a response of uncertain length",
+                                "%s: %s" % (origin.host, fault), "protocol")
+        return connection, response
+
+
+def framing_fault(response, method):
+    """Why the end of an upstream response's body is in doubt (RFC 9112 section 6.3), or None.
+    Checked as soon as the head arrives, before any of it is relayed: http.client would pick
+    one of two Content-Lengths, read a malformed one as "until the connection closes", and let
+    Transfer-Encoding override Content-Length; each is how a body gets cut short or runs into
+    the next response unnoticed (response splitting, smuggling).
+
+    A Content-Length repeated with the same value, as two fields or as a list ("42, 42"), is
+    accepted as that one value, as RFC 9112 section 6.3 rule 5 lets a recipient do: a proxy or
+    CDN on the way merged or duplicated the field, and where the body ends is not in doubt.
+    It is relayed as one field. Content-Length is checked in every response, also where no
+    body follows (HEAD, 204, 304): it is relayed, and recorded as the size of a tag's manifest.
+    """
+    headers = response.msg
+    fields = headers.get_all("Content-Length") or []
+    values = [value.strip() for field in fields for value in field.split(",")]
+    if not all(re.fullmatch("[0-9]+", value) for value in values):
+        return "invalid Content-Length %r" % ", ".join(fields)[:100]
+    lengths = {int(value) for value in values}
+    if len(lengths) > 1:
+        return "conflicting Content-Lengths %r" % ", ".join(fields)[:100]
+    if lengths and values != [fields[0]]:
+        length = lengths.pop()
+        del headers["Content-Length"]
+        headers["Content-Length"] = str(length)
+        if response.length is None and not response.chunked:   # http.client gave up on "42, 42"
+            response.length = length
+    bodyless = method == "HEAD" or response.status in (204, 304) or response.status < 200
+    codings = [coding.strip().lower() for field in headers.get_all("Transfer-Encoding") or []
+               for coding in field.split(",")]
+    if bodyless or not codings:
+        return None
+    if fields:
+        return "both Content-Length and Transfer-Encoding"
+    if codings != ["chunked"]:      # docxy decodes chunked only; any other coding would pass raw
+        return "unsupported Transfer-Encoding %r" % ", ".join(codings)[:100]
+    return None
 
 
 def fetch(pool, method, url, headers, body=None, home=None):
@@ -1172,11 +1234,13 @@ class Cache:
             try:
                 descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
             except OSError as error:
-                self.pause(error)
-                return None, False
-            fill = self.fills[digest] = Fill(path, descriptor, kind)
-            self.busy[digest] += 1
-            return fill, True
+                failure = error
+            else:
+                fill = self.fills[digest] = Fill(path, descriptor, kind)
+                self.busy[digest] += 1
+                return fill, True
+        self.pause(failure)     # outside the lock, which pause takes too (it is not reentrant)
+        return None, False
 
     def finish_fill(self, digest, fill, verified):
         """Commit a verified download (fsync, atomic rename) or discard it."""
@@ -2754,7 +2818,7 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                 if self.request_version == "HTTP/1.1":
                     headers_out.append(("Transfer-Encoding", "chunked"))
                 else:
-                    self.close_connection = True
+                    self.close_connection = self.close_delimited = True
             if fill:
                 fill.media_type = media_type or media_type_of(response.getheader("Content-Type"))
                 fill.update(length=response.length)
@@ -2829,6 +2893,10 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         before the body is complete, so the client can never take it for a good one.
         A body that arrives in one read (a manifest, a config) is checked before any
         of it is sent. Returns True when the body was verified whole.
+
+        With a cache fill, the download does not depend on this client: when it hangs up,
+        the body is still read, verified and committed, for the clients following the fill
+        and for the cache, only no longer sent here (see fill_goes_on).
         """
         size = CHUNK if response.length is None else response.length + 1
         inflight = self.mirror.metrics.inflight
@@ -2839,9 +2907,26 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         views = [memoryview(buffer) for buffer in buffers]
         submit, reuse, finish = hash_beside(hasher, len(buffers)) if beside else (hasher and hasher.update, None, None)
         held = tail = None
+        gone = False        # the client hung up, and the download went on into the fill
         write = self.write_chunk if chunked else self.wfile.write
+
+        def deliver(data):
+            nonlocal gone
+            if not gone:
+                try:
+                    write(data)
+                    self.sent += len(data)
+                except OSError as error:
+                    if not self.fill_goes_on(fill):
+                        raise
+                    # Not kept: its traceback holds `data`, a view of a buffer to be released.
+                    gone = True
+                    self.abort_transfer(error)
+
         try:
             for turn in itertools.count():
+                if gone and not self.fill_goes_on(fill):
+                    return False    # caching paused meanwhile: nobody needs the rest
                 view = views[turn % len(views)]
                 if reuse:
                     reuse()
@@ -2862,8 +2947,7 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                         break
                     end -= 1
                     held = view[end]
-                write(view[:end])
-                self.sent += end
+                deliver(view[:end])
             if response.length:      # http.client counts down what Content-Length still promises
                 raise UpstreamError(502, "upstream body ended early", "%d bytes missing" % response.length)
             if finish:
@@ -2872,12 +2956,10 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
             if hasher and hasher.hexdigest() != verify.split(":")[1]:
                 raise UpstreamError(502, "upstream body does not match its digest", verify)
             if tail is not None:
-                write(tail)
-                self.sent += len(tail)
+                deliver(tail)
             elif held is not None:
-                write(bytes((held,)))
-                self.sent += 1
-            if chunked:
+                deliver(bytes((held,)))
+            if chunked and not gone:
                 self.wfile.write(b"0\r\n\r\n")
             return hasher is not None
         except (UpstreamError, OSError, http.client.HTTPException) as error:
@@ -2892,25 +2974,47 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                 view.release()
                 release_buffer(buffer)
 
+    @staticmethod
+    def fill_goes_on(fill):
+        """Whether a download goes on after its client hung up: while it is being cached at
+        all. Followers read the file, and so does the cache. With no follower left either it
+        still goes on, to be committed: the client that hung up, like Docker after a broken
+        layer download, most likely asks again, and then finds it cached (or in progress)
+        instead of starting over upstream. --upstream-timeout bounds each read as before."""
+        return fill is not None and fill.descriptor is not None
+
     def write_chunk(self, data):
         if len(data):
             self.wfile.write(b"%x\r\n" % len(data))
             self.wfile.write(data)
             self.wfile.write(b"\r\n")
 
+    # Set when a response is delimited by the connection's end (send_upstream), and once a
+    # transfer was aborted; either way the connection serves no further request.
+    close_delimited = aborted = False
+
     def abort_transfer(self, error):
-        """End the connection mid-body: the client sees an error and retries."""
-        self.close_connection = True
-        self.upstream_status += "!"
-        try:
-            self.wfile.flush()      # the head, if no body went with it: the client sees a body cut short
-        except OSError:
-            pass
+        """End the connection mid-body: the client sees an error and retries. A body framed by
+        Content-Length or chunked lacks bytes or its last chunk; one only the connection's end
+        delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
+        would say "complete". Called again (the client left, then the upstream failed), it
+        only counts and logs the new error."""
         if isinstance(error, UpstreamError):
             self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.registry_name), ("kind", error.kind)))
             log("transfer aborted: %s (%s)" % (error.message, error.detail))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
             log("transfer aborted: %s" % (error,))
+        if self.aborted:
+            return
+        self.close_connection = self.aborted = True
+        self.upstream_status += "!"
+        try:
+            self.wfile.flush()      # a head no body went with: the client sees a body cut short
+        except OSError:
+            pass
+        if self.close_delimited:
+            reset_connection(self.connection)
+            return
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -1953,6 +1953,153 @@ def test_small_answer_leaves_with_its_head_in_one_send(docxy, token, content):
     assert rest == b"" and sha256_digest(body) == digest
 
 
+class MisbehavingRegistryHandler(RecordingHandler):
+    """An open registry with one blob (fake.data, sha256 fake.digest), served framed or cut
+    short as the repository name says: GET /v2/misbehave/<how>/blobs/<digest>, <how> a key of
+    HEADS. The answer is written byte by byte (http.server would tidy up some of these heads);
+    a "-cut" answer stops half-way, and every answer ends with the connection."""
+
+    HEADS = {
+        # Where the body ends is in doubt.
+        "two-lengths": "Content-Length: {n}\r\nContent-Length: {m}\r\n",
+        "length-list": "Content-Length: {n}, {m}\r\n",
+        "negative-length": "Content-Length: -{n}\r\n",
+        "text-length": "Content-Length: {n}abc\r\n",
+        "length-and-chunked": "Content-Length: {n}\r\nTransfer-Encoding: chunked\r\n",
+        "gzip-chunked": "Transfer-Encoding: gzip, chunked\r\n",
+        # One length, given twice.
+        "equal-lengths": "Content-Length: {n}\r\nContent-Length: {n}\r\n",
+        "equal-length-list": "Content-Length: {n}, {n}\r\n",
+        # Cut short: fewer bytes than the length, no last chunk, or an early close.
+        "length-cut": "Content-Length: {n}\r\n",
+        "chunked-cut": "Transfer-Encoding: chunked\r\n",
+        "close-cut": "",
+    }
+
+    def handle_request(self):
+        if self.rec.path == "/v2/":
+            return self.send_json(200, {})
+        m = re.match(r"^/v2/misbehave/([a-z-]+)/blobs/(%s)$" % DIGEST_RE, self.rec.path)
+        if not m or m.group(1) not in self.HEADS or m.group(2) != self.fake.digest:
+            return self.send_json(404, registry_error("BLOB_UNKNOWN", "blob unknown to registry"))
+        how, data = m.group(1), self.fake.data
+        head = self.HEADS[how].format(n=len(data), m=len(data) - 1)
+        body = data[:len(data) // 2] if how.endswith("-cut") else data
+        if "chunked" in head:
+            body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 16 * KIB]), body[i:i + 16 * KIB])
+                            for i in range(0, len(body), 16 * KIB))
+            body += b"" if how.endswith("-cut") else b"0\r\n\r\n"
+        self.wfile.write(("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                          "Docker-Content-Digest: %s\r\nConnection: close\r\n%s\r\n"
+                          % (self.fake.digest, head)).encode() + body)
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture(scope="module")
+def misbehaving():
+    data = os.urandom(192 * KIB)
+    fake = FakeServer(MisbehavingRegistryHandler, data=data, digest=sha256_digest(data))
+    yield fake
+    fake.close()
+
+
+def misbehaving_docxy(start_docxy, misbehaving, *extra):
+    return start_docxy("--listen", "127.0.0.1:0", "--upstream", misbehaving.url,
+                       "--upstream-timeout", "5", *extra)
+
+
+def raw_exchange(port, request, timeout=10):
+    """Send request bytes; (head lines, body bytes, "fin" or "reset"): how the connection ended."""
+    received = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        try:
+            for data in iter(lambda: sock.recv(65536), b""):
+                received.append(data)
+            ending = "fin"
+        except ConnectionResetError:
+            ending = "reset"
+    head, _, body = b"".join(received).partition(b"\r\n\r\n")
+    return head.decode("latin-1").split("\r\n"), body, ending
+
+
+def header_values(lines, name):
+    return [line.partition(":")[2].strip() for line in lines[1:]
+            if line.partition(":")[0].strip().lower() == name.lower()]
+
+
+def dechunk(body):
+    """The data of a chunked body, and whether its last (zero-size) chunk arrived."""
+    data = b""
+    while True:
+        size_line, crlf, body = body.partition(b"\r\n")
+        if not crlf:
+            return data, False
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return data, True
+        if len(body) < size + 2:
+            return data + body[:size], False
+        data, body = data + body[:size], body[size + 2:]
+
+
+@pytest.mark.parametrize("how", ["two-lengths", "length-list", "negative-length", "text-length",
+                                 "length-and-chunked", "gzip-chunked"])
+def test_upstream_answer_of_uncertain_length_is_a_502_relayed_and_cached_nowhere(
+        how, start_docxy, misbehaving, tmp_path):
+    d = misbehaving_docxy(start_docxy, misbehaving, "--cache-dir", str(tmp_path / "cache"))
+    path = "/v2/misbehave/%s/blobs/%s" % (how, misbehaving.digest)
+    body = assert_error(call(d.port, "GET", path), 502, "UNAVAILABLE")
+    assert misbehaving.data[:64] not in json.dumps(body).encode()
+    assert misbehaving.reqs("GET", path), "the request never reached the upstream"
+    assert cached_objects(tmp_path / "cache") == {} and tmp_files(tmp_path / "cache") == []
+    logged(d, "GET", path)
+    errors = scrape(d.port).series("docxy_upstream_errors_total")
+    assert errors == {frozenset({("registry", "docker.io"), ("kind", "protocol")}): 1}, errors
+
+
+@pytest.mark.parametrize("how", ["equal-lengths", "equal-length-list"])
+def test_upstream_content_length_repeated_with_one_value_is_that_length(how, start_docxy,
+                                                                        misbehaving):
+    d = misbehaving_docxy(start_docxy, misbehaving)
+    request = "GET /v2/misbehave/%s/blobs/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (
+        how, misbehaving.digest)
+    head, body, _ = raw_exchange(d.port, request.encode())
+    assert head[0].startswith("HTTP/1.1 200 "), head
+    assert header_values(head, "Content-Length") == [str(len(misbehaving.data))], head
+    assert body == misbehaving.data
+
+
+@pytest.mark.parametrize("how, version", [
+    ("length-cut", "HTTP/1.1"), ("length-cut", "HTTP/1.0"),
+    ("chunked-cut", "HTTP/1.1"), ("close-cut", "HTTP/1.1"),     # relayed chunked: no last chunk
+    ("chunked-cut", "HTTP/1.0"), ("close-cut", "HTTP/1.0"),     # delimited by the close: a reset
+])
+def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(
+        how, version, start_docxy, misbehaving):
+    """close-cut has no length: only the digest tells docxy that the body is cut short."""
+    d = misbehaving_docxy(start_docxy, misbehaving)
+    request = "GET /v2/misbehave/%s/blobs/%s %s\r\nHost: x\r\n\r\n" % (
+        how, misbehaving.digest, version)
+    head, body, ending = raw_exchange(d.port, request.encode())
+    assert misbehaving.reqs("GET"), "the request never reached the upstream"
+    lengths = header_values(head, "Content-Length")
+    codings = header_values(head, "Transfer-Encoding")
+    if lengths:
+        assert lengths == [str(len(misbehaving.data))] and len(body) < len(misbehaving.data)
+        data = body
+    elif codings:
+        assert codings == ["chunked"] and version == "HTTP/1.1"
+        data, last_chunk = dechunk(body)
+        assert not last_chunk
+    else:       # delimited by the connection's end: only a reset says "incomplete"
+        assert ending == "reset", (head, len(body))
+        data = body
+    assert misbehaving.data.startswith(data)
+
+
 # ==========================================================================
 # Upstream client: unreachable and silent upstreams
 # ==========================================================================
@@ -4118,6 +4265,71 @@ def test_miss_streams_to_the_client_and_a_coalesced_client_reads_the_growing_fil
     assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
 
 
+def start_slow_miss(port, digest, content):
+    """A raw client that GETs the slow blob, a miss; returns its socket once the fake registry
+    holds the download half-way and the head has arrived."""
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % digest.encode())
+    assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    assert b"X-Docxy-Cache: miss" in received, received[:300]
+    return sock
+
+
+def hang_up(sock):
+    """Close with a reset, as a killed client does: docxy's next write to it fails at once."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_coalesced_client_gets_the_whole_blob_when_the_client_that_started_it_hangs_up(
+        start_docxy, registry, content, tmp_path):
+    digest, data = content.special["slow"]
+    quarter = len(data) // 4
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    try:
+        leader = start_slow_miss(d.port, digest, content)
+        second.request("GET", "/v2/busybox/blobs/" + digest)
+        follower = second.getresponse()
+        assert follower.status == 200 and follower.getheader("X-Docxy-Cache") == "coalesced"
+        assert follower.read(quarter) == data[:quarter]
+        hang_up(leader)
+        content.slow_gate.set()
+        assert sha256_digest(data[:quarter] + follower.read()) == digest
+    finally:
+        content.slow_gate.set()
+        second.close()
+    wait_cached(cache_dir, [digest])
+    assert_cache_verified(cache_dir)
+    assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+
+
+def test_download_whose_every_client_hung_up_is_still_committed_to_the_cache(
+        start_docxy, registry, cdn, content, tmp_path):
+    """The choice when no reader is left: finish the download. The client that hung up most
+    likely asks again, and then it is a hit instead of a new download."""
+    digest, data = content.special["slow"]
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    try:
+        hang_up(start_slow_miss(d.port, digest, content))
+    finally:
+        content.slow_gate.set()
+    wait_cached(cache_dir, [digest], timeout=15)
+    assert_cache_verified(cache_dir)
+    clear_fakes()
+    r = get_blob(d.port, digest)
+    assert r.status == 200 and r.body == data and r.headers["X-Docxy-Cache"] == "hit"
+    assert registry.reqs() == [] and cdn.reqs() == []
+
+
 def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_docxy, registry, content,
                                                                           tmp_path):
     cache_dir = tmp_path / "cache"
@@ -4342,6 +4554,20 @@ def test_disk_full_transfer_completes_caching_pauses_nothing_corrupt(start_docxy
     objects = assert_cache_verified(cache_dir)
     assert all(size <= 64 * KIB for size in objects.values())
     assert "Traceback" not in d.log()
+
+
+def test_a_download_file_that_cannot_be_created_pauses_caching_and_the_request_passes(
+        start_docxy, registry, content, tmp_path):
+    """mkstemp failing (here: tmp/ removed; a read-only disk alike) used to hang every cache
+    request: start_fill held the cache lock while pause() took it again."""
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir)
+    shutil.rmtree(str(cache_dir / "tmp"))
+    for _ in range(2):
+        r = get_blob(d.port, content.big_digest)
+        assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+    d.wait_for(r"cache paused for 60s, transfers go on uncached: No such file or directory")
+    assert cached_objects(cache_dir) == {}
 
 
 def test_default_cap_is_80_percent_of_free_space_and_logged(start_docxy, registry, tmp_path):
