@@ -2191,6 +2191,8 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                 return
             if not self.parse_request():
                 return
+            if self.reader.poller is None:      # a TLS read may have shortened the timeout
+                self.connection.settimeout(self.mirror.config.client_timeout)
             if self.mirror.draining.is_set():
                 self.close_connection = True
             self.route()

@@ -2448,6 +2448,20 @@ def test_parked_tls_connection_serves_its_next_request(tls_docxy, certs):
             time.sleep(pause)
 
 
+def test_a_tls_client_that_reads_slowly_gets_its_whole_answer_on_a_kept_alive_connection(tls_docxy, certs,
+                                                                                        content):
+    token = get_token(tls_docxy.port, "repository:library/busybox:pull", tls=certs["client"])
+    raw = socket.create_connection(("127.0.0.1", tls_docxy.port), timeout=20)
+    with certs["client"].wrap_socket(raw, server_hostname="localhost") as sock:
+        assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
+        sock.sendall(b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+                     % (content.big_digest.encode(), token.encode()))
+        time.sleep(2)           # the server's send buffer fills meanwhile
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        assert resp.status == 200 and sha256_digest(resp.read()) == content.big_digest
+
+
 def test_pipelined_requests_are_all_answered(docxy):
     health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with socket.create_connection(("127.0.0.1", docxy.port), timeout=10) as sock:
