@@ -511,8 +511,9 @@ def parse_registry_path(path, query, library):
         raise RegistryError(400, "NAME_INVALID", "invalid repository name", name[:300])
     if kind == "manifests":
         if not (TAG.fullmatch(ref) or DIGEST.fullmatch(ref)):
-            code = "DIGEST_INVALID" if ":" in ref else "TAG_INVALID"
-            raise RegistryError(400, code, "invalid manifest reference", ref[:300])
+            # No manifest can have such a name: a pull of it is a 404 (distribution-spec v1.1;
+            # TAG_INVALID and DIGEST_INVALID are answers to a push).
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown", {"reference": ref[:300]})
     elif kind in ("blobs", "referrers") and not DIGEST.fullmatch(ref):
         raise RegistryError(400, "DIGEST_INVALID", "invalid digest", ref[:300])
     name = upstream_name(name, library)
