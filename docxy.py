@@ -120,8 +120,11 @@ class Secret(str):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="docxy",
-        description="A Docker registry mirror in one file. "
-        "'docxy.py hash-password' prints a password hash for --users.",
+        usage="%(prog)s [flags]\n       %(prog)s hash-password\n"
+        "       %(prog)s prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
+        description="A Docker registry mirror in one file. Subcommands: 'docxy.py hash-password' "
+        "prints a password hash for --users; 'docxy.py prefetch IMAGE --cache-dir DIR' pulls an "
+        "image into the cache (each takes --help).",
         epilog="Every flag can also be given as an environment variable DOCXY_<FLAG> "
         "(e.g. DOCXY_UPSTREAM, DOCXY_LISTEN=0.0.0.0:5000,[::]:5000) or in the [docxy] section of "
         "--config; flags win over the environment, the environment over the file. "
@@ -3278,9 +3281,13 @@ def prefetch_command(argv):
         platform, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
         platform = platform[0] if platform else ""
     images, flags = argv[:1], argv[1:]
+    usage = "usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]"
+    if images and images[0] in ("-h", "--help"):
+        print(usage + "\n\nPull IMAGE (one platform of it with --platform) through docxy into the "
+              "cache.\nThe flags are docxy's own, as for serving (see docxy.py --help).")
+        return 0
     if not images or images[0].startswith("-") or platform == "":
-        print("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         config = read_config(flags, os.environ)
@@ -3343,21 +3350,38 @@ def prefetch_image(port, image, platform):
             print("prefetch: %s %.1f MiB %s" % (blob["digest"], size / 1048576, status), flush=True)
 
 
-def hash_password_command():
+def hash_password_command(argv):
     """docxy.py hash-password: read a password, print the line to put after 'name:' in --users."""
-    if sys.stdin.isatty():
-        import getpass
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("docxy: error: the passwords differ", file=sys.stderr)
-            return 2
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    argparse.ArgumentParser(
+        prog="docxy.py hash-password",
+        description="Read a password (typed twice on a terminal, without echo; or one line from a "
+        "pipe) and print its salted PBKDF2-SHA256 hash. A --users file holds one NAME:HASH "
+        "line per user.").parse_args(argv)
+    try:
+        password = read_new_password()
+    except (EOFError, KeyboardInterrupt):
+        # Ctrl-D or Ctrl-C at a prompt: the cursor is still on the prompt's line.
+        return hash_password_failed("no password read", sys.stdin.isatty())
+    if password is None:
+        return hash_password_failed("the passwords differ")
     if not password:
-        print("docxy: error: empty password", file=sys.stderr)
-        return 2
+        return hash_password_failed("empty password")
     print(hash_password(password))
     return 0
+
+
+def read_new_password():
+    """The password, from a pipe or typed twice at the terminal; None when the two differ."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+    password = getpass.getpass("Password: ")
+    return password if getpass.getpass("Again: ") == password else None
+
+
+def hash_password_failed(reason, new_line=False):
+    print("%sdocxy: error: %s" % ("\n" if new_line else "", reason), file=sys.stderr)
+    return 1
 
 
 # What a reload cannot change in a running process; a changed value is reported, not applied.
@@ -3449,7 +3473,7 @@ def drain(mirror, listeners):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-password"]:
-        return hash_password_command()
+        return hash_password_command(argv[1:])
     if argv[:1] == ["prefetch"]:
         return prefetch_command(argv[1:])
     try:

@@ -326,6 +326,15 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(status, body, "application/json", headers)
 
 
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A client that goes away (docxy cancelling a transfer, a test's reset) is no error: only
+    a real failure in a fake prints a traceback, so a passing run prints none."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout, ssl.SSLError)):
+            super().handle_error(request, client_address)
+
+
 class FakeServer:
     """A ThreadingHTTPServer in a daemon thread; keyword attributes are shared with the handler."""
 
@@ -333,7 +342,7 @@ class FakeServer:
         self.__dict__.update(attrs)
         self.tls = tls
         cls = type(handler.__name__, (handler,), {"fake": self})
-        server = http.server.ThreadingHTTPServer
+        server = QuietHTTPServer
         if ":" in host:
             server = type("ThreadingHTTPServer6", (server,), {"address_family": socket.AF_INET6})
         self.httpd = server((host, 0), cls)
@@ -1300,6 +1309,51 @@ def test_help_exits_zero_and_documents_flags():
                  "--upstream-timeout", "--client-timeout", "--max-connections", "--drain-seconds",
                  "--library-prefix"):
         assert flag in out + err, flag
+
+
+def test_help_mentions_every_subcommand_and_each_takes_help():
+    code, out, err = run_to_exit(["--help"])
+    assert code == 0 and "hash-password" in out and "prefetch" in out, out
+    for subcommand in ("hash-password", "prefetch"):
+        code, out, err = run_to_exit([subcommand, "--help"])
+        assert code == 0, (subcommand, err)
+        assert out.startswith("usage:") and subcommand in out and "Traceback" not in out + err, out
+
+
+def readme_test_command():
+    """The README's test command: the line of a sh block that runs pytest on test_docxy.py."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    commands = [line for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+                for line in block.splitlines() if "pytest" in line and "test_docxy.py" in line]
+    assert len(commands) == 1, commands
+    return readme, commands[0].strip()
+
+
+def test_readme_test_command_shows_skip_reasons_and_is_what_ci_runs():
+    readme, command = readme_test_command()
+    assert re.search(r"(^| )-r\w*s", command), command
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert command in [line.strip() for line in f], "the README's test command, verbatim"
+    # How to get pytest on Debian and Ubuntu comes before the command that needs it.
+    assert -1 < readme.find("apt install python3-pytest") < readme.find(command)
+    assert -1 < readme.find("venv") < readme.find(command)
+
+
+def test_a_client_resetting_a_fake_server_prints_no_traceback(capfd):
+    fake = FakeServer(RecordingHandler)
+    try:
+        sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()    # a reset, as when docxy drops an upstream connection mid-transfer
+        err, deadline = "", time.monotonic() + 2
+        while time.monotonic() < deadline and "Traceback" not in err:
+            time.sleep(0.1)
+            err += capfd.readouterr().err
+        assert "Traceback" not in err, err
+    finally:
+        fake.close()
 
 
 def test_each_listener_logs_its_real_port(start_docxy, registry):
@@ -3305,6 +3359,62 @@ def test_hash_password_on_a_terminal_does_not_echo():
     assert m, output
     salt, digest = b64decode_any(m.group(2).decode()), b64decode_any(m.group(3).decode())
     assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, int(m.group(1)), len(digest)) == digest
+
+
+def hash_password_on_a_terminal(answers):
+    """Run hash-password on a pseudo-terminal, writing the next of `answers` at each prompt;
+    returns (exit status, everything the terminal showed)."""
+    try:
+        pid, fd = pty.fork()
+    except OSError as exc:
+        pytest.skip("no pseudo-terminal: %s" % exc)
+    if pid == 0:  # the child: docxy on its own controlling terminal
+        try:
+            os.chdir(HERE)
+            os.execve(sys.executable, [sys.executable, DOCXY, "hash-password"], clean_env())
+        finally:
+            os._exit(127)
+    output, answers = b"", list(answers)
+    try:
+        while True:
+            readable, _, _ = select.select([fd], [], [], 10)
+            try:
+                chunk = os.read(fd, 4096) if readable else b""
+            except OSError:  # EIO: the child has gone
+                chunk = b""
+            if not chunk:
+                break
+            output += chunk
+            if chunk.rstrip().endswith(b":") and answers:  # a prompt
+                time.sleep(0.2)     # getpass turns echo off after it writes the prompt
+                os.write(fd, answers.pop(0))
+    finally:
+        os.close(fd)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8, \
+        output.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("answers,reason", [
+    ([b"\x04"], "no password read"),                          # Ctrl-D at the first prompt
+    ([b"Tty-Secret-1\n", b"\x04"], "no password read"),        # ... at the second
+    ([b"\x03"], "no password read"),                          # Ctrl-C
+    ([b"Tty-Secret-1\n", b"Tty-Secret-2\n"], "the passwords differ"),
+], ids=["ctrl-d", "ctrl-d-again", "ctrl-c", "mismatch"])
+def test_hash_password_on_a_terminal_gives_up_with_one_line_and_exit_1(answers, reason):
+    code, shown = hash_password_on_a_terminal(answers)
+    assert code == 1, shown
+    assert "Traceback" not in shown and "pbkdf2" not in shown, shown
+    errors = [line for line in shown.splitlines() if "error" in line]
+    assert [line.strip() for line in errors] == ["docxy: error: " + reason], shown
+    assert "Tty-Secret" not in shown, shown
 
 
 @pytest.fixture(scope="module")
