@@ -717,6 +717,18 @@ class UpstreamError(Exception):
         self.kind = kind or ("timeout" if status == 504 else "protocol")
 
 
+def upstream_cause(error, timeout):
+    """What went wrong upstream, in words fit for a client: the step that failed and the
+    system's reason, never a host, a URL (a CDN's carries a signature) or a credential."""
+    if error.status == 504:
+        step = "connect" if error.detail.startswith("connect to ") else "read"
+        return "%s timeout after %gs" % (step, timeout)
+    if error.kind == "connect":     # the detail is "host: reason"
+        step = "TLS handshake failed" if "TLS" in error.message else "connect failed"
+        return "%s: %s" % (step, error.detail.rpartition(": ")[2])
+    return error.message
+
+
 def passes_header(name):
     name = name.lower()
     return name in PASSED_HEADERS or name.startswith("ratelimit-")
@@ -2066,9 +2078,12 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         except RegistryError as error:
             self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
         except UpstreamError as error:
-            log("upstream error: %s (%s)" % (error.message, error.detail))
-            # The detail can name the CDN a redirect led to: it is for the operator's log only.
-            self.send_registry_error(error.status, "UNAVAILABLE", error.message)
+            log("upstream error from %s: %s (%s)" % (self.registry_name, error.message, error.detail))
+            # The error's detail can name the CDN a redirect led to: it is for the operator's log
+            # only. The client learns which registry failed, and how.
+            cause = upstream_cause(error, self.mirror.config.upstream_timeout)
+            self.send_registry_error(error.status, "UNAVAILABLE", error.message,
+                                     {"registry": self.registry_name, "cause": cause})
 
     def registry_for(self, query, path=None):
         """Which registry a request is for, and the path without its prefix."""

@@ -2038,6 +2038,43 @@ def test_silent_upstream_gives_504_within_upstream_timeout():
         hole.close()
 
 
+def assert_upstream_failure(resp, status, registry_name, cause, *secrets):
+    """A 502/503/504 that names the registry and the cause, and nothing a client must not see."""
+    body = assert_error(resp, status, "UNAVAILABLE")
+    assert body["errors"][0]["detail"] == {"registry": registry_name, "cause": cause}, body
+    text = resp.body.decode()
+    for secret in ("://", "?", "sig=", "127.0.0.2") + secrets:
+        assert secret not in text, (secret, text)
+
+
+def test_upstream_failures_name_the_registry_and_the_cause_in_detail(tmp_path, start_docxy, content, store):
+    dead = "http://127.0.0.1:%d" % free_port()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", dead, "--library-prefix", "on")
+    for path in ("/v2/", "/v2/busybox/manifests/latest"):
+        assert_upstream_failure(call(d.port, "GET", path), 502, "docker.io", "connect failed: Connection refused")
+
+    # A blob redirect to a CDN that is down: the CDN's signed URL and its host stay in the log.
+    fake = FakeServer(RegistryHandler, content=content, cdn=types.SimpleNamespace(url="http://127.0.0.2:%d"
+                      % free_port()), store=store, token_url=None, auth=False)
+    hole = Blackhole()
+    try:
+        (tmp_path / "secret").write_text("Op-Secret-77")
+        config = write_config(tmp_path / "docxy.ini", {
+            "docker.io": {"upstream": fake.url, "username": "operator", "password_file": str(tmp_path / "secret")},
+            "slow.example": {"upstream": hole.url}})
+        d = start_docxy("--listen", "127.0.0.1:0", "--config", config, "--registries", "docker.io,slow.example",
+                        "--allow", "127.0.0.0/8", "--upstream-timeout", "1")
+        layer = content.platform["amd64"]["layers"][0]
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + layer)
+        assert_upstream_failure(r, 502, "docker.io", "connect failed: Connection refused", "Op-Secret-77",
+                                "operator", base64.b64encode(b"operator:Op-Secret-77").decode())
+        r = call(d.port, "GET", "/v2/slow.example/app/manifests/latest")
+        assert_upstream_failure(r, 504, "slow.example", "read timeout after 1s")
+    finally:
+        fake.close()
+        hole.close()
+
+
 # ==========================================================================
 # Request handler: routes, HEAD, errors
 # ==========================================================================
