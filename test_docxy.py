@@ -81,8 +81,9 @@ RATE_HEADERS = [
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 SCOPE_RE = re.compile(r"^repository:(%s(?:/%s)*):(pull|push|pull,push|\*)$" % (COMPONENT, COMPONENT))
-LISTEN_RE = re.compile(r"docxy: listening on (https?)://(\[[^\]]+\]|[^\s:/\[\]]+):(\d+)")
-REDIRECT_RE = re.compile(r"docxy: redirecting http://(\[[^\]]+\]|[^\s:/\[\]]+):(\d+) to https")
+# Text lines, or the message of a --log-format json line.
+LISTEN_RE = re.compile(r'(?:^docxy: |"message":")listening on (https?)://(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+)')
+REDIRECT_RE = re.compile(r'(?:^docxy: |"message":")redirecting http://(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+) to https')
 HOP_BY_HOP_KEEP_ALIVE = "timeout=99, max=7"
 
 
@@ -1364,7 +1365,7 @@ def test_each_listener_logs_its_real_port(start_docxy, registry):
         assert scheme == "http" and port != 0
         r = call(port, "GET", "/health", host=host)
         assert r.status == 200 and r.json() == {"status": "ok"}
-    assert len(LISTEN_RE.findall(d.log())) == 2
+    assert len([line for line in d.log().splitlines() if LISTEN_RE.search(line)]) == 2
 
 
 def test_startup_output_contains_daemon_json_snippet(start_docxy, registry):
@@ -1472,6 +1473,145 @@ def test_ipv6_loopback_listener(start_docxy, registry):
     assert d.urls[0][1] == "::1"
     r = call(d.port, "GET", "/health", host="::1")
     assert r.status == 200 and r.json() == {"status": "ok"}
+
+
+# What Kubernetes sets in every container for a Service named docxy (the addresses are only text).
+KUBERNETES_SERVICE_ENV = {
+    "DOCXY_PORT": "tcp://10.96.0.17:5000", "DOCXY_SERVICE_HOST": "10.96.0.17", "DOCXY_SERVICE_PORT": "5000",
+    "DOCXY_SERVICE_PORT_HTTP": "5000", "DOCXY_PORT_5000_TCP": "tcp://10.96.0.17:5000",
+    "DOCXY_PORT_5000_TCP_PROTO": "tcp", "DOCXY_PORT_5000_TCP_ADDR": "10.96.0.17", "DOCXY_PORT_5000_TCP_PORT": "5000",
+}
+
+
+def test_kubernetes_service_variables_are_ignored_with_one_warning(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, env=KUBERNETES_SERVICE_ENV)
+    assert call(d.port, "GET", "/health").status == 200
+    warnings = [line for line in d.log().splitlines() if "DOCXY_" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("docxy: WARNING: "), d.log()
+    for variable in KUBERNETES_SERVICE_ENV:
+        assert re.search(r"\b%s\b" % variable, warnings[0]), (variable, warnings[0])
+    assert "error" not in d.log()
+
+
+def test_errors_about_environment_variables_name_them_as_written():
+    env = {"DOCXY_FOO": "1", "DOCXY_PORT": "5000", "DOCXY_MAX_CONNECTIONS": "zero", "DOCXY_UPSTREAM": "ftp://x",
+           "DOCXY_LISTEN": "nowhere", "DOCXY_IPV4_ONLY": "maybe", "DOCXY_TAG_TTL": "-1",
+           "DOCXY_CERT_PATH": "/nonexistent/cert.pem"}
+    code, out, err = run_to_exit(["--check"], env=env)
+    assert code == 2, (code, out, err)
+    errors = [line for line in err.splitlines() if line.startswith("docxy: error: ")]
+    assert len(errors) == len(env), err
+    for variable in env:    # DOCXY_PORT=5000 is the operator's own, not the Kubernetes shape
+        assert len([line for line in errors if re.search(r"\b%s\b" % variable, line)]) == 1, (variable, err)
+    assert "in the environment" not in err and "Traceback" not in err
+    assert_not_usage_error(err)
+
+
+def test_check_reports_every_problem_with_its_source_in_one_run(tmp_path):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"rate-limit": "lots", "colour": "blue"},
+        "docker.io": {"username": "bot", "password_env": "DOCXY_TEST_SURELY_UNSET_VAR"},
+        "ghcr.io": {"username": "bot", "password_env": "GHCR_TOKEN"},
+        "quay.io": {"username": "bot", "password_file": str(tmp_path / "missing.secret")},
+        "corp.example": {"upstream": "ftp://corp.example", "library": "sometimes", "colour": "red"},
+    })
+    code, out, err = run_to_exit(["--check", "--config", cfg, "--allow", "10.0.0.0/33"],
+                                 env={"GHCR_TOKEN": "", "DOCXY_TAG_TTL": "-1"})
+    assert code == 2, (code, out, err)
+    errors = [line[len("docxy: error: "):] for line in err.splitlines() if line.startswith("docxy: error: ")]
+    expected = ["--allow ", "DOCXY_TAG_TTL ", cfg + ":[docxy] rate-limit ", cfg + ":[docxy] colour ",
+                cfg + ":[docker.io] password_env DOCXY_TEST_SURELY_UNSET_VAR is not set",
+                cfg + ":[ghcr.io] password_env GHCR_TOKEN is set but empty",
+                cfg + ":[quay.io] password_file ", cfg + ":[corp.example] upstream ",
+                cfg + ":[corp.example] library ", cfg + ":[corp.example] colour "]
+    for start in expected:
+        assert len([line for line in errors if line.startswith(start)]) == 1, (start, errors)
+    assert len(errors) == len(expected), errors
+    assert "configuration ok" not in out and "Traceback" not in err
+
+
+def test_listen_failure_names_the_address_and_the_reason_and_exits_1():
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, out, err = run_to_exit(["--listen", "127.0.0.1:%d" % port])
+    finally:
+        taken.close()
+    assert code == 1, (code, err)
+    assert err.strip() == "docxy: error: cannot listen on 127.0.0.1:%d: address already in use" % port, err
+    assert "listening on" not in err
+
+
+def json_lines(text):
+    """Every line of text as a JSON object; a line that is not one fails the test."""
+    lines = text.splitlines()
+    for line in lines:
+        assert line.startswith("{") and isinstance(json.loads(line), dict), "not a JSON line: %r" % line
+    return [json.loads(line) for line in lines]
+
+
+def test_json_log_format_writes_every_line_as_a_json_object(start_docxy, registry, tmp_path):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--log-format", "json",
+                    "--cache-dir", str(tmp_path / "cache"), env=KUBERNETES_SERVICE_ENV)
+    assert call(d.port, "GET", "/health").status == 200
+    d.wait_for(r'"path":"/health"')
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    d.stop()
+    records = json_lines(d.log())
+    messages = [(r.get("level"), r.get("message", "")) for r in records]
+    assert ("info", "docxy %s" % docxy_version()) in messages, messages
+    assert [level for level, message in messages if "DOCXY_PORT" in message] == ["warning"], messages
+    for start in ("cache ", "listening on http://127.0.0.1:", "Docker, /etc/docker/daemon.json", "stopping",
+                  "stopped"):
+        assert any(message.startswith(start) for _, message in messages), (start, messages)
+    assert any(r.get("path") == "/health" and r.get("status") == 200 for r in records), records
+
+    # The --check report, configuration errors and a listen failure, too.
+    code, out, err = run_to_exit(["--check", "--log-format", "json", "--listen", "[::]:443"])
+    assert code == 0 and err == "", (code, err)
+    assert [r["message"] for r in json_lines(out)][-1] == "listen: [::]:443; tls: no"
+    for args, env in ((["--log-format", "json", "--rate-limit", "lots", "--allow", "x"], None),
+                      (["--log-format", "json", "--max-connections", "zero"], None),
+                      (["--rate-limit", "lots"], {"DOCXY_LOG_FORMAT": "json"})):
+        code, out, err = run_to_exit(["--check"] + args, env=env)
+        assert code == 2 and out == "", (args, out, err)
+        assert {r["level"] for r in json_lines(err)} == {"error"}, err
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        code, out, err = run_to_exit(["--log-format", "json", "--listen", "127.0.0.1:%d" % taken.getsockname()[1]])
+    finally:
+        taken.close()
+    assert code == 1 and [r["level"] for r in json_lines(err)] == ["error"], err
+
+
+def docxy_version():
+    code, out, err = run_to_exit(["--version"])
+    return (out + err).split()[-1]
+
+
+def test_readme_check_sample_is_real_output(tmp_path, certs):
+    """The README's --check example, run on its own configuration (files put in tmp_path)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    ini = re.search(r"```ini\n# /etc/docxy/docxy.ini\n(.*?)```", readme, re.S).group(1)
+    sample = re.search(r"```\n\$ python3 docxy.py --config /etc/docxy/docxy.ini --check\n(.*?)```", readme,
+                       re.S).group(1)
+    (tmp_path / "hub.secret").write_text("Hub-Secret-1")
+    for path, real in (("/etc/docxy/tls/fullchain.pem", certs["rsa-chain.pem"]),
+                       ("/etc/docxy/tls/privkey.pem", certs["rsa.key"]),
+                       ("/etc/docxy/hub.secret", str(tmp_path / "hub.secret"))):
+        assert path in ini, path
+        ini = ini.replace(path, real)
+    (tmp_path / "docxy.ini").write_text(ini)
+    code, out, err = run_to_exit(["--config", str(tmp_path / "docxy.ini"), "--check"],
+                                 env={"GHCR_TOKEN": "Ghcr-Token-1"})
+    assert code == 0, err
+    assert out == sample, (out, sample)
 
 
 # ==========================================================================
@@ -4793,15 +4933,18 @@ JSON_LOG_FIELDS = {"time", "client", "method", "path", "status", "bytes", "durat
 
 
 def json_access_records(d):
-    """Every access record of a --log-format json docxy; no access line may be text."""
+    """Every access record of a --log-format json docxy, whose every line is a JSON object: the
+    access records, and the others with a level and a message."""
     records = []
     for line in d.log().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            assert isinstance(record, dict) and JSON_LOG_FIELDS <= set(record), line
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        if "message" in record:
+            assert set(record) == {"time", "level", "message"}, line
+            assert record["level"] in ("info", "warning", "error"), line
+        elif record.get("event") != "transfer-start":
+            assert JSON_LOG_FIELDS <= set(record), line
             records.append(record)
-        else:
-            assert not re.match(r'^docxy: \S+ "[A-Z]+ ', line), "a text access line in JSON mode: " + line
     return records
 
 
@@ -4821,7 +4964,7 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
     for count in (1, 2):    # the second once the first is logged, so committed to the cache
         assert get_blob(d.port, layer, bearer(token)).status == 200
         d.wait_for(r'^\{.*"path":"/v2/busybox/blobs/%s"' % layer, count)
-    d.wait_for(r"^\{", 5)
+    d.wait_for(r'^\{.*"client":', 5)
     records = json_access_records(d)
     assert len(records) == 5, records
     for record in records:
@@ -4849,7 +4992,7 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
     u = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users, "--log-format", "json")
     assert call(u.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 200
     assert call(u.port, "GET", "/v2/", [("Authorization", basic(MIRROR_USER[0], "wrong"))]).status == 401
-    u.wait_for(r"^\{", 2)
+    u.wait_for(r'^\{.*"client":', 2)
     assert [(r["user"], r["status"]) for r in json_access_records(u)] == [(MIRROR_USER[0], 200), (None, 401)]
     assert MIRROR_USER[1] not in u.log() and MIRROR_BASIC[6:] not in u.log()
 
@@ -5188,6 +5331,7 @@ def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path)
                                   str(tmp_path / "webroot"), "--metrics-allow", "10.0.0.0/8",
                                   "--log-format", "json", "--cert-check-interval", "5"])
     assert code == 0, (out, err)
+    out = "\n".join(record["message"] for record in json_lines(out))     # --log-format json
     assert "configuration ok" in out
     assert re.search(r"^registry docker\.io: upstream http://127\.0\.0\.1:5001\b.*\balice\b", out, re.M), out
     assert re.search(r"tls: yes", out), out
