@@ -3080,12 +3080,16 @@ STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>docxy registry mirror</title>
 <style>
-body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:46rem;padding:1rem;color:#222}
+*{box-sizing:border-box}
+body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
 h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.1rem;margin-top:1.6rem}
-pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-space:pre-wrap;overflow-wrap:anywhere}
-code{overflow-wrap:anywhere}
+pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-space:pre-wrap;
+overflow-wrap:anywhere;max-width:100%%;overflow-x:auto}
+code{overflow-wrap:anywhere}td,th{overflow-wrap:break-word}
+.registries{overflow-x:auto}
 table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
-.figures{display:flex;flex-wrap:wrap;gap:.5rem}.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;flex:1 1 8rem}
+.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));gap:.5rem}
+.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;min-width:0}
 .figures b{display:block;font-size:1.3rem}small{color:#666}
 </style></head><body>
 <h1>docxy registry mirror</h1>
@@ -3093,7 +3097,8 @@ table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem 
 Point your container runtime at it; pulls then come through here%(login)s.</p>
 <div class="figures"><div><b>%(uptime)s</b>uptime</div><div><b>%(requests)s</b>requests</div>
 <div><b>%(sent)s</b>sent</div>%(cache_figures)s</div>
-<h2>Registries</h2><table><tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table>
+<h2>Registries</h2><div class="registries"><table>
+<tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table></div>
 <h2>Docker</h2><p><code>/etc/docker/daemon.json</code> (Docker Hub images), then restart Docker:</p>
 <pre>{
   "registry-mirrors": ["%(url)s"]%(insecure)s
@@ -3126,7 +3131,8 @@ def status_page(figures, mirror):
         "<div><b>%s</b>cache of %s</div><div><b>%.0f%%%%</b>cache hits</div>"
         % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]), cache["hit_ratio"] * 100))
     rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
-        escape(r["name"]), escape(r["upstream"]), "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
+        breakable(r["name"]), breakable(r["upstream"]),
+        "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
         for r in figures["registries"])
     others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
     return (STATUS_PAGE % {
@@ -3139,6 +3145,12 @@ def status_page(figures, mirror):
         "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
         "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
     }).replace("%%", "%")
+
+
+def breakable(text):
+    """HTML for a host name or URL that a narrow screen may break after a dot or a slash, and
+    nowhere else: registry.k8s.io, never registry.k8 / s.io."""
+    return html.escape(text).replace(".", ".<wbr>").replace("/", "/<wbr>")
 
 
 def human_bytes(count):

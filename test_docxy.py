@@ -5264,7 +5264,7 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
 
     r = status(BROWSER_ACCEPT, 3)
     assert r.headers["Content-Type"].startswith("text/html")
-    page = r.body.decode("utf-8")
+    page = r.body.decode("utf-8").replace("<wbr>", "")     # where a narrow screen may break a name
     text = html.unescape(page)
     assert re.search(r"\b%d\s*</b>\s*requests" % (after["requests"] + 1), page), page
     row = [row for row in re.findall(r"<tr>(.*?)</tr>", page, re.S) if ">docker.io<" in row]
@@ -5282,7 +5282,7 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
     markers = [secret, operator, str(secret_file), str(cache_dir), cache_dir.name, users, cfg, str(tmp_path),
                "198.51.100.77", MIRROR_USER[0], MIRROR_USER[1], MIRROR_BASIC[6:]]
     for body in (first.body, second.body, r.body):
-        shown = html.unescape(body.decode("utf-8"))
+        shown = html.unescape(body.decode("utf-8").replace("<wbr>", ""))
         for marker in markers:
             assert marker not in shown, marker
 
@@ -5290,6 +5290,64 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
         denied = call(d.port, "GET", "/", [("X-Forwarded-For", "203.0.113.5"), ("Accept", accept)])
         assert_error(denied, 403, "DENIED")
         assert b"registry-mirrors" not in denied.body and b"requests" not in denied.body
+
+
+def status_page_html(start_docxy, registry, tmp_path):
+    """The status page of a docxy with a cache (five figure cards) and a long public URL."""
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cache-dir", str(tmp_path / "cache"),
+                    "--public-url", "https://a-rather-long-mirror-hostname.registry.internal.example.com")
+    r = call(d.port, "GET", "/", [("Accept", BROWSER_ACCEPT)])
+    assert r.status == 200, r
+    return r.body.decode()
+
+
+def test_status_page_css_has_a_card_grid_and_wraps_long_text_inside_its_box(start_docxy, registry, tmp_path):
+    page = status_page_html(start_docxy, registry, tmp_path)
+    css = re.search(r"<style>(.*?)</style>", page, re.S).group(1).replace("\n", "")
+    rules = {selector.strip(): body for selector, body in re.findall(r"([^{}]+)\{([^}]*)\}", css)}
+    assert "display:grid" in rules[".figures"], rules
+    assert re.search(r"grid-template-columns:repeat\(auto-fit,minmax\(", rules[".figures"]), rules
+    assert "white-space:pre-wrap" in rules["pre"] and "overflow-wrap:anywhere" in rules["pre"], rules
+    assert "overflow-wrap:anywhere" in rules["code"], rules
+    # The table of registries scrolls inside its own box, if anything ever has to.
+    assert "overflow-x:auto" in rules[".registries"] and '<div class="registries"><table>' in page
+    assert "registry.<wbr>k8s.<wbr>io" in page     # breaks after a dot, never inside a name
+
+
+# Lays the status page out in frames as wide as a phone (390 px) and a desktop window (1200 px):
+# chromium's own window is never narrower than 500 px. Puts the figures in the title.
+STATUS_PAGE_PROBE = """<!doctype html><html><head><title>-</title></head><body style="margin:0">%s
+<script>
+window.onload = function () {
+  document.title = Array.prototype.map.call(document.querySelectorAll("iframe"), function (frame) {
+    var page = frame.contentDocument.documentElement;
+    var cards = Array.prototype.map.call(page.querySelectorAll(".figures div"), function (card) {
+      return Math.round(card.getBoundingClientRect().width); });
+    return [frame.width, page.scrollWidth, page.clientWidth, cards.join(",")].join(" ");
+  }).join(";");
+};
+</script></body></html>"""
+
+
+def test_status_page_has_no_horizontal_scroll_on_a_phone_and_equal_cards_on_a_desktop(start_docxy, registry,
+                                                                                       tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed: the status page is laid out by a real browser only with it")
+    page = html.escape(status_page_html(start_docxy, registry, tmp_path))
+    probe = tmp_path / "probe.html"
+    probe.write_text(STATUS_PAGE_PROBE % "".join('<iframe width="%d" height="900" srcdoc="%s"></iframe>'
+                                                 % (width, page) for width in (390, 1200)))
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,1000",
+                           "--dump-dom", probe.as_uri()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=120)
+    title = re.search(r"<title>([\d ,;]+)</title>", proc.stdout.decode())
+    assert title, proc.stderr.decode()[-2000:]
+    for frame in title.group(1).split(";"):
+        width, scroll_width, client_width, cards = frame.split(" ")
+        assert int(scroll_width) <= int(client_width), ("horizontal scroll", frame)
+        cards = [int(card) for card in cards.split(",")]
+        assert len(cards) == 5 and max(cards) - min(cards) <= 1, ("not one grid", frame)
 
 
 def test_check_reports_each_problem_on_its_own_line_and_exits_2(tmp_path):
