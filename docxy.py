@@ -228,7 +228,8 @@ def kubernetes_variable(name, value):
     so that a DOCXY_PORT=5000 of the operator's own is still reported."""
     if KUBERNETES_SERVICE_VARIABLE.fullmatch(name):
         return True
-    return bool(KUBERNETES_SERVICE_PORT.fullmatch(name) and KUBERNETES_SERVICE_URL.fullmatch(value.strip()))
+    return bool(KUBERNETES_SERVICE_PORT.fullmatch(name)
+                and KUBERNETES_SERVICE_URL.fullmatch(value.strip()))
 
 
 def environment_settings(environ):
@@ -259,7 +260,8 @@ def apply_settings(parser, config, settings, problems):
         try:
             parser.parse_args(setting_arguments(name, value), namespace=layer)
         except ConfigError as error:
-            problems.append("%s: %s" % (where, re.sub(r"^(--[\w-]+|this switch):? ", "", str(error))))
+            reason = re.sub(r"^(--[\w-]+|this switch):? ", "", str(error))
+            problems.append("%s: %s" % (where, reason))
             continue
         where_set[name] = where
     for name, value in vars(layer).items():
@@ -295,7 +297,8 @@ def read_config(argv, environ):
         else:
             where = "%s:[%%s] %%s" % config.config
             own = ini.items("docxy") if ini.has_section("docxy") else []
-            apply_settings(parser, config, [(where % ("docxy", key), key, value) for key, value in own], problems)
+            own = [(where % ("docxy", key), key, value) for key, value in own]
+            apply_settings(parser, config, own, problems)
             sections = {name: {key: (where % (name, key), value) for key, value in ini.items(name)}
                         for name in ini.sections() if name != "docxy"}
     for name, value in DEFAULTS.items():
@@ -349,13 +352,16 @@ def check_config(config, sections, environ):
         return source(config, name)
 
     if config.public_url:
-        config.public_url = check(lambda: origin_url(parse_origin(config.public_url, where("public_url"))))
+        config.public_url = check(
+            lambda: origin_url(parse_origin(config.public_url, where("public_url"))))
     default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
-    config.listen = [check(parse_address, a, where("listen")) for a in (config.listen or [default_listen])]
+    config.listen = [check(parse_address, a, where("listen"))
+                     for a in (config.listen or [default_listen])]
     config.tls = check(check_certificate, config)
     if config.http_redirect:
         if not config.cert:
-            problems.append("%s needs --cert and --key (it redirects to HTTPS)" % where("http_redirect"))
+            problems.append("%s needs --cert and --key (it redirects to HTTPS)"
+                            % where("http_redirect"))
         config.http_redirect = check(parse_address, config.http_redirect, where("http_redirect"))
     for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
@@ -369,11 +375,13 @@ def check_config(config, sections, environ):
     if config.cache_max_size:
         config.cache_max_size = check(parse_size, config.cache_max_size, where("cache_max_size"))
     for name, default in (("allow", []), ("trusted_proxy", []), ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
-        setattr(config, name, [check(parse_network, text, where(name)) for text in getattr(config, name) or default])
+        setattr(config, name, [check(parse_network, text, where(name))
+                               for text in getattr(config, name) or default])
     if config.acme_webroot and not os.path.isdir(config.acme_webroot):
         problems.append("%s %s is not a directory" % (where("acme_webroot"), config.acme_webroot))
     elif config.acme_webroot and not config.http_redirect:
-        problems.append("%s is served by the --http-redirect listener: set that too" % where("acme_webroot"))
+        problems.append("%s is served by the --http-redirect listener: set that too"
+                        % where("acme_webroot"))
     config.users = check(read_users, config.users, where("users")) if config.users else None
     registries = check(build_registries, config, sections, environ)
     if registries:
@@ -408,8 +416,9 @@ def build_registries(config, sections, environ):
     problems, bad = [], set()
     for name in dict.fromkeys(list(sections) + enabled):
         if not REGISTRY_NAME.fullmatch(name):
-            problems.append("%s is not a valid registry name" % (
-                "%s:[%s]" % (config.config, name) if name in sections else "%s: %r" % (where, name)))
+            what = ("%s:[%s]" % (config.config, name) if name in sections
+                    else "%s: %r" % (where, name))
+            problems.append("%s is not a valid registry name" % what)
         elif name not in PRESETS and name not in sections:
             problems.append("%s: unknown registry %s: not a preset (%s) and no [%s] section"
                             % (where, name, ", ".join(PRESETS), name))
@@ -449,7 +458,8 @@ def make_registry(name, section, config, environ):
         return section[key][1] if key in section else default
 
     for key in sorted(set(section) - set(REGISTRY_KEYS)):
-        problems.append("%s is not a registry setting (known: %s)" % (where(key), ", ".join(REGISTRY_KEYS)))
+        problems.append("%s is not a registry setting (known: %s)"
+                        % (where(key), ", ".join(REGISTRY_KEYS)))
     preset_upstream, aliases, library, short = PRESETS.get(name, (None, (), False, None))
     upstream, upstream_where = value("upstream") or preset_upstream, where("upstream")
     if name == DEFAULT_REGISTRY and config.upstream:
@@ -472,8 +482,8 @@ def make_registry(name, section, config, environ):
     if username:
         secret = check(read_secret, section, where, environ)
     elif "password_file" in section or "password_env" in section:
-        problems.append("%s without a username" % where("password_file" if "password_file" in section
-                                                       else "password_env"))
+        key = "password_file" if "password_file" in section else "password_env"
+        problems.append("%s without a username" % where(key))
     if problems:
         raise ConfigError("\n".join(problems))
     own = {upstream.host, "%s:%d" % (upstream.host, upstream.port)}
@@ -487,7 +497,8 @@ def make_registry(name, section, config, environ):
 def read_secret(section, where, environ):
     """A registry password from a file or an environment variable: never from the command line,
     which every user of the machine can read in ps."""
-    path, variable = (section[key][1] if key in section else "" for key in ("password_file", "password_env"))
+    path, variable = (section[key][1] if key in section else ""
+                      for key in ("password_file", "password_env"))
     if path:
         try:
             with open(path, encoding="utf-8") as handle:
@@ -653,7 +664,8 @@ def parse_registry_path(path, query, library):
         if not (TAG.fullmatch(ref) or DIGEST.fullmatch(ref)):
             # No manifest can have such a name: a pull of it is a 404 (distribution-spec v1.1;
             # TAG_INVALID and DIGEST_INVALID are answers to a push).
-            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown", {"reference": ref[:300]})
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                                {"reference": ref[:300]})
     elif kind in ("blobs", "referrers") and not DIGEST.fullmatch(ref):
         raise RegistryError(400, "DIGEST_INVALID", "invalid digest", ref[:300])
     name = upstream_name(name, library)
@@ -1969,7 +1981,8 @@ class LogLines(logging.Handler):
         self.lock = None    # write_log_line serialises the lines already: no second lock
 
     def emit(self, record):
-        write_log_line(log_line(record.getMessage(), record.levelno, self.json_lines, record.created))
+        line = log_line(record.getMessage(), record.levelno, self.json_lines, record.created)
+        write_log_line(line)
 
 
 def configure_logging(log_format):
@@ -1985,7 +1998,8 @@ def report(message, log_format, prefix=""):
     """A line of a command's report on stdout (--check, prefetch): as it is, or with
     --log-format json, as a JSON object like a log line's."""
     json_lines = log_format == "json"
-    sys.stdout.write(log_line(message, logging.INFO, True) if json_lines else prefix + message + "\n")
+    line = log_line(message, logging.INFO, True) if json_lines else prefix + message + "\n"
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 
@@ -2264,7 +2278,8 @@ class MirrorHandler(UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
         except RegistryError as error:
             self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
         except UpstreamError as error:
-            log("upstream error from %s: %s (%s)" % (self.registry_name, error.message, error.detail))
+            log("upstream error from %s: %s (%s)"
+                % (self.registry_name, error.message, error.detail))
             # The error's detail can name the CDN a redirect led to: it is for the operator's log
             # only. The client learns which registry failed, and how.
             cause = upstream_cause(error, self.mirror.config.upstream_timeout)
@@ -3410,7 +3425,8 @@ class Listener(http.server.ThreadingHTTPServer):
 def open_listeners(mirror):
     config = mirror.config
     ipv4_ports = {port for host, port in config.listen if ":" not in host}
-    listeners = [listen_on((host, port), MirrorHandler, mirror, config.tls, v6only=port in ipv4_ports)
+    listeners = [listen_on((host, port), MirrorHandler, mirror, config.tls,
+                           v6only=port in ipv4_ports)
                  for host, port in config.listen]
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
@@ -3431,7 +3447,8 @@ def listen_on(address, *arguments, **options):
         reason = error.strerror or str(error)
         if error.errno == errno.EACCES:
             reason += " (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
-        raise ListenError("cannot listen on %s: %s" % (format_address(address), reason[:1].lower() + reason[1:]))
+        reason = reason[:1].lower() + reason[1:]
+        raise ListenError("cannot listen on %s: %s" % (format_address(address), reason))
 
 
 def format_address(address):
@@ -3498,7 +3515,8 @@ def check_command(config):
         say("registry %s: upstream %s, library/ rule %s, credentials %s" % (
             registry.name, origin_url(registry.upstream), "on" if registry.library else "off",
             "for user %s" % registry.username if registry.username else "none"))
-    say("listen: %s; tls: %s" % (", ".join(map(format_address, config.listen)), "yes" if config.tls else "no"))
+    say("listen: %s; tls: %s" % (", ".join(map(format_address, config.listen)),
+                                 "yes" if config.tls else "no"))
     return 0
 
 
@@ -3522,7 +3540,8 @@ def prefetch_command(argv):
         platform, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
         platform = platform[0] if platform else ""
     images, flags = argv[:1], argv[1:]
-    usage = "usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]"
+    usage = ("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR"
+             " [flags]")
     if images and images[0] in ("-h", "--help"):
         print(usage + "\n\nPull IMAGE (one platform of it with --platform) through docxy into the "
               "cache.\nThe flags are docxy's own, as for serving (see docxy.py --help).")
@@ -3651,7 +3670,8 @@ def reload(mirror, listeners, argv):
     try:
         config = read_config(argv, os.environ)
     except ConfigError as error:
-        log("reload refused, the running configuration stays: %s" % "; ".join(str(error).splitlines()))
+        log("reload refused, the running configuration stays: %s"
+            % "; ".join(str(error).splitlines()))
         return False
     except SystemExit:
         log("reload refused: the configuration does not parse")

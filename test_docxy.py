@@ -82,8 +82,10 @@ DIGEST_RE = r"sha256:[0-9a-f]{64}"
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 SCOPE_RE = re.compile(r"^repository:(%s(?:/%s)*):(pull|push|pull,push|\*)$" % (COMPONENT, COMPONENT))
 # Text lines, or the message of a --log-format json line.
-LISTEN_RE = re.compile(r'(?:^docxy: |"message":")listening on (https?)://(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+)')
-REDIRECT_RE = re.compile(r'(?:^docxy: |"message":")redirecting http://(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+) to https')
+LISTEN_RE = re.compile(r'(?:^docxy: |"message":")listening on (https?)://'
+                       r'(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+)')
+REDIRECT_RE = re.compile(r'(?:^docxy: |"message":")redirecting http://'
+                         r'(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+) to https')
 HOP_BY_HOP_KEEP_ALIVE = "timeout=99, max=7"
 
 
@@ -1477,14 +1479,16 @@ def test_ipv6_loopback_listener(start_docxy, registry):
 
 # What Kubernetes sets in every container for a Service named docxy (the addresses are only text).
 KUBERNETES_SERVICE_ENV = {
-    "DOCXY_PORT": "tcp://10.96.0.17:5000", "DOCXY_SERVICE_HOST": "10.96.0.17", "DOCXY_SERVICE_PORT": "5000",
-    "DOCXY_SERVICE_PORT_HTTP": "5000", "DOCXY_PORT_5000_TCP": "tcp://10.96.0.17:5000",
-    "DOCXY_PORT_5000_TCP_PROTO": "tcp", "DOCXY_PORT_5000_TCP_ADDR": "10.96.0.17", "DOCXY_PORT_5000_TCP_PORT": "5000",
+    "DOCXY_PORT": "tcp://10.96.0.17:5000", "DOCXY_SERVICE_HOST": "10.96.0.17",
+    "DOCXY_SERVICE_PORT": "5000", "DOCXY_SERVICE_PORT_HTTP": "5000",
+    "DOCXY_PORT_5000_TCP": "tcp://10.96.0.17:5000", "DOCXY_PORT_5000_TCP_PROTO": "tcp",
+    "DOCXY_PORT_5000_TCP_ADDR": "10.96.0.17", "DOCXY_PORT_5000_TCP_PORT": "5000",
 }
 
 
 def test_kubernetes_service_variables_are_ignored_with_one_warning(start_docxy, registry):
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, env=KUBERNETES_SERVICE_ENV)
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                    env=KUBERNETES_SERVICE_ENV)
     assert call(d.port, "GET", "/health").status == 200
     warnings = [line for line in d.log().splitlines() if "DOCXY_" in line]
     assert len(warnings) == 1 and warnings[0].startswith("docxy: WARNING: "), d.log()
@@ -1494,15 +1498,17 @@ def test_kubernetes_service_variables_are_ignored_with_one_warning(start_docxy, 
 
 
 def test_errors_about_environment_variables_name_them_as_written():
-    env = {"DOCXY_FOO": "1", "DOCXY_PORT": "5000", "DOCXY_MAX_CONNECTIONS": "zero", "DOCXY_UPSTREAM": "ftp://x",
-           "DOCXY_LISTEN": "nowhere", "DOCXY_IPV4_ONLY": "maybe", "DOCXY_TAG_TTL": "-1",
+    env = {"DOCXY_FOO": "1", "DOCXY_PORT": "5000", "DOCXY_MAX_CONNECTIONS": "zero",
+           "DOCXY_UPSTREAM": "ftp://x", "DOCXY_LISTEN": "nowhere", "DOCXY_IPV4_ONLY": "maybe",
+           "DOCXY_TAG_TTL": "-1",
            "DOCXY_CERT_PATH": "/nonexistent/cert.pem"}
     code, out, err = run_to_exit(["--check"], env=env)
     assert code == 2, (code, out, err)
     errors = [line for line in err.splitlines() if line.startswith("docxy: error: ")]
     assert len(errors) == len(env), err
     for variable in env:    # DOCXY_PORT=5000 is the operator's own, not the Kubernetes shape
-        assert len([line for line in errors if re.search(r"\b%s\b" % variable, line)]) == 1, (variable, err)
+        naming = [line for line in errors if re.search(r"\b%s\b" % variable, line)]
+        assert len(naming) == 1, (variable, err)
     assert "in the environment" not in err and "Traceback" not in err
     assert_not_usage_error(err)
 
@@ -1518,8 +1524,10 @@ def test_check_reports_every_problem_with_its_source_in_one_run(tmp_path):
     code, out, err = run_to_exit(["--check", "--config", cfg, "--allow", "10.0.0.0/33"],
                                  env={"GHCR_TOKEN": "", "DOCXY_TAG_TTL": "-1"})
     assert code == 2, (code, out, err)
-    errors = [line[len("docxy: error: "):] for line in err.splitlines() if line.startswith("docxy: error: ")]
-    expected = ["--allow ", "DOCXY_TAG_TTL ", cfg + ":[docxy] rate-limit ", cfg + ":[docxy] colour ",
+    errors = [line[len("docxy: error: "):] for line in err.splitlines()
+              if line.startswith("docxy: error: ")]
+    expected = ["--allow ", "DOCXY_TAG_TTL ", cfg + ":[docxy] rate-limit ",
+                cfg + ":[docxy] colour ",
                 cfg + ":[docker.io] password_env DOCXY_TEST_SURELY_UNSET_VAR is not set",
                 cfg + ":[ghcr.io] password_env GHCR_TOKEN is set but empty",
                 cfg + ":[quay.io] password_file ", cfg + ":[corp.example] upstream ",
@@ -1540,7 +1548,8 @@ def test_listen_failure_names_the_address_and_the_reason_and_exits_1():
     finally:
         taken.close()
     assert code == 1, (code, err)
-    assert err.strip() == "docxy: error: cannot listen on 127.0.0.1:%d: address already in use" % port, err
+    expected = "docxy: error: cannot listen on 127.0.0.1:%d: address already in use" % port
+    assert err.strip() == expected, err
     assert "listening on" not in err
 
 
@@ -1548,7 +1557,7 @@ def json_lines(text):
     """Every line of text as a JSON object; a line that is not one fails the test."""
     lines = text.splitlines()
     for line in lines:
-        assert line.startswith("{") and isinstance(json.loads(line), dict), "not a JSON line: %r" % line
+        assert line.startswith("{") and isinstance(json.loads(line), dict), "not JSON: %r" % line
     return [json.loads(line) for line in lines]
 
 
@@ -1563,9 +1572,10 @@ def test_json_log_format_writes_every_line_as_a_json_object(start_docxy, registr
     records = json_lines(d.log())
     messages = [(r.get("level"), r.get("message", "")) for r in records]
     assert ("info", "docxy %s" % docxy_version()) in messages, messages
-    assert [level for level, message in messages if "DOCXY_PORT" in message] == ["warning"], messages
-    for start in ("cache ", "listening on http://127.0.0.1:", "Docker, /etc/docker/daemon.json", "stopping",
-                  "stopped"):
+    kubernetes = [level for level, message in messages if "DOCXY_PORT" in message]
+    assert kubernetes == ["warning"], messages
+    for start in ("cache ", "listening on http://127.0.0.1:", "Docker, /etc/docker/daemon.json",
+                  "stopping", "stopped"):
         assert any(message.startswith(start) for _, message in messages), (start, messages)
     assert any(r.get("path") == "/health" and r.get("status") == 200 for r in records), records
 
@@ -1583,7 +1593,8 @@ def test_json_log_format_writes_every_line_as_a_json_object(start_docxy, registr
     try:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        code, out, err = run_to_exit(["--log-format", "json", "--listen", "127.0.0.1:%d" % taken.getsockname()[1]])
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        code, out, err = run_to_exit(["--log-format", "json", "--listen", address])
     finally:
         taken.close()
     assert code == 1 and [r["level"] for r in json_lines(err)] == ["error"], err
@@ -1599,8 +1610,8 @@ def test_readme_check_sample_is_real_output(tmp_path, certs):
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
     ini = re.search(r"```ini\n# /etc/docxy/docxy.ini\n(.*?)```", readme, re.S).group(1)
-    sample = re.search(r"```\n\$ python3 docxy.py --config /etc/docxy/docxy.ini --check\n(.*?)```", readme,
-                       re.S).group(1)
+    sample = re.search(r"```\n\$ python3 docxy.py --config /etc/docxy/docxy.ini --check\n(.*?)```",
+                       readme, re.S).group(1)
     (tmp_path / "hub.secret").write_text("Hub-Secret-1")
     for path, real in (("/etc/docxy/tls/fullchain.pem", certs["rsa-chain.pem"]),
                        ("/etc/docxy/tls/privkey.pem", certs["rsa.key"]),
@@ -1648,8 +1659,10 @@ INVALID_TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("target,status,code", INVALID_TARGETS, ids=[t[:60] for t, _, _ in INVALID_TARGETS])
-def test_invalid_reference_rejected_before_upstream(target, status, code, docxy, registry, tokens, cdn):
+@pytest.mark.parametrize("target,status,code", INVALID_TARGETS,
+                         ids=[t[:60] for t, _, _ in INVALID_TARGETS])
+def test_invalid_reference_rejected_before_upstream(target, status, code, docxy, registry, tokens,
+                                                    cdn):
     for method in ("GET", "HEAD"):
         r = raw_request(docxy.port, target, method)
         assert r.status == status, (method, r)
@@ -2187,27 +2200,32 @@ def assert_upstream_failure(resp, status, registry_name, cause, *secrets):
         assert secret not in text, (secret, text)
 
 
-def test_upstream_failures_name_the_registry_and_the_cause_in_detail(tmp_path, start_docxy, content, store):
+def test_upstream_failures_name_the_registry_and_the_cause_in_detail(tmp_path, start_docxy, content,
+                                                                     store):
+    refused = "connect failed: Connection refused"
     dead = "http://127.0.0.1:%d" % free_port()
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", dead, "--library-prefix", "on")
     for path in ("/v2/", "/v2/busybox/manifests/latest"):
-        assert_upstream_failure(call(d.port, "GET", path), 502, "docker.io", "connect failed: Connection refused")
+        assert_upstream_failure(call(d.port, "GET", path), 502, "docker.io", refused)
 
     # A blob redirect to a CDN that is down: the CDN's signed URL and its host stay in the log.
-    fake = FakeServer(RegistryHandler, content=content, cdn=types.SimpleNamespace(url="http://127.0.0.2:%d"
-                      % free_port()), store=store, token_url=None, auth=False)
+    cdn_down = types.SimpleNamespace(url="http://127.0.0.2:%d" % free_port())
+    fake = FakeServer(RegistryHandler, content=content, cdn=cdn_down, store=store, token_url=None,
+                      auth=False)
     hole = Blackhole()
     try:
         (tmp_path / "secret").write_text("Op-Secret-77")
         config = write_config(tmp_path / "docxy.ini", {
-            "docker.io": {"upstream": fake.url, "username": "operator", "password_file": str(tmp_path / "secret")},
+            "docker.io": {"upstream": fake.url, "username": "operator",
+                          "password_file": str(tmp_path / "secret")},
             "slow.example": {"upstream": hole.url}})
-        d = start_docxy("--listen", "127.0.0.1:0", "--config", config, "--registries", "docker.io,slow.example",
-                        "--allow", "127.0.0.0/8", "--upstream-timeout", "1")
+        d = start_docxy("--listen", "127.0.0.1:0", "--config", config,
+                        "--registries", "docker.io,slow.example", "--allow", "127.0.0.0/8",
+                        "--upstream-timeout", "1")
         layer = content.platform["amd64"]["layers"][0]
         r = call(d.port, "GET", "/v2/library/busybox/blobs/" + layer)
-        assert_upstream_failure(r, 502, "docker.io", "connect failed: Connection refused", "Op-Secret-77",
-                                "operator", base64.b64encode(b"operator:Op-Secret-77").decode())
+        assert_upstream_failure(r, 502, "docker.io", refused, "Op-Secret-77", "operator",
+                                base64.b64encode(b"operator:Op-Secret-77").decode())
         r = call(d.port, "GET", "/v2/slow.example/app/manifests/latest")
         assert_upstream_failure(r, 504, "slow.example", "read timeout after 1s")
     finally:
@@ -3575,8 +3593,8 @@ def hash_password_on_a_terminal(answers):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
-    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8, \
-        output.decode("utf-8", "replace")
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    return code, output.decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("answers,reason", [
@@ -5294,20 +5312,23 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
 
 def status_page_html(start_docxy, registry, tmp_path):
     """The status page of a docxy with a cache (five figure cards) and a long public URL."""
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cache-dir", str(tmp_path / "cache"),
-                    "--public-url", "https://a-rather-long-mirror-hostname.registry.internal.example.com")
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                    "--cache-dir", str(tmp_path / "cache"),
+                    "--public-url", "https://a-long-mirror-name.registry.internal.example.com")
     r = call(d.port, "GET", "/", [("Accept", BROWSER_ACCEPT)])
     assert r.status == 200, r
     return r.body.decode()
 
 
-def test_status_page_css_has_a_card_grid_and_wraps_long_text_inside_its_box(start_docxy, registry, tmp_path):
+def test_status_page_css_has_a_card_grid_and_wraps_long_text_inside_its_box(start_docxy, registry,
+                                                                            tmp_path):
     page = status_page_html(start_docxy, registry, tmp_path)
     css = re.search(r"<style>(.*?)</style>", page, re.S).group(1).replace("\n", "")
     rules = {selector.strip(): body for selector, body in re.findall(r"([^{}]+)\{([^}]*)\}", css)}
     assert "display:grid" in rules[".figures"], rules
     assert re.search(r"grid-template-columns:repeat\(auto-fit,minmax\(", rules[".figures"]), rules
-    assert "white-space:pre-wrap" in rules["pre"] and "overflow-wrap:anywhere" in rules["pre"], rules
+    assert "white-space:pre-wrap" in rules["pre"], rules
+    assert "overflow-wrap:anywhere" in rules["pre"], rules
     assert "overflow-wrap:anywhere" in rules["code"], rules
     # The table of registries scrolls inside its own box, if anything ever has to.
     assert "overflow-x:auto" in rules[".registries"] and '<div class="registries"><table>' in page
@@ -5329,18 +5350,19 @@ window.onload = function () {
 </script></body></html>"""
 
 
-def test_status_page_has_no_horizontal_scroll_on_a_phone_and_equal_cards_on_a_desktop(start_docxy, registry,
-                                                                                       tmp_path):
+def test_status_page_has_no_horizontal_scroll_on_a_phone_and_equal_cards_on_a_desktop(
+        start_docxy, registry, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
-        pytest.skip("chromium is not installed: the status page is laid out by a real browser only with it")
+        pytest.skip("chromium is not installed: it lays the status page out as a browser does")
     page = html.escape(status_page_html(start_docxy, registry, tmp_path))
+    frames = "".join('<iframe width="%d" height="900" srcdoc="%s"></iframe>' % (width, page)
+                     for width in (390, 1200))
     probe = tmp_path / "probe.html"
-    probe.write_text(STATUS_PAGE_PROBE % "".join('<iframe width="%d" height="900" srcdoc="%s"></iframe>'
-                                                 % (width, page) for width in (390, 1200)))
-    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,1000",
-                           "--dump-dom", probe.as_uri()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=120)
+    probe.write_text(STATUS_PAGE_PROBE % frames)
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--window-size=1300,1000", "--dump-dom", probe.as_uri()],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
     title = re.search(r"<title>([\d ,;]+)</title>", proc.stdout.decode())
     assert title, proc.stderr.decode()[-2000:]
     for frame in title.group(1).split(";"):
