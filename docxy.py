@@ -32,6 +32,7 @@ import argparse
 import base64
 import collections
 import configparser
+import errno
 import hashlib
 import hmac
 import html
@@ -41,6 +42,7 @@ import io
 import ipaddress
 import itertools
 import json
+import logging
 import mmap
 import os
 import queue
@@ -108,7 +110,20 @@ Registry = namedtuple("Registry", "name upstream names hosts library username se
 
 
 class ConfigError(Exception):
-    """A configuration problem, reported as one line and exit status 2."""
+    """Configuration problems, one a line, reported with exit status 2. log_format is the one
+    the settings asked for, when reading them got that far."""
+
+    def __init__(self, message, log_format=None):
+        super().__init__(message)
+        self.log_format = log_format
+
+
+class SettingsParser(argparse.ArgumentParser):
+    """Raises ConfigError where argparse would print its usage and exit: a mistake is reported
+    with its source, together with the others, in the log format asked for."""
+
+    def error(self, message):
+        raise ConfigError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
 
 
 class Secret(str):
@@ -118,11 +133,14 @@ class Secret(str):
         return "Secret('***')"
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="docxy",
-        description="A Docker registry mirror in one file. "
-        "'docxy.py hash-password' prints a password hash for --users.",
+def build_parser(**options):
+    parser = SettingsParser(
+        prog="docxy", **options,
+        usage="%(prog)s [flags]\n       %(prog)s hash-password\n"
+        "       %(prog)s prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
+        description="A Docker registry mirror in one file. Subcommands: 'docxy.py hash-password' "
+        "prints a password hash for --users; 'docxy.py prefetch IMAGE --cache-dir DIR' pulls an "
+        "image into the cache (each takes --help).",
         epilog="Every flag can also be given as an environment variable DOCXY_<FLAG> "
         "(e.g. DOCXY_UPSTREAM, DOCXY_LISTEN=0.0.0.0:5000,[::]:5000) or in the [docxy] section of "
         "--config; flags win over the environment, the environment over the file. "
@@ -162,7 +180,8 @@ def build_parser():
         help="how long a cached tag is trusted before an upstream HEAD checks it (default 300)")
     add("--metrics-allow", action="append", metavar="CIDR",
         help="who may read /metrics, repeatable (default: loopback only)")
-    add("--log-format", choices=("text", "json"), help="access log lines as text (default) or JSON")
+    add("--log-format", choices=("text", "json"),
+        help="every line docxy writes as text (default) or as JSON objects")
     add("--acme-webroot", metavar="DIR",
         help="serve /.well-known/acme-challenge/ from DIR on the --http-redirect listener")
     add("--cert-check-interval", type=float, metavar="SECONDS",
@@ -180,67 +199,148 @@ def build_parser():
     return parser
 
 
-def settings_arguments(settings):
-    """Turn (name, value) settings from the environment or a file into the flags they stand for,
-    so that one parser checks all three sources."""
-    argv = []
-    for name, value in settings:
-        name, value = name.lower().replace("-", "_"), value.strip()
-        if not value:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name in SWITCHES:
-            argv += [flag] if value.lower() in ("1", "true", "yes", "on") else []
-        elif name in REPEATABLE:
-            for item in re.split(r"[\s,]+", value):
-                argv += [flag, item]
-        else:
-            argv += [flag, value]
-    return argv
+def setting_arguments(name, value):
+    """A setting from the environment or a file as the flags it stands for, so that one parser
+    checks all three sources."""
+    flag, value = "--" + name.replace("_", "-"), value.strip()
+    if not value:
+        return []
+    if name in SWITCHES:
+        return [flag] if parse_switch(value, "this switch") else []
+    if name in REPEATABLE:
+        return [part for item in re.split(r"[\s,]+", value) for part in (flag, item)]
+    return [flag, value]
+
+
+# Kubernetes gives each container variables for every Service of its namespace, named after the
+# Service: for one named docxy, DOCXY_PORT=tcp://10.0.0.1:5000, DOCXY_SERVICE_HOST,
+# DOCXY_SERVICE_PORT(_<port name>), DOCXY_PORT_5000_TCP(_PROTO|_ADDR|_PORT); for docxy-web,
+# DOCXY_WEB_... No docxy setting has such a name. (Operators' names, not clients': the one
+# ambiguous run, before the suffix, costs nothing.)
+KUBERNETES_SERVICE_VARIABLE = re.compile(
+    r"DOCXY_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_ADDR|_PORT)?)")
+KUBERNETES_SERVICE_PORT = re.compile(r"DOCXY_(?:[A-Z0-9_]+_)?PORT")
+KUBERNETES_SERVICE_URL = re.compile(r"(?:tcp|udp|sctp)://\S+")
+
+
+def kubernetes_variable(name, value):
+    """True for a variable Kubernetes sets for a Service: DOCXY_PORT only with its URL value,
+    so that a DOCXY_PORT=5000 of the operator's own is still reported."""
+    if KUBERNETES_SERVICE_VARIABLE.fullmatch(name):
+        return True
+    return bool(KUBERNETES_SERVICE_PORT.fullmatch(name)
+                and KUBERNETES_SERVICE_URL.fullmatch(value.strip()))
 
 
 def environment_settings(environ):
-    return [(ENV_ALIASES.get(name, name[len("DOCXY_"):]), value)
-            for name, value in sorted(environ.items()) if name.startswith("DOCXY_")]
+    """DOCXY_* variables as (variable, setting, value); and the names of those that Kubernetes
+    set for a Service, which are no settings."""
+    settings, kubernetes = [], []
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith("DOCXY_"):
+            continue
+        if kubernetes_variable(variable, value):
+            kubernetes.append(variable)
+        else:
+            name = ENV_ALIASES.get(variable, variable[len("DOCXY_"):].lower())
+            settings.append((variable, name, value))
+    return settings, kubernetes
+
+
+def apply_settings(parser, config, settings, problems):
+    """Settings from one source (the environment, or the file's [docxy] section), each as
+    (where, name, value), fill what the sources above left unset. config.sources records where
+    each value came from, for the messages about it; a problem names the setting as written."""
+    known, layer, where_set = set(vars(parser.parse_args([]))), argparse.Namespace(), {}
+    for where, name, value in settings:
+        name = name.lower().replace("-", "_")
+        if name not in known:
+            problems.append("%s is not a docxy setting (docxy.py --help lists them)" % where)
+            continue
+        try:
+            parser.parse_args(setting_arguments(name, value), namespace=layer)
+        except ConfigError as error:
+            reason = re.sub(r"^(--[\w-]+|this switch):? ", "", str(error))
+            problems.append("%s: %s" % (where, reason))
+            continue
+        where_set[name] = where
+    for name, value in vars(layer).items():
+        if value is not None and getattr(config, name) is None:
+            setattr(config, name, value)
+            config.sources[name] = where_set[name]
+
+
+def source(config, name):
+    """Where a setting came from, as the operator wrote it: --flag, DOCXY_VARIABLE, or
+    file:[docxy] key."""
+    return config.sources.get(name) or "--" + name.replace("_", "-")
 
 
 def read_config(argv, environ):
-    parser = build_parser()
-    config = parser.parse_args(argv)
-    layers = [("the environment", settings_arguments(environment_settings(environ)))]
+    """Flags, then DOCXY_* variables, then the --config file, checked. A ConfigError has every
+    problem found, one a line, each naming where the setting came from."""
+    parser = build_parser(allow_abbrev=False)
+    try:
+        config = build_parser().parse_args(argv)
+    except ConfigError as error:
+        raise ConfigError(str(error), command_line_log_format(argv, environ))
+    config.sources = {}
+    problems = []
+    settings, config.kubernetes_variables = environment_settings(environ)
+    apply_settings(parser, config, settings, problems)
     sections = {}
-    path = config.config or environ.get("DOCXY_CONFIG")
-    if path:
-        ini = read_ini(path)
-        layers.append(("%s [docxy]" % path, settings_arguments(ini.items("docxy") if ini.has_section("docxy") else [])))
-        sections = {name: dict(ini.items(name)) for name in ini.sections() if name != "docxy"}
-    for source, arguments in layers:
-        values, unknown = parser.parse_known_args(arguments)
-        if unknown:
-            raise ConfigError("unknown setting %s in %s" % (unknown[0].lstrip("-"), source))
-        for name, value in vars(values).items():
-            if getattr(config, name) is None:
-                setattr(config, name, value)
+    if config.config:
+        try:
+            ini = read_ini(config.config, source(config, "config"))
+        except ConfigError as error:
+            problems.append(str(error))
+        else:
+            where = "%s:[%%s] %%s" % config.config
+            own = ini.items("docxy") if ini.has_section("docxy") else []
+            own = [(where % ("docxy", key), key, value) for key, value in own]
+            apply_settings(parser, config, own, problems)
+            sections = {name: {key: (where % (name, key), value) for key, value in ini.items(name)}
+                        for name in ini.sections() if name != "docxy"}
     for name, value in DEFAULTS.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    return check_config(config, sections, environ)
+    try:
+        config = check_config(config, sections, environ)
+    except ConfigError as error:
+        problems.append(str(error))
+    if problems:
+        raise ConfigError("\n".join(problems), config.log_format)
+    return config
 
 
-def read_ini(path):
+def command_line_log_format(argv, environ):
+    """--log-format of a command line that does not parse as a whole, else DOCXY_LOG_FORMAT's."""
+    parser = SettingsParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--log-format")
+    try:
+        wanted = parser.parse_known_args(argv)[0].log_format
+    except ConfigError:
+        wanted = None
+    wanted = wanted or environ.get("DOCXY_LOG_FORMAT", "").strip()
+    return wanted if wanted in ("text", "json") else "text"
+
+
+def read_ini(path, what="--config"):
     ini = configparser.ConfigParser(interpolation=None, default_section="\0none", inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as handle:
             ini.read_file(handle)
     except OSError as error:
-        raise ConfigError("cannot read --config %s: %s" % (path, error.strerror or error))
+        raise ConfigError("%s: cannot read %s: %s" % (what, path, error.strerror or error))
     except configparser.Error as error:
         raise ConfigError("%s: %s" % (path, str(error).splitlines()[0]))
     return ini
 
 
 def check_config(config, sections, environ):
-    """Validate and normalise the settings. Every problem is reported, one line each."""
+    """Validate and normalise the settings. Every problem is reported, one line each, naming the
+    setting as the operator gave it."""
     problems = []
 
     def check(step, *arguments):
@@ -249,32 +349,41 @@ def check_config(config, sections, environ):
         except ConfigError as error:
             problems.append(str(error))
 
+    def where(name):
+        return source(config, name)
+
     if config.public_url:
-        config.public_url = check(lambda: origin_url(parse_origin(config.public_url, "--public-url")))
+        config.public_url = check(
+            lambda: origin_url(parse_origin(config.public_url, where("public_url"))))
     default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
-    config.listen = [check(parse_address, a, "--listen") for a in (config.listen or [default_listen])]
+    config.listen = [check(parse_address, a, where("listen"))
+                     for a in (config.listen or [default_listen])]
     config.tls = check(check_certificate, config)
     if config.http_redirect:
         if not config.cert:
-            problems.append("--http-redirect needs --cert and --key (it redirects to HTTPS)")
-        config.http_redirect = check(parse_address, config.http_redirect, "--http-redirect")
+            problems.append("%s needs --cert and --key (it redirects to HTTPS)"
+                            % where("http_redirect"))
+        config.http_redirect = check(parse_address, config.http_redirect, where("http_redirect"))
     for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
-            problems.append("--%s must be positive" % name.replace("_", "-"))
+            problems.append("%s must be positive" % where(name))
     if config.max_connections < 1:
-        problems.append("--max-connections must be at least 1")
+        problems.append("%s must be at least 1" % where("max_connections"))
     if config.tag_ttl < 0:
-        problems.append("--tag-ttl must not be negative")
-    config.rate_limit = check(parse_rate, config.rate_limit) if config.rate_limit else None
-    config.cache_max_size = check(parse_size, config.cache_max_size) if config.cache_max_size else None
+        problems.append("%s must not be negative" % where("tag_ttl"))
+    if config.rate_limit:
+        config.rate_limit = check(parse_rate, config.rate_limit, where("rate_limit"))
+    if config.cache_max_size:
+        config.cache_max_size = check(parse_size, config.cache_max_size, where("cache_max_size"))
     for name, default in (("allow", []), ("trusted_proxy", []), ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
-        flag = "--" + name.replace("_", "-")
-        setattr(config, name, [check(parse_network, text, flag) for text in getattr(config, name) or default])
+        setattr(config, name, [check(parse_network, text, where(name))
+                               for text in getattr(config, name) or default])
     if config.acme_webroot and not os.path.isdir(config.acme_webroot):
-        problems.append("--acme-webroot %s is not a directory" % config.acme_webroot)
+        problems.append("%s %s is not a directory" % (where("acme_webroot"), config.acme_webroot))
     elif config.acme_webroot and not config.http_redirect:
-        problems.append("--acme-webroot is served by the --http-redirect listener: set that too")
-    config.users = check(read_users, config.users) if config.users else None
+        problems.append("%s is served by the --http-redirect listener: set that too"
+                        % where("acme_webroot"))
+    config.users = check(read_users, config.users, where("users")) if config.users else None
     registries = check(build_registries, config, sections, environ)
     if registries:
         config.registries, config.default_registry = registries
@@ -290,58 +399,94 @@ def check_config(config, sections, environ):
 
 def check_certificate(config):
     if bool(config.cert) != bool(config.key):
-        raise ConfigError("--cert and --key go together")
-    return server_tls_context(config.cert, config.key) if config.cert else None
+        raise ConfigError("%s and %s go together" % (source(config, "cert"), source(config, "key")))
+    try:
+        return server_tls_context(config.cert, config.key) if config.cert else None
+    except ConfigError as error:
+        raise ConfigError("%s, %s: %s" % (source(config, "cert"), source(config, "key"), error))
 
 
 def build_registries(config, sections, environ):
-    """The enabled registries by name, and the default one."""
+    """The enabled registries by name, and the default one. sections holds each registry
+    section of --config as {key: (where, value)}."""
+    where = source(config, "registries")
     if config.registries:
         enabled = [name.strip().lower() for name in config.registries.split(",") if name.strip()]
     else:
         enabled = list(PRESETS) + [name for name in sections if name not in PRESETS]
-    for name in list(sections) + enabled:
+    problems, bad = [], set()
+    for name in dict.fromkeys(list(sections) + enabled):
         if not REGISTRY_NAME.fullmatch(name):
-            raise ConfigError("%r is not a valid registry name" % name)
-        if name not in PRESETS and name not in sections:
-            raise ConfigError("unknown registry %s: not a preset (%s) and no [%s] section"
-                              % (name, ", ".join(PRESETS), name))
+            what = ("%s:[%s]" % (config.config, name) if name in sections
+                    else "%s: %r" % (where, name))
+            problems.append("%s is not a valid registry name" % what)
+        elif name not in PRESETS and name not in sections:
+            problems.append("%s: unknown registry %s: not a preset (%s) and no [%s] section"
+                            % (where, name, ", ".join(PRESETS), name))
+        else:
+            continue
+        bad.add(name)
     registries = {}
     for name in enabled:
-        registries[name] = make_registry(name, sections.get(name, {}), config, environ)
+        try:
+            if name not in bad:
+                registries[name] = make_registry(name, sections.get(name, {}), config, environ)
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("\n".join(problems))
     if not registries:
-        raise ConfigError("no registry enabled")
+        raise ConfigError("%s: no registry enabled" % where)
     default = DEFAULT_REGISTRY if DEFAULT_REGISTRY in registries else enabled[0]
     return registries, default
 
 
 def make_registry(name, section, config, environ):
-    where = "[%s]" % name
-    unknown = set(section) - set(REGISTRY_KEYS)
-    if unknown:
-        raise ConfigError("%s: unknown setting %s (known: %s)" % (where, sorted(unknown)[0], ", ".join(REGISTRY_KEYS)))
+    """One registry from its preset and its section of --config; every problem of the section
+    is reported, each as file:[section] key."""
+    problems = []
+
+    def check(step, *arguments):
+        try:
+            return step(*arguments)
+        except ConfigError as error:
+            problems.append(str(error))
+
+    def where(key):
+        return section[key][0] if key in section else "[%s] %s" % (name, key)
+
+    def value(key, default=None):
+        return section[key][1] if key in section else default
+
+    for key in sorted(set(section) - set(REGISTRY_KEYS)):
+        problems.append("%s is not a registry setting (known: %s)"
+                        % (where(key), ", ".join(REGISTRY_KEYS)))
     preset_upstream, aliases, library, short = PRESETS.get(name, (None, (), False, None))
-    upstream = section.get("upstream") or preset_upstream
+    upstream, upstream_where = value("upstream") or preset_upstream, where("upstream")
     if name == DEFAULT_REGISTRY and config.upstream:
-        upstream = config.upstream
+        upstream, upstream_where = config.upstream, source(config, "upstream")
     if not upstream:
-        raise ConfigError("%s needs an upstream = URL" % where)
-    upstream = parse_origin(upstream, where + " upstream")
+        problems.append("[%s] needs an upstream = URL" % name)
+    else:
+        upstream = check(parse_origin, upstream, upstream_where)
     if "library" in section:
-        library = parse_switch(section["library"], where + " library")
-    elif name == DEFAULT_REGISTRY:
+        library = check(parse_switch, value("library"), where("library"))
+    elif name == DEFAULT_REGISTRY and upstream:
         library = upstream.host in DOCKER_HUB_HOSTS
     if name == DEFAULT_REGISTRY and config.library_prefix != "auto":
         library = config.library_prefix == "on"
-    hosts = {h.strip().lower() for h in section.get("hosts", "").split(",") if h.strip()}
+    hosts = {h.strip().lower() for h in value("hosts", "").split(",") if h.strip()}
     for host in hosts:
         if not valid_host_header(host) or ":" in host:
-            raise ConfigError("%s hosts: %r is not a host name" % (where, host))
-    username, secret = section.get("username"), None
+            problems.append("%s: %r is not a host name" % (where("hosts"), host))
+    username, secret = value("username"), None
     if username:
-        secret = read_secret(section, environ, where)
+        secret = check(read_secret, section, where, environ)
     elif "password_file" in section or "password_env" in section:
-        raise ConfigError("%s has a password but no username" % where)
+        key = "password_file" if "password_file" in section else "password_env"
+        problems.append("%s without a username" % where(key))
+    if problems:
+        raise ConfigError("\n".join(problems))
     own = {upstream.host, "%s:%d" % (upstream.host, upstream.port)}
     if upstream.port != (443 if upstream.scheme == "https" else 80):
         own.discard(upstream.host)
@@ -350,21 +495,27 @@ def make_registry(name, section, config, environ):
                     library, username, secret, short)
 
 
-def read_secret(section, environ, where):
+def read_secret(section, where, environ):
     """A registry password from a file or an environment variable: never from the command line,
     which every user of the machine can read in ps."""
-    if section.get("password_file"):
+    path, variable = (section[key][1] if key in section else ""
+                      for key in ("password_file", "password_env"))
+    if path:
         try:
-            with open(section["password_file"], encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 secret = handle.read().strip()
         except OSError as error:
-            raise ConfigError("%s password_file %s: %s" % (where, section["password_file"], error.strerror))
-    elif section.get("password_env"):
-        secret = environ.get(section["password_env"], "").strip()
+            raise ConfigError("%s %s: %s" % (where("password_file"), path, error.strerror or error))
+        if not secret:
+            raise ConfigError("%s %s is empty" % (where("password_file"), path))
+    elif variable:
+        if variable not in environ:
+            raise ConfigError("%s %s is not set" % (where("password_env"), variable))
+        secret = environ[variable].strip()
+        if not secret:
+            raise ConfigError("%s %s is set but empty" % (where("password_env"), variable))
     else:
-        raise ConfigError("%s has a username but no password_file or password_env" % where)
-    if not secret:
-        raise ConfigError("%s: the password is empty" % where)
+        raise ConfigError("%s has no password_file or password_env" % where("username"))
     return Secret(secret)
 
 
@@ -383,22 +534,22 @@ def parse_network(text, what):
         raise ConfigError("%s wants an address or CIDR network, not %r" % (what, text))
 
 
-def parse_rate(text):
+def parse_rate(text, what="--rate-limit"):
     """'60/min' -> (burst 60, 1.0 per second)."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text)
     if not match or int(match.group(1)) < 1:
-        raise ConfigError("--rate-limit wants N/s, N/min or N/h, not %r" % text)
+        raise ConfigError("%s wants N/s, N/min or N/h, not %r" % (what, text))
     seconds = {"s": 1, "m": 60, "h": 3600}[match.group(2)[0]]
     return int(match.group(1)), int(match.group(1)) / seconds
 
 
-def read_users(path):
+def read_users(path, what="--users"):
     users = {}
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError as error:
-        raise ConfigError("cannot read --users %s: %s" % (path, error.strerror or error))
+        raise ConfigError("%s: cannot read %s: %s" % (what, path, error.strerror or error))
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -409,7 +560,7 @@ def read_users(path):
                               % (path, number))
         users[name] = hashed
     if not users:
-        raise ConfigError("--users %s lists no users" % path)
+        raise ConfigError("%s: %s lists no users" % (what, path))
     return users
 
 
@@ -512,8 +663,10 @@ def parse_registry_path(path, query, library):
         raise RegistryError(400, "NAME_INVALID", "invalid repository name", name[:300])
     if kind == "manifests":
         if not (TAG.fullmatch(ref) or DIGEST.fullmatch(ref)):
-            code = "DIGEST_INVALID" if ":" in ref else "TAG_INVALID"
-            raise RegistryError(400, code, "invalid manifest reference", ref[:300])
+            # No manifest can have such a name: a pull of it is a 404 (distribution-spec v1.1;
+            # TAG_INVALID and DIGEST_INVALID are answers to a push).
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                                {"reference": ref[:300]})
     elif kind in ("blobs", "referrers") and not DIGEST.fullmatch(ref):
         raise RegistryError(400, "DIGEST_INVALID", "invalid digest", ref[:300])
     name = upstream_name(name, library)
@@ -726,6 +879,18 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.status, self.message, self.detail = status, message, detail
         self.kind = kind or ("timeout" if status == 504 else "protocol")
+
+
+def upstream_cause(error, timeout):
+    """What went wrong upstream, in words fit for a client: the step that failed and the
+    system's reason, never a host, a URL (a CDN's carries a signature) or a credential."""
+    if error.status == 504:
+        step = "connect" if error.detail.startswith("connect to ") else "read"
+        return "%s timeout after %gs" % (step, timeout)
+    if error.kind == "connect":     # the detail is "host: reason"
+        step = "TLS handshake failed" if "TLS" in error.message else "connect failed"
+        return "%s: %s" % (step, error.detail.rpartition(": ")[2])
+    return error.message
 
 
 def passes_header(name):
@@ -1442,10 +1607,10 @@ def parse_range(value, size):
     return start, end
 
 
-def parse_size(text):
+def parse_size(text, what="--cache-max-size"):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
     if not match:
-        raise ConfigError("--cache-max-size wants a size like 500M or 20G, not %r" % text)
+        raise ConfigError("%s wants a size like 500M or 20G, not %r" % (what, text))
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
@@ -1856,8 +2021,59 @@ def route_class(path):
         path, "token" if TOKEN_PATH.fullmatch(path) else "other")
 
 
-def log(message):
-    write_log_line("docxy: %s\n" % UNPRINTABLE.sub("?", message))
+def log(message, level=logging.INFO):
+    """One line on stderr, in the format main() chose: 'docxy: ...' text, or a JSON object with
+    --log-format json. The format lives in the handler of the 'docxy' logger, set once at
+    start-up (configure_logging), so that every line of the process follows it."""
+    logger = logging.getLogger("docxy")
+    if logger.handlers:
+        logger.log(level, "%s", message)
+    else:   # docxy imported, not run: plain text, as before any configuration
+        write_log_line(log_line(message, level, False))
+
+
+LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
+TEXT_PREFIXES = {logging.WARNING: "WARNING: ", logging.ERROR: "error: "}
+
+
+def log_line(message, level, json_lines, created=None):
+    """A log or report line: 'docxy: [WARNING: |error: ]message', or a JSON object."""
+    if json_lines:
+        return json.dumps({"time": round(time.time() if created is None else created, 3),
+                           "level": LEVEL_NAMES.get(level, "info"), "message": message},
+                          separators=(",", ":")) + "\n"
+    return "docxy: %s%s\n" % (TEXT_PREFIXES.get(level, ""), UNPRINTABLE.sub("?", message))
+
+
+class LogLines(logging.Handler):
+    """The 'docxy' logger's one handler: each record as one line on stderr, one write(2)."""
+
+    def __init__(self, json_lines):
+        super().__init__()
+        self.json_lines = json_lines
+        self.lock = None    # write_log_line serialises the lines already: no second lock
+
+    def emit(self, record):
+        line = log_line(record.getMessage(), record.levelno, self.json_lines, record.created)
+        write_log_line(line)
+
+
+def configure_logging(log_format):
+    logger = logging.getLogger("docxy")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(LogLines(log_format == "json"))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def report(message, log_format, prefix=""):
+    """A line of a command's report on stdout (--check, prefetch): as it is, or with
+    --log-format json, as a JSON object like a log line's."""
+    json_lines = log_format == "json"
+    line = log_line(message, logging.INFO, True) if json_lines else prefix + message + "\n"
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 LOG_LOCK = threading.Lock()
@@ -2320,9 +2536,13 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         except RegistryError as error:
             self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
         except UpstreamError as error:
-            log("upstream error: %s (%s)" % (error.message, error.detail))
-            # The detail can name the CDN a redirect led to: it is for the operator's log only.
-            self.send_registry_error(error.status, "UNAVAILABLE", error.message)
+            log("upstream error from %s: %s (%s)"
+                % (self.registry_name, error.message, error.detail))
+            # The error's detail can name the CDN a redirect led to: it is for the operator's log
+            # only. The client learns which registry failed, and how.
+            cause = upstream_cause(error, self.mirror.config.upstream_timeout)
+            self.send_registry_error(error.status, "UNAVAILABLE", error.message,
+                                     {"registry": self.registry_name, "cause": cause})
 
     def registry_for(self, query, path=None):
         """Which registry a request is for, and the path without its prefix."""
@@ -3166,12 +3386,16 @@ STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>docxy registry mirror</title>
 <style>
-body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:46rem;padding:1rem;color:#222}
+*{box-sizing:border-box}
+body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
 h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.1rem;margin-top:1.6rem}
-pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-space:pre-wrap;overflow-wrap:anywhere}
-code{overflow-wrap:anywhere}
+pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-space:pre-wrap;
+overflow-wrap:anywhere;max-width:100%%;overflow-x:auto}
+code{overflow-wrap:anywhere}td,th{overflow-wrap:break-word}
+.registries{overflow-x:auto}
 table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
-.figures{display:flex;flex-wrap:wrap;gap:.5rem}.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;flex:1 1 8rem}
+.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));gap:.5rem}
+.figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;min-width:0}
 .figures b{display:block;font-size:1.3rem}small{color:#666}
 </style></head><body>
 <h1>docxy registry mirror</h1>
@@ -3179,7 +3403,8 @@ table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem 
 Point your container runtime at it; pulls then come through here%(login)s.</p>
 <div class="figures"><div><b>%(uptime)s</b>uptime</div><div><b>%(requests)s</b>requests</div>
 <div><b>%(sent)s</b>sent</div>%(cache_figures)s</div>
-<h2>Registries</h2><table><tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table>
+<h2>Registries</h2><div class="registries"><table>
+<tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table></div>
 <h2>Docker</h2><p><code>/etc/docker/daemon.json</code> (Docker Hub images), then restart Docker:</p>
 <pre>{
   "registry-mirrors": ["%(url)s"]%(insecure)s
@@ -3212,7 +3437,8 @@ def status_page(figures, mirror):
         "<div><b>%s</b>cache of %s</div><div><b>%.0f%%%%</b>cache hits</div>"
         % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]), cache["hit_ratio"] * 100))
     rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
-        escape(r["name"]), escape(r["upstream"]), "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
+        breakable(r["name"]), breakable(r["upstream"]),
+        "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
         for r in figures["registries"])
     others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
     return (STATUS_PAGE % {
@@ -3225,6 +3451,12 @@ def status_page(figures, mirror):
         "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
         "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
     }).replace("%%", "%")
+
+
+def breakable(text):
+    """HTML for a host name or URL that a narrow screen may break after a dot or a slash, and
+    nowhere else: registry.k8s.io, never registry.k8 / s.io."""
+    return html.escape(text).replace(".", ".<wbr>").replace("/", "/<wbr>")
 
 
 def human_bytes(count):
@@ -3668,14 +3900,35 @@ class Listener(http.server.ThreadingHTTPServer):
 def open_listeners(mirror):
     config = mirror.config
     ipv4_ports = {port for host, port in config.listen if ":" not in host}
-    listeners = [Listener((host, port), MirrorHandler, mirror, config.tls, v6only=port in ipv4_ports)
+    listeners = [listen_on((host, port), MirrorHandler, mirror, config.tls,
+                           v6only=port in ipv4_ports)
                  for host, port in config.listen]
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
-        listeners.append(Listener(config.http_redirect, RedirectHandler, mirror,
-                                  budget=ConnectionBudget(REDIRECT_CONNECTIONS)))
+        listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror,
+                                   budget=ConnectionBudget(REDIRECT_CONNECTIONS)))
     mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     return listeners
+
+
+class ListenError(Exception):
+    """An address docxy cannot listen on: one line naming it and the reason, exit status 1."""
+
+
+def listen_on(address, *arguments, **options):
+    try:
+        return Listener(address, *arguments, **options)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.EACCES:
+            reason += " (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
+        reason = reason[:1].lower() + reason[1:]
+        raise ListenError("cannot listen on %s: %s" % (format_address(address), reason))
+
+
+def format_address(address):
+    """(host, port) as the operator writes it: 0.0.0.0:5000, [::]:443."""
+    return ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
 
 
 def client_snippet(mirror, listeners):
@@ -3706,7 +3959,7 @@ def client_snippet(mirror, listeners):
 
 
 def access_summary(config, listeners):
-    """A few lines on who may use the mirror; loud when that is the whole internet."""
+    """A few (level, line) on who may use the mirror; loud when that is the whole internet."""
     lines = []
     for registry in config.registries.values():
         lines.append("registry %s -> %s%s%s" % (
@@ -3718,24 +3971,34 @@ def access_summary(config, listeners):
         lines.append("clients must log in: %d user(s) in %s" % (len(config.users), "--users"))
     if config.rate_limit:
         lines.append("manifest requests limited to %d per client, refilled at %.3g/s" % config.rate_limit)
+    lines = [(logging.INFO, line) for line in lines]
     public = [l.url() for l in listeners
               if not ipaddress.ip_address(l.server_address[0]).is_loopback]
     if public and not (config.allow or config.users):
-        lines.append("WARNING: OPEN MIRROR: anyone who reaches %s can pull through it "
-                     "(use --allow or --users)" % ", ".join(public))
+        lines.append((logging.WARNING, "OPEN MIRROR: anyone who reaches %s can pull through it "
+                      "(use --allow or --users)" % ", ".join(public)))
     return lines
 
 
 def check_command(config):
     """--check: the configuration was read and validated; say what it amounts to."""
-    print("docxy: configuration ok")
+    def say(line, prefix=""):
+        report(line, config.log_format, prefix)
+
+    say("configuration ok", "docxy: ")
     for registry in config.registries.values():
-        print("registry %s: upstream %s, library/ rule %s, credentials %s" % (
+        say("registry %s: upstream %s, library/ rule %s, credentials %s" % (
             registry.name, origin_url(registry.upstream), "on" if registry.library else "off",
             "for user %s" % registry.username if registry.username else "none"))
-    print("listen: %s; tls: %s" % (", ".join(("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-                                            for host, port in config.listen), "yes" if config.tls else "no"))
+    say("listen: %s; tls: %s" % (", ".join(map(format_address, config.listen)),
+                                 "yes" if config.tls else "no"))
     return 0
+
+
+def warn_of_kubernetes_variables(config):
+    if config.kubernetes_variables:
+        log("ignoring %s: Kubernetes sets these for a Service named like docxy; they are no "
+            "settings" % ", ".join(config.kubernetes_variables), logging.WARNING)
 
 
 MANIFEST_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
@@ -3752,33 +4015,53 @@ def prefetch_command(argv):
         platform, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
         platform = platform[0] if platform else ""
     images, flags = argv[:1], argv[1:]
+    usage = ("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR"
+             " [flags]")
+    if images and images[0] in ("-h", "--help"):
+        print(usage + "\n\nPull IMAGE (one platform of it with --platform) through docxy into the "
+              "cache.\nThe flags are docxy's own, as for serving (see docxy.py --help).")
+        return 0
     if not images or images[0].startswith("-") or platform == "":
-        print("usage: docxy.py prefetch IMAGE[:TAG|@DIGEST] [--platform OS/ARCH] --cache-dir DIR [flags]",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         config = read_config(flags, os.environ)
+    except ConfigError as error:
+        return log_errors(error, error.log_format, 2)
+    configure_logging(config.log_format)
+    warn_of_kubernetes_variables(config)
+    try:
         if not config.cache_dir:
             raise ConfigError("prefetch needs --cache-dir (or DOCXY_CACHE_DIR)")
         config.users, config.allow, config.rate_limit = None, [], None   # this client is docxy itself
         mirror = Mirror(config)
-        listener = Listener(("127.0.0.1", 0), MirrorHandler, mirror)
+        listener = listen_on(("127.0.0.1", 0), MirrorHandler, mirror)
         mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     except ConfigError as error:
-        print("docxy: error: %s" % error, file=sys.stderr)
-        return 2
+        return log_errors(error, config.log_format, 2)
+    except ListenError as error:
+        return log_errors(error, config.log_format, 1)
     threading.Thread(target=listener.serve_forever, daemon=True).start()
     try:
-        prefetch_image(listener.server_address[1], images[0], platform)
+        prefetch_image(listener.server_address[1], images[0], platform,
+                       lambda line: report(line, config.log_format))
         return 0
     except (OSError, ValueError, KeyError, http.client.HTTPException) as error:
-        print("docxy: prefetch failed: %s" % error, file=sys.stderr)
+        log("prefetch failed: %s" % error, logging.ERROR)
         return 1
     finally:
         listener.shutdown()
 
 
-def prefetch_image(port, image, platform):
+def log_errors(error, log_format, status):
+    """Report a failure to start, each of its lines an error, and return the exit status."""
+    configure_logging(log_format or "text")
+    for line in str(error).splitlines():
+        log(line, logging.ERROR)
+    return status
+
+
+def prefetch_image(port, image, platform, say):
     first, _, rest = image.partition("/")
     if not rest or not ("." in first or ":" in first or first == "localhost"):
         first, rest = DEFAULT_REGISTRY, image
@@ -3815,24 +4098,41 @@ def prefetch_image(port, image, platform):
     for manifest in manifests:
         for blob in [manifest["config"]] + manifest.get("layers", []):
             _, size, status = get(base + "/blobs/" + blob["digest"])
-            print("prefetch: %s %.1f MiB %s" % (blob["digest"], size / 1048576, status), flush=True)
+            say("prefetch: %s %.1f MiB %s" % (blob["digest"], size / 1048576, status))
 
 
-def hash_password_command():
+def hash_password_command(argv):
     """docxy.py hash-password: read a password, print the line to put after 'name:' in --users."""
-    if sys.stdin.isatty():
-        import getpass
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("docxy: error: the passwords differ", file=sys.stderr)
-            return 2
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    argparse.ArgumentParser(
+        prog="docxy.py hash-password",
+        description="Read a password (typed twice on a terminal, without echo; or one line from a "
+        "pipe) and print its salted PBKDF2-SHA256 hash. A --users file holds one NAME:HASH "
+        "line per user.").parse_args(argv)
+    try:
+        password = read_new_password()
+    except (EOFError, KeyboardInterrupt):
+        # Ctrl-D or Ctrl-C at a prompt: the cursor is still on the prompt's line.
+        return hash_password_failed("no password read", sys.stdin.isatty())
+    if password is None:
+        return hash_password_failed("the passwords differ")
     if not password:
-        print("docxy: error: empty password", file=sys.stderr)
-        return 2
+        return hash_password_failed("empty password")
     print(hash_password(password))
     return 0
+
+
+def read_new_password():
+    """The password, from a pipe or typed twice at the terminal; None when the two differ."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+    password = getpass.getpass("Password: ")
+    return password if getpass.getpass("Again: ") == password else None
+
+
+def hash_password_failed(reason, new_line=False):
+    print("%sdocxy: error: %s" % ("\n" if new_line else "", reason), file=sys.stderr)
+    return 1
 
 
 # What a reload cannot change in a running process; a changed value is reported, not applied.
@@ -3846,7 +4146,8 @@ def reload(mirror, listeners, argv):
     try:
         config = read_config(argv, os.environ)
     except ConfigError as error:
-        log("reload refused, the running configuration stays: %s" % error)
+        log("reload refused, the running configuration stays: %s"
+            % "; ".join(str(error).splitlines()))
         return False
     except SystemExit:
         log("reload refused: the configuration does not parse")
@@ -3864,6 +4165,7 @@ def reload(mirror, listeners, argv):
     mirror.configure(config)
     if mirror.cache:
         mirror.cache.tag_ttl = config.tag_ttl
+    configure_logging(config.log_format)
     log("reloaded configuration%s" % (" and certificate" if config.tls else ""))
     return True
 
@@ -3926,22 +4228,24 @@ def drain(mirror, listeners):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-password"]:
-        return hash_password_command()
+        return hash_password_command(argv[1:])
     if argv[:1] == ["prefetch"]:
         return prefetch_command(argv[1:])
     try:
         config = read_config(argv, os.environ)
-        if config.check:
-            return check_command(config)
+    except ConfigError as error:
+        return log_errors(error, error.log_format, 2)
+    configure_logging(config.log_format)
+    warn_of_kubernetes_variables(config)
+    if config.check:
+        return check_command(config)
+    try:
         mirror = Mirror(config)
         listeners = open_listeners(mirror)
     except ConfigError as error:
-        for line in str(error).splitlines():
-            print("docxy: error: %s" % line, file=sys.stderr)
-        return 2
-    except OSError as error:
-        print("docxy: error: cannot listen: %s" % (error.strerror or error), file=sys.stderr)
-        return 2
+        return log_errors(error, config.log_format, 2)
+    except ListenError as error:
+        return log_errors(error, config.log_format, 1)
 
     stop, reload_asked = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -3953,8 +4257,8 @@ def main(argv=None):
                          name="certificate", daemon=True).start()
 
     log("docxy %s" % __version__)
-    for line in access_summary(config, listeners):
-        log(line)
+    for level, line in access_summary(config, listeners):
+        log(line, level)
     for listener in listeners:
         threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
         if listener.RequestHandlerClass is RedirectHandler:

@@ -81,8 +81,11 @@ RATE_HEADERS = [
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 SCOPE_RE = re.compile(r"^repository:(%s(?:/%s)*):(pull|push|pull,push|\*)$" % (COMPONENT, COMPONENT))
-LISTEN_RE = re.compile(r"docxy: listening on (https?)://(\[[^\]]+\]|[^\s:/\[\]]+):(\d+)")
-REDIRECT_RE = re.compile(r"docxy: redirecting http://(\[[^\]]+\]|[^\s:/\[\]]+):(\d+) to https")
+# Text lines, or the message of a --log-format json line.
+LISTEN_RE = re.compile(r'(?:^docxy: |"message":")listening on (https?)://'
+                       r'(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+)')
+REDIRECT_RE = re.compile(r'(?:^docxy: |"message":")redirecting http://'
+                         r'(\[[^\]]+\]|[^\s:/\[\]"]+):(\d+) to https')
 HOP_BY_HOP_KEEP_ALIVE = "timeout=99, max=7"
 
 
@@ -326,6 +329,15 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
         self.send_bytes(status, body, "application/json", headers)
 
 
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A client that goes away (docxy cancelling a transfer, a test's reset) is no error: only
+    a real failure in a fake prints a traceback, so a passing run prints none."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout, ssl.SSLError)):
+            super().handle_error(request, client_address)
+
+
 class FakeServer:
     """A ThreadingHTTPServer in a daemon thread; keyword attributes are shared with the handler."""
 
@@ -333,7 +345,7 @@ class FakeServer:
         self.__dict__.update(attrs)
         self.tls = tls
         cls = type(handler.__name__, (handler,), {"fake": self})
-        server = http.server.ThreadingHTTPServer
+        server = QuietHTTPServer
         if ":" in host:
             server = type("ThreadingHTTPServer6", (server,), {"address_family": socket.AF_INET6})
         self.httpd = server((host, 0), cls)
@@ -1306,6 +1318,51 @@ def test_help_exits_zero_and_documents_flags():
         assert flag in out + err, flag
 
 
+def test_help_mentions_every_subcommand_and_each_takes_help():
+    code, out, err = run_to_exit(["--help"])
+    assert code == 0 and "hash-password" in out and "prefetch" in out, out
+    for subcommand in ("hash-password", "prefetch"):
+        code, out, err = run_to_exit([subcommand, "--help"])
+        assert code == 0, (subcommand, err)
+        assert out.startswith("usage:") and subcommand in out and "Traceback" not in out + err, out
+
+
+def readme_test_command():
+    """The README's test command: the line of a sh block that runs pytest on test_docxy.py."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    commands = [line for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+                for line in block.splitlines() if "pytest" in line and "test_docxy.py" in line]
+    assert len(commands) == 1, commands
+    return readme, commands[0].strip()
+
+
+def test_readme_test_command_shows_skip_reasons_and_is_what_ci_runs():
+    readme, command = readme_test_command()
+    assert re.search(r"(^| )-r\w*s", command), command
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert command in [line.strip() for line in f], "the README's test command, verbatim"
+    # How to get pytest on Debian and Ubuntu comes before the command that needs it.
+    assert -1 < readme.find("apt install python3-pytest") < readme.find(command)
+    assert -1 < readme.find("venv") < readme.find(command)
+
+
+def test_a_client_resetting_a_fake_server_prints_no_traceback(capfd):
+    fake = FakeServer(RecordingHandler)
+    try:
+        sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()    # a reset, as when docxy drops an upstream connection mid-transfer
+        err, deadline = "", time.monotonic() + 2
+        while time.monotonic() < deadline and "Traceback" not in err:
+            time.sleep(0.1)
+            err += capfd.readouterr().err
+        assert "Traceback" not in err, err
+    finally:
+        fake.close()
+
+
 def test_each_listener_logs_its_real_port(start_docxy, registry):
     d = start_docxy("--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0", "--upstream", registry.url,
                     listeners=2)
@@ -1314,7 +1371,7 @@ def test_each_listener_logs_its_real_port(start_docxy, registry):
         assert scheme == "http" and port != 0
         r = call(port, "GET", "/health", host=host)
         assert r.status == 200 and r.json() == {"status": "ok"}
-    assert len(LISTEN_RE.findall(d.log())) == 2
+    assert len([line for line in d.log().splitlines() if LISTEN_RE.search(line)]) == 2
 
 
 def test_startup_output_contains_daemon_json_snippet(start_docxy, registry):
@@ -1424,6 +1481,154 @@ def test_ipv6_loopback_listener(start_docxy, registry):
     assert r.status == 200 and r.json() == {"status": "ok"}
 
 
+# What Kubernetes sets in every container for a Service named docxy (the addresses are only text).
+KUBERNETES_SERVICE_ENV = {
+    "DOCXY_PORT": "tcp://10.96.0.17:5000", "DOCXY_SERVICE_HOST": "10.96.0.17",
+    "DOCXY_SERVICE_PORT": "5000", "DOCXY_SERVICE_PORT_HTTP": "5000",
+    "DOCXY_PORT_5000_TCP": "tcp://10.96.0.17:5000", "DOCXY_PORT_5000_TCP_PROTO": "tcp",
+    "DOCXY_PORT_5000_TCP_ADDR": "10.96.0.17", "DOCXY_PORT_5000_TCP_PORT": "5000",
+}
+
+
+def test_kubernetes_service_variables_are_ignored_with_one_warning(start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                    env=KUBERNETES_SERVICE_ENV)
+    assert call(d.port, "GET", "/health").status == 200
+    warnings = [line for line in d.log().splitlines() if "DOCXY_" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("docxy: WARNING: "), d.log()
+    for variable in KUBERNETES_SERVICE_ENV:
+        assert re.search(r"\b%s\b" % variable, warnings[0]), (variable, warnings[0])
+    assert "error" not in d.log()
+
+
+def test_errors_about_environment_variables_name_them_as_written():
+    env = {"DOCXY_FOO": "1", "DOCXY_PORT": "5000", "DOCXY_MAX_CONNECTIONS": "zero",
+           "DOCXY_UPSTREAM": "ftp://x", "DOCXY_LISTEN": "nowhere", "DOCXY_IPV4_ONLY": "maybe",
+           "DOCXY_TAG_TTL": "-1",
+           "DOCXY_CERT_PATH": "/nonexistent/cert.pem"}
+    code, out, err = run_to_exit(["--check"], env=env)
+    assert code == 2, (code, out, err)
+    errors = [line for line in err.splitlines() if line.startswith("docxy: error: ")]
+    assert len(errors) == len(env), err
+    for variable in env:    # DOCXY_PORT=5000 is the operator's own, not the Kubernetes shape
+        naming = [line for line in errors if re.search(r"\b%s\b" % variable, line)]
+        assert len(naming) == 1, (variable, err)
+    assert "in the environment" not in err and "Traceback" not in err
+    assert_not_usage_error(err)
+
+
+def test_check_reports_every_problem_with_its_source_in_one_run(tmp_path):
+    cfg = write_config(tmp_path / "docxy.ini", {
+        "docxy": {"rate-limit": "lots", "colour": "blue"},
+        "docker.io": {"username": "bot", "password_env": "DOCXY_TEST_SURELY_UNSET_VAR"},
+        "ghcr.io": {"username": "bot", "password_env": "GHCR_TOKEN"},
+        "quay.io": {"username": "bot", "password_file": str(tmp_path / "missing.secret")},
+        "corp.example": {"upstream": "ftp://corp.example", "library": "sometimes", "colour": "red"},
+    })
+    code, out, err = run_to_exit(["--check", "--config", cfg, "--allow", "10.0.0.0/33"],
+                                 env={"GHCR_TOKEN": "", "DOCXY_TAG_TTL": "-1"})
+    assert code == 2, (code, out, err)
+    errors = [line[len("docxy: error: "):] for line in err.splitlines()
+              if line.startswith("docxy: error: ")]
+    expected = ["--allow ", "DOCXY_TAG_TTL ", cfg + ":[docxy] rate-limit ",
+                cfg + ":[docxy] colour ",
+                cfg + ":[docker.io] password_env DOCXY_TEST_SURELY_UNSET_VAR is not set",
+                cfg + ":[ghcr.io] password_env GHCR_TOKEN is set but empty",
+                cfg + ":[quay.io] password_file ", cfg + ":[corp.example] upstream ",
+                cfg + ":[corp.example] library ", cfg + ":[corp.example] colour "]
+    for start in expected:
+        assert len([line for line in errors if line.startswith(start)]) == 1, (start, errors)
+    assert len(errors) == len(expected), errors
+    assert "configuration ok" not in out and "Traceback" not in err
+
+
+def test_listen_failure_names_the_address_and_the_reason_and_exits_1():
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, out, err = run_to_exit(["--listen", "127.0.0.1:%d" % port])
+    finally:
+        taken.close()
+    assert code == 1, (code, err)
+    expected = "docxy: error: cannot listen on 127.0.0.1:%d: address already in use" % port
+    assert err.strip() == expected, err
+    assert "listening on" not in err
+
+
+def json_lines(text):
+    """Every line of text as a JSON object; a line that is not one fails the test."""
+    lines = text.splitlines()
+    for line in lines:
+        assert line.startswith("{") and isinstance(json.loads(line), dict), "not JSON: %r" % line
+    return [json.loads(line) for line in lines]
+
+
+def test_json_log_format_writes_every_line_as_a_json_object(start_docxy, registry, tmp_path):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--log-format", "json",
+                    "--cache-dir", str(tmp_path / "cache"), env=KUBERNETES_SERVICE_ENV)
+    assert call(d.port, "GET", "/health").status == 200
+    d.wait_for(r'"path":"/health"')
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    d.stop()
+    records = json_lines(d.log())
+    messages = [(r.get("level"), r.get("message", "")) for r in records]
+    assert ("info", "docxy %s" % docxy_version()) in messages, messages
+    kubernetes = [level for level, message in messages if "DOCXY_PORT" in message]
+    assert kubernetes == ["warning"], messages
+    for start in ("cache ", "listening on http://127.0.0.1:", "Docker, /etc/docker/daemon.json",
+                  "stopping", "stopped"):
+        assert any(message.startswith(start) for _, message in messages), (start, messages)
+    assert any(r.get("path") == "/health" and r.get("status") == 200 for r in records), records
+
+    # The --check report, configuration errors and a listen failure, too.
+    code, out, err = run_to_exit(["--check", "--log-format", "json", "--listen", "[::]:443"])
+    assert code == 0 and err == "", (code, err)
+    assert [r["message"] for r in json_lines(out)][-1] == "listen: [::]:443; tls: no"
+    for args, env in ((["--log-format", "json", "--rate-limit", "lots", "--allow", "x"], None),
+                      (["--log-format", "json", "--max-connections", "zero"], None),
+                      (["--rate-limit", "lots"], {"DOCXY_LOG_FORMAT": "json"})):
+        code, out, err = run_to_exit(["--check"] + args, env=env)
+        assert code == 2 and out == "", (args, out, err)
+        assert {r["level"] for r in json_lines(err)} == {"error"}, err
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        code, out, err = run_to_exit(["--log-format", "json", "--listen", address])
+    finally:
+        taken.close()
+    assert code == 1 and [r["level"] for r in json_lines(err)] == ["error"], err
+
+
+def docxy_version():
+    code, out, err = run_to_exit(["--version"])
+    return (out + err).split()[-1]
+
+
+def test_readme_check_sample_is_real_output(tmp_path, certs):
+    """The README's --check example, run on its own configuration (files put in tmp_path)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    ini = re.search(r"```ini\n# /etc/docxy/docxy.ini\n(.*?)```", readme, re.S).group(1)
+    sample = re.search(r"```\n\$ python3 docxy.py --config /etc/docxy/docxy.ini --check\n(.*?)```",
+                       readme, re.S).group(1)
+    (tmp_path / "hub.secret").write_text("Hub-Secret-1")
+    for path, real in (("/etc/docxy/tls/fullchain.pem", certs["rsa-chain.pem"]),
+                       ("/etc/docxy/tls/privkey.pem", certs["rsa.key"]),
+                       ("/etc/docxy/hub.secret", str(tmp_path / "hub.secret"))):
+        assert path in ini, path
+        ini = ini.replace(path, real)
+    (tmp_path / "docxy.ini").write_text(ini)
+    code, out, err = run_to_exit(["--config", str(tmp_path / "docxy.ini"), "--check"],
+                                 env={"GHCR_TOKEN": "Ghcr-Token-1"})
+    assert code == 0, err
+    assert out == sample, (out, sample)
+
+
 # ==========================================================================
 # Name, tag and digest validation (raw request lines, nothing goes upstream)
 # ==========================================================================
@@ -1431,44 +1636,48 @@ def test_ipv6_loopback_listener(start_docxy, registry):
 GOOD_DIGEST = "sha256:" + "ab" * 32
 
 INVALID_TARGETS = [
-    ("/v2/library/../busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/../v2/busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/library/./busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/%2e%2e/busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/library%2fbusybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/busy%3fbox/manifests/latest", "NAME_INVALID"),
-    ("/v2/busy%23box/manifests/latest", "NAME_INVALID"),
-    ("/v2/library/BusyBox/manifests/latest", "NAME_INVALID"),
-    ("/v2/Library/busybox/blobs/" + GOOD_DIGEST, "NAME_INVALID"),
-    ("/v2/library//busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/-busybox/manifests/latest", "NAME_INVALID"),
-    ("/v2/busybox-/tags/list", "NAME_INVALID"),
-    ("/v2/" + "a" * 127 + "/" + "b" * 128 + "/manifests/latest", "NAME_INVALID"),
-    ("/v2/busybox/manifests/-x", "TAG_INVALID"),
-    ("/v2/busybox/manifests/.hidden", "TAG_INVALID"),
-    ("/v2/busybox/manifests/" + "a" * 129, "TAG_INVALID"),
-    ("/v2/busybox/blobs/sha256:xyz", "DIGEST_INVALID"),
-    ("/v2/busybox/blobs/sha256:abc123", "DIGEST_INVALID"),
-    ("/v2/busybox/blobs/sha256:" + "AB" * 32, "DIGEST_INVALID"),
-    ("/v2/busybox/blobs/latest", "DIGEST_INVALID"),
-    ("/v2/busybox/manifests/sha256:xyz", "DIGEST_INVALID"),
-    ("/v2/busybox/referrers/sha256:abc", "DIGEST_INVALID"),
+    ("/v2/library/../busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/../v2/busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/./busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/%2e%2e/busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library%2fbusybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/busy%3fbox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/busy%23box/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/BusyBox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/Library/busybox/blobs/" + GOOD_DIGEST, 400, "NAME_INVALID"),
+    ("/v2/library//busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/-busybox/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/busybox-/tags/list", 400, "NAME_INVALID"),
+    ("/v2/" + "a" * 127 + "/" + "b" * 128 + "/manifests/latest", 400, "NAME_INVALID"),
+    # A reference that is neither a tag nor a digest names no manifest: the spec's pull answer
+    # is 404 MANIFEST_UNKNOWN (the conformance suite's "nonexistent manifest" is the first one).
+    ("/v2/busybox/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/busybox/manifests/-x", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/busybox/manifests/" + "a" * 129, 404, "MANIFEST_UNKNOWN"),
+    ("/v2/busybox/manifests/sha256:xyz", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/busybox/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+    ("/v2/busybox/blobs/sha256:abc123", 400, "DIGEST_INVALID"),
+    ("/v2/busybox/blobs/sha256:" + "AB" * 32, 400, "DIGEST_INVALID"),
+    ("/v2/busybox/blobs/latest", 400, "DIGEST_INVALID"),
+    ("/v2/busybox/referrers/sha256:abc", 400, "DIGEST_INVALID"),
 ]
 
 
-@pytest.mark.parametrize("target,code", INVALID_TARGETS, ids=[t[:60] for t, _ in INVALID_TARGETS])
-def test_invalid_reference_rejected_before_upstream(target, code, docxy, registry, tokens, cdn):
+@pytest.mark.parametrize("target,status,code", INVALID_TARGETS,
+                         ids=[t[:60] for t, _, _ in INVALID_TARGETS])
+def test_invalid_reference_rejected_before_upstream(target, status, code, docxy, registry, tokens,
+                                                    cdn):
     for method in ("GET", "HEAD"):
         r = raw_request(docxy.port, target, method)
-        assert r.status == 400, (method, r)
+        assert r.status == status, (method, r)
         if method == "GET":
-            assert_error(r, 400, code)
+            assert_error(r, status, code)
     assert registry.reqs() == [] and tokens.reqs() == [] and cdn.reqs() == []
 
 
 def test_percent_in_reference_position_rejected(docxy, registry):
     r = raw_request(docxy.port, "/v2/busybox/manifests/lat%65st")
-    assert_error(r, 400, {"NAME_INVALID", "TAG_INVALID"})
+    assert_error(r, 404, "MANIFEST_UNKNOWN")
     r = raw_request(docxy.port, "/v2/busybox/blobs/sha256%3a" + "ab" * 32)
     assert_error(r, 400, {"NAME_INVALID", "DIGEST_INVALID"})
     assert registry.reqs() == []
@@ -2130,6 +2339,48 @@ def test_silent_upstream_gives_504_within_upstream_timeout():
     finally:
         if d:
             d.stop()
+        hole.close()
+
+
+def assert_upstream_failure(resp, status, registry_name, cause, *secrets):
+    """A 502/503/504 that names the registry and the cause, and nothing a client must not see."""
+    body = assert_error(resp, status, "UNAVAILABLE")
+    assert body["errors"][0]["detail"] == {"registry": registry_name, "cause": cause}, body
+    text = resp.body.decode()
+    for secret in ("://", "?", "sig=", "127.0.0.2") + secrets:
+        assert secret not in text, (secret, text)
+
+
+def test_upstream_failures_name_the_registry_and_the_cause_in_detail(tmp_path, start_docxy, content,
+                                                                     store):
+    refused = "connect failed: Connection refused"
+    dead = "http://127.0.0.1:%d" % free_port()
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", dead, "--library-prefix", "on")
+    for path in ("/v2/", "/v2/busybox/manifests/latest"):
+        assert_upstream_failure(call(d.port, "GET", path), 502, "docker.io", refused)
+
+    # A blob redirect to a CDN that is down: the CDN's signed URL and its host stay in the log.
+    cdn_down = types.SimpleNamespace(url="http://127.0.0.2:%d" % free_port())
+    fake = FakeServer(RegistryHandler, content=content, cdn=cdn_down, store=store, token_url=None,
+                      auth=False)
+    hole = Blackhole()
+    try:
+        (tmp_path / "secret").write_text("Op-Secret-77")
+        config = write_config(tmp_path / "docxy.ini", {
+            "docker.io": {"upstream": fake.url, "username": "operator",
+                          "password_file": str(tmp_path / "secret")},
+            "slow.example": {"upstream": hole.url}})
+        d = start_docxy("--listen", "127.0.0.1:0", "--config", config,
+                        "--registries", "docker.io,slow.example", "--allow", "127.0.0.0/8",
+                        "--upstream-timeout", "1")
+        layer = content.platform["amd64"]["layers"][0]
+        r = call(d.port, "GET", "/v2/library/busybox/blobs/" + layer)
+        assert_upstream_failure(r, 502, "docker.io", refused, "Op-Secret-77", "operator",
+                                base64.b64encode(b"operator:Op-Secret-77").decode())
+        r = call(d.port, "GET", "/v2/slow.example/app/manifests/latest")
+        assert_upstream_failure(r, 504, "slow.example", "read timeout after 1s")
+    finally:
+        fake.close()
         hole.close()
 
 
@@ -3676,6 +3927,62 @@ def test_hash_password_on_a_terminal_does_not_echo():
     assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, int(m.group(1)), len(digest)) == digest
 
 
+def hash_password_on_a_terminal(answers):
+    """Run hash-password on a pseudo-terminal, writing the next of `answers` at each prompt;
+    returns (exit status, everything the terminal showed)."""
+    try:
+        pid, fd = pty.fork()
+    except OSError as exc:
+        pytest.skip("no pseudo-terminal: %s" % exc)
+    if pid == 0:  # the child: docxy on its own controlling terminal
+        try:
+            os.chdir(HERE)
+            os.execve(sys.executable, [sys.executable, DOCXY, "hash-password"], clean_env())
+        finally:
+            os._exit(127)
+    output, answers = b"", list(answers)
+    try:
+        while True:
+            readable, _, _ = select.select([fd], [], [], 10)
+            try:
+                chunk = os.read(fd, 4096) if readable else b""
+            except OSError:  # EIO: the child has gone
+                chunk = b""
+            if not chunk:
+                break
+            output += chunk
+            if chunk.rstrip().endswith(b":") and answers:  # a prompt
+                time.sleep(0.2)     # getpass turns echo off after it writes the prompt
+                os.write(fd, answers.pop(0))
+    finally:
+        os.close(fd)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    return code, output.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("answers,reason", [
+    ([b"\x04"], "no password read"),                          # Ctrl-D at the first prompt
+    ([b"Tty-Secret-1\n", b"\x04"], "no password read"),        # ... at the second
+    ([b"\x03"], "no password read"),                          # Ctrl-C
+    ([b"Tty-Secret-1\n", b"Tty-Secret-2\n"], "the passwords differ"),
+], ids=["ctrl-d", "ctrl-d-again", "ctrl-c", "mismatch"])
+def test_hash_password_on_a_terminal_gives_up_with_one_line_and_exit_1(answers, reason):
+    code, shown = hash_password_on_a_terminal(answers)
+    assert code == 1, shown
+    assert "Traceback" not in shown and "pbkdf2" not in shown, shown
+    errors = [line for line in shown.splitlines() if "error" in line]
+    assert [line.strip() for line in errors] == ["docxy: error: " + reason], shown
+    assert "Tty-Secret" not in shown, shown
+
+
 @pytest.fixture(scope="module")
 def users_docxy(multi_config, users):
     """The many-registry mirror with --users: clients need mirror-user's (or bob's) Basic credentials."""
@@ -5094,15 +5401,18 @@ JSON_LOG_FIELDS = {"time", "client", "method", "path", "status", "bytes", "durat
 
 
 def json_access_records(d):
-    """Every access record of a --log-format json docxy; no access line may be text."""
+    """Every access record of a --log-format json docxy, whose every line is a JSON object: the
+    access records, and the others with a level and a message."""
     records = []
     for line in d.log().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            assert isinstance(record, dict) and JSON_LOG_FIELDS <= set(record), line
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        if "message" in record:
+            assert set(record) == {"time", "level", "message"}, line
+            assert record["level"] in ("info", "warning", "error"), line
+        elif record.get("event") != "transfer-start":
+            assert JSON_LOG_FIELDS <= set(record), line
             records.append(record)
-        else:
-            assert not re.match(r'^docxy: \S+ "[A-Z]+ ', line), "a text access line in JSON mode: " + line
     return records
 
 
@@ -5122,7 +5432,7 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
     for count in (1, 2):    # the second once the first is logged, so committed to the cache
         assert get_blob(d.port, layer, bearer(token)).status == 200
         d.wait_for(r'^\{.*"path":"/v2/busybox/blobs/%s"' % layer, count)
-    d.wait_for(r"^\{", 5)
+    d.wait_for(r'^\{.*"client":', 5)
     records = json_access_records(d)
     assert len(records) == 5, records
     for record in records:
@@ -5150,7 +5460,7 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
     u = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users, "--log-format", "json")
     assert call(u.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 200
     assert call(u.port, "GET", "/v2/", [("Authorization", basic(MIRROR_USER[0], "wrong"))]).status == 401
-    u.wait_for(r"^\{", 2)
+    u.wait_for(r'^\{.*"client":', 2)
     assert [(r["user"], r["status"]) for r in json_access_records(u)] == [(MIRROR_USER[0], 200), (None, 401)]
     assert MIRROR_USER[1] not in u.log() and MIRROR_BASIC[6:] not in u.log()
 
@@ -5422,7 +5732,7 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
 
     r = status(BROWSER_ACCEPT, 3)
     assert r.headers["Content-Type"].startswith("text/html")
-    page = r.body.decode("utf-8")
+    page = r.body.decode("utf-8").replace("<wbr>", "")     # where a narrow screen may break a name
     text = html.unescape(page)
     assert re.search(r"\b%d\s*</b>\s*requests" % (after["requests"] + 1), page), page
     row = [row for row in re.findall(r"<tr>(.*?)</tr>", page, re.S) if ">docker.io<" in row]
@@ -5440,7 +5750,7 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
     markers = [secret, operator, str(secret_file), str(cache_dir), cache_dir.name, users, cfg, str(tmp_path),
                "198.51.100.77", MIRROR_USER[0], MIRROR_USER[1], MIRROR_BASIC[6:]]
     for body in (first.body, second.body, r.body):
-        shown = html.unescape(body.decode("utf-8"))
+        shown = html.unescape(body.decode("utf-8").replace("<wbr>", ""))
         for marker in markers:
             assert marker not in shown, marker
 
@@ -5448,6 +5758,68 @@ def test_status_page_and_json_show_live_figures_and_nothing_secret(start_docxy, 
         denied = call(d.port, "GET", "/", [("X-Forwarded-For", "203.0.113.5"), ("Accept", accept)])
         assert_error(denied, 403, "DENIED")
         assert b"registry-mirrors" not in denied.body and b"requests" not in denied.body
+
+
+def status_page_html(start_docxy, registry, tmp_path):
+    """The status page of a docxy with a cache (five figure cards) and a long public URL."""
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                    "--cache-dir", str(tmp_path / "cache"),
+                    "--public-url", "https://a-long-mirror-name.registry.internal.example.com")
+    r = call(d.port, "GET", "/", [("Accept", BROWSER_ACCEPT)])
+    assert r.status == 200, r
+    return r.body.decode()
+
+
+def test_status_page_css_has_a_card_grid_and_wraps_long_text_inside_its_box(start_docxy, registry,
+                                                                            tmp_path):
+    page = status_page_html(start_docxy, registry, tmp_path)
+    css = re.search(r"<style>(.*?)</style>", page, re.S).group(1).replace("\n", "")
+    rules = {selector.strip(): body for selector, body in re.findall(r"([^{}]+)\{([^}]*)\}", css)}
+    assert "display:grid" in rules[".figures"], rules
+    assert re.search(r"grid-template-columns:repeat\(auto-fit,minmax\(", rules[".figures"]), rules
+    assert "white-space:pre-wrap" in rules["pre"], rules
+    assert "overflow-wrap:anywhere" in rules["pre"], rules
+    assert "overflow-wrap:anywhere" in rules["code"], rules
+    # The table of registries scrolls inside its own box, if anything ever has to.
+    assert "overflow-x:auto" in rules[".registries"] and '<div class="registries"><table>' in page
+    assert "registry.<wbr>k8s.<wbr>io" in page     # breaks after a dot, never inside a name
+
+
+# Lays the status page out in frames as wide as a phone (390 px) and a desktop window (1200 px):
+# chromium's own window is never narrower than 500 px. Puts the figures in the title.
+STATUS_PAGE_PROBE = """<!doctype html><html><head><title>-</title></head><body style="margin:0">%s
+<script>
+window.onload = function () {
+  document.title = Array.prototype.map.call(document.querySelectorAll("iframe"), function (frame) {
+    var page = frame.contentDocument.documentElement;
+    var cards = Array.prototype.map.call(page.querySelectorAll(".figures div"), function (card) {
+      return Math.round(card.getBoundingClientRect().width); });
+    return [frame.width, page.scrollWidth, page.clientWidth, cards.join(",")].join(" ");
+  }).join(";");
+};
+</script></body></html>"""
+
+
+def test_status_page_has_no_horizontal_scroll_on_a_phone_and_equal_cards_on_a_desktop(
+        start_docxy, registry, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed: it lays the status page out as a browser does")
+    page = html.escape(status_page_html(start_docxy, registry, tmp_path))
+    frames = "".join('<iframe width="%d" height="900" srcdoc="%s"></iframe>' % (width, page)
+                     for width in (390, 1200))
+    probe = tmp_path / "probe.html"
+    probe.write_text(STATUS_PAGE_PROBE % frames)
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--window-size=1300,1000", "--dump-dom", probe.as_uri()],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    title = re.search(r"<title>([\d ,;]+)</title>", proc.stdout.decode())
+    assert title, proc.stderr.decode()[-2000:]
+    for frame in title.group(1).split(";"):
+        width, scroll_width, client_width, cards = frame.split(" ")
+        assert int(scroll_width) <= int(client_width), ("horizontal scroll", frame)
+        cards = [int(card) for card in cards.split(",")]
+        assert len(cards) == 5 and max(cards) - min(cards) <= 1, ("not one grid", frame)
 
 
 def test_check_reports_each_problem_on_its_own_line_and_exits_2(tmp_path):
@@ -5489,6 +5861,7 @@ def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path)
                                   str(tmp_path / "webroot"), "--metrics-allow", "10.0.0.0/8",
                                   "--log-format", "json", "--cert-check-interval", "5"])
     assert code == 0, (out, err)
+    out = "\n".join(record["message"] for record in json_lines(out))     # --log-format json
     assert "configuration ok" in out
     assert re.search(r"^registry docker\.io: upstream http://127\.0\.0\.1:5001\b.*\balice\b", out, re.M), out
     assert re.search(r"tls: yes", out), out
