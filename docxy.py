@@ -3376,10 +3376,12 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
                 "registry": self.registry_name, "cache": self.cache_status, "user": self.user,
                 "mib_per_second": round(self.sent / 1048576 / max(seconds, 1e-6), 1) if self.long_transfer else None})
         speed = " %.1fMiB/s" % (self.sent / 1048576 / max(seconds, 1e-6)) if self.long_transfer else ""
-        log('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
+        # Straight to stderr, as the JSON line above: the logging module's records and frame
+        # walks would be a cost of every request.
+        write_log_line(log_line('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
             self.client, self.command or "-", path[:300], self.status, self.sent, seconds, speed,
             self.upstream_status, " user=" + self.user if self.user else "",
-            " cache=" + self.cache_status if self.cache_status != "-" else ""))
+            " cache=" + self.cache_status if self.cache_status != "-" else ""), logging.INFO, False))
 
 
 STATUS_PAGE = """<!doctype html>
