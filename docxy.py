@@ -118,6 +118,21 @@ class ConfigError(Exception):
         self.log_format = log_format
 
 
+class Problems(list):
+    """Configuration problems as they are found, so that one run reports them all."""
+
+    def check(self, step, *arguments):
+        """step(*arguments), or None with its ConfigError noted."""
+        try:
+            return step(*arguments)
+        except ConfigError as error:
+            self.append(str(error))
+
+    def raise_any(self, log_format=None):
+        if self:
+            raise ConfigError("\n".join(self), log_format)
+
+
 class SettingsParser(argparse.ArgumentParser):
     """Raises ConfigError where argparse would print its usage and exit: a mistake is reported
     with its source, together with the others, in the log format asked for."""
@@ -286,7 +301,7 @@ def read_config(argv, environ):
     except ConfigError as error:
         raise ConfigError(str(error), command_line_log_format(argv, environ))
     config.sources = {}
-    problems = []
+    problems = Problems()
     settings, config.kubernetes_variables = environment_settings(environ)
     apply_settings(parser, config, settings, problems)
     sections = {}
@@ -305,12 +320,8 @@ def read_config(argv, environ):
     for name, value in DEFAULTS.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    try:
-        config = check_config(config, sections, environ)
-    except ConfigError as error:
-        problems.append(str(error))
-    if problems:
-        raise ConfigError("\n".join(problems), config.log_format)
+    config = problems.check(check_config, config, sections, environ) or config
+    problems.raise_any(config.log_format)
     return config
 
 
@@ -341,13 +352,8 @@ def read_ini(path, what="--config"):
 def check_config(config, sections, environ):
     """Validate and normalise the settings. Every problem is reported, one line each, naming the
     setting as the operator gave it."""
-    problems = []
-
-    def check(step, *arguments):
-        try:
-            return step(*arguments)
-        except ConfigError as error:
-            problems.append(str(error))
+    problems = Problems()
+    check = problems.check
 
     def where(name):
         return source(config, name)
@@ -392,8 +398,7 @@ def check_config(config, sections, environ):
             problems.append(
                 "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
                 "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
-    if problems:
-        raise ConfigError("\n".join(problems))
+    problems.raise_any()
     return config
 
 
@@ -414,7 +419,7 @@ def build_registries(config, sections, environ):
         enabled = [name.strip().lower() for name in config.registries.split(",") if name.strip()]
     else:
         enabled = list(PRESETS) + [name for name in sections if name not in PRESETS]
-    problems, bad = [], set()
+    problems, bad = Problems(), set()
     for name in dict.fromkeys(list(sections) + enabled):
         if not REGISTRY_NAME.fullmatch(name):
             what = ("%s:[%s]" % (config.config, name) if name in sections
@@ -426,15 +431,10 @@ def build_registries(config, sections, environ):
         else:
             continue
         bad.add(name)
-    registries = {}
-    for name in enabled:
-        try:
-            if name not in bad:
-                registries[name] = make_registry(name, sections.get(name, {}), config, environ)
-        except ConfigError as error:
-            problems.append(str(error))
-    if problems:
-        raise ConfigError("\n".join(problems))
+    made = {name: problems.check(make_registry, name, sections.get(name, {}), config, environ)
+            for name in enabled if name not in bad}
+    registries = {name: registry for name, registry in made.items() if registry}
+    problems.raise_any()
     if not registries:
         raise ConfigError("%s: no registry enabled" % where)
     default = DEFAULT_REGISTRY if DEFAULT_REGISTRY in registries else enabled[0]
@@ -444,13 +444,8 @@ def build_registries(config, sections, environ):
 def make_registry(name, section, config, environ):
     """One registry from its preset and its section of --config; every problem of the section
     is reported, each as file:[section] key."""
-    problems = []
-
-    def check(step, *arguments):
-        try:
-            return step(*arguments)
-        except ConfigError as error:
-            problems.append(str(error))
+    problems = Problems()
+    check = problems.check
 
     def where(key):
         return section[key][0] if key in section else "[%s] %s" % (name, key)
@@ -485,8 +480,7 @@ def make_registry(name, section, config, environ):
     elif "password_file" in section or "password_env" in section:
         key = "password_file" if "password_file" in section else "password_env"
         problems.append("%s without a username" % where(key))
-    if problems:
-        raise ConfigError("\n".join(problems))
+    problems.raise_any()
     own = {upstream.host, "%s:%d" % (upstream.host, upstream.port)}
     if upstream.port != (443 if upstream.scheme == "https" else 80):
         own.discard(upstream.host)

@@ -3872,61 +3872,6 @@ def test_hash_password_prints_salted_pbkdf2_sha256_hash():
     assert len(salts) == 2
 
 
-def test_hash_password_on_a_terminal_does_not_echo():
-    """On a tty the password is typed at a prompt (maybe twice) and never shown."""
-    password = "Tty-Secret-6620"
-    try:
-        pid, fd = pty.fork()
-    except OSError as exc:
-        pytest.skip("no pseudo-terminal: %s" % exc)
-    if pid == 0:  # the child: docxy on its own controlling terminal
-        try:
-            os.chdir(HERE)
-            os.execve(sys.executable, [sys.executable, DOCXY, "hash-password"], clean_env())
-        finally:
-            os._exit(127)
-    output, sent, start = b"", 0, time.monotonic()
-    try:
-        while time.monotonic() - start < 20 and b"pbkdf2_sha256$" not in output:
-            readable, _, _ = select.select([fd], [], [], 0.2)
-            if readable:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # EIO: the child has gone
-                    break
-                if not chunk:
-                    break
-                output += chunk
-                if chunk.rstrip().endswith(b":") and sent < 3:  # a prompt
-                    os.write(fd, password.encode() + b"\n")
-                    sent += 1
-            elif not sent and time.monotonic() - start > 2:  # no prompt at all
-                os.write(fd, password.encode() + b"\n")
-                sent += 1
-        while True:  # the rest, until the child closes the terminal
-            readable, _, _ = select.select([fd], [], [], 5)
-            try:
-                chunk = os.read(fd, 4096) if readable else b""
-            except OSError:
-                chunk = b""
-            if not chunk:
-                break
-            output += chunk
-    finally:
-        os.close(fd)
-        deadline = time.monotonic() + 5
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-    assert sent >= 1
-    assert password.encode() not in output, output
-    m = re.search(rb"pbkdf2_sha256\$(\d+)\$([A-Za-z0-9+/_=-]+)\$([A-Za-z0-9+/_=-]+)", output)
-    assert m, output
-    salt, digest = b64decode_any(m.group(2).decode()), b64decode_any(m.group(3).decode())
-    assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, int(m.group(1)), len(digest)) == digest
-
-
 def hash_password_on_a_terminal(answers):
     """Run hash-password on a pseudo-terminal, writing the next of `answers` at each prompt;
     returns (exit status, everything the terminal showed)."""
@@ -3966,6 +3911,18 @@ def hash_password_on_a_terminal(answers):
             time.sleep(0.05)
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     return code, output.decode("utf-8", "replace")
+
+
+def test_hash_password_on_a_terminal_does_not_echo():
+    """On a tty the password is typed at a prompt (twice) and never shown."""
+    password = "Tty-Secret-6620"
+    code, shown = hash_password_on_a_terminal([password.encode() + b"\n"] * 2)
+    assert code == 0, shown
+    assert password not in shown, shown
+    m = re.search(r"pbkdf2_sha256\$(\d+)\$([A-Za-z0-9+/_=-]+)\$([A-Za-z0-9+/_=-]+)", shown)
+    assert m, shown
+    salt, digest = b64decode_any(m.group(2)), b64decode_any(m.group(3))
+    assert hashlib.pbkdf2_hmac("sha256", password.encode(), salt, int(m.group(1)), len(digest)) == digest
 
 
 @pytest.mark.parametrize("answers,reason", [
