@@ -784,9 +784,21 @@ REGISTRY_HEADERS = frozenset(("docker-content-digest", "docker-distribution-api-
                               "docker-ratelimit-source"))
 
 
-def read_headers(fp, _class=http.client.HTTPMessage):
+class HeaderSyntaxError(http.client.HTTPException):
+    """A request's header line that is not NAME: VALUE (RFC 9112 5.1)."""
+
+
+# A field name is a token (RFC 9110 5.1): one character class, matched in linear time.
+FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
     """http.client.parse_headers without the email package's feed parser, which took a third
-    of docxy's CPU per small request (py-spy, manifest HEADs). Same limits, same result type."""
+    of docxy's CPU per small request (py-spy, manifest HEADs). Same limits, same result type.
+    `strict` (a client's request): a line that is not NAME: VALUE, whitespace before the colon
+    included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server. Else (an
+    upstream's answer) whitespace around the name is removed, as it requires of a proxy, and
+    a line with no name is left out."""
     headers = _class()
     fields = headers._headers   # what Message's own parser fills: (name, value) pairs
     while True:
@@ -802,8 +814,11 @@ def read_headers(fp, _class=http.client.HTTPMessage):
             fields[-1] = (fields[-1][0], fields[-1][1] + " " + text.strip())
             continue
         name, colon, value = text.partition(":")
-        if colon and name and name == name.strip():
-            fields.append((name, value.strip()))
+        if strict and not (colon and FIELD_NAME.fullmatch(name)):
+            raise HeaderSyntaxError("not a header line: %r" % text[:100])
+        name = name.strip(" \t")
+        if colon and name:
+            fields.append((name, value.strip(" \t")))
 
 
 MAX_HEADER_LINE, MAX_HEADERS = 65536, 100   # http.client's own limits
@@ -2289,31 +2304,53 @@ class UnsafeHeaderGuard:
         super().send_header(keyword, value)
 
 
-class StrictRequestLine:
-    """Handler mixin: the request line is METHOD SP TARGET SP HTTP/d.d and nothing else
-    (RFC 9112 3). Anything else is answered 400 in HTTP/1.1 and the connection closes; the
-    standard library would answer some of it in HTTP/0.9, a body with no status line."""
+class StrictRequestParser:
+    """Handler mixin: parses a request's line and headers strictly, in place of
+    BaseHTTPRequestHandler.parse_request. The line is METHOD SP TARGET SP HTTP/1.x and nothing
+    else (RFC 9112 3); each header line is NAME: VALUE (5.1); an HTTP/1.1 request has exactly
+    one Host (3.2). Anything else is answered 400 in HTTP/1.1, and the connection closes; the
+    standard library would answer some of it in HTTP/0.9, a body with no status line, and
+    would take a header line it cannot read for no header at all."""
 
     default_request_version = "HTTP/1.1"     # what an answer speaks before the version is known
 
     def parse_request(self):
         line = self.raw_requestline.rstrip(b"\r\n")
         words = line.split(b" ")
+        self.requestline = line.decode("iso-8859-1")
+        self.command, self.path = "-", "(malformed request line)"
+        self.request_version, self.close_connection = "HTTP/1.1", True
         if len(words) != 3 or not REQUEST_METHOD.fullmatch(words[0]) \
                 or not REQUEST_TARGET.fullmatch(words[1]) or not HTTP_VERSION.fullmatch(words[2]):
-            self.requestline = line.decode("iso-8859-1")
-            self.command, self.path = "-", "(malformed request line)"
-            self.request_version = "HTTP/1.1"
-            self.close_connection = True
-            self.send_error(400, "malformed request line")
-            return False
-        return super().parse_request()
+            return self.refuse(400, "malformed request line")
+        self.command, self.path = words[0].decode("ascii"), words[1].decode("ascii")
+        version = words[2].decode("ascii")
+        if version[5] != "1":
+            return self.refuse(505, "HTTP version %s is not supported" % version[5:])
+        try:
+            self.headers = read_headers(self.rfile, self.MessageClass, strict=True)
+        except http.client.LineTooLong:
+            return self.refuse(431, "a header line is too long")
+        except HeaderSyntaxError:
+            return self.refuse(400, "malformed header line")
+        except http.client.HTTPException as error:
+            return self.refuse(431, str(error))
+        self.request_version = version
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1 or not hosts and version != "HTTP/1.0":
+            return self.refuse(400, "a request needs exactly one Host header")
+        tokens = {token.strip().lower() for token in self.headers.get("Connection", "").split(",")}
+        self.close_connection = "close" in tokens or (version == "HTTP/1.0"
+                                                      and "keep-alive" not in tokens)
+        return True
 
-    def handle_expect_100(self):
-        return True     # RequestReader sent "100 Continue" if the body was still to come
+    def refuse(self, status, message):
+        self.close_connection = True
+        self.send_error(status, message)
+        return False
 
 
-class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
+class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """One client connection: read requests, answer each from upstream or from docxy itself."""
 
     protocol_version = "HTTP/1.1"
@@ -2375,6 +2412,8 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         tls_probe = self.reader.pending[:2] == b"\x16\x03"
         try:
             self.raw_requestline = b"\x16\x03" if tls_probe else self.reader.readline(65537)
+            if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before it is ignored
+                self.raw_requestline = self.reader.readline(65537)      # (RFC 9112 2.2)
         except (socket.timeout, OSError):
             self.close_connection = True
             return
@@ -2896,13 +2935,9 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
 
     def send_file(self, handle, offset, count):
         """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
-        if not self.server.tls_context:
+        if not self.server.tls_context and hasattr(os, "sendfile"):
             self.wfile.flush()
-            sent = self.connection.sendfile(handle, offset, count)
-            self.sent += sent
-            if sent != count:
-                raise OSError("cached object shorter than expected")
-            return
+            return self.send_file_zero_copy(handle, offset, count)
         handle.seek(offset)
         buffer = transfer_buffer(count, self.mirror.metrics.inflight)
         view = memoryview(buffer)
@@ -2917,6 +2952,23 @@ class MirrorHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRe
         finally:
             view.release()
             release_buffer(buffer)
+
+    def send_file_zero_copy(self, handle, offset, count):
+        """os.sendfile, counting each piece as it goes: socket.sendfile loses the count when it
+        times out, and waits for room in the socket even after the last byte went."""
+        writable = select.poll()
+        writable.register(self.connection.fileno(), select.POLLOUT)
+        timeout = self.mirror.config.client_timeout * 1000
+        while count > 0:
+            try:
+                sent = os.sendfile(self.connection.fileno(), handle.fileno(), offset, count)
+            except BlockingIOError:     # the socket's buffer is full: wait for the client
+                if not writable.poll(timeout):
+                    raise socket.timeout("timed out")
+                continue
+            if not sent:
+                raise OSError("cached object shorter than expected")
+            offset, count, self.sent = offset + sent, count - sent, self.sent + sent
 
     # -- logging in upstream on the client's behalf
 
@@ -3466,7 +3518,7 @@ ACME_PREFIX = "/.well-known/acme-challenge/"
 ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")     # one bounded run: linear
 
 
-class RedirectHandler(StrictRequestLine, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
+class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
     """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL."""
 
     protocol_version = "HTTP/1.1"
@@ -3696,7 +3748,7 @@ class WaitingConnections:
             first = sock.recv(1, socket.MSG_PEEK)
             if first != b"\x16":
                 if first:
-                    log("%s sent plain HTTP to the HTTPS port" % entry.address[0])
+                    self.refused(entry, 400, "plain HTTP sent to the HTTPS port")
                     answer_and_close(sock, plain_answer(400, "Bad Request",
                                                         "this port speaks HTTPS"))
                 return self.close(sock)
@@ -3741,10 +3793,18 @@ class WaitingConnections:
                     expired.append((self.forget(key), entry))
         for sock, entry in expired:
             if entry.reader.pending and not entry.handshaking:
+                self.refused(entry, 408, "request not received in time")
                 answer_and_close(sock, plain_answer(408, "Request Timeout",
                                                     "request not received in time"))
             else:
                 sock.close()
+
+    @staticmethod
+    def refused(entry, status, why):
+        """A request answered here, before any thread: counted and logged as requests are."""
+        entry.listener.mirror.metrics.request_done("other", status, 0,
+                                                   time.monotonic() - entry.started)
+        log('%s "- -" %d 0B (%s)' % (entry.address[0], status, why))
 
     def shed(self):
         """Over WAITING_BYTES: close the connection that holds the most."""

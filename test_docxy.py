@@ -2974,6 +2974,50 @@ def test_a_malformed_request_line_gets_a_whole_http_1_1_answer_and_the_connectio
     assert b"Connection: close" in head and json.loads(body)["errors"][0]["message"]
 
 
+@pytest.mark.parametrize("line", [b"Content-Length : 5", b"Transfer-Encoding\t: chunked", b"X-No-Colon",
+                                  b"Bad Name: x", b" X-Leading-Space: x"])
+def test_a_header_line_that_is_not_name_colon_value_is_refused(line, docxy, registry):
+    smuggled = b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = exchange(docxy.port, b"GET /health HTTP/1.1\r\n%s\r\nHost: x\r\n\r\nhello%s" % (line, smuggled))
+    assert responses(reply) == [b"400"], reply
+    assert b"Connection: close" in reply.partition(b"\r\n\r\n")[0]
+    assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b", b"400"),
+    (b"GET /health HTTP/1.1", b"400"),
+    (b"GET /health HTTP/1.0", b"200"),
+    (b"GET /health HTTP/0.9\r\nHost: a", b"505"),
+    (b"\r\nGET /health HTTP/1.1\r\nHost: a", b"200"),    # one empty line before a request is ignored
+])
+def test_host_and_version_rules_of_rfc_9112(head, status, docxy):
+    reply = exchange(docxy.port, head + b"\r\nConnection: close\r\n\r\n")
+    assert responses(reply) == [status], reply
+
+
+def test_cache_hits_sent_whole_before_a_slow_client_reads_them_are_counted_whole(start_docxy, registry,
+                                                                                 content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    d = cached_docxy(start_docxy, registry, cache_dir, "--client-timeout", "1")
+    blob = content.add_blob(content.repos["library/busybox"], os.urandom(MIB))["digest"]
+    assert get_blob(d.port, blob).status == 200
+    wait_cached(cache_dir, [blob])
+    request = b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % blob.encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # the bytes wait on docxy's side
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", d.port))
+        sock.sendall(request * 3)
+        time.sleep(2)       # longer than --client-timeout: the answers wait in the sockets' buffers
+        for _ in range(2):
+            resp, body = send_and_read(sock, b"")
+            assert resp.status == 200 and sha256_digest(body) == blob
+    # The third answer may well time out: this client did not read for longer than it may.
+    lines = d.wait_for(r'"GET /v2/busybox/blobs/%s" 200 (\d+)B \S+ upstream=(\S+) cache=hit' % blob, 3)
+    assert [(int(m.group(1)), m.group(2)) for m in lines[:2]] == [(MIB, "-")] * 2
+
+
 def test_clients_trickling_token_bodies_never_keep_others_waiting(start_docxy, registry):
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--max-connections", "20",
                     "--client-timeout", "30")
@@ -3011,6 +3055,8 @@ def test_client_timeout_is_a_deadline_for_the_whole_request_body_included(start_
             pass
         assert time.monotonic() - started < 6
         assert responses(reply) in ([b"408"], []), reply
+    d.wait_for(r'^docxy: 127\.0\.0\.1 "- -" 408 0B \(request not received in time\)$')
+    assert 'status="408"' in call(d.port, "GET", "/metrics").body.decode()
 
 
 def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, registry):
@@ -3018,7 +3064,7 @@ def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, re
                     "--key", certs["rsa.key"])
     reply = exchange(d.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert responses(reply) == [b"400"] and b"this port speaks HTTPS" in reply, reply
-    d.wait_for(r"127\.0\.0\.1 sent plain HTTP to the HTTPS port")
+    d.wait_for(r"127\.0\.0\.1 \"- -\" 400 0B \(plain HTTP sent to the HTTPS port\)")
     tls = ssl.create_default_context(cafile=certs["ca.pem"])
     assert call(d.port, "GET", "/health", tls=tls).status == 200
 
