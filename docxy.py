@@ -3642,13 +3642,15 @@ def answer_and_close(sock, data):
 
 
 class Waiting:
-    """A connection in WaitingConnections: its listener and address, when it went quiet (or
-    was accepted), when the request it is sending began, and what came of it so far."""
+    """A connection in WaitingConnections: its listener and address, its descriptor (the
+    selector's key, the same before and after a TLS wrap), when it went quiet (or was
+    accepted), when the request it is sending began, and what came of it so far."""
 
-    __slots__ = ("listener", "address", "quiet_since", "started", "reader", "handshaking")
+    __slots__ = ("listener", "address", "fd", "quiet_since", "started", "reader", "handshaking")
 
     def __init__(self, listener, address, quiet_since, reader, handshaking):
         self.listener, self.address, self.reader = listener, address, reader
+        self.fd = reader.sock.fileno()
         self.quiet_since = self.started = quiet_since
         self.handshaking = handshaking
 
@@ -3674,12 +3676,14 @@ class WaitingConnections:
         self.held = 0           # bytes of requests the waiting connections hold
         threading.Thread(target=self.run, name="waiting", daemon=True).start()
 
-    def add(self, listener, sock, address, quiet_since=None, pending=b""):
+    def add(self, listener, sock, address, quiet_since=None, pending=b"", continued=False):
         """A new connection, or (with quiet_since) a keep-alive one that went quiet, with what
-        came of its next request. A TLS connection is new until its handshake is made."""
+        came of its next request (and whether "100 Continue" went out for it). A TLS
+        connection is new until its handshake is made."""
         now = time.monotonic()
         handshaking = listener.tls_context is not None and not isinstance(sock, ssl.SSLSocket)
         reader = RequestReader(sock, self.timeout, pending)
+        reader.continued = continued
         entry = Waiting(listener, address, quiet_since or now, reader, handshaking)
         if pending:
             entry.started = now
@@ -3688,43 +3692,48 @@ class WaitingConnections:
         with self.lock:
             keys = self.selector.get_map()
             if len(keys) >= self.capacity:  # full: the longest-quiet client reconnects when it must
-                oldest = self.forget(min(keys.values(), key=lambda key: key.data.quiet_since))
-            self.selector.register(sock, selectors.EVENT_READ, entry)
+                oldest = min(keys.values(), key=lambda key: key.data.quiet_since).data
+                self.forget(oldest)
+            self.selector.register(entry.fd, selectors.EVENT_READ, entry)
             self.held += len(pending)
         if oldest:
-            oldest.close()
-        if pending and entry.reader.request_arrived():     # e.g. pipelined behind a slow one
-            self.hand_over(sock, entry)
+            oldest.reader.sock.close()
 
-    def forget(self, key):
-        """Unregister a connection (the lock held); returns its socket."""
-        self.selector.unregister(key.fileobj)
-        self.held -= len(key.data.reader.pending)
-        return key.fileobj
+    def forget(self, entry):
+        """Unregister a connection (the lock held)."""
+        self.selector.unregister(entry.fd)
+        self.held -= len(entry.reader.pending)
 
     def run(self):
+        next_expiry = time.monotonic() + 1
         while True:
-            # epoll sees sockets registered while it waits; a select()-based selector sees them
-            # at the next turn, a second later at most
-            for key, _ in self.selector.select(1.0):
-                try:
-                    self.read(key.fileobj, key.data)
-                except Exception as error:     # this client, not all
-                    log("%s: %s" % (key.data.address[0], error))
-                    self.close(key.fileobj)
-            self.expire()
+            try:
+                # epoll sees sockets registered while it waits; a select()-based selector sees
+                # them at the next turn, a second later at most
+                for key, _ in self.selector.select(1.0):
+                    self.serve(key.data)
+                if time.monotonic() >= next_expiry:     # once a second: it looks at them all
+                    next_expiry = time.monotonic() + 1
+                    self.expire()
+            except Exception as error:     # a defect here must not stop every client's service
+                log("waiting connections: %r" % (error,), logging.ERROR)
 
-    def read(self, sock, entry):
-        if entry.handshaking:
-            sock = self.handshake(sock, entry)
-            if sock is None:
-                return
-        reader = entry.reader
+    def serve(self, entry):
         try:
-            while True:
+            self.read(entry)
+        except Exception as error:     # this client, not all
+            log("%s: %r" % (entry.address[0], error), logging.ERROR)
+            self.close(entry)
+
+    def read(self, entry):
+        if entry.handshaking and not self.handshake(entry):
+            return
+        reader, sock = entry.reader, entry.reader.sock
+        try:
+            while len(reader.pending) <= MAX_REQUEST_HEAD + MAX_REQUEST_BODY:
                 data = sock.recv(65536)
                 if not data:
-                    return self.close(sock)
+                    return self.close(entry)
                 if not reader.pending:
                     entry.started = time.monotonic()
                 reader.pending += data
@@ -3735,52 +3744,72 @@ class WaitingConnections:
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
         except OSError:
-            return self.close(sock)
+            return self.close(entry)
         if reader.request_arrived():
-            self.hand_over(sock, entry)
+            self.hand_over(entry)
         elif self.held > WAITING_BYTES:
             self.shed()
 
-    def handshake(self, sock, entry):
-        """Move a TLS connection's handshake on; its socket once made, else None. Plain HTTP
-        sent to the HTTPS port gets a readable 400, as nginx gives, not a reset."""
+    def handshake(self, entry):
+        """Move a TLS connection's handshake on; True once it is made. Plain HTTP sent to the
+        HTTPS port gets a readable 400, as nginx gives, not a reset."""
+        sock = entry.reader.sock
         if not isinstance(sock, ssl.SSLSocket):
             first = sock.recv(1, socket.MSG_PEEK)
             if first != b"\x16":
                 if first:
                     self.refused(entry, 400, "plain HTTP sent to the HTTPS port")
+                    self.forget_locked(entry)
                     answer_and_close(sock, plain_answer(400, "Bad Request",
                                                         "this port speaks HTTPS"))
-                return self.close(sock)
-            with self.lock:
-                self.selector.unregister(sock)
-                sock = entry.listener.tls_context.wrap_socket(
+                    return False
+                return self.close(entry)
+            self.forget_locked(entry)      # first: a failed wrap closes the descriptor
+            try:
+                tls = entry.listener.tls_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False)
-                self.selector.register(sock, selectors.EVENT_READ, entry)
-            entry.reader.sock = sock
+            except (OSError, ValueError) as error:
+                sock.close()    # unless the wrapped socket took the descriptor and closed it
+                return self.handshake_failed(entry, error)
+            entry.reader.sock = sock = tls
+            with self.lock:
+                self.selector.register(entry.fd, selectors.EVENT_READ, entry)
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            return None
+            return self.wait_for(entry, selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
-            with self.lock:
-                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, entry)
-            return None
+            return self.wait_for(entry, selectors.EVENT_WRITE)
         except (OSError, ValueError) as error:
-            reason = getattr(error, "reason", None) or error
-            log("%s TLS handshake failed: %s" % (entry.address[0], reason))
-            return self.close(sock)
+            self.close(entry)
+            return self.handshake_failed(entry, error)
         entry.handshaking = False
-        with self.lock:
-            self.selector.modify(sock, selectors.EVENT_READ, entry)
-        return sock
+        self.wait_for(entry, selectors.EVENT_READ)
+        return True
 
-    def hand_over(self, sock, entry):
+    @staticmethod
+    def handshake_failed(entry, error):
+        reason = getattr(error, "reason", None) or error
+        log("%s TLS handshake failed: %s" % (entry.address[0], reason))
+        return False
+
+    def wait_for(self, entry, event):
+        """Wait for this event only: a registration left on EVENT_WRITE would wake the selector
+        at every turn while the client takes its time."""
         with self.lock:
-            if sock not in self.selector.get_map():
-                return
-            self.forget(self.selector.get_key(sock))
-        entry.listener.admit(sock, entry.address, bytes(entry.reader.pending))
+            if self.selector.get_map().get(entry.fd) is not None:
+                self.selector.modify(entry.fd, event, entry)
+        return False
+
+    def hand_over(self, entry):
+        self.forget_locked(entry)
+        entry.listener.admit(entry.reader.sock, entry.address, bytes(entry.reader.pending))
+
+    def forget_locked(self, entry):
+        with self.lock:
+            key = self.selector.get_map().get(entry.fd)
+            if key is not None and key.data is entry:
+                self.forget(entry)
 
     def expire(self):
         now = time.monotonic()
@@ -3790,14 +3819,15 @@ class WaitingConnections:
                 entry = key.data
                 busy = entry.reader.pending or entry.handshaking
                 if now - (entry.started if busy else entry.quiet_since) > self.timeout:
-                    expired.append((self.forget(key), entry))
-        for sock, entry in expired:
+                    self.forget(entry)
+                    expired.append(entry)
+        for entry in expired:
             if entry.reader.pending and not entry.handshaking:
                 self.refused(entry, 408, "request not received in time")
-                answer_and_close(sock, plain_answer(408, "Request Timeout",
-                                                    "request not received in time"))
+                answer_and_close(entry.reader.sock, plain_answer(408, "Request Timeout",
+                                                                 "request not received in time"))
             else:
-                sock.close()
+                entry.reader.sock.close()
 
     @staticmethod
     def refused(entry, status, why):
@@ -3810,23 +3840,23 @@ class WaitingConnections:
         """Over WAITING_BYTES: close the connection that holds the most."""
         with self.lock:
             largest = max(self.selector.get_map().values(),
-                          key=lambda key: len(key.data.reader.pending))
-            sock = self.forget(largest)
-        log("%s: too many bytes of unfinished requests wait; closed" % largest.data.address[0])
-        sock.close()
+                          key=lambda key: len(key.data.reader.pending)).data
+            self.forget(largest)
+        log("%s: too many bytes of unfinished requests wait; closed" % largest.address[0])
+        largest.reader.sock.close()
 
-    def close(self, sock):
-        with self.lock:
-            if sock in self.selector.get_map():
-                self.forget(self.selector.get_key(sock))
-        sock.close()
-        return None
+    def close(self, entry):
+        self.forget_locked(entry)
+        entry.reader.sock.close()
+        return False
 
     def close_all(self):
         with self.lock:
-            socks = [self.forget(key) for key in list(self.selector.get_map().values())]
-        for sock in socks:
-            sock.close()
+            entries = [key.data for key in list(self.selector.get_map().values())]
+            for entry in entries:
+                self.forget(entry)
+        for entry in entries:
+            entry.reader.sock.close()
 
 
 class ConnectionBudget:
@@ -3846,20 +3876,23 @@ class ConnectionBudget:
             elif len(self.queue) < MAX_QUEUED:
                 self.queue.append((listener, sock, address, pending))
                 return
-        if place:
-            listener.serve(sock, address, pending)
-        else:
+        if not place:
             answer_and_close(sock, plain_answer(503, "Service Unavailable",
                                                 "too many requests waiting"))
+        elif not listener.serve(sock, address, pending):
+            self.done()
 
     def done(self):
-        """A served connection let go of its place: the first one in line takes it."""
-        with self.lock:
-            if not self.queue:
-                self.serving -= 1
+        """A served connection let go of its place: the first one in line that can be
+        served takes it (a loop, not a recursion, when one after another cannot)."""
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.serving -= 1
+                    return
+                listener, sock, address, pending = self.queue.popleft()
+            if listener.serve(sock, address, pending):
                 return
-            listener, sock, address, pending = self.queue.popleft()
-        listener.serve(sock, address, pending)
 
     def close_queued(self):
         with self.lock:
@@ -3910,38 +3943,46 @@ class Listener(http.server.ThreadingHTTPServer):
         self.budget.admit(self, sock, address, pending)
 
     def serve(self, sock, address, pending):
-        """Serve a connection on a thread of its own; it holds a place in the budget."""
+        """Serve a connection on a thread of its own, holding a place in the budget. False
+        when it cannot be (draining, no thread to be had): the place is not taken."""
         if self.mirror.draining.is_set():
             sock.close()
-            return self.budget.done()
+            return False
         self.pending[sock] = pending
         try:
             super().process_request(sock, address)
+            return True
         except Exception as error:     # e.g. no thread to be had: this client, not all
             self.pending.pop(sock, None)
-            log("could not serve %s: %s" % (address[0], error))
+            log("could not serve %s: %s" % (address[0], error), logging.ERROR)
             sock.close()
-            self.budget.done()
+            return False
 
     def process_request_thread(self, request, client_address):
         parked = None
         try:
-            parked = self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
+            try:
+                parked = self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
             if parked is not None and not self.mirror.draining.is_set():
                 self.mirror.waiting.add(self, request, client_address, *parked)
             else:
                 self.shutdown_request(request)
-            self.budget.done()
+        except Exception:
+            self.handle_error(request, client_address)
+            request.close()
+        finally:
+            self.budget.done()      # exactly once, whatever happened
 
     def finish_request(self, request, client_address):
         """Serve a connection. When it went quiet and is to wait for its next request without
-        a thread, still open, returns when it went quiet and what came of that request."""
+        a thread, still open, returns when it went quiet, what came of that request, and
+        whether "100 Continue" went out for it."""
         handler = self.RequestHandlerClass(request, client_address, self)
         if getattr(handler, "parked", False):
-            return handler.quiet_since, bytes(handler.reader.pending)
+            reader = handler.reader
+            return handler.quiet_since, bytes(reader.pending), reader.continued
         return None
 
     def handle_error(self, request, client_address):

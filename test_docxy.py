@@ -3069,6 +3069,30 @@ def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, re
     assert call(d.port, "GET", "/health", tls=tls).status == 200
 
 
+def test_clients_that_reset_before_their_tls_handshake_never_stop_the_service(certs, start_docxy, registry):
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
+                    "--key", certs["rsa.key"])
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        sock.close()            # a reset, with a ClientHello's first bytes still unread
+    time.sleep(0.5)
+    for _ in range(3):
+        assert call(d.port, "GET", "/health", tls=certs["client"], timeout=5).status == 200
+    assert "Traceback" not in d.log()
+
+
+def test_a_kept_alive_request_waiting_for_100_continue_gets_it_once(docxy):
+    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
+        assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
+        sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n\r\n")
+        time.sleep(1.5)         # past the moment the connection waits without its thread
+        sock.settimeout(0.5)
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 def test_a_failed_tls_handshake_is_one_short_log_line(certs, start_docxy, registry):
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
                     "--key", certs["rsa.key"])
