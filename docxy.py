@@ -2117,6 +2117,9 @@ def body_to_wait_for(head):
     Content-Length, when that is one number docxy would read (MAX_REQUEST_BODY at most);
     else 0, and the thread answers it (an error, or a 405 that leaves the body unread).
     Also whether the client waits for "100 Continue" before it sends the body."""
+    lower = head.lower()
+    if b"content-length" not in lower and b"transfer-encoding" not in lower:
+        return 0, False     # most requests: no body, and a search says so
     lengths, expect, chunked = [], False, False
     for line in head.split(b"\n")[1:]:
         name, _, value = line.partition(b":")
@@ -2181,19 +2184,24 @@ class RequestReader:
         return len(data)
 
     def take(self, count):
-        data = bytes(self.pending[:count])
+        with memoryview(self.pending) as view:
+            data = bytes(view[:count])
         del self.pending[:count]
-        self.restart()
+        if self.head is not None or self.scanned:
+            self.restart()
         return data
 
     def restart(self):
-        """Forget what head_end found: `pending` starts anew."""
+        """Forget what request_arrived found: `pending` starts anew."""
         self.head = None            # where the head in `pending` ends, once found
-        self.scanned = 0            # head_end found no line end before this offset
-        self.line_start = 0         # where the line being scanned starts
+        self.body = None            # (its body's length, whether it waits for 100 Continue)
+        self.scanned = 0            # head_end found no head's end before this offset
         self.continued = False      # "100 Continue" was sent for the request in `pending`
 
     def readline(self, limit=-1):
+        end = self.pending.find(b"\n", 0, limit if limit >= 0 else len(self.pending))
+        if end >= 0:        # the usual case: the line is here
+            return self.take(end + 1)
         start = 0
         while True:
             end = self.pending.find(b"\n", start, None if limit < 0 else limit)
@@ -2210,6 +2218,12 @@ class RequestReader:
             pass
         return self.take(count)
 
+    def take_head(self):
+        """The head of the request in `pending` (its line and headers, up to the empty line),
+        when it is here whole; else b"". Read from in one piece, it costs no call per line."""
+        end = self.head_end()
+        return self.take(end) if end is not None else b""
+
     def request_arrived(self):
         """Whether `pending` starts with a whole request: its head, and the body a thread
         would read (body_to_wait_for). A request docxy answers with an error at once (a TLS
@@ -2221,7 +2235,9 @@ class RequestReader:
         end = self.head_end()
         if end is None:
             return len(data) > MAX_REQUEST_HEAD
-        length, wants_continue = body_to_wait_for(bytes(data[:end]))
+        if self.body is None:
+            self.body = body_to_wait_for(bytes(data[:end]))
+        length, wants_continue = self.body
         if len(data) >= end + length:
             return True
         if wants_continue and not self.continued:
@@ -2233,16 +2249,15 @@ class RequestReader:
         """Where the head in `pending` ends (after its first empty line), or None. RFC 9112
         lets a line end with a bare LF, and the standard library's parser takes one. Resumes
         where the last call stopped: a client sending a byte at a time costs a byte's work."""
-        data = self.pending
-        while self.head is None:
-            end = data.find(b"\n", self.scanned)
-            if end < 0:
+        if self.head is None:
+            data, start = self.pending, max(self.scanned - 2, 0)
+            ends = [at for at in (data.find(b"\n\r\n", start), data.find(b"\n\n", start))
+                    if at >= 0]
+            if not ends:
                 self.scanned = len(data)
                 return None
-            empty = end - self.line_start <= 1 and data[self.line_start:end] in (b"", b"\r")
-            if self.line_start and empty:
-                self.head = end + 1
-            self.scanned = self.line_start = end + 1
+            at = min(ends)
+            self.head = at + (3 if data[at + 1:at + 2] == b"\r" else 2)
         return self.head
 
     def send_continue(self):
@@ -2298,7 +2313,8 @@ class UnsafeHeaderGuard:
 
     def send_header(self, keyword, value):
         value = str(value)
-        if any(character in keyword + value for character in "\r\n\0"):
+        text = keyword + value
+        if "\r" in text or "\n" in text or "\0" in text:
             log("refused to send a %s header with a line break or NUL in it" % keyword[:40])
             return
         super().send_header(keyword, value)
@@ -2313,6 +2329,7 @@ class StrictRequestParser:
     would take a header line it cannot read for no header at all."""
 
     default_request_version = "HTTP/1.1"     # what an answer speaks before the version is known
+    head_file = None    # where the head's lines are read from, when not rfile
 
     def parse_request(self):
         line = self.raw_requestline.rstrip(b"\r\n")
@@ -2328,7 +2345,8 @@ class StrictRequestParser:
         if version[5] != "1":
             return self.refuse(505, "HTTP version %s is not supported" % version[5:])
         try:
-            self.headers = read_headers(self.rfile, self.MessageClass, strict=True)
+            lines = self.head_file or self.rfile
+            self.headers = read_headers(lines, self.MessageClass, strict=True)
         except http.client.LineTooLong:
             return self.refuse(431, "a header line is too long")
         except HeaderSyntaxError:
@@ -2411,9 +2429,11 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
         self.idle = True
         tls_probe = self.reader.pending[:2] == b"\x16\x03"
         try:
-            self.raw_requestline = b"\x16\x03" if tls_probe else self.reader.readline(65537)
+            head = b"" if tls_probe else self.reader.take_head()
+            self.head_file = io.BytesIO(head) if head else self.reader
+            self.raw_requestline = b"\x16\x03" if tls_probe else self.head_file.readline(65537)
             if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before it is ignored
-                self.raw_requestline = self.reader.readline(65537)      # (RFC 9112 2.2)
+                self.raw_requestline = self.head_file.readline(65537)   # (RFC 9112 2.2)
         except (socket.timeout, OSError):
             self.close_connection = True
             return
