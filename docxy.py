@@ -822,9 +822,13 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
 
 
 MAX_HEADER_LINE, MAX_HEADERS = 65536, 100   # http.client's own limits
-# Both http.server (client requests) and http.client (upstream answers) read headers through
-# this one function; it is docxy's only change to the standard library's behaviour.
-http.client.parse_headers = read_headers
+
+
+def read_upstream_headers_quickly():
+    """Make http.client read upstream answers' headers with read_headers: docxy's only change
+    to the standard library's behaviour, made by main() for the process it runs, never by an
+    import. (Client requests are read by StrictRequestParser, which calls read_headers.)"""
+    http.client.parse_headers = read_headers
 
 
 def transfer_buffer(size, transfers=1):
@@ -4344,6 +4348,7 @@ def drain(mirror, listeners):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    read_upstream_headers_quickly()
     if argv[:1] == ["hash-password"]:
         return hash_password_command(argv[1:])
     if argv[:1] == ["prefetch"]:

@@ -1303,6 +1303,19 @@ def multi(multi_config):
 # ==========================================================================
 
 
+def test_importing_docxy_changes_nothing_in_the_standard_library():
+    code = ("import http.client, http.server, logging, socket, socketserver, ssl, sys\n"
+            "mods = (http.client, http.server, logging, socket, socketserver, ssl)\n"
+            "before = [dict(vars(m)) for m in mods]\n"
+            "import docxy\n"
+            "print(sorted(m.__name__ + '.' + k for m, b in zip(mods, before)\n"
+            "             for k in set(vars(m)) | set(b) if vars(m).get(k) is not b.get(k)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=clean_env(), timeout=30,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "[]"
+
+
 def test_version_flag_prints_version():
     code, out, err = run_to_exit(["--version"])
     assert code == 0
