@@ -2064,7 +2064,6 @@ class LogLines(logging.Handler):
     def __init__(self, json_lines):
         super().__init__()
         self.json_lines = json_lines
-        self.lock = None    # write_log_line serialises the lines already: no second lock
 
     def emit(self, record):
         line = log_line(record.getMessage(), record.levelno, self.json_lines, record.created)

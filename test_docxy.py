@@ -1299,6 +1299,143 @@ def multi(multi_config):
 
 
 # ==========================================================================
+# Unit tier: docxy's parsers and shared state, in process (no server, no upstream)
+# ==========================================================================
+
+
+@pytest.fixture(scope="module")
+def dx():
+    return importlib.import_module("docxy")
+
+
+def test_parse_range_reads_one_byte_range_and_leaves_the_rest_for_a_whole_answer(dx):
+    assert dx.parse_range("bytes=0-9", 100) == (0, 9)
+    assert dx.parse_range("bytes=90-", 100) == (90, 99)
+    assert dx.parse_range("bytes=-5", 100) == (95, 99)
+    assert dx.parse_range("bytes = 1 - 2", 100) == (1, 2)
+    assert dx.parse_range("bytes=50-500", 100) == (50, 99)
+    for ignored in (None, "", "bytes=1-2,3-4", "bytes=-", "items=1-2", "bytes=x-1", "bytes=\u00b2-3",
+                    "bytes=" + "1" * 300 + "-"):
+        assert dx.parse_range(ignored, 100) is None, ignored
+    with pytest.raises(dx.RegistryError) as refused:
+        dx.parse_range("bytes=100-", 100)
+    assert refused.value.status == 416
+
+
+def test_parse_challenge_reads_quoted_escaped_and_bare_parameters(dx):
+    assert dx.parse_challenge('Bearer realm="https://a/t",service="x",scope="repository:a:pull"') == \
+        ("Bearer", [("realm", "https://a/t"), ("service", "x"), ("scope", "repository:a:pull")])
+    assert dx.parse_challenge('Basic realm="Corp \\"x\\" Registry"') == \
+        ("Basic", [("realm", 'Corp "x" Registry')])
+    assert dx.parse_challenge("Bearer realm=https://a/t, service=y") == \
+        ("Bearer", [("realm", "https://a/t"), ("service", "y")])
+    assert dx.parse_challenge('Bearer =x, realm="r"') == ("Bearer", [("realm", "r")])
+
+
+def test_manifest_accept_keeps_known_types_and_leaves_out_unparsable_or_refused_ones(dx):
+    values = [MT_INDEX + ";x, " + MT_MANIFEST, "application/x-junk", "*/*;q=0", DOCKERD_ACCEPT[0] + ";q=0.5"]
+    assert dx.manifest_accept(values) == tuple(sorted((MT_MANIFEST, DOCKERD_ACCEPT[0])))
+    assert dx.manifest_accept([]) == ()
+
+
+def test_forwarded_address_reads_the_port_forms_and_refuses_anything_else(dx):
+    for text, address in (("203.0.113.7", "203.0.113.7"), ("203.0.113.7:4711", "203.0.113.7"),
+                          ("2001:db8::1", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
+                          ("[2001:db8::1]:443", "2001:db8::1"), (" ::ffff:10.0.0.1 ", "10.0.0.1")):
+        assert str(dx.forwarded_address(text)) == address, text
+    for text in ("unknown", "_hidden", "[::1", "[1.2.3.4]", "1.2.3.4:", "1.2.3.4:x", "[::1]x", ""):
+        with pytest.raises(ValueError):
+            dx.forwarded_address(text)
+
+
+def test_media_type_of_takes_only_the_grammars_shape(dx):
+    assert dx.media_type_of(MT_MANIFEST + "; charset=utf-8") == MT_MANIFEST
+    for bad in (None, "", "text", "a/b\r\nSet-Cookie: x", "a/b c", "/b"):
+        assert dx.media_type_of(bad) is None, bad
+
+
+def test_token_answer_keeps_the_token_and_nothing_the_realm_adds(dx):
+    plain = b'{"token": "t", "expires_in": 60}'
+    assert dx.token_answer(plain) is plain
+    cut = json.loads(dx.token_answer(b'{"token": "t", "refresh_token": "r", "scope": "x"}'))
+    assert cut == {"token": "t"}
+    for bad in (b"not json", b"[1]"):
+        with pytest.raises(dx.UpstreamError):
+            dx.token_answer(bad)
+
+
+def test_request_reader_finds_a_head_and_the_body_a_thread_would_read(dx):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        reader = dx.RequestReader(ours, 2)
+        for piece, whole in ((b"POST /auth/token HTTP/1.1\r\n", False), (b"Content-Length: 3\r\n", False),
+                             (b"\r\n", False), (b"ab", False), (b"cGET / HTTP/1.1\n\n", True)):
+            theirs.sendall(piece)
+            reader.fill(1)
+            assert reader.request_arrived() is whole, piece
+        assert reader.take_head().startswith(b"POST ") and reader.read(3) == b"abc"
+        assert reader.request_arrived() and reader.take_head() == b"GET / HTTP/1.1\n\n"
+        assert reader.pending == b""
+
+
+def test_request_reader_sends_100_continue_once_when_the_client_waits_for_it(dx):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        reader = dx.RequestReader(ours, 2)
+        theirs.sendall(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        reader.fill(1)
+        assert not reader.request_arrived() and not reader.request_arrived()
+        theirs.settimeout(1)
+        assert theirs.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_connection_budget_serves_in_arrival_order_and_gives_every_place_back(dx):
+    class Listener:
+        def __init__(self):
+            self.served, self.refuse = [], set()
+
+        def serve(self, sock, address, pending):
+            if address in self.refuse:
+                return False
+            self.served.append(address)
+            return True
+    listener, budget = Listener(), dx.ConnectionBudget(2)
+    listener.refuse = {"c"}
+    for address in "abcd":
+        budget.admit(listener, None, address, b"")
+    assert listener.served == ["a", "b"] and budget.serving == 2 and len(budget.queue) == 2
+    budget.done()           # "c" cannot be served: its place goes on to "d"
+    assert listener.served == ["a", "b", "d"] and budget.serving == 2 and not budget.queue
+    budget.done()
+    budget.done()
+    assert budget.serving == 0
+
+
+def test_cache_keeps_few_tag_records_per_tag_and_counts_them_in_its_size(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    for accept in ("a", "b", "c", "d", "e", "f"):
+        cache.remember_tag(("docker.io", "library/x", "latest", accept), "sha256:" + "0" * 64, MT_INDEX, "1")
+    files = os.listdir(str(tmp_path / "tags"))
+    assert len(files) == dx.TAG_RECORDS_PER_TAG == len(cache.tags)
+    assert cache.size == sum(os.path.getsize(str(tmp_path / "tags" / name)) for name in files)
+    assert cache.tag(("docker.io", "library/x", "latest", "a")) is None     # the oldest went first
+    reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    assert set(reopened.tags) == set(cache.tags) and reopened.size == cache.size
+
+
+def test_problems_are_collected_and_raised_together(dx):
+    problems = dx.Problems()
+
+    def fails(text):
+        raise dx.ConfigError(text)
+    assert problems.check(fails, "one") is None and problems.check(lambda: 7) == 7
+    problems.check(fails, "two")
+    with pytest.raises(dx.ConfigError) as raised:
+        problems.raise_any("json")
+    assert str(raised.value) == "one\ntwo" and raised.value.log_format == "json"
+
+
+# ==========================================================================
 # Configuration and start-up
 # ==========================================================================
 
