@@ -3224,7 +3224,12 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
                 start = 0
                 if held is not None:
                     view[0], start = held, 1
-                new = response.readinto(view[start:])
+                try:
+                    new = response.readinto(view[start:])
+                except socket.timeout:      # the upstream's failures, counted as such
+                    raise UpstreamError(504, "upstream stalled in the middle of a body")
+                except (OSError, http.client.HTTPException) as error:
+                    raise UpstreamError(502, "upstream body broke off", str(error)[:200])
                 if not new:
                     break
                 self.received += new

@@ -2457,6 +2457,8 @@ def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(
         assert ending == "reset", (head, len(body))
         data = body
     assert misbehaving.data.startswith(data)
+    metrics = call(d.port, "GET", "/metrics").body.decode()
+    assert re.search(r'^docxy_upstream_errors_total\{registry="docker.io",kind="\w+"\} 1$', metrics, re.M)
 
 
 # ==========================================================================
