@@ -33,6 +33,7 @@ import base64
 import collections
 import configparser
 import errno
+import functools
 import hashlib
 import hmac
 import html
@@ -870,6 +871,112 @@ def hash_beside(hasher, buffers):
     return jobs.put, free.acquire, finish
 
 
+
+class BodyCopy:
+    """One upstream body on its way to a client: read in fixed-size chunks into buffers of its
+    own (transfer_buffer), and hashed when a digest is to be verified, on a thread beside the
+    copy when the body is large and cores are free (hash_beside).
+
+    The truncation rules: the last byte of a verified body is held back until the whole body
+    hashed right, and a body that arrives in one read (a manifest, a config) is checked before
+    any of it goes; a mismatch, a body shorter than its Content-Length or a broken upstream
+    raises UpstreamError, and the client, whose connection then ends, never sees a complete
+    body. One thread's, no lock; close() must follow, the hashing thread reads the buffers
+    until then."""
+
+    def __init__(self, answer, verify, transfers):
+        self.answer, self.verify = answer, verify
+        self.received, self.verified = 0, False
+        size = CHUNK if answer.remaining is None else answer.remaining + 1
+        self.hasher = hashlib.new(verify.split(":")[0]) if verify else None
+        beside = self.hasher and size > HASH_BESIDE_BYTES and transfers <= HASH_BESIDE_TRANSFERS
+        # Two buffers when hashing beside: one is read into while the other is still hashed.
+        self.buffers = [transfer_buffer(size, transfers) for _ in range(2 if beside else 1)]
+        self.views = [memoryview(buffer) for buffer in self.buffers]
+        self.reuse = self.finish = None
+        self.submit = self.hasher and self.hasher.update
+        if beside:
+            self.submit, self.reuse, self.finish = hash_beside(self.hasher, len(self.buffers))
+
+    def pieces(self, keep=None):
+        """The body's pieces in order, each to be sent before the next is read; `keep` is
+        given each piece as it arrives (a cache fill's write)."""
+        held = None     # a verified body's last byte so far
+        for turn in itertools.count():
+            view = self.views[turn % len(self.views)]
+            if self.reuse:
+                self.reuse()
+            start = 0
+            if held is not None:
+                view[0], start = held, 1
+            new = self.read(view[start:])
+            if not new:
+                break
+            end = start + new
+            if keep:
+                keep(view[start:end])
+            if self.hasher:
+                self.submit(view[start:end])
+                if self.answer.remaining == 0:  # all of it is here: checked before any leaves
+                    self.check()
+                    yield view[:end]
+                    return
+                end -= 1
+                held = view[end]
+            yield view[:end]
+        if self.answer.remaining:   # what Content-Length still promised
+            raise UpstreamError(502, "upstream body ended early",
+                                "%d bytes missing" % self.answer.remaining)
+        if self.hasher:
+            self.check()
+            if held is not None:
+                yield bytes((held,))
+
+    def read(self, view):
+        """Read from upstream; its failures are counted as the upstream's."""
+        try:
+            new = self.answer.readinto(view)
+        except socket.timeout:
+            raise UpstreamError(504, "upstream stalled in the middle of a body")
+        except (OSError, http.client.HTTPException) as error:
+            raise UpstreamError(502, "upstream body broke off", str(error)[:200])
+        self.received += new
+        return new
+
+    def check(self):
+        if self.finish:
+            self.finish()
+            self.finish = None
+        if self.hasher.hexdigest() != self.verify.split(":")[1]:
+            raise UpstreamError(502, "upstream body does not match its digest", self.verify)
+        self.verified = True
+
+    def close(self):
+        if self.finish:
+            self.finish()
+            self.finish = None
+        for view, buffer in zip(self.views, self.buffers):
+            view.release()
+            release_buffer(buffer)
+
+
+class ChunkedWriter:
+    """Writes a body in HTTP/1.1 chunked framing (RFC 9112 7.1) to `write`; end() writes the
+    last chunk, without which the client knows the body is incomplete."""
+
+    def __init__(self, write):
+        self.raw = write
+
+    def write(self, data):
+        if len(data):
+            self.raw(b"%x\r\n" % len(data))
+            self.raw(data)
+            self.raw(b"\r\n")
+
+    def end(self):
+        self.raw(b"0\r\n\r\n")
+
+
 def reset_connection(sock):
     """Abort a TCP connection: SO_LINGER with a zero timeout makes the close send a reset
     (RST), and closing at once keeps any shutdown (the server's, when the handler returns)
@@ -1032,6 +1139,55 @@ class ConnectionPool:
             connection.close()
 
 
+class UpstreamResponse:
+    """One upstream answer and the connection it came on: all that the rest of docxy knows of
+    http.client. The body is read with readinto() or read_small(); release() then gives the
+    connection back to the pool if the body was read to its end, and closes it otherwise (a
+    half-read connection is never reused); discard() reads a small body away first. One
+    thread's at a time, no lock."""
+
+    def __init__(self, pool, origin, connection, response, first_hop=()):
+        self.pool, self.origin = pool, origin
+        self.connection, self.response = connection, response
+        self.status = response.status
+        self.first_hop = list(first_hop)    # registry headers the hop before a redirect gave
+        self.released = False
+
+    def header(self, name, default=None):
+        return self.response.getheader(name, default)
+
+    def headers(self):
+        return self.response.getheaders()
+
+    @property
+    def remaining(self):
+        """What the body's Content-Length still promises, counted down as it is read; None
+        when the body's end is not announced (chunked, or delimited by the connection's end)."""
+        return self.response.length
+
+    def readinto(self, view):
+        return self.response.readinto(view)
+
+    def read_small(self, limit=1 << 20):
+        return self.response.read(limit)
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.pool.release(self.origin, self.connection, self.response)
+
+    def discard(self, limit=65536):
+        """Read a small body (a redirect's, a HEAD's) so the connection can be reused; a larger
+        one is not worth reading: the connection closes."""
+        try:
+            if self.response.length is not None and self.response.length <= limit:
+                self.response.read()
+        except (OSError, http.client.HTTPException):
+            self.released = True
+            self.connection.close()
+        self.release()
+
+
 def connect_ipv4(address, timeout, source_address=None):
     """socket.create_connection restricted to IPv4, for hosts whose IPv6 route is broken."""
     error = None
@@ -1115,7 +1271,7 @@ def framing_fault(response, method):
 def fetch(pool, method, url, headers, body=None, home=None):
     """Send a request upstream and follow redirects the way a registry client must.
 
-    Returns (origin, connection, response, first_hop_headers). Authorization and
+    Returns an UpstreamResponse. Authorization and
     Cookie are only sent to the host they were meant for; the scheme never drops
     from https to http. `home` is the origin of the registry the request is for:
     any other host (a CDN, a token realm) must be at an address the registry may
@@ -1131,11 +1287,13 @@ def fetch(pool, method, url, headers, body=None, home=None):
         within = pool.reachable_from(home) if home and origin != home else None
         connection, response = send_once(pool, origin, method, target, headers, body, within)
         location = response.getheader("Location")
+        answer = UpstreamResponse(pool, origin, connection, response, first_hop_headers)
         if response.status not in REDIRECTS or not location:
-            return origin, connection, response, first_hop_headers
+            return answer
         if not first_hop_headers:
-            first_hop_headers = [(k, v) for k, v in response.getheaders() if k.lower() in REGISTRY_HEADERS]
-        discard_body(pool, origin, connection, response)
+            first_hop_headers = [(k, v) for k, v in answer.headers()
+                                 if k.lower() in REGISTRY_HEADERS]
+        answer.discard()
         url = redirect_target(url, location)
         if urllib.parse.urlsplit(url)[:2] != parts[:2]:
             headers.pop("Authorization", None)   # S3-style CDNs reject it, and it is not theirs
@@ -1158,18 +1316,6 @@ def redirect_target(url, location):
     if url.startswith("https:") and parts.scheme == "http":
         raise UpstreamError(502, "upstream redirected from https to http; refused", parts.hostname)
     return target
-
-
-def discard_body(pool, origin, connection, response, limit=65536):
-    """Read a small body (a redirect's) so the connection can be reused; close it if large."""
-    try:
-        if response.length is not None and response.length <= limit:
-            response.read()
-            pool.release(origin, connection, response)
-            return
-    except (OSError, http.client.HTTPException):
-        pass
-    connection.close()
 
 
 def parse_challenge(value):
@@ -1213,6 +1359,183 @@ def parse_challenge(value):
 
 def format_challenge(scheme, params):
     return "%s %s" % (scheme, ",".join('%s="%s"' % (k, v.replace('"', '\\"')) for k, v in params))
+
+
+class RegistryClient:
+    """docxy as a client of the upstream registries: the connection pool; each registry's
+    Bearer challenge (its token realm and service) and the tokens docxy obtained with it
+    (anonymously, or with the operator's credentials); and each registry's health: when its
+    /v2/ last answered, and until when it counts as down after a failure.
+
+    `lock` guards `pings` and `down_until`. `challenges` maps a registry's name to a dict
+    that is replaced whole, never changed, so it is read without the lock; `tokens` has its
+    own. Every exchange is counted in the Metrics given (errors, the upstream's rate limit)
+    and in the request's AccessRecord."""
+
+    def __init__(self, config, metrics):
+        self.tls = ssl.create_default_context()     # the system's store; honours SSL_CERT_FILE
+        self.pool = ConnectionPool(config.upstream_timeout, self.tls, config.ipv4_only)
+        self.metrics = metrics
+        self.user_agent = "docxy/" + __version__
+        self.lock = threading.Lock()
+        self.pings = {}         # registry name -> when its /v2/ last answered
+        self.down_until = {}    # registry name -> don't ask it again before
+        self.registries, self.challenges = {}, {}
+        self.configure(config)
+
+    def configure(self, config):
+        """Take a configuration's registries: a challenge is kept while its upstream stays."""
+        old, new = self.registries, config.registries
+        self.challenges = {name: challenge for name, challenge in self.challenges.items()
+                           if name in old and name in new and old[name].upstream == new[name].upstream}
+        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained
+        self.registries = new
+
+    # -- challenges and tokens
+
+    def learn_challenge(self, registry, challenge):
+        """Remember a registry's token realm; a realm may not be less secure than its registry."""
+        scheme, params = parse_challenge(challenge)
+        params = dict(params)
+        parts = urllib.parse.urlsplit(params.get("realm", ""))
+        if scheme.lower() == "bearer" and parts.scheme in ("http", "https") and parts.hostname \
+                and not (registry.upstream.scheme == "https" and parts.scheme == "http"):
+            # Only what holds for every repository: a scope or error belongs to one request.
+            self.challenges[registry.name] = {k: params[k] for k in ("realm", "service")
+                                              if k in params}
+            return params
+        return None
+
+    def challenge(self, registry, discover=False):
+        """The registry's Bearer challenge as learned, or asked of its /v2/ now (`discover`: a
+        client may come for a token first). None for a registry that uses no tokens."""
+        known = self.challenges.get(registry.name)
+        if known or not discover:
+            return known
+        answer = fetch(self.pool, "GET", origin_url(registry.upstream) + "/v2/",
+                       {"User-Agent": self.user_agent}, home=registry.upstream)
+        challenge = answer.header("WWW-Authenticate", "")
+        answer.discard()
+        if answer.origin != registry.upstream:
+            return None
+        return self.learn_challenge(registry, challenge)
+
+    def login(self, registry, challenge, scope):
+        """An Authorization for the upstream: a Bearer token from its realm (anonymous, or
+        with the operator's credentials), or the operator's Basic credentials."""
+        scheme, _ = parse_challenge(challenge)
+        if scheme.lower() == "basic":
+            return basic_authorization(registry) if registry.username else None
+        learned = self.learn_challenge(registry, challenge)
+        if not learned:
+            return None
+        query = [(k, learned[k]) for k in ("service", "scope") if learned.get(k)]
+        if "scope" not in learned:
+            query.append(("scope", scope))
+        headers = {"User-Agent": self.user_agent}
+        if registry.username:
+            headers["Authorization"] = basic_authorization(registry)
+        answer = fetch(self.pool, "GET", with_query(learned["realm"], query), headers,
+                       home=registry.upstream)
+        try:
+            body = answer.read_small() if answer.status == 200 else b""
+        finally:
+            answer.release()
+        token, lifetime = token_of(body)
+        if not token:
+            return None
+        authorization = Secret("Bearer " + token)
+        lifetime = min(max(lifetime, 0.0), 3600.0)     # kept a little less long than it lives
+        self.tokens.put((registry.name, scope), authorization,
+                        lifetime - min(10.0, lifetime * 0.1))
+        return authorization
+
+    # -- exchanges
+
+    def fetch(self, registry, method, url, headers, record, body=None, scope=None):
+        """Send a request upstream; an UpstreamResponse. With a scope, docxy logs in upstream
+        itself (anonymously or with the operator's credentials) when challenged, and
+        remembers the token. `headers` gets the Authorization used."""
+        known = self.tokens.get((registry.name, scope)) if scope else None
+        challenge = self.challenges.get(registry.name)
+        if scope and not known and challenge:   # log in first: saves a 401 round trip upstream
+            known = self.login(registry, format_challenge("Bearer", list(challenge.items())),
+                               scope)
+        if known:
+            headers["Authorization"] = known
+        record.registry = registry.name
+        began = time.monotonic()
+        try:
+            answer = fetch(self.pool, method, url, headers, body, registry.upstream)
+            if scope and answer.status == 401 and answer.origin == registry.upstream:
+                login = self.login(registry, answer.header("WWW-Authenticate", ""), scope)
+                if login:
+                    answer.discard()
+                    headers["Authorization"] = login
+                    answer = fetch(self.pool, method, url, headers, body, registry.upstream)
+        except UpstreamError as error:
+            record.upstream_status = "error"
+            self.count_error(registry.name, error.kind)
+            raise
+        finally:
+            record.upstream_seconds += time.monotonic() - began
+        record.upstream_status = str(answer.status)
+        self.note_answer(registry, answer)
+        return answer
+
+    def note_answer(self, registry, answer):
+        if answer.status < 500:
+            self.mark_up(registry)
+        if answer.status == 429 or answer.status >= 500:
+            self.count_error(registry.name, "429" if answer.status == 429 else "5xx")
+        # Anchored, and the two runs cannot overlap: linear in the header's length.
+        remaining = re.match(r"\s*(\d+)", answer.header("RateLimit-Remaining", "") or "")
+        if remaining:
+            self.metrics.set("docxy_upstream_ratelimit_remaining",
+                             (("registry", registry.name),), int(remaining.group(1)))
+
+    def count_error(self, registry_name, kind):
+        self.metrics.add("docxy_upstream_errors_total",
+                         (("registry", registry_name), ("kind", kind)))
+
+    # -- health
+
+    def answered_lately(self, registry):
+        """Whether the registry's /v2/ answered within PING_MEMORY."""
+        with self.lock:
+            asked = self.pings.get(registry.name)
+        return asked is not None and time.monotonic() - asked < PING_MEMORY
+
+    def answered(self, registry):
+        with self.lock:
+            self.pings[registry.name] = time.monotonic()
+
+    def is_down(self, registry):
+        with self.lock:
+            return self.down_until.get(registry.name, 0) > time.monotonic()
+
+    def mark_down(self, registry):
+        """Count the registry as down for OUTAGE_MEMORY; True if it was not already."""
+        with self.lock:
+            if self.down_until.get(registry.name, 0) > time.monotonic():
+                return False
+            self.down_until[registry.name] = time.monotonic() + OUTAGE_MEMORY
+            return True
+
+    def mark_up(self, registry):
+        with self.lock:
+            self.down_until.pop(registry.name, None)
+
+
+def token_of(body):
+    """(token, lifetime in seconds) from a token realm's JSON answer; (None, 0) if none."""
+    try:
+        answer = json.loads(body.decode())
+        token = answer.get("token") or answer.get("access_token")
+        lifetime = float(answer.get("expires_in") or 60)
+    except (ValueError, AttributeError, TypeError):
+        return None, 0.0
+    return (token, lifetime) if isinstance(token, str) and token else (None, 0.0)
 
 
 # ---------------------------------------------------------------- cache
@@ -1279,8 +1602,6 @@ class Cache:
         self.tags, self.tag_keys = {}, collections.defaultdict(list)
         self.tag_files, self.tag_bytes = collections.OrderedDict(), 0
         self.paused_until = 0.0
-        self.pings = {}                             # registry name -> when its /v2/ last answered
-        self.down_until = {}                        # registry name -> don't ask it again before
         self.stats = collections.Counter()
         for folder in ("objects", "tags", "tmp", "types"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
@@ -1476,6 +1797,13 @@ class Cache:
     def count(self, event, amount=1):
         with self.lock:
             self.stats[event] += amount
+
+    def figures(self):
+        """The cache's figures, taken together under its lock: for /metrics and the status
+        page, which never read the cache's state themselves."""
+        with self.lock:
+            return {"size": self.size, "max_size": self.max_size, "objects": len(self.objects),
+                    "events": dict(self.stats)}
 
     def pause(self, error):
         if time.monotonic() >= self.paused_until:
@@ -1774,7 +2102,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    """Counters for /metrics and the status page, in the Prometheus text format."""
+    """Counters, gauges and request durations, for /metrics (in the Prometheus text format)
+    and the status page. `lock` guards all of them; readers take copies under it."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -1782,7 +2111,7 @@ class Metrics:
         self.durations = {}                         # route -> [bucket counts..., sum, count]
         self.gauges = {}                            # (name, labels) -> value
         self.started = time.time()
-        self.inflight = 0
+        self.inflight = 0                           # requests being answered now
 
     def add(self, name, labels=(), value=1):
         with self.lock:
@@ -1792,9 +2121,27 @@ class Metrics:
         with self.lock:
             self.gauges[(name, tuple(labels))] = value
 
+    def gauge(self, name, labels=()):
+        with self.lock:
+            return self.gauges.get((name, tuple(labels)))
+
+    def request_started(self):
+        with self.lock:
+            self.inflight += 1
+
+    def request_ended(self):
+        with self.lock:
+            self.inflight -= 1
+
+    def in_flight(self):
+        """Requests being answered now: transfers share their buffers' budget among them."""
+        with self.lock:
+            return self.inflight
+
     def request_done(self, route, status, sent, seconds):
         with self.lock:
-            self.counters[("docxy_requests_total", (("route", route), ("status", str(status))))] += 1
+            self.counters[("docxy_requests_total",
+                           (("route", route), ("status", str(status))))] += 1
             self.counters[("docxy_sent_bytes_total", (("route", route),))] += sent
             cells = self.durations.setdefault(route, [0] * (len(DURATION_BUCKETS) + 2))
             for i, bound in enumerate(DURATION_BUCKETS):
@@ -1808,24 +2155,24 @@ class Metrics:
             return sum(v for (n, labels), v in self.counters.items()
                        if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
 
-    def exposition(self, cache):
-        """The Prometheus text exposition format, version 0.0.4."""
+    def exposition(self, cache_figures=None):
+        """The Prometheus text exposition format, version 0.0.4; with the cache's figures
+        (Cache.figures) when there is a cache."""
         with self.lock:
             counters, gauges = dict(self.counters), dict(self.gauges)
             durations = {route: list(cells) for route, cells in self.durations.items()}
             inflight = self.inflight
         gauges[("docxy_inflight_requests", ())] = inflight
         gauges[("docxy_uptime_seconds", ())] = round(time.time() - self.started, 3)
-        if cache:
-            with cache.lock:
-                gauges[("docxy_cache_size_bytes", ())] = cache.size
-                gauges[("docxy_cache_max_size_bytes", ())] = cache.max_size
-                gauges[("docxy_cache_objects", ())] = len(cache.objects)
-                for event, value in cache.stats.items():
-                    if event == "bytes_served":
-                        counters[("docxy_cache_served_bytes_total", ())] = value
-                    else:
-                        counters[("docxy_cache_events_total", (("event", event),))] = value
+        if cache_figures:
+            gauges[("docxy_cache_size_bytes", ())] = cache_figures["size"]
+            gauges[("docxy_cache_max_size_bytes", ())] = cache_figures["max_size"]
+            gauges[("docxy_cache_objects", ())] = cache_figures["objects"]
+            for event, value in cache_figures["events"].items():
+                if event == "bytes_served":
+                    counters[("docxy_cache_served_bytes_total", ())] = value
+                else:
+                    counters[("docxy_cache_events_total", (("event", event),))] = value
         lines = []
         for kind, table in (("counter", counters), ("gauge", gauges)):
             for name in sorted({n for n, _ in table}):
@@ -1833,14 +2180,22 @@ class Metrics:
                           "# TYPE %s %s" % (name, kind)]
                 lines += ["%s%s %s" % (name, prometheus_labels(labels), number(value))
                           for (n, labels), value in sorted(table.items()) if n == name]
-        name = "docxy_request_duration_seconds"
-        lines += ["# HELP %s %s" % (name, METRIC_HELP[name]), "# TYPE %s histogram" % name]
-        for route, cells in sorted(durations.items()):
-            for bound, count in zip(DURATION_BUCKETS + ("+Inf",), cells[:len(DURATION_BUCKETS)] + [cells[-1]]):
-                lines.append("%s_bucket%s %d" % (name, prometheus_labels((("route", route), ("le", str(bound)))), count))
-            lines.append("%s_sum%s %s" % (name, prometheus_labels((("route", route),)), number(cells[-2])))
-            lines.append("%s_count%s %d" % (name, prometheus_labels((("route", route),)), cells[-1]))
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + histogram_lines(durations)) + "\n"
+
+
+def histogram_lines(durations):
+    """docxy_request_duration_seconds, a histogram by route, in the exposition format."""
+    name = "docxy_request_duration_seconds"
+    lines = ["# HELP %s %s" % (name, METRIC_HELP[name]), "# TYPE %s histogram" % name]
+    for route, cells in sorted(durations.items()):
+        counts = cells[:len(DURATION_BUCKETS)] + [cells[-1]]
+        for bound, count in zip(DURATION_BUCKETS + ("+Inf",), counts):
+            labels = prometheus_labels((("route", route), ("le", str(bound))))
+            lines.append("%s_bucket%s %d" % (name, labels, count))
+        labels = prometheus_labels((("route", route),))
+        lines.append("%s_sum%s %s" % (name, labels, number(cells[-2])))
+        lines.append("%s_count%s %d" % (name, labels, cells[-1]))
+    return lines
 
 
 METRIC_HELP = {
@@ -1873,27 +2228,35 @@ def number(value):
 
 
 class Mirror:
-    """Everything the running server shares: its settings, what it learned, its connections."""
+    """Everything the running server shares, and who guards what:
+    - config, and the routing tables made from it (by_name, by_host, default, limiter): replaced
+      whole by configure() on a reload, never changed in place, so read without a lock;
+    - upstream: the RegistryClient (pool, challenges, tokens, upstream health), its own locks;
+    - cache (None without --cache-dir) and metrics: each guards itself with its own lock;
+    - logins (verified Basic logins) and failed_logins: an ExpiringCache and a RateLimiter,
+      each locked inside; password_checks and login_queue: semaphores that bound PBKDF2 work;
+    - budget (ConnectionBudget) and waiting (WaitingConnections): the connection lifecycle;
+    - `lock` guards `connections` (socket -> handler, to close idle ones when draining);
+    - date: (second, its Date header), a tuple replaced whole (see date_time_string)."""
 
     def __init__(self, config):
         self.limiter = None
+        self.metrics = Metrics()
+        self.upstream = RegistryClient(config, self.metrics)
         self.configure(config)
-        self.upstream_tls = ssl.create_default_context()   # system store; honours SSL_CERT_FILE
-        self.pool = ConnectionPool(config.upstream_timeout, self.upstream_tls, config.ipv4_only)
         # PBKDF2 is slow on purpose: LOGIN_HASHERS at once, LOGIN_QUEUE more waiting, and a
         # client network that failed too often is answered at once (see check_login).
         self.password_checks = threading.BoundedSemaphore(LOGIN_HASHERS)
         self.login_queue = threading.BoundedSemaphore(LOGIN_HASHERS + LOGIN_QUEUE)
         self.failed_logins = RateLimiter(*LOGIN_FAILURES)
         self.cache = open_cache(config) if config.cache_dir else None
-        self.metrics = Metrics()
         self.https_port = 443               # where --http-redirect sends clients
         self.budget = ConnectionBudget(config.max_connections)
         self.draining = threading.Event()
-        self.connections = {}               # socket -> handler, to close idle ones when draining
+        self.connections = {}
         self.waiting = None                 # WaitingConnections, once there are listeners
         self.lock = threading.Lock()
-        self.date = (0, "")                 # (second, its Date header): see date_time_string
+        self.date = (0, "")
 
     def configure(self, config):
         """Take a configuration's registries and access rules: at start, and on a reload."""
@@ -1903,34 +2266,35 @@ class Mirror:
                 by_name.setdefault(name, registry)
             for host in registry.hosts:
                 by_host.setdefault(host, registry)
-        for registry in config.registries.values():   # a registry's own name beats anyone's alias
+        public_host = urllib.parse.urlsplit(config.public_url or "").hostname
+        for registry in config.registries.values():   # a registry's own name beats any alias
             by_name[registry.name] = by_host[registry.name] = registry
-            if config.public_url and registry.short:
-                by_host["%s.%s" % (registry.short, urllib.parse.urlsplit(config.public_url).hostname)] = registry
-        keep_limiter = self.limiter and self.limiter.rate_limit == config.rate_limit
-        self.limiter = self.limiter if keep_limiter else RateLimiter(*config.rate_limit) if config.rate_limit else None
-        old = getattr(self, "registries", {})
+            if public_host and registry.short:
+                by_host["%s.%s" % (registry.short, public_host)] = registry
+        if not (self.limiter and self.limiter.rate_limit == config.rate_limit):
+            self.limiter = RateLimiter(*config.rate_limit) if config.rate_limit else None
+        self.upstream.configure(config)
         self.by_name, self.by_host, self.registries = by_name, by_host, config.registries
         self.default = config.registries[config.default_registry]
-        # registry name -> its Bearer challenge (realm, service), kept while its upstream stays
-        self.challenges = {name: challenge for name, challenge in getattr(self, "challenges", {}).items()
-                           if name in old and name in config.registries
-                           and old[name].upstream == config.registries[name].upstream}
-        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained itself
-        self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user name or ""
+        self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user or ""
         self.config = config
 
-    def learn_challenge(self, registry, challenge):
-        """Remember a registry's token realm; a realm may not be less secure than its registry."""
-        scheme, params = parse_challenge(challenge)
-        params = dict(params)
-        parts = urllib.parse.urlsplit(params.get("realm", ""))
-        if scheme.lower() == "bearer" and parts.scheme in ("http", "https") and parts.hostname and \
-                not (registry.upstream.scheme == "https" and parts.scheme == "http"):
-            # Only what holds for every repository: a scope or error belongs to one request.
-            self.challenges[registry.name] = {k: params[k] for k in ("realm", "service") if k in params}
-            return params
-        return None
+    def registry_for(self, ns, host, path):
+        """Which registry a request is for, and its path without a registry prefix: ?ns=,
+        else the Host header (`host`, without its port), else a path prefix, else the
+        default registry."""
+        if ns is not None:
+            if ns.lower() not in self.by_name:
+                raise RegistryError(404, "NAME_UNKNOWN",
+                                    "this mirror does not serve that registry", ns[:200])
+            return self.by_name[ns.lower()], path
+        if host in self.by_host:
+            return self.by_host[host], path
+        if path:
+            registry, name = self.registry_by_prefix(path[len("/v2/"):])
+            if registry:
+                return registry, "/v2/" + name
+        return self.default, path
 
     def registry_by_prefix(self, name):
         """'ghcr.io/owner/image' -> (ghcr.io's Registry, 'owner/image'), or (None, name)."""
@@ -2086,6 +2450,45 @@ def report(message, log_format, prefix=""):
     line = log_line(message, logging.INFO, True) if json_lines else prefix + message + "\n"
     sys.stdout.write(line)
     sys.stdout.flush()
+
+
+class AccessRecord:
+    """What one request did, for its access line (text or JSON) and the metrics. Filled in
+    as the request goes, by its handler and, for the upstream's part, RegistryClient.fetch;
+    one thread's, no lock."""
+
+    __slots__ = ("started", "client", "method", "path", "status", "sent", "received", "user",
+                 "registry", "upstream_status", "upstream_seconds", "cache", "long_transfer")
+
+    def __init__(self):
+        self.started, self.client, self.method, self.path = time.monotonic(), "-", "-", "-"
+        self.status, self.sent, self.received, self.user = None, 0, 0, None
+        self.registry, self.upstream_status, self.upstream_seconds = "-", "-", 0.0
+        self.cache, self.long_transfer = "-", 0
+
+    def speed(self, seconds):
+        """MiB/s, for a long transfer only."""
+        if not self.long_transfer:
+            return None
+        return self.sent / 1048576 / max(seconds, 1e-6)
+
+    def json_line(self, seconds):
+        return json.dumps({
+            "time": round(time.time(), 3), "client": self.client, "method": self.method,
+            "path": self.path[:300], "status": self.status, "bytes": self.sent,
+            "duration": round(seconds, 4), "upstream_status": self.upstream_status,
+            "upstream_time": round(self.upstream_seconds, 4), "registry": self.registry,
+            "cache": self.cache, "user": self.user,
+            "mib_per_second": round(self.speed(seconds), 1) if self.long_transfer else None},
+            separators=(",", ":")) + "\n"
+
+    def text_line(self, seconds):
+        speed = self.speed(seconds)
+        return log_line('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
+            self.client, self.method, self.path[:300], self.status, self.sent, seconds,
+            " %.1fMiB/s" % speed if speed is not None else "", self.upstream_status,
+            " user=" + self.user if self.user else "",
+            " cache=" + self.cache if self.cache != "-" else ""), logging.INFO, False)
 
 
 LOG_LOCK = threading.Lock()
@@ -2371,8 +2774,14 @@ class StrictRequestParser:
         return False
 
 
-class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
-    """One client connection: read requests, answer each from upstream or from docxy itself."""
+class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard,
+                             http.server.BaseHTTPRequestHandler):
+    """A client connection of a registry: frames its requests one by one (RequestReader,
+    StrictRequestParser, frame_request, read_body), answers errors as registry JSON, and logs
+    each request once (AccessRecord). A subclass overrides route(), which answers one framed
+    request; it may raise RegistryError, answered here. Between requests, a connection whose
+    next request is not there within PARK_AFTER goes back to WaitingConnections (`parked`).
+    Its state is its own thread's; the shared kind lives in the server's Mirror."""
 
     protocol_version = "HTTP/1.1"
     server_version = "docxy/" + __version__
@@ -2427,7 +2836,7 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
             return False
 
     def handle_one_request(self):
-        self.status, self.sent, self.upstream_status = None, 0, "-"
+        self.status, self.record = None, AccessRecord()
         self.reader.deadline = time.monotonic() + self.mirror.config.client_timeout
         self.idle = True
         tls_probe = self.reader.pending[:2] == b"\x16\x03"
@@ -2444,13 +2853,11 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
         if not self.raw_requestline:
             self.close_connection = True
             return
-        self.started = time.monotonic()
+        self.record.started = time.monotonic()
         self.command, self.path, self.request_version = None, "-", "HTTP/1.1"
-        self.client, self.user, self.cache_status = self.client_address[0], None, "-"
-        self.registry_name, self.received, self.upstream_seconds, self.long_transfer = "-", 0, 0.0, 0
+        self.client = self.client_address[0]
         metrics = self.mirror.metrics
-        with metrics.lock:
-            metrics.inflight += 1
+        metrics.request_started()
         try:
             if tls_probe and not self.server.tls_context:
                 # Docker, podman and skopeo try TLS first; an HTTP answer is what tells them
@@ -2475,12 +2882,13 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
                 self.wfile.flush()      # a head that no body followed (HEAD, 304, errors)
             except OSError:
                 self.close_connection = True
-            with metrics.lock:
-                metrics.inflight -= 1
+            metrics.request_ended()
             if self.status is not None:
                 self.log_access()
 
-    # -- framing: one request, exactly
+    def route(self):
+        """Answer the request just framed: self.command, self.path, self.headers."""
+        raise NotImplementedError
 
     def frame_request(self):
         """How long the body is (RFC 9112 6.3): None for chunked, else its Content-Length (0 for
@@ -2529,838 +2937,6 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
             raise RegistryError(400, "UNSUPPORTED", "a %s request carries no body" % self.command)
         return b""      # another method gets a 405, and the connection closes with the body unread
 
-    # -- who is asking
-
-    def trusted_peer(self):
-        return any(self.peer in network for network in self.mirror.config.trusted_proxy)
-
-    def forwarded_client(self):
-        """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
-        X-Forwarded-For entry that is not itself a trusted proxy."""
-        client = self.peer_text
-        if not self.trusted_peer():
-            return client
-        hops = ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")
-        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list may have empty items
-            try:
-                address = forwarded_address(hop)
-            except ValueError:
-                # Failing open would make the trusted proxy itself the client.
-                raise RegistryError(400, "DENIED", "X-Forwarded-For names no client address",
-                                    hop.strip()[:100])
-            client = str(address)
-            if not any(address in network for network in self.mirror.config.trusted_proxy):
-                break
-        return client
-
-    def check_access(self, path, registry_request):
-        """--allow, then --users: refused clients never cause an upstream request."""
-        allow = self.mirror.config.allow
-        if allow and not any(plain_address(self.client) in network for network in allow):
-            raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
-        if self.mirror.config.users and registry_request:
-            self.user = self.mirror.check_login(self.headers.get("Authorization", ""), self.client)
-            if not self.user:
-                raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)", None,
-                                    [("WWW-Authenticate", 'Basic realm="docxy"')])
-
-    # -- routing
-
-    def route(self):
-        path, _, query = self.path.partition("?")
-        token_path = TOKEN_PATH.fullmatch(path)
-        try:
-            self.frame_request()
-            self.body = self.read_body(self.command == "POST" and token_path is not None)
-            if path == "/health" and self.command in ("GET", "HEAD"):
-                return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
-            self.client = self.forwarded_client()
-            if path == "/metrics" and self.command in ("GET", "HEAD"):
-                return self.send_metrics()
-            self.check_access(path, path == "/v2" or path.startswith("/v2/"))
-            if path == "/" and self.command in ("GET", "HEAD"):
-                return self.send_status()
-            if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
-                raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only", self.command)
-            if path in ("/v2", "/v2/"):
-                return self.proxy_base(query)
-            if token_path and not self.mirror.config.users:
-                return self.proxy_token(token_path.group("registry"), query)
-            if path.startswith("/v2/"):
-                return self.proxy_registry(path, query)
-            raise RegistryError(404, "NOT_FOUND", "no such endpoint", path[:200])
-        except RegistryError as error:
-            self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
-        except UpstreamError as error:
-            log("upstream error from %s: %s (%s)"
-                % (self.registry_name, error.message, error.detail))
-            # The error's detail can name the CDN a redirect led to: it is for the operator's log
-            # only. The client learns which registry failed, and how.
-            cause = upstream_cause(error, self.mirror.config.upstream_timeout)
-            self.send_registry_error(error.status, "UNAVAILABLE", error.message,
-                                     {"registry": self.registry_name, "cause": cause})
-
-    def registry_for(self, query, path=None):
-        """Which registry a request is for, and the path without its prefix."""
-        registry, path = self.route_registry(query, path)
-        self.registry_name = registry.name
-        return registry, path
-
-    def route_registry(self, query, path):
-        """?ns=, else the Host header, else a path prefix, else the default registry."""
-        ns = dict(urllib.parse.parse_qsl(query)).get("ns")
-        if ns is not None:
-            if ns.lower() not in self.mirror.by_name:
-                raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", ns[:200])
-            return self.mirror.by_name[ns.lower()], path
-        host = without_port(self.public_host() or "").lower()
-        if host in self.mirror.by_host:
-            return self.mirror.by_host[host], path
-        if path:
-            registry, name = self.mirror.registry_by_prefix(path[len("/v2/"):])
-            if registry:
-                return registry, "/v2/" + name
-        return self.mirror.default, path
-
-    # -- the routes
-
-    def proxy_base(self, query):
-        """GET /v2/: the version check, whose challenge tells clients where to get tokens."""
-        if self.mirror.config.users:    # the login was checked already; upstream logins are docxy's
-            return self.send_json(200, {})
-        registry, _ = self.registry_for(query)
-        cache = self.mirror.cache
-        asked = cache and cache.pings.get(registry.name)
-        if asked and time.monotonic() - asked < PING_MEMORY:
-            self.cache_status = "hit"
-            return self.send_ping(registry)
-        try:
-            self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/", self.forward_headers())
-        except UpstreamError as error:
-            if not cache:
-                raise
-            log("upstream %s unreachable, answering /v2/ from memory: %s" % (registry.name, error.message))
-            self.cache_status = "stale"
-            return self.send_ping(registry)
-        if cache and self.status in (200, 401):
-            cache.pings[registry.name] = time.monotonic()
-
-    def send_ping(self, registry):
-        """/v2/ without asking upstream (cache mode): the challenge it gave last, or none, in
-        which case clients skip the token dance and pull what the cache holds."""
-        challenge = self.mirror.challenges.get(registry.name)
-        if challenge:
-            header = self.rewrite_challenge(registry, format_challenge("Bearer", list(challenge.items())))
-            return self.send_registry_error(401, "UNAUTHORIZED", "authentication required", None,
-                                            [("WWW-Authenticate", header)] + self.cache_headers())
-        self.send_json(200, {}, self.cache_headers())
-
-    def proxy_registry(self, path, query):
-        registry, path = self.registry_for(query, path)
-        upstream_path, name, kind, ref = parse_registry_path(path, query, registry.library)
-        if kind == "manifests" and self.mirror.limiter:
-            wait = self.mirror.limiter.wait_needed(self.client)
-            if wait:
-                raise RegistryError(429, "TOOMANYREQUESTS", "too many manifest requests; slow down",
-                                    {"retry_after": wait}, [("Retry-After", str(wait))])
-        verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
-        headers = self.forward_headers()
-        if kind == "manifests":     # what the tag records are keyed by, and nothing else
-            headers.pop("Accept", None)
-            accepted = manifest_accept(self.headers.get_all("Accept") or [])
-            if accepted:
-                headers["Accept"] = ", ".join(accepted)
-        scope = login_scope(headers, name)
-        url = origin_url(registry.upstream) + upstream_path
-        if self.mirror.cache and verify:
-            return self.serve_object(registry, url, name, kind, verify, headers)
-        if self.mirror.cache and kind == "manifests":
-            return self.serve_tag(registry, url, name, ref, headers)
-        self.relay(registry, self.command, url, headers, verify=verify, scope=scope)
-
-    def proxy_token(self, name, query):
-        """/auth/<registry>/token: forward a token request to the realm that registry named.
-
-        A scope may name another registry by prefix (repository:ghcr.io/owner/image:pull,
-        after `docker pull mirror/ghcr.io/owner/image` saw docker.io's challenge): the
-        request then goes to that registry's realm, without the client's credentials,
-        which were meant for the first one."""
-        registry = self.mirror.default if name is None else self.mirror.registries.get(name)
-        if registry is None:
-            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", name[:200])
-        try:
-            self.forward_token_request(registry, query)
-        except UpstreamError as error:
-            if not self.mirror.cache:
-                raise
-            # The cache serves shared content with docxy's own login, whatever token a client
-            # shows, so a placeholder lets clients pull cached images while the realm is down.
-            log("token service of %s unreachable, handing out a placeholder: %s" % (registry.name, error.message))
-            self.cache_status = "stale"
-            self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 60},
-                           self.cache_headers())
-
-    def forward_token_request(self, registry, query):
-        """A client's own login (an Authorization header, or an OAuth2 password or refresh
-        grant in a POST form) goes to the realm as the client wrote it, scopes renamed for
-        the upstream. Anything else is a pull, and docxy writes the token request itself:
-        the service the upstream's own challenge named, each repository scope cut down to pull,
-        nothing else the client sent (offline_token would buy a refresh token for the
-        operator's account), and no refresh token in the answer."""
-        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if self.command == "POST":
-            params = urllib.parse.parse_qsl(self.body.decode("latin-1"), keep_blank_values=True)
-        # A scope parameter may hold several scopes, space-separated (OAuth2's form).
-        scopes = [scope for key, value in params if key == "scope" for scope in value.split()]
-        target = registry
-        named = [split_scope(scope) for scope in scopes if split_scope(scope)]
-        if named:
-            target = self.mirror.registry_by_prefix(named[0][0])[0] or registry
-        challenge = self.mirror.challenges.get(target.name) or self.discover_challenge(target)
-        if challenge is None:
-            # A registry without token auth, reached by prefix after docker.io's challenge: the
-            # client still wants a token. A placeholder does; docxy drops it again upstream.
-            return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 300})
-        renamed = {}    # each of the client's scopes as the target registry calls it
-        for scope in scopes:
-            if split_scope(scope):
-                owner, name, actions = self.scope_owner(scope)
-                if (owner or registry) is target and len(name) <= MAX_NAME and NAME.fullmatch(name):
-                    name = upstream_name(name, target.library)
-                    renamed[scope] = "repository:%s:%s" % (name, actions)
-        headers = {"User-Agent": self.forward_headers()["User-Agent"]}
-        grant = dict(params).get("grant_type") if self.command == "POST" else None
-        own_login = "Authorization" in self.headers or grant in ("password", "refresh_token")
-        if target is registry and own_login:
-            return self.forward_client_login(target, challenge, params, renamed, headers)
-        pulls = [pull_only(scope) for scope in renamed.values()]
-        query = [("service", challenge["service"])] if challenge.get("service") else []
-        query += [("scope", scope) for scope in pulls if scope]
-        if target.username:
-            headers["Authorization"] = basic_authorization(target)
-        exchange = self.fetch_upstream(target, "GET", with_query(challenge["realm"], query), headers)
-        response = exchange[2]
-        if response.status != 200:
-            return self.send_upstream(target, "GET", exchange, False, rewrite_challenge=False)
-        try:
-            body = response.read(1 << 20)
-        finally:
-            self.mirror.pool.release(*exchange[:2], response)
-        self.send_json(200, token_answer(body))
-
-    def scope_owner(self, scope):
-        """'repository:ghcr.io/owner/image:pull' -> (ghcr.io's Registry, 'owner/image', 'pull');
-        (None, name, actions) for a name with no registry prefix."""
-        name, actions = split_scope(scope)
-        owner, name = self.mirror.registry_by_prefix(name)
-        return owner, name, actions
-
-    def forward_client_login(self, target, challenge, params, renamed, headers):
-        """The client's own credentials buy what they buy: passed through as a `docker login`
-        expects, with only the scopes renamed (and those for other registries left out)."""
-        scoped = []
-        for key, value in params:
-            if key == "scope":
-                value = " ".join(renamed.get(scope, scope) for scope in value.split()
-                                 if scope in renamed or not split_scope(scope))
-                if not value:
-                    continue
-            scoped.append((key, value))
-        if "Authorization" in self.headers:
-            headers["Authorization"] = self.headers["Authorization"]
-        realm, body = challenge["realm"], None
-        if self.command == "POST":
-            body = urllib.parse.urlencode(scoped).encode()
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-            url = realm
-        else:
-            url = with_query(realm, scoped)
-        self.relay(target, self.command, url, headers, body=body, rewrite_challenge=False)
-
-    def discover_challenge(self, registry):
-        """Ask a registry's /v2/ for its challenge: a client may come for a token first.
-        None for a registry that uses no tokens."""
-        origin, connection, response, _ = fetch(self.mirror.pool, "GET", origin_url(registry.upstream) + "/v2/",
-                                                {"User-Agent": self.server_version}, home=registry.upstream)
-        challenge = response.getheader("WWW-Authenticate", "")
-        discard_body(self.mirror.pool, origin, connection, response)
-        return self.mirror.learn_challenge(registry, challenge) if origin == registry.upstream else None
-
-    # -- answering from the cache
-
-    def serve_object(self, registry, url, name, kind, digest, headers, media_type=None):
-        """A blob or a manifest by digest: from the cache, from a download in progress, or
-        downloaded once while it streams to the client and into the cache."""
-        cache = self.mirror.cache
-        hit = cache.open(digest, kind)
-        if hit:
-            return self.send_cached(hit, digest, kind, "hit")
-
-        def pass_through():     # uncached, as the core proxy does
-            return self.relay(registry, self.command, url, headers, verify=digest, scope=login_scope(headers, name))
-
-        if self.command == "HEAD" or "Range" in headers:
-            return pass_through()
-        fill, leader = cache.start_fill(digest, kind)
-        if fill is None:
-            return pass_through()
-        if not leader:
-            return self.follow_fill(fill, digest, kind, pass_through)
-        verified = False
-        try:
-            cache.count("misses")
-            self.cache_status = "miss"
-            verified = self.fill_from_upstream(fill, registry, url, name, digest, headers, media_type)
-        finally:
-            cache.finish_fill(digest, fill, verified)
-
-    def fill_from_upstream(self, fill, registry, url, name, digest, headers, media_type):
-        """Download into the cache with docxy's own upstream login, so that what is cached is
-        what every client of this mirror may read. Content only the client's own credentials
-        can read is streamed to it, and never cached."""
-        own = {k: v for k, v in headers.items() if k != "Authorization"}
-        exchange = self.fetch_upstream(registry, "GET", url, own, scope="repository:%s:pull" % name)
-        if exchange[2].status in (401, 403) and "Authorization" in headers:
-            discard_body(self.mirror.pool, *exchange[:3])
-            self.cache_status = "private"
-            self.relay(registry, "GET", url, headers, verify=digest)
-            return False
-        if exchange[2].status != 200:
-            self.send_upstream(registry, "GET", exchange, False)
-            return False
-        return self.send_upstream(registry, "GET", exchange, False, digest, fill=fill, media_type=media_type)
-
-    def follow_fill(self, fill, digest, kind, pass_through):
-        """Serve a download another client started, from the file as it grows. If it fails
-        before it began (content docxy's own login may not read), fetch it as this client."""
-        cache = self.mirror.cache
-        cache.count("coalesced")
-        self.cache_status = "coalesced"
-        timeout = self.mirror.config.upstream_timeout
-        try:
-            handle = open(fill.path, "rb")
-        except OSError:     # committed (renamed) a moment ago, or discarded
-            cache.release(digest)
-            hit = cache.open(digest, kind)
-            if not hit:
-                raise UpstreamError(502, "the upstream download this request waited for failed", digest)
-            return self.send_cached(hit, digest, kind, "hit")
-        try:
-            with handle:
-                _, state, length = fill.wait(lambda f: f.length is not None, timeout)
-                unusable = length is None or kind == "manifests" and not fill.media_type
-                if state == "failed" or unusable:
-                    self.cache_status = "-"
-                    return pass_through()
-                self.send_object_headers(200, digest, kind, fill.media_type, length)
-                sent = 0
-                while sent < length:
-                    # The last byte waits for verification, as on the downloading connection.
-                    written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
-                    ready = written if state == "done" else min(written, length - 1)
-                    if state == "failed" or ready <= sent:
-                        return self.abort_transfer(UpstreamError(502, "coalesced download failed", digest))
-                    self.send_file(handle, sent, ready - sent)
-                    cache.count("bytes_served", ready - sent)
-                    sent = ready
-        except OSError as error:
-            self.abort_transfer(error)
-        finally:
-            cache.release(digest)
-
-    def serve_tag(self, registry, url, name, tag, headers):
-        """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
-        HEAD (free on Docker Hub); when upstream fails, the last known manifest is served stale."""
-        cache = self.mirror.cache
-        accepted = manifest_accept(self.headers.get_all("Accept") or [])
-        key = (registry.name, name, tag, ",".join(accepted))
-        record = cache.tag(key)
-        status = "hit"
-        if not record or time.time() - record["checked"] >= cache.tag_ttl:
-            status = "revalidated" if record else "miss"
-            own = {k: v for k, v in headers.items() if k != "Authorization"}
-            # During an outage a record made for another client's Accept list will do, if this
-            # client accepts its media type: a fleet of Docker and containerd nodes shares it.
-            fallback = record or cache.tag_for_any_client(key, accepted)
-            try:
-                if fallback and cache.down_until.get(registry.name, 0) > time.monotonic():
-                    raise UpstreamError(503, "upstream failed moments ago")
-                exchange = self.fetch_upstream(registry, "HEAD", url, own, scope="repository:%s:pull" % name)
-            except UpstreamError as error:
-                if not fallback:
-                    raise
-                # A silent upstream costs each request --upstream-timeout: wait once per half minute.
-                if cache.down_until.get(registry.name, 0) <= time.monotonic():
-                    cache.down_until[registry.name] = time.monotonic() + OUTAGE_MEMORY
-                    log("upstream %s failed (%s): serving cached tags stale for %gs, %s/%s:%s first"
-                        % (registry.name, error.message, OUTAGE_MEMORY, registry.name, name, tag))
-                exchange, status, record = None, "stale", fallback
-            if exchange:
-                response = exchange[2]
-                digest = response.getheader("Docker-Content-Digest", "")
-                media_type = media_type_of(response.getheader("Content-Type"))
-                discard_body(self.mirror.pool, *exchange[:3])
-                if response.status == 200 and DIGEST.fullmatch(digest) and media_type:
-                    record = cache.remember_tag(key, digest, media_type,
-                                                response.getheader("Content-Length", ""))
-                elif fallback and (response.status == 429 or response.status >= 500):
-                    status, record = "stale", fallback
-                else:   # unknown, or readable only with the client's own credentials: not shared
-                    return self.relay(registry, self.command, url, headers, scope=login_scope(headers, name))
-        cache.count("tag_" + status)
-        self.cache_status = status
-        if self.command == "HEAD":
-            hit = cache.open(record["digest"], "manifests")
-            if hit:
-                return self.send_cached(hit, record["digest"], "manifests", self.cache_status)
-            return self.send_object_headers(200, record["digest"], "manifests", record["type"],
-                                            int(record["length"] or 0))
-        by_digest = url.rsplit("/", 1)[0] + "/" + record["digest"]
-        return self.serve_object(registry, by_digest, name, "manifests", record["digest"], headers, record["type"])
-
-    def send_cached(self, hit, digest, kind, status):
-        """A cache hit: HEAD, a single Range, or the whole object (zero-copy on plain HTTP)."""
-        handle, size, media_type = hit
-        cache = self.mirror.cache
-        try:
-            if status == "hit" and self.cache_status == "-":
-                cache.count("hits")
-                self.cache_status = "hit"
-            span = parse_range(self.headers.get("Range"), size)
-            start, end = span or (0, size - 1)
-            self.send_object_headers(206 if span else 200, digest, kind, media_type, end - start + 1,
-                                     [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else [])
-            if self.command != "HEAD":
-                self.send_file(handle, start, end - start + 1)
-                cache.count("bytes_served", end - start + 1)
-        except OSError as error:
-            self.abort_transfer(error)
-        finally:
-            handle.close()
-            cache.release(digest)
-
-    def send_object_headers(self, status, digest, kind, media_type, length, extra=()):
-        self.send_response(status)
-        self.send_header("Content-Type", media_type if kind == "manifests" else "application/octet-stream")
-        self.send_header("Content-Length", str(length))
-        self.send_header("Docker-Content-Digest", digest)
-        self.send_header("ETag", '"%s"' % digest)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
-        for name, value in list(extra) + self.cache_headers():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def cache_headers(self):
-        if self.cache_status == "stale":
-            return [("Warning", STALE_WARNING), ("X-Docxy-Cache", "stale")]
-        return [("X-Docxy-Cache", self.cache_status)] if self.cache_status != "-" else []
-
-    def send_file(self, handle, offset, count):
-        """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
-        if not self.server.tls_context and hasattr(os, "sendfile"):
-            self.wfile.flush()
-            return self.send_file_zero_copy(handle, offset, count)
-        handle.seek(offset)
-        buffer = transfer_buffer(count, self.mirror.metrics.inflight)
-        view = memoryview(buffer)
-        try:
-            while count > 0:
-                n = handle.readinto(view[:min(count, len(buffer))])
-                if not n:
-                    raise OSError("cached object shorter than expected")
-                self.wfile.write(view[:n])
-                self.sent += n
-                count -= n
-        finally:
-            view.release()
-            release_buffer(buffer)
-
-    def send_file_zero_copy(self, handle, offset, count):
-        """os.sendfile, counting each piece as it goes: socket.sendfile loses the count when it
-        times out, and waits for room in the socket even after the last byte went."""
-        writable = select.poll()
-        writable.register(self.connection.fileno(), select.POLLOUT)
-        timeout = self.mirror.config.client_timeout * 1000
-        while count > 0:
-            try:
-                sent = os.sendfile(self.connection.fileno(), handle.fileno(), offset, count)
-            except BlockingIOError:     # the socket's buffer is full: wait for the client
-                if not writable.poll(timeout):
-                    raise socket.timeout("timed out")
-                continue
-            if not sent:
-                raise OSError("cached object shorter than expected")
-            offset, count, self.sent = offset + sent, count - sent, self.sent + sent
-
-    # -- logging in upstream on the client's behalf
-
-    def upstream_login(self, registry, challenge, scope):
-        """An Authorization for the upstream: a Bearer token from its realm (anonymous, or
-        with the operator's credentials), or the operator's Basic credentials."""
-        scheme, _ = parse_challenge(challenge)
-        if scheme.lower() == "basic":
-            return basic_authorization(registry) if registry.username else None
-        learned = self.mirror.learn_challenge(registry, challenge)
-        if not learned:
-            return None
-        query = [(k, learned[k]) for k in ("service", "scope") if learned.get(k)]
-        if "scope" not in learned:
-            query.append(("scope", scope))
-        realm = learned["realm"]
-        headers = {"User-Agent": self.server_version}
-        if registry.username:
-            headers["Authorization"] = basic_authorization(registry)
-        origin, connection, response, _ = fetch(self.mirror.pool, "GET", with_query(realm, query), headers,
-                                                home=registry.upstream)
-        try:
-            body = response.read(1 << 20) if response.status == 200 else b""
-        finally:
-            self.mirror.pool.release(origin, connection, response)
-        try:
-            answer = json.loads(body.decode())
-            token = answer.get("token") or answer.get("access_token")
-            lifetime = float(answer.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            return None
-        if not isinstance(token, str) or not token:
-            return None
-        authorization = Secret("Bearer " + token)
-        lifetime = min(max(lifetime, 0.0), 3600.0)     # kept a little less long than it lives
-        self.mirror.tokens.put((registry.name, scope), authorization, lifetime - min(10.0, lifetime * 0.1))
-        return authorization
-
-    # -- relaying an upstream response
-
-    def forward_headers(self):
-        """The client's headers that the upstream needs, and nothing else."""
-        headers = {"User-Agent": "%s docxy/%s" % (self.headers.get("User-Agent", "-"), __version__)}
-        for name in ("Authorization", "Range", "If-None-Match", "If-Range"):
-            if self.headers.get(name):
-                headers[name] = self.headers[name]
-        if self.mirror.config.users or headers.get("Authorization") == "Bearer " + NO_TOKEN:
-            headers.pop("Authorization", None)  # that login was for docxy, not for the upstream
-        accept = self.headers.get_all("Accept")
-        if accept:
-            headers["Accept"] = ", ".join(accept)
-        return headers
-
-    def fetch_upstream(self, registry, method, url, headers, body=None, scope=None):
-        """Send a request upstream. With a scope, docxy logs in upstream itself (anonymously or
-        with the operator's credentials) when challenged, and remembers the token."""
-        pool = self.mirror.pool
-        known = self.mirror.tokens.get((registry.name, scope)) if scope else None
-        challenge = self.mirror.challenges.get(registry.name)
-        if scope and not known and challenge:   # log in first: saves a 401 round trip upstream
-            known = self.upstream_login(registry, format_challenge("Bearer", list(challenge.items())), scope)
-        if known:
-            headers["Authorization"] = known
-        self.registry_name = registry.name
-        began = time.monotonic()
-        try:
-            origin, connection, response, first_hop = fetch(pool, method, url, headers, body, registry.upstream)
-            if scope and response.status == 401 and origin == registry.upstream:
-                login = self.upstream_login(registry, response.getheader("WWW-Authenticate", ""), scope)
-                if login:
-                    discard_body(pool, origin, connection, response)
-                    headers["Authorization"] = login
-                    origin, connection, response, first_hop = fetch(pool, method, url, headers, body,
-                                                                    registry.upstream)
-        except UpstreamError as error:
-            self.upstream_status = "error"
-            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", error.kind)))
-            raise
-        finally:
-            self.upstream_seconds += time.monotonic() - began
-        self.upstream_status = str(response.status)
-        if self.mirror.cache and response.status < 500:
-            self.mirror.cache.down_until.pop(registry.name, None)     # it answers again
-        if response.status == 429 or response.status >= 500:
-            kind = "429" if response.status == 429 else "5xx"
-            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", registry.name), ("kind", kind)))
-        # Anchored, and the two runs cannot overlap: linear in the header's length.
-        remaining = re.match(r"\s*(\d+)", response.getheader("RateLimit-Remaining", "") or "")
-        if remaining:
-            self.mirror.metrics.set("docxy_upstream_ratelimit_remaining", (("registry", registry.name),),
-                                    int(remaining.group(1)))
-        return origin, connection, response, first_hop
-
-    def relay(self, registry, method, url, headers, body=None, verify=None, rewrite_challenge=True, scope=None):
-        """Fetch url upstream and stream the answer to the client."""
-        exchange = self.fetch_upstream(registry, method, url, headers, body, scope)
-        self.send_upstream(registry, method, exchange, "Range" in headers, verify, rewrite_challenge)
-
-    def send_upstream(self, registry, method, exchange, partial, verify=None, rewrite_challenge=True,
-                      fill=None, media_type=None):
-        """Stream an upstream answer to the client, and into a cache fill when given one.
-        Returns True when the body arrived whole and verified."""
-        origin, connection, response, first_hop = exchange
-        try:
-            if response.status in REDIRECTS:
-                raise UpstreamError(502, "upstream redirect without a usable Location")
-            headers_out = self.response_headers(registry, response, first_hop, origin, rewrite_challenge)
-            if media_type:
-                headers_out = [(k, media_type if k.lower() == "content-type" else v) for k, v in headers_out]
-            has_body = method != "HEAD" and response.status not in (204, 304) and response.status >= 200
-            if has_body and verify and (response.status != 200 or partial):
-                verify = None   # a partial body cannot be checked against the whole's digest
-            chunked = has_body and response.length is None and response.getheader("Content-Length") is None
-            if chunked:
-                if self.request_version == "HTTP/1.1":
-                    headers_out.append(("Transfer-Encoding", "chunked"))
-                else:
-                    self.close_connection = self.close_delimited = True
-            if fill:
-                fill.media_type = media_type or media_type_of(response.getheader("Content-Type"))
-                fill.update(length=response.length)
-            self.send_response(response.status)
-            for name, value in headers_out + self.cache_headers():
-                self.send_header(name, value)
-            self.end_headers()
-            if has_body:
-                return self.stream_body(response, verify, chunked and self.request_version == "HTTP/1.1", fill)
-            return False
-        finally:
-            self.mirror.pool.release(origin, connection, response)
-
-    def response_headers(self, registry, response, first_hop, origin, rewrite_challenge):
-        headers = [(k, v) for k, v in response.getheaders() if passes_header(k)]
-        present = {k.lower() for k, _ in headers}
-        headers += [(k, v) for k, v in first_hop if k.lower() not in present]
-        result = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "www-authenticate":
-                if not rewrite_challenge:
-                    result.append((name, value))
-                    continue
-                if origin != registry.upstream:
-                    continue
-                value = self.rewrite_challenge(registry, value)
-            elif lower == "link" and not value.startswith("</v2/"):
-                continue
-            result.append((name, value))
-        return result
-
-    def rewrite_challenge(self, registry, value):
-        """Point a Bearer challenge's realm at this mirror's path for the registry, keeping
-        every other parameter. With --users, clients log in to docxy, not upstream."""
-        scheme, params = parse_challenge(value)
-        if self.mirror.config.users:
-            return 'Basic realm="docxy"'
-        if scheme.lower() != "bearer":
-            return value
-        self.mirror.learn_challenge(registry, value)
-        path = "/auth/token" if registry is self.mirror.default else "/auth/%s/token" % registry.name
-        realm = self.public_base() + path
-        return format_challenge(scheme, [(k, realm if k == "realm" else v) for k, v in params])
-
-    def public_host(self):
-        """The host clients address: the Host header, or X-Forwarded-Host from a trusted proxy."""
-        host = self.headers.get("Host", "")
-        forwarded = self.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-        if forwarded and self.trusted_peer():
-            host = forwarded
-        return host if valid_host_header(host) else None
-
-    def public_base(self):
-        if self.mirror.config.public_url:
-            return self.mirror.config.public_url
-        host = self.public_host()
-        if not host:
-            raise RegistryError(400, "UNSUPPORTED", "missing or invalid Host header; "
-                                "set --public-url to serve clients that send none")
-        scheme = "https" if self.server.tls_context else "http"
-        proto = self.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if proto in ("http", "https") and self.trusted_peer():
-            scheme = proto
-        return "%s://%s" % (scheme, host)
-
-    def stream_body(self, response, verify, chunked, fill=None):
-        """Copy the body in fixed-size chunks through buffers allocated for this transfer.
-
-        When a digest is to be verified, the last byte is held back until the whole
-        body hashed right: a mismatch, like a broken upstream, ends the connection
-        before the body is complete, so the client can never take it for a good one.
-        A body that arrives in one read (a manifest, a config) is checked before any
-        of it is sent. Returns True when the body was verified whole.
-
-        With a cache fill, the download does not depend on this client: when it hangs up,
-        the body is still read, verified and committed, for the clients following the fill
-        and for the cache, only no longer sent here (see fill_goes_on).
-        """
-        size = CHUNK if response.length is None else response.length + 1
-        inflight = self.mirror.metrics.inflight
-        hasher = hashlib.new(verify.split(":")[0]) if verify else None
-        beside = hasher and size > HASH_BESIDE_BYTES and inflight <= HASH_BESIDE_TRANSFERS
-        # Two buffers when hashing beside: one is read into while the other is still hashed.
-        buffers = [transfer_buffer(size, inflight) for _ in range(2 if beside else 1)]
-        views = [memoryview(buffer) for buffer in buffers]
-        submit, reuse, finish = hash_beside(hasher, len(buffers)) if beside else (hasher and hasher.update, None, None)
-        held = tail = None
-        gone = False        # the client hung up, and the download went on into the fill
-        write = self.write_chunk if chunked else self.wfile.write
-
-        def deliver(data):
-            nonlocal gone
-            if not gone:
-                try:
-                    write(data)
-                    self.sent += len(data)
-                except OSError as error:
-                    if not self.fill_goes_on(fill):
-                        raise
-                    # Not kept: its traceback holds `data`, a view of a buffer to be released.
-                    gone = True
-                    self.abort_transfer(error)
-
-        try:
-            for turn in itertools.count():
-                if gone and not self.fill_goes_on(fill):
-                    return False    # caching paused meanwhile: nobody needs the rest
-                view = views[turn % len(views)]
-                if reuse:
-                    reuse()
-                start = 0
-                if held is not None:
-                    view[0], start = held, 1
-                try:
-                    new = response.readinto(view[start:])
-                except socket.timeout:      # the upstream's failures, counted as such
-                    raise UpstreamError(504, "upstream stalled in the middle of a body")
-                except (OSError, http.client.HTTPException) as error:
-                    raise UpstreamError(502, "upstream body broke off", str(error)[:200])
-                if not new:
-                    break
-                self.received += new
-                end = start + new
-                if fill:
-                    self.mirror.cache.write(fill, view[start:end])
-                if hasher:
-                    submit(view[start:end])
-                    if response.length == 0:    # all of it is here: check it before this part leaves
-                        tail = view[:end]
-                        break
-                    end -= 1
-                    held = view[end]
-                deliver(view[:end])
-            if response.length:      # http.client counts down what Content-Length still promises
-                raise UpstreamError(502, "upstream body ended early", "%d bytes missing" % response.length)
-            if finish:
-                finish()
-                finish = None
-            if hasher and hasher.hexdigest() != verify.split(":")[1]:
-                raise UpstreamError(502, "upstream body does not match its digest", verify)
-            if tail is not None:
-                deliver(tail)
-            elif held is not None:
-                deliver(bytes((held,)))
-            if chunked and not gone:
-                self.wfile.write(b"0\r\n\r\n")
-            return hasher is not None
-        except (UpstreamError, OSError, http.client.HTTPException) as error:
-            self.abort_transfer(error)
-            return False
-        finally:
-            if finish:
-                finish()        # the hashing thread reads the buffers until then
-            if tail is not None:
-                tail.release()
-            for view, buffer in zip(views, buffers):
-                view.release()
-                release_buffer(buffer)
-
-    @staticmethod
-    def fill_goes_on(fill):
-        """Whether a download goes on after its client hung up: while it is being cached at
-        all. Followers read the file, and so does the cache. With no follower left either it
-        still goes on, to be committed: the client that hung up, like Docker after a broken
-        layer download, most likely asks again, and then finds it cached (or in progress)
-        instead of starting over upstream. --upstream-timeout bounds each read as before."""
-        return fill is not None and fill.descriptor is not None
-
-    def write_chunk(self, data):
-        if len(data):
-            self.wfile.write(b"%x\r\n" % len(data))
-            self.wfile.write(data)
-            self.wfile.write(b"\r\n")
-
-    # Set when a response is delimited by the connection's end (send_upstream), and once a
-    # transfer was aborted; either way the connection serves no further request.
-    close_delimited = aborted = False
-
-    def abort_transfer(self, error):
-        """End the connection mid-body: the client sees an error and retries. A body framed by
-        Content-Length or chunked lacks bytes or its last chunk; one only the connection's end
-        delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
-        would say "complete". Called again (the client left, then the upstream failed), it
-        only counts and logs the new error."""
-        if isinstance(error, UpstreamError):
-            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.registry_name), ("kind", error.kind)))
-            log("transfer aborted: %s (%s)" % (error.message, error.detail))
-        elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
-            log("transfer aborted: %s" % (error,))
-        if self.aborted:
-            return
-        self.close_connection = self.aborted = True
-        self.upstream_status += "!"
-        try:
-            self.wfile.flush()      # a head no body went with: the client sees a body cut short
-        except OSError:
-            pass
-        if self.close_delimited:
-            reset_connection(self.connection)
-            return
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    # -- pages for operators and people
-
-    def send_metrics(self):
-        if not any(plain_address(self.client) in network for network in self.mirror.config.metrics_allow):
-            raise RegistryError(403, "DENIED", "metrics are not served to your address (--metrics-allow)")
-        body = self.mirror.metrics.exposition(self.mirror.cache).encode()
-        self.send_body(200, "text/plain; version=0.0.4; charset=utf-8", body)
-
-    def status_figures(self):
-        """What the status page shows: live figures, nothing secret or internal."""
-        metrics, cache = self.mirror.metrics, self.mirror.cache
-        figures = {
-            "version": __version__,
-            "uptime_seconds": int(time.time() - metrics.started),
-            "requests": metrics.total("docxy_requests_total"),
-            "bytes_sent": metrics.total("docxy_sent_bytes_total"),
-            "registries": [{"name": r.name,
-                            # a preset's upstream is public knowledge; a custom one may be internal
-                            "upstream": origin_url(r.upstream)
-                            if r.name in PRESETS and origin_url(r.upstream) == PRESETS[r.name][0] else "(private)",
-                            "ratelimit_remaining": metrics.gauges.get(
-                                ("docxy_upstream_ratelimit_remaining", (("registry", r.name),)))}
-                           for r in self.mirror.registries.values()],
-            "login_required": bool(self.mirror.config.users),
-            "cache": None,
-        }
-        if cache:
-            # Answers that cost the upstream nothing, against those that fetched or checked upstream.
-            hits = sum(cache.stats[e] for e in ("hits", "tag_hit", "coalesced", "tag_stale"))
-            misses = sum(cache.stats[e] for e in ("misses", "tag_miss", "tag_revalidated"))
-            figures["cache"] = {"size_bytes": cache.size, "max_size_bytes": cache.max_size,
-                                "objects": len(cache.objects), "hit_ratio": round(hits / max(1, hits + misses), 3),
-                                "bytes_served": cache.stats["bytes_served"], "stale_serves": cache.stats["tag_stale"]}
-        return figures
-
-    def send_status(self):
-        figures = self.status_figures()
-        try:
-            figures["url"] = self.public_base()
-        except RegistryError:
-            figures["url"] = None
-        if "text/html" in ",".join(self.headers.get_all("Accept") or []):
-            return self.send_body(200, "text/html; charset=utf-8", status_page(figures, self.mirror).encode())
-        self.send_body(200, "application/json", json.dumps(figures, indent=1).encode())
-
     def send_body(self, status, content_type, body):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -3369,9 +2945,7 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-            self.sent += len(body)
-
-    # -- docxy's own answers
+            self.record.sent += len(body)
 
     def send_json(self, status, document, extra_headers=()):
         body = json.dumps(document).encode() if not isinstance(document, bytes) else document
@@ -3386,7 +2960,7 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-            self.sent += len(body)
+            self.record.sent += len(body)
 
     def send_registry_error(self, status, code, message, detail=None, headers=()):
         extra = [("Allow", "GET, HEAD")] if status == 405 else list(headers)
@@ -3422,40 +2996,750 @@ class MirrorHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTP
             self.wfile.flush()
 
     def send_header(self, keyword, value):
-        if keyword.lower() == "content-length" and self.command == "GET" and str(value).isdigit() \
-                and int(value) >= LONG_TRANSFER:
-            self.long_transfer = int(value)
-            if self.mirror.config.log_format == "json":
-                log_json({"time": round(time.time(), 3), "event": "transfer-start", "client": self.client,
-                          "method": self.command, "path": self.path[:300], "bytes": int(value)})
-            else:
-                log('%s "%s %s" started: %.1f MiB' % (self.client, self.command, self.path[:300], int(value) / 1048576))
+        if keyword.lower() == "content-length" and self.command == "GET" \
+                and str(value).isdigit() and int(value) >= LONG_TRANSFER:
+            self.record.long_transfer = int(value)
+            self.log_transfer_start(int(value))
         super().send_header(keyword, value)
+
+    def log_transfer_start(self, size):
+        """A long transfer gets a line when it starts, and its speed in its access line."""
+        if self.mirror.config.log_format == "json":
+            log_json({"time": round(time.time(), 3), "event": "transfer-start",
+                      "client": self.client, "method": self.command, "path": self.path[:300],
+                      "bytes": size})
+        else:
+            log('%s "%s %s" started: %.1f MiB'
+                % (self.client, self.command, self.path[:300], size / 1048576))
 
     def log_request(self, code="-", size="-"):
         pass    # one line per request is written by log_access, once the body is sent
 
     def log_access(self):
-        path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
-        seconds = time.monotonic() - self.started
-        metrics = self.mirror.metrics
-        metrics.request_done(route_class(self.path), self.status, self.sent, seconds)
-        if self.received:
-            metrics.add("docxy_upstream_received_bytes_total", (("registry", self.registry_name),), self.received)
-        if self.mirror.config.log_format == "json":
-            return log_json({
-                "time": round(time.time(), 3), "client": self.client, "method": self.command or "-",
-                "path": path[:300], "status": self.status, "bytes": self.sent, "duration": round(seconds, 4),
-                "upstream_status": self.upstream_status, "upstream_time": round(self.upstream_seconds, 4),
-                "registry": self.registry_name, "cache": self.cache_status, "user": self.user,
-                "mib_per_second": round(self.sent / 1048576 / max(seconds, 1e-6), 1) if self.long_transfer else None})
-        speed = " %.1fMiB/s" % (self.sent / 1048576 / max(seconds, 1e-6)) if self.long_transfer else ""
-        # Straight to stderr, as the JSON line above: the logging module's records and frame
-        # walks would be a cost of every request.
-        write_log_line(log_line('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
-            self.client, self.command or "-", path[:300], self.status, self.sent, seconds, speed,
-            self.upstream_status, " user=" + self.user if self.user else "",
-            " cache=" + self.cache_status if self.cache_status != "-" else ""), logging.INFO, False))
+        record, metrics = self.record, self.mirror.metrics
+        record.client, record.method, record.status = self.client, self.command or "-", self.status
+        # A token request's query may carry a login (a refresh token): it is never logged.
+        record.path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
+        seconds = time.monotonic() - record.started
+        metrics.request_done(route_class(self.path), self.status, record.sent, seconds)
+        if record.received:
+            metrics.add("docxy_upstream_received_bytes_total", (("registry", record.registry),),
+                        record.received)
+        # Straight to stderr: the logging module's records and frame walks would be a cost
+        # of every request.
+        json_lines = self.mirror.config.log_format == "json"
+        write_log_line(record.json_line(seconds) if json_lines else record.text_line(seconds))
+
+
+class UpstreamRelay:
+    """Handler mixin: relays an upstream answer to the client: the client's headers that the
+    upstream needs (forward_headers), the upstream's headers a client may see, a challenge's
+    realm pointed at this mirror, and the body (BodyCopy), cut short on any failure so that
+    it never looks complete (abort_transfer)."""
+
+    def forward_headers(self):
+        """The client's headers that the upstream needs, and nothing else."""
+        headers = {"User-Agent": "%s docxy/%s" % (self.headers.get("User-Agent", "-"), __version__)}
+        for name in ("Authorization", "Range", "If-None-Match", "If-Range"):
+            if self.headers.get(name):
+                headers[name] = self.headers[name]
+        if self.mirror.config.users or headers.get("Authorization") == "Bearer " + NO_TOKEN:
+            headers.pop("Authorization", None)  # that login was for docxy, not for the upstream
+        accept = self.headers.get_all("Accept")
+        if accept:
+            headers["Accept"] = ", ".join(accept)
+        return headers
+
+    def relay(self, registry, method, url, headers, body=None, verify=None,
+              rewrite_challenge=True, scope=None):
+        """Fetch url upstream and stream the answer to the client."""
+        answer = self.mirror.upstream.fetch(registry, method, url, headers, self.record, body,
+                                            scope)
+        self.send_upstream(registry, method, answer, "Range" in headers, verify,
+                           rewrite_challenge)
+
+    def send_upstream(self, registry, method, answer, partial, verify=None,
+                      rewrite_challenge=True, fill=None, media_type=None):
+        """Stream an upstream answer to the client, and into a cache fill when given one.
+        Returns True when the body arrived whole and verified."""
+        try:
+            if answer.status in REDIRECTS:
+                raise UpstreamError(502, "upstream redirect without a usable Location")
+            headers = self.response_headers(registry, answer, rewrite_challenge)
+            if media_type:
+                headers = [(k, media_type if k.lower() == "content-type" else v)
+                           for k, v in headers]
+            has_body = method != "HEAD" and answer.status not in (204, 304) \
+                and answer.status >= 200
+            if has_body and verify and (answer.status != 200 or partial):
+                verify = None   # a partial body cannot be checked against the whole's digest
+            unframed = has_body and answer.remaining is None \
+                and answer.header("Content-Length") is None
+            chunked = unframed and self.request_version == "HTTP/1.1"
+            if chunked:
+                headers.append(("Transfer-Encoding", "chunked"))
+            elif unframed:      # an HTTP/1.0 client: the connection's end ends the body
+                self.close_connection = self.close_delimited = True
+            if fill:
+                fill.media_type = media_type or media_type_of(answer.header("Content-Type"))
+                fill.update(length=answer.remaining)
+            self.send_response(answer.status)
+            for name, value in headers + self.cache_headers():
+                self.send_header(name, value)
+            self.end_headers()
+            if has_body:
+                return self.stream_body(answer, verify, chunked, fill)
+            return False
+        finally:
+            answer.release()
+
+    def response_headers(self, registry, answer, rewrite_challenge):
+        """The upstream's headers a client may see (and the first hop's, after a redirect);
+        a challenge's realm pointed at this mirror."""
+        headers = [(k, v) for k, v in answer.headers() if passes_header(k)]
+        present = {k.lower() for k, _ in headers}
+        headers += [(k, v) for k, v in answer.first_hop if k.lower() not in present]
+        result = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "www-authenticate":
+                if not rewrite_challenge:
+                    result.append((name, value))
+                    continue
+                if answer.origin != registry.upstream:
+                    continue
+                value = self.rewrite_challenge(registry, value)
+            elif lower == "link" and not value.startswith("</v2/"):
+                continue
+            result.append((name, value))
+        return result
+
+    def rewrite_challenge(self, registry, value):
+        """Point a Bearer challenge's realm at this mirror's path for the registry, keeping
+        every other parameter. With --users, clients log in to docxy, not upstream."""
+        scheme, params = parse_challenge(value)
+        if self.mirror.config.users:
+            return 'Basic realm="docxy"'
+        if scheme.lower() != "bearer":
+            return value
+        self.mirror.upstream.learn_challenge(registry, value)
+        path = "/auth/token" if registry is self.mirror.default else "/auth/%s/token" % registry.name
+        realm = self.public_base() + path
+        return format_challenge(scheme, [(k, realm if k == "realm" else v) for k, v in params])
+
+    def stream_body(self, answer, verify, chunked, fill=None):
+        """Copy an upstream body to the client (BodyCopy: fixed-size chunks, verified when a
+        digest is given, a mismatch or a broken upstream ending the connection before the body
+        is complete). Returns True when the body was verified whole.
+
+        With a cache fill, the download does not depend on this client: when it hangs up,
+        the body is still read, verified and committed, for the clients following the fill
+        and for the cache, only no longer sent here (see fill_goes_on)."""
+        copy = BodyCopy(answer, verify, self.mirror.metrics.in_flight())
+        keep = fill and functools.partial(self.mirror.cache.write, fill)
+        writer = ChunkedWriter(self.wfile.write) if chunked else None
+        write = writer.write if writer else self.wfile.write
+        self.gone = False       # the client hung up, and the download went on into the fill
+        pieces, piece = copy.pieces(keep), None
+        try:
+            for piece in pieces:
+                self.deliver(write, piece, fill)
+                if self.gone and not self.fill_goes_on(fill):
+                    return False    # caching paused meanwhile: nobody needs the rest
+            if writer and not self.gone:
+                writer.end()
+            return copy.verified
+        except (UpstreamError, OSError, http.client.HTTPException) as error:
+            self.abort_transfer(error)
+            return False
+        finally:
+            piece = None        # a view of a buffer: none may be left when the buffers go
+            pieces.close()
+            self.record.received += copy.received
+            copy.close()
+
+    def deliver(self, write, data, fill):
+        """Send a piece of a body, unless the client is gone; a client that hangs up ends the
+        transfer, or only its sending when the download goes on into a fill."""
+        if self.gone:
+            return
+        try:
+            write(data)
+            self.record.sent += len(data)
+        except OSError as error:
+            if not self.fill_goes_on(fill):
+                raise
+            # Not kept: its traceback holds `data`, a view of a buffer to be released.
+            self.gone = True
+            self.abort_transfer(error)
+
+    @staticmethod
+    def fill_goes_on(fill):
+        """Whether a download goes on after its client hung up: while it is being cached at
+        all. Followers read the file, and so does the cache. With no follower left either it
+        still goes on, to be committed: the client that hung up, like Docker after a broken
+        layer download, most likely asks again, and then finds it cached (or in progress)
+        instead of starting over upstream. --upstream-timeout bounds each read as before."""
+        return fill is not None and fill.descriptor is not None
+
+    # Set when a response is delimited by the connection's end (send_upstream), and once a
+    # transfer was aborted; either way the connection serves no further request.
+    close_delimited = aborted = False
+
+    def abort_transfer(self, error):
+        """End the connection mid-body: the client sees an error and retries. A body framed by
+        Content-Length or chunked lacks bytes or its last chunk; one only the connection's end
+        delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
+        would say "complete". Called again (the client left, then the upstream failed), it
+        only counts and logs the new error."""
+        if isinstance(error, UpstreamError):
+            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.record.registry), ("kind", error.kind)))
+            log("transfer aborted: %s (%s)" % (error.message, error.detail))
+        elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
+            log("transfer aborted: %s" % (error,))
+        if self.aborted:
+            return
+        self.close_connection = self.aborted = True
+        self.record.upstream_status += "!"
+        try:
+            self.wfile.flush()      # a head no body went with: the client sees a body cut short
+        except OSError:
+            pass
+        if self.close_delimited:
+            reset_connection(self.connection)
+            return
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class CacheRoutes:
+    """Handler mixin: answers blobs and manifests from the Cache (--cache-dir): by digest
+    from disk, from a download in progress (a Fill), or downloaded once while it streams to
+    the client and into the cache; manifests by tag from tag records, revalidated after
+    --tag-ttl and served stale when the upstream fails."""
+
+    def serve_object(self, registry, url, name, kind, digest, headers, media_type=None):
+        """A blob or a manifest by digest: from the cache, from a download in progress, or
+        downloaded once while it streams to the client and into the cache."""
+        cache = self.mirror.cache
+        hit = cache.open(digest, kind)
+        if hit:
+            return self.send_cached(hit, digest, kind, "hit")
+
+        def pass_through():     # uncached, as the core proxy does
+            return self.relay(registry, self.command, url, headers, verify=digest, scope=login_scope(headers, name))
+
+        if self.command == "HEAD" or "Range" in headers:
+            return pass_through()
+        fill, leader = cache.start_fill(digest, kind)
+        if fill is None:
+            return pass_through()
+        if not leader:
+            return self.follow_fill(fill, digest, kind, pass_through)
+        verified = False
+        try:
+            cache.count("misses")
+            self.record.cache = "miss"
+            verified = self.fill_from_upstream(fill, registry, url, name, digest, headers, media_type)
+        finally:
+            cache.finish_fill(digest, fill, verified)
+
+    def fill_from_upstream(self, fill, registry, url, name, digest, headers, media_type):
+        """Download into the cache with docxy's own upstream login, so that what is cached is
+        what every client of this mirror may read. Content only the client's own credentials
+        can read is streamed to it, and never cached."""
+        own = {k: v for k, v in headers.items() if k != "Authorization"}
+        answer = self.mirror.upstream.fetch(registry, "GET", url, own, self.record,
+                                            scope="repository:%s:pull" % name)
+        if answer.status in (401, 403) and "Authorization" in headers:
+            answer.discard()
+            self.record.cache = "private"
+            self.relay(registry, "GET", url, headers, verify=digest)
+            return False
+        if answer.status != 200:
+            self.send_upstream(registry, "GET", answer, False)
+            return False
+        return self.send_upstream(registry, "GET", answer, False, digest, fill=fill,
+                                  media_type=media_type)
+
+    def follow_fill(self, fill, digest, kind, pass_through):
+        """Serve a download another client started, from the file as it grows. If it fails
+        before it began (content docxy's own login may not read), fetch it as this client."""
+        cache = self.mirror.cache
+        cache.count("coalesced")
+        self.record.cache = "coalesced"
+        timeout = self.mirror.config.upstream_timeout
+        try:
+            handle = open(fill.path, "rb")
+        except OSError:     # committed (renamed) a moment ago, or discarded
+            cache.release(digest)
+            hit = cache.open(digest, kind)
+            if not hit:
+                raise UpstreamError(502, "the upstream download this request waited for failed", digest)
+            return self.send_cached(hit, digest, kind, "hit")
+        try:
+            with handle:
+                _, state, length = fill.wait(lambda f: f.length is not None, timeout)
+                unusable = length is None or kind == "manifests" and not fill.media_type
+                if state == "failed" or unusable:
+                    self.record.cache = "-"
+                    return pass_through()
+                self.send_object_headers(200, digest, kind, fill.media_type, length)
+                sent = 0
+                while sent < length:
+                    # The last byte waits for verification, as on the downloading connection.
+                    written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
+                    ready = written if state == "done" else min(written, length - 1)
+                    if state == "failed" or ready <= sent:
+                        return self.abort_transfer(UpstreamError(502, "coalesced download failed", digest))
+                    self.send_file(handle, sent, ready - sent)
+                    cache.count("bytes_served", ready - sent)
+                    sent = ready
+        except OSError as error:
+            self.abort_transfer(error)
+        finally:
+            cache.release(digest)
+
+    def serve_tag(self, registry, url, name, tag, headers):
+        """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
+        HEAD (free on Docker Hub); when upstream fails, the last known manifest is served stale."""
+        cache = self.mirror.cache
+        accepted = manifest_accept(self.headers.get_all("Accept") or [])
+        key = (registry.name, name, tag, ",".join(accepted))
+        known, status = cache.tag(key), "hit"
+        if not known or time.time() - known["checked"] >= cache.tag_ttl:
+            # During an outage a record made for another client's Accept list will do, if this
+            # client accepts its media type: a fleet of Docker and containerd nodes shares it.
+            fallback = known or cache.tag_for_any_client(key, accepted)
+            status = "revalidated" if known else "miss"
+            known = self.check_tag(registry, url, name, tag, headers, key, fallback)
+            if known is None:   # unknown, or only the client's own credentials may read it
+                return self.relay(registry, self.command, url, headers,
+                                  scope=login_scope(headers, name))
+            if known is fallback:
+                status = "stale"
+        cache.count("tag_" + status)
+        self.record.cache = status
+        digest = known["digest"]
+        if self.command == "HEAD":
+            hit = cache.open(digest, "manifests")
+            if hit:
+                return self.send_cached(hit, digest, "manifests", status)
+            return self.send_object_headers(200, digest, "manifests", known["type"],
+                                            int(known["length"] or 0))
+        by_digest = url.rsplit("/", 1)[0] + "/" + digest
+        return self.serve_object(registry, by_digest, name, "manifests", digest, headers,
+                                 known["type"])
+
+    def check_tag(self, registry, url, name, tag, headers, key, fallback):
+        """Ask the upstream (HEAD, with docxy's own login) what the tag is now: its new record;
+        `fallback` when the upstream failed (or failed moments ago, see RegistryClient.is_down);
+        None when the tag is not there to be shared."""
+        upstream = self.mirror.upstream
+        own = {k: v for k, v in headers.items() if k != "Authorization"}
+        try:
+            if fallback and upstream.is_down(registry):
+                raise UpstreamError(503, "upstream failed moments ago")
+            answer = upstream.fetch(registry, "HEAD", url, own, self.record,
+                                    scope="repository:%s:pull" % name)
+        except UpstreamError as error:
+            if not fallback:
+                raise
+            # A silent upstream costs each request --upstream-timeout: wait once per half minute.
+            if upstream.mark_down(registry):
+                log("upstream %s failed (%s): serving cached tags stale for %gs, %s/%s:%s first"
+                    % (registry.name, error.message, OUTAGE_MEMORY, registry.name, name, tag))
+            return fallback
+        digest = answer.header("Docker-Content-Digest", "")
+        media_type = media_type_of(answer.header("Content-Type"))
+        answer.discard()
+        if answer.status == 200 and DIGEST.fullmatch(digest) and media_type:
+            return self.mirror.cache.remember_tag(key, digest, media_type,
+                                                  answer.header("Content-Length", ""))
+        if fallback and (answer.status == 429 or answer.status >= 500):
+            return fallback
+        return None
+
+    def send_cached(self, hit, digest, kind, status):
+        """A cache hit: HEAD, a single Range, or the whole object (zero-copy on plain HTTP)."""
+        handle, size, media_type = hit
+        cache = self.mirror.cache
+        try:
+            if status == "hit" and self.record.cache == "-":
+                cache.count("hits")
+                self.record.cache = "hit"
+            span = parse_range(self.headers.get("Range"), size)
+            start, end = span or (0, size - 1)
+            self.send_object_headers(206 if span else 200, digest, kind, media_type, end - start + 1,
+                                     [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else [])
+            if self.command != "HEAD":
+                self.send_file(handle, start, end - start + 1)
+                cache.count("bytes_served", end - start + 1)
+        except OSError as error:
+            self.abort_transfer(error)
+        finally:
+            handle.close()
+            cache.release(digest)
+
+    def send_object_headers(self, status, digest, kind, media_type, length, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", media_type if kind == "manifests" else "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Docker-Content-Digest", digest)
+        self.send_header("ETag", '"%s"' % digest)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        for name, value in list(extra) + self.cache_headers():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def cache_headers(self):
+        if self.record.cache == "stale":
+            return [("Warning", STALE_WARNING), ("X-Docxy-Cache", "stale")]
+        return [("X-Docxy-Cache", self.record.cache)] if self.record.cache != "-" else []
+
+    def send_file(self, handle, offset, count):
+        """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
+        if not self.server.tls_context and hasattr(os, "sendfile"):
+            self.wfile.flush()
+            return self.send_file_zero_copy(handle, offset, count)
+        handle.seek(offset)
+        buffer = transfer_buffer(count, self.mirror.metrics.in_flight())
+        view = memoryview(buffer)
+        try:
+            while count > 0:
+                n = handle.readinto(view[:min(count, len(buffer))])
+                if not n:
+                    raise OSError("cached object shorter than expected")
+                self.wfile.write(view[:n])
+                self.record.sent += n
+                count -= n
+        finally:
+            view.release()
+            release_buffer(buffer)
+
+    def send_file_zero_copy(self, handle, offset, count):
+        """os.sendfile, counting each piece as it goes: socket.sendfile loses the count when it
+        times out, and waits for room in the socket even after the last byte went."""
+        writable = select.poll()
+        writable.register(self.connection.fileno(), select.POLLOUT)
+        timeout = self.mirror.config.client_timeout * 1000
+        while count > 0:
+            try:
+                sent = os.sendfile(self.connection.fileno(), handle.fileno(), offset, count)
+            except BlockingIOError:     # the socket's buffer is full: wait for the client
+                if not writable.poll(timeout):
+                    raise socket.timeout("timed out")
+                continue
+            if not sent:
+                raise OSError("cached object shorter than expected")
+            offset, count, self.record.sent = offset + sent, count - sent, self.record.sent + sent
+
+
+class TokenRoutes:
+    """Handler mixin: /auth/token and /auth/<registry>/token, the token realm that this
+    mirror's challenges name: a pull's token request written by docxy itself, a client's
+    own login passed through."""
+
+    def proxy_token(self, name, query):
+        """/auth/<registry>/token: forward a token request to the realm that registry named.
+
+        A scope may name another registry by prefix (repository:ghcr.io/owner/image:pull,
+        after `docker pull mirror/ghcr.io/owner/image` saw docker.io's challenge): the
+        request then goes to that registry's realm, without the client's credentials,
+        which were meant for the first one."""
+        registry = self.mirror.default if name is None else self.mirror.registries.get(name)
+        if registry is None:
+            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", name[:200])
+        try:
+            self.forward_token_request(registry, query)
+        except UpstreamError as error:
+            if not self.mirror.cache:
+                raise
+            # The cache serves shared content with docxy's own login, whatever token a client
+            # shows, so a placeholder lets clients pull cached images while the realm is down.
+            log("token service of %s unreachable, handing out a placeholder: %s" % (registry.name, error.message))
+            self.record.cache = "stale"
+            self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 60},
+                           self.cache_headers())
+
+    def forward_token_request(self, registry, query):
+        """A client's own login (an Authorization header, or an OAuth2 password or refresh
+        grant in a POST form) goes to the realm as the client wrote it, scopes renamed for
+        the upstream. Anything else is a pull, and docxy writes the token request itself:
+        the service the upstream's own challenge named, each repository scope cut down to pull,
+        nothing else the client sent (offline_token would buy a refresh token for the
+        operator's account), and no refresh token in the answer."""
+        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if self.command == "POST":
+            params = urllib.parse.parse_qsl(self.body.decode("latin-1"), keep_blank_values=True)
+        # A scope parameter may hold several scopes, space-separated (OAuth2's form).
+        scopes = [scope for key, value in params if key == "scope" for scope in value.split()]
+        target = registry
+        named = [split_scope(scope) for scope in scopes if split_scope(scope)]
+        if named:
+            target = self.mirror.registry_by_prefix(named[0][0])[0] or registry
+        challenge = self.mirror.upstream.challenge(target, discover=True)
+        if challenge is None:
+            # A registry without token auth, reached by prefix after docker.io's challenge: the
+            # client still wants a token. A placeholder does; docxy drops it again upstream.
+            return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 300})
+        renamed = {}    # each of the client's scopes as the target registry calls it
+        for scope in scopes:
+            if split_scope(scope):
+                owner, name, actions = self.scope_owner(scope)
+                if (owner or registry) is target and len(name) <= MAX_NAME and NAME.fullmatch(name):
+                    name = upstream_name(name, target.library)
+                    renamed[scope] = "repository:%s:%s" % (name, actions)
+        headers = {"User-Agent": self.forward_headers()["User-Agent"]}
+        grant = dict(params).get("grant_type") if self.command == "POST" else None
+        own_login = "Authorization" in self.headers or grant in ("password", "refresh_token")
+        if target is registry and own_login:
+            return self.forward_client_login(target, challenge, params, renamed, headers)
+        pulls = [pull_only(scope) for scope in renamed.values()]
+        query = [("service", challenge["service"])] if challenge.get("service") else []
+        query += [("scope", scope) for scope in pulls if scope]
+        if target.username:
+            headers["Authorization"] = basic_authorization(target)
+        answer = self.mirror.upstream.fetch(target, "GET", with_query(challenge["realm"], query),
+                                            headers, self.record)
+        if answer.status != 200:
+            return self.send_upstream(target, "GET", answer, False, rewrite_challenge=False)
+        try:
+            body = answer.read_small()
+        finally:
+            answer.release()
+        self.send_json(200, token_answer(body))
+
+    def scope_owner(self, scope):
+        """'repository:ghcr.io/owner/image:pull' -> (ghcr.io's Registry, 'owner/image', 'pull');
+        (None, name, actions) for a name with no registry prefix."""
+        name, actions = split_scope(scope)
+        owner, name = self.mirror.registry_by_prefix(name)
+        return owner, name, actions
+
+    def forward_client_login(self, target, challenge, params, renamed, headers):
+        """The client's own credentials buy what they buy: passed through as a `docker login`
+        expects, with only the scopes renamed (and those for other registries left out)."""
+        scoped = []
+        for key, value in params:
+            if key == "scope":
+                value = " ".join(renamed.get(scope, scope) for scope in value.split()
+                                 if scope in renamed or not split_scope(scope))
+                if not value:
+                    continue
+            scoped.append((key, value))
+        if "Authorization" in self.headers:
+            headers["Authorization"] = self.headers["Authorization"]
+        realm, body = challenge["realm"], None
+        if self.command == "POST":
+            body = urllib.parse.urlencode(scoped).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            url = realm
+        else:
+            url = with_query(realm, scoped)
+        self.relay(target, self.command, url, headers, body=body, rewrite_challenge=False)
+
+
+class OperatorPages:
+    """Handler mixin: /metrics (Prometheus) and the status page (HTML or JSON)."""
+
+    def send_metrics(self):
+        if not any(plain_address(self.client) in network
+                   for network in self.mirror.config.metrics_allow):
+            raise RegistryError(403, "DENIED",
+                                "metrics are not served to your address (--metrics-allow)")
+        cache = self.mirror.cache
+        body = self.mirror.metrics.exposition(cache and cache.figures()).encode()
+        self.send_body(200, "text/plain; version=0.0.4; charset=utf-8", body)
+
+    def status_figures(self):
+        """What the status page shows: live figures, nothing secret or internal."""
+        metrics, cache = self.mirror.metrics, self.mirror.cache
+        return {
+            "version": __version__,
+            "uptime_seconds": int(time.time() - metrics.started),
+            "requests": metrics.total("docxy_requests_total"),
+            "bytes_sent": metrics.total("docxy_sent_bytes_total"),
+            "registries": [{
+                "name": r.name, "upstream": public_upstream(r),
+                "ratelimit_remaining": metrics.gauge("docxy_upstream_ratelimit_remaining",
+                                                     (("registry", r.name),)),
+            } for r in self.mirror.registries.values()],
+            "login_required": bool(self.mirror.config.users),
+            "cache": cache and status_cache_figures(cache.figures()),
+        }
+
+    def send_status(self):
+        figures = self.status_figures()
+        try:
+            figures["url"] = self.public_base()
+        except RegistryError:
+            figures["url"] = None
+        if "text/html" in ",".join(self.headers.get_all("Accept") or []):
+            return self.send_body(200, "text/html; charset=utf-8", status_page(figures, self.mirror).encode())
+        self.send_body(200, "application/json", json.dumps(figures, indent=1).encode())
+
+
+class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
+                    RegistryRequestHandler):
+    """docxy's handler: who is asking (--allow, --trusted-proxy, --users), which registry a
+    request is for, and the routes: /health, /metrics, the status page, /v2/, tokens, and
+    the registry API, passed through or answered from the cache."""
+
+    def route(self):
+        path, _, query = self.path.partition("?")
+        token_path = TOKEN_PATH.fullmatch(path)
+        try:
+            self.frame_request()
+            self.body = self.read_body(self.command == "POST" and token_path is not None)
+            if path == "/health" and self.command in ("GET", "HEAD"):
+                return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
+            self.client = self.forwarded_client()
+            if path == "/metrics" and self.command in ("GET", "HEAD"):
+                return self.send_metrics()
+            self.check_access(path, path == "/v2" or path.startswith("/v2/"))
+            if path == "/" and self.command in ("GET", "HEAD"):
+                return self.send_status()
+            if self.command not in ("GET", "HEAD") and not (self.command == "POST" and token_path):
+                raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only", self.command)
+            if path in ("/v2", "/v2/"):
+                return self.proxy_base(query)
+            if token_path and not self.mirror.config.users:
+                return self.proxy_token(token_path.group("registry"), query)
+            if path.startswith("/v2/"):
+                return self.proxy_registry(path, query)
+            raise RegistryError(404, "NOT_FOUND", "no such endpoint", path[:200])
+        except RegistryError as error:
+            self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
+        except UpstreamError as error:
+            log("upstream error from %s: %s (%s)"
+                % (self.record.registry, error.message, error.detail))
+            # The error's detail can name the CDN a redirect led to: it is for the operator's log
+            # only. The client learns which registry failed, and how.
+            cause = upstream_cause(error, self.mirror.config.upstream_timeout)
+            self.send_registry_error(error.status, "UNAVAILABLE", error.message,
+                                     {"registry": self.record.registry, "cause": cause})
+
+    def trusted_peer(self):
+        return any(self.peer in network for network in self.mirror.config.trusted_proxy)
+
+    def forwarded_client(self):
+        """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
+        X-Forwarded-For entry that is not itself a trusted proxy."""
+        client = self.peer_text
+        if not self.trusted_peer():
+            return client
+        hops = ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")
+        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list may have empty items
+            try:
+                address = forwarded_address(hop)
+            except ValueError:
+                # Failing open would make the trusted proxy itself the client.
+                raise RegistryError(400, "DENIED", "X-Forwarded-For names no client address",
+                                    hop.strip()[:100])
+            client = str(address)
+            if not any(address in network for network in self.mirror.config.trusted_proxy):
+                break
+        return client
+
+    def check_access(self, path, registry_request):
+        """--allow, then --users: refused clients never cause an upstream request."""
+        allow = self.mirror.config.allow
+        if allow and not any(plain_address(self.client) in network for network in allow):
+            raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
+        if self.mirror.config.users and registry_request:
+            self.record.user = self.mirror.check_login(self.headers.get("Authorization", ""), self.client)
+            if not self.record.user:
+                raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)", None,
+                                    [("WWW-Authenticate", 'Basic realm="docxy"')])
+
+    def registry_for(self, query, path=None):
+        """Which registry a request is for (Mirror.registry_for), and the path without its
+        prefix."""
+        ns = dict(urllib.parse.parse_qsl(query)).get("ns")
+        host = without_port(self.public_host() or "").lower()
+        registry, path = self.mirror.registry_for(ns, host, path)
+        self.record.registry = registry.name
+        return registry, path
+
+    def proxy_base(self, query):
+        """GET /v2/: the version check, whose challenge tells clients where to get tokens."""
+        if self.mirror.config.users:    # the login was checked already; upstream logins are docxy's
+            return self.send_json(200, {})
+        registry, _ = self.registry_for(query)
+        upstream, cache = self.mirror.upstream, self.mirror.cache
+        if cache and upstream.answered_lately(registry):
+            self.record.cache = "hit"
+            return self.send_ping(registry)
+        try:
+            self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/",
+                       self.forward_headers())
+        except UpstreamError as error:
+            if not cache:
+                raise
+            log("upstream %s unreachable, answering /v2/ from memory: %s"
+                % (registry.name, error.message))
+            self.record.cache = "stale"
+            return self.send_ping(registry)
+        if cache and self.status in (200, 401):
+            upstream.answered(registry)
+
+    def send_ping(self, registry):
+        """/v2/ without asking upstream (cache mode): the challenge it gave last, or none, in
+        which case clients skip the token dance and pull what the cache holds."""
+        challenge = self.mirror.upstream.challenge(registry)
+        if challenge:
+            header = self.rewrite_challenge(registry, format_challenge("Bearer", list(challenge.items())))
+            return self.send_registry_error(401, "UNAUTHORIZED", "authentication required", None,
+                                            [("WWW-Authenticate", header)] + self.cache_headers())
+        self.send_json(200, {}, self.cache_headers())
+
+    def proxy_registry(self, path, query):
+        registry, path = self.registry_for(query, path)
+        upstream_path, name, kind, ref = parse_registry_path(path, query, registry.library)
+        if kind == "manifests" and self.mirror.limiter:
+            wait = self.mirror.limiter.wait_needed(self.client)
+            if wait:
+                raise RegistryError(429, "TOOMANYREQUESTS", "too many manifest requests; slow down",
+                                    {"retry_after": wait}, [("Retry-After", str(wait))])
+        verify = ref if kind in ("blobs", "manifests") and DIGEST.fullmatch(ref or "") else None
+        headers = self.forward_headers()
+        if kind == "manifests":     # what the tag records are keyed by, and nothing else
+            headers.pop("Accept", None)
+            accepted = manifest_accept(self.headers.get_all("Accept") or [])
+            if accepted:
+                headers["Accept"] = ", ".join(accepted)
+        scope = login_scope(headers, name)
+        url = origin_url(registry.upstream) + upstream_path
+        if self.mirror.cache and verify:
+            return self.serve_object(registry, url, name, kind, verify, headers)
+        if self.mirror.cache and kind == "manifests":
+            return self.serve_tag(registry, url, name, ref, headers)
+        self.relay(registry, self.command, url, headers, verify=verify, scope=scope)
+
+    def public_host(self):
+        """The host clients address: the Host header, or X-Forwarded-Host from a trusted proxy."""
+        host = self.headers.get("Host", "")
+        forwarded = self.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if forwarded and self.trusted_peer():
+            host = forwarded
+        return host if valid_host_header(host) else None
+
+    def public_base(self):
+        if self.mirror.config.public_url:
+            return self.mirror.config.public_url
+        host = self.public_host()
+        if not host:
+            raise RegistryError(400, "UNSUPPORTED", "missing or invalid Host header; "
+                                "set --public-url to serve clients that send none")
+        scheme = "https" if self.server.tls_context else "http"
+        proto = self.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https") and self.trusted_peer():
+            scheme = proto
+        return "%s://%s" % (scheme, host)
 
 
 STATUS_PAGE = """<!doctype html>
@@ -3527,6 +3811,25 @@ def status_page(figures, mirror):
         "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
         "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
     }).replace("%%", "%")
+
+
+def public_upstream(registry):
+    """A registry's upstream as the status page shows it: a preset's is public knowledge; a
+    custom one may be internal."""
+    url = origin_url(registry.upstream)
+    preset = PRESETS.get(registry.name)
+    return url if preset and url == preset[0] else "(private)"
+
+
+def status_cache_figures(figures):
+    """The cache's part of the status page. Hits are answers that cost the upstream nothing;
+    misses fetched or checked upstream."""
+    events = collections.Counter(figures["events"])
+    hits = sum(events[e] for e in ("hits", "tag_hit", "coalesced", "tag_stale"))
+    misses = sum(events[e] for e in ("misses", "tag_miss", "tag_revalidated"))
+    return {"size_bytes": figures["size"], "max_size_bytes": figures["max_size"],
+            "objects": figures["objects"], "hit_ratio": round(hits / max(1, hits + misses), 3),
+            "bytes_served": events["bytes_served"], "stale_serves": events["tag_stale"]}
 
 
 def breakable(text):
