@@ -22,9 +22,10 @@ Then, on each Docker host, /etc/docker/daemon.json:
 
     {"registry-mirrors": ["https://mirror.example.com"]}
 
-Python 3.8+, standard library only. The code follows a request: configuration,
-registry names and validation, the upstream client, the cache, shared state,
-the request handler, and the server.
+Python 3.8+, standard library only. The file reads in the order a request travels,
+in sections opened by a banner: configuration; the registry protocol; network policy;
+upstream; body transfer; cache; shared state; logging; request handling; the server;
+commands and main. Importing it changes nothing: main() does what a process needs.
 """
 
 
@@ -64,11 +65,16 @@ import urllib.parse
 import urllib.request
 from collections import namedtuple
 
+
+# ================================================================================================
+# Configuration
+#
+# Settings from the command line, DOCXY_* variables and an INI file, in that order of
+# precedence, checked together (every problem reported at once) into one Config: the
+# registries (presets and custom ones), their upstream credentials, and the access rules.
+# ================================================================================================
+
 __version__ = "0.1.0"
-
-
-# ---------------------------------------------------------------- configuration
-
 DOCKER_HUB = "https://registry-1.docker.io"
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io")
 # The public registries people mirror: name -> (upstream, aliases, library/ rule, short name).
@@ -104,7 +110,6 @@ LOGIN_HASHERS, LOGIN_QUEUE = 2, 8       # logins hashed at once, and waiting to 
 LOGIN_FAILURES = (10, 10 / 60)          # failed logins per client network: burst, then per second
 # The original docxy's variable names, kept so existing deployments carry over.
 ENV_ALIASES = {"DOCXY_CERT_PATH": "cert", "DOCXY_KEY_PATH": "key"}
-
 Origin = namedtuple("Origin", "scheme host port")
 # names: what ?ns= and a path prefix may call it; hosts: Host headers that route to it.
 Registry = namedtuple("Registry", "name upstream names hosts library username secret short")
@@ -538,6 +543,13 @@ def parse_rate(text, what="--rate-limit"):
     return int(match.group(1)), int(match.group(1)) / seconds
 
 
+def parse_size(text, what="--cache-max-size"):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError("%s wants a size like 500M or 20G, not %r" % (what, text))
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
 def read_users(path, what="--users"):
     users = {}
     try:
@@ -607,7 +619,13 @@ def server_tls_context(cert, key):
     return context
 
 
-# ---------------------------------------------------------------- registry names and validation
+# ================================================================================================
+# Registry protocol: names, references, media types, tokens, errors
+#
+# The OCI distribution spec's grammar and docxy's reading of a request's path, the manifest
+# media types, byte ranges, token scopes and token answers, the registry's JSON errors, and
+# HTTP header fields as both sides write them. Pure functions: no state, no I/O.
+# ================================================================================================
 
 # The OCI distribution spec's grammar. Paths are matched raw, never unquoted: no
 # legitimate name, tag or digest needs percent-encoding, so '%' is simply invalid.
@@ -681,11 +699,77 @@ def clean_query(query, grammar):
     return "?" + urllib.parse.urlencode(kept) if kept else ""
 
 
-# Labels are separated by a dot that no label contains: linear, and valid_host_header checks
-# the length (at most 255) before matching.
-HOST_HEADER = re.compile(
-    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+# The manifest media types docxy asks upstreams for. A client's Accept headers come down to the
+# ones of these it names, and exactly that set goes upstream: the set keys a tag's records, so
+# every client that sends it gets the same answer, and one tag has a bounded number of records.
+MANIFEST_ACCEPT = frozenset((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json", "*/*"))
+INDEX_TYPES = frozenset(("application/vnd.oci.image.index.v1+json",
+                         "application/vnd.docker.distribution.manifest.list.v2+json"))
+
+
+def manifest_accept(values):
+    """The known manifest media types that Accept headers name, sorted. A type whose parameters
+    do not parse is left out, as distribution leaves it out, and so is one with q=0."""
+    types = set()
+    for value in values:
+        for part in value.split(","):
+            media_type, *parameters = part.split(";")
+            media_type = media_type.strip(" \t").lower()
+            if media_type in MANIFEST_ACCEPT and all(map(accepts, parameters)):
+                types.add(media_type)
+    return tuple(sorted(types))
+
+
+def accepts(parameter):
+    """False for a media type parameter that does not parse, or that is q=0."""
+    name, equals, value = parameter.partition("=")
+    name, value = name.strip(" \t").lower(), value.strip(" \t")
+    if not equals or not name or not value:
+        return False
+    if name != "q":
+        return True
+    try:
+        return float(value) > 0 if len(value) <= 5 else False
+    except ValueError:
+        return False
+
+
+def media_type_of(content_type):
+    """The media type of a Content-Type value when it has the grammar's shape, else None: only
+    such a value is ever recorded, and later written into a response header."""
+    media_type = (content_type or "").partition(";")[0].strip(" \t")
+    return media_type if MEDIA_TYPE.fullmatch(media_type) else None
+
+
+MAX_RANGE_HEADER = 200     # a longer Range is not one byte range: ignoring it is always allowed
+
+
+def parse_range(value, size):
+    """A single 'bytes=a-b' range (RFC 9110 14.1.2) -> (start, end inclusive); None for the
+    whole object. Parsed by hand: a client's header never meets a backtracking expression."""
+    if not value or len(value) > MAX_RANGE_HEADER:
+        return None
+    unit, equals, spec = value.partition("=")
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(" \t"), last.strip(" \t")
+    if unit.strip(" \t").lower() != "bytes" or not equals or not dash or not (first or last) \
+            or not all(is_number(part) for part in (first, last) if part):
+        return None                 # absent, several ranges or malformed: the whole object is valid
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    else:
+        start, end = max(0, size - int(last)), size - 1
+    if start >= size or start > end:
+        raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"size": size},
+                            [("Content-Range", "bytes */%d" % size)])
+    return start, end
 
 
 def login_scope(headers, name):
@@ -706,12 +790,6 @@ def split_scope(scope):
     kind, _, rest = scope.partition(":")
     name, _, actions = rest.rpartition(":")
     return (name, actions) if kind == "repository" and name else None
-
-
-def without_port(host):
-    """'example.com:5000' -> 'example.com', '[::1]:5000' -> '[::1]', of a valid Host header."""
-    name, colon, port = host.rpartition(":")
-    return name if colon and port.isdigit() else host
 
 
 TOKEN_FIELDS = ("token", "access_token", "expires_in", "issued_at")
@@ -739,6 +817,31 @@ def token_answer(body):
     return json.dumps({key: answer[key] for key in TOKEN_FIELDS if key in answer}).encode()
 
 
+def token_of(body):
+    """(token, lifetime in seconds) from a token realm's JSON answer; (None, 0) if none."""
+    try:
+        answer = json.loads(body.decode())
+        token = answer.get("token") or answer.get("access_token")
+        lifetime = float(answer.get("expires_in") or 60)
+    except (ValueError, AttributeError, TypeError):
+        return None, 0.0
+    return (token, lifetime) if isinstance(token, str) and token else (None, 0.0)
+
+
+NO_TOKEN = "docxy-placeholder"  # handed out where no upstream token can be had; never sent upstream
+# Labels are separated by a dot that no label contains: linear, and valid_host_header checks
+# the length (at most 255) before matching.
+HOST_HEADER = re.compile(
+    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+
+
+def without_port(host):
+    """'example.com:5000' -> 'example.com', '[::1]:5000' -> '[::1]', of a valid Host header."""
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
+
+
 def valid_host_header(value):
     """True for host[:port] and nothing else: the Host header ends up in auth realms."""
     if not value or len(value) > 255:      # bounded first: HOST_HEADER's labels backtrack a little
@@ -752,37 +855,6 @@ def valid_host_header(value):
         except ValueError:
             return False
     return True
-
-
-# ---------------------------------------------------------------- upstream client
-
-LONG_TRANSFER = 64 << 20    # bodies this large get a start line in the log, and a speed at the end
-CHUNK = 1 << 20             # 1 MiB reads: the copy loop's biggest lever (64 KiB reached ~0.45x nginx)
-# All transfers' buffers share a budget: 32 downloads at 1 MiB each peaked at 65 MiB of RSS,
-# at 512 KiB each at 55 MiB, with the same aggregate speed within noise.
-BUFFER_BUDGET = 16 << 20
-MIN_CHUNK = 256 << 10
-# A verified body is hashed on a second thread while it is sent, when cores are free for it:
-# sha256 costs 0.55 CPU-s/GiB and the copy about 0.4, so in turn they cap one stream near
-# 1 GiB/s, side by side near the hash's own speed. With more transfers than cores the cores
-# are busy anyway, and the extra thread would only add switches.
-HASH_BESIDE_TRANSFERS = os.cpu_count() or 1
-HASH_BESIDE_BYTES = 8 << 20
-MAX_REDIRECTS = 5
-REDIRECTS = (301, 302, 303, 307, 308)
-IDLE_PER_ORIGIN = 64        # as many as concurrent requests to one upstream: with 8, 16 concurrent
-IDLE_TOTAL = 256            # manifest requests reconnected half the time
-IDLE_SECONDS = 30.0         # shorter than common upstream keep-alive timeouts
-# What a client may learn from upstream; everything else (cookies, CDN internals,
-# Location, hop-by-hop headers) stays behind the mirror.
-PASSED_HEADERS = frozenset((
-    "content-type", "content-length", "content-range", "content-encoding", "accept-ranges",
-    "docker-content-digest", "docker-distribution-api-version", "etag", "last-modified",
-    "docker-ratelimit-source", "www-authenticate", "oci-filters-applied", "link", "retry-after",
-))
-# Registry headers that only the first hop carries when a blob redirects to a CDN.
-REGISTRY_HEADERS = frozenset(("docker-content-digest", "docker-distribution-api-version",
-                              "docker-ratelimit-source"))
 
 
 class HeaderSyntaxError(http.client.HTTPException):
@@ -800,14 +872,13 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
     included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server. Else (an
     upstream's answer) whitespace around the name is removed, as it requires of a proxy, and
     a line with no name is left out."""
-    headers = _class()
-    fields = headers._headers   # what Message's own parser fills: (name, value) pairs
+    fields = []     # (name, value), in order
     while True:
         line = fp.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise http.client.LineTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
-            return headers
+            break
         if len(fields) >= MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
         text = line.decode("iso-8859-1").rstrip("\r\n")
@@ -820,6 +891,10 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
         name = name.strip(" \t")
         if colon and name:
             fields.append((name, value.strip(" \t")))
+    headers = _class()
+    for name, value in fields:
+        headers[name] = value       # adds a field; a repeated name is kept, as parsed
+    return headers
 
 
 MAX_HEADER_LINE, MAX_HEADERS = 65536, 100   # http.client's own limits
@@ -832,163 +907,108 @@ def read_upstream_headers_quickly():
     http.client.parse_headers = read_headers
 
 
-def transfer_buffer(size, transfers=1):
-    """The one buffer a transfer copies through: no larger than the body needs, a share of
-    BUFFER_BUDGET when many transfers run at once, and above 64 KiB an anonymous mmap, which
-    returns to the system when the transfer ends (malloc would keep it: 500 idle keep-alive
-    clients cost 92 MiB instead of ~50, measured)."""
-    share = max(MIN_CHUNK, BUFFER_BUDGET // max(1, transfers))
-    size = max(2, min(CHUNK, share, size))     # two bytes at least: one may be held back
-    return mmap.mmap(-1, size) if size > 65536 else bytearray(size)
+# ================================================================================================
+# Network policy: who may connect, and where docxy may dial
+#
+# Client addresses (the TCP peer's, or X-Forwarded-For from a trusted proxy), the networks a
+# rate limit counts by, the zone an upstream address is in (an upstream may not lead docxy
+# into loopback, link-local or private networks it is not in itself), and login hashes.
+# ================================================================================================
+
+def plain_address(text):
+    """An address as networks see it: an IPv4 client of an [::] listener is IPv4."""
+    ip = ipaddress.ip_address(text)
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
 
-def release_buffer(buffer):
-    if isinstance(buffer, mmap.mmap):
-        buffer.close()
+def forwarded_address(text):
+    """An X-Forwarded-For entry as an address: 203.0.113.7, 203.0.113.7:4711, 2001:db8::1,
+    [2001:db8::1] or [2001:db8::1]:4711, as proxies write them. ValueError for anything else
+    ('unknown', an obfuscated name, garbage)."""
+    text = text.strip(" \t")
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or ":" not in host or port and not (port[0] == ":" and is_number(port[1:])):
+            raise ValueError("not an address: %r" % text)
+        text = host
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not is_number(port):
+            raise ValueError("not an address: %r" % text)
+    return plain_address(text)
 
 
-def hash_beside(hasher, buffers):
-    """Feed `hasher` on its own thread. Returns (submit, reuse, finish): submit queues a
-    chunk, reuse waits until one of the `buffers` has been hashed and may be filled again
-    (chunks are hashed in order), finish waits for the last chunk. hashlib lets go of the GIL
-    for chunks this large, as socket writes do, so the two run on two cores."""
-    jobs, free = queue.SimpleQueue(), threading.Semaphore(buffers)
-
-    def work():
-        for chunk in iter(jobs.get, None):
-            try:
-                hasher.update(chunk)
-            except Exception as error:      # the digest cannot match now: the transfer is cut
-                log("hashing failed: %s" % (error,))
-            free.release()
-
-    worker = threading.Thread(target=work, name="hash", daemon=True)
-    worker.start()
-
-    def finish():
-        jobs.put(None)
-        worker.join()
-    return jobs.put, free.acquire, finish
+def is_number(text):
+    return text.isascii() and text.isdigit()
 
 
-
-class BodyCopy:
-    """One upstream body on its way to a client: read in fixed-size chunks into buffers of its
-    own (transfer_buffer), and hashed when a digest is to be verified, on a thread beside the
-    copy when the body is large and cores are free (hash_beside).
-
-    The truncation rules: the last byte of a verified body is held back until the whole body
-    hashed right, and a body that arrives in one read (a manifest, a config) is checked before
-    any of it goes; a mismatch, a body shorter than its Content-Length or a broken upstream
-    raises UpstreamError, and the client, whose connection then ends, never sees a complete
-    body. One thread's, no lock; close() must follow, the hashing thread reads the buffers
-    until then."""
-
-    def __init__(self, answer, verify, transfers):
-        self.answer, self.verify = answer, verify
-        self.received, self.verified = 0, False
-        size = CHUNK if answer.remaining is None else answer.remaining + 1
-        self.hasher = hashlib.new(verify.split(":")[0]) if verify else None
-        beside = self.hasher and size > HASH_BESIDE_BYTES and transfers <= HASH_BESIDE_TRANSFERS
-        # Two buffers when hashing beside: one is read into while the other is still hashed.
-        self.buffers = [transfer_buffer(size, transfers) for _ in range(2 if beside else 1)]
-        self.views = [memoryview(buffer) for buffer in self.buffers]
-        self.reuse = self.finish = None
-        self.submit = self.hasher and self.hasher.update
-        if beside:
-            self.submit, self.reuse, self.finish = hash_beside(self.hasher, len(self.buffers))
-
-    def pieces(self, keep=None):
-        """The body's pieces in order, each to be sent before the next is read; `keep` is
-        given each piece as it arrives (a cache fill's write)."""
-        held = None     # a verified body's last byte so far
-        for turn in itertools.count():
-            view = self.views[turn % len(self.views)]
-            if self.reuse:
-                self.reuse()
-            start = 0
-            if held is not None:
-                view[0], start = held, 1
-            new = self.read(view[start:])
-            if not new:
-                break
-            end = start + new
-            if keep:
-                keep(view[start:end])
-            if self.hasher:
-                self.submit(view[start:end])
-                if self.answer.remaining == 0:  # all of it is here: checked before any leaves
-                    self.check()
-                    yield view[:end]
-                    return
-                end -= 1
-                held = view[end]
-            yield view[:end]
-        if self.answer.remaining:   # what Content-Length still promised
-            raise UpstreamError(502, "upstream body ended early",
-                                "%d bytes missing" % self.answer.remaining)
-        if self.hasher:
-            self.check()
-            if held is not None:
-                yield bytes((held,))
-
-    def read(self, view):
-        """Read from upstream; its failures are counted as the upstream's."""
-        try:
-            new = self.answer.readinto(view)
-        except socket.timeout:
-            raise UpstreamError(504, "upstream stalled in the middle of a body")
-        except (OSError, http.client.HTTPException) as error:
-            raise UpstreamError(502, "upstream body broke off", str(error)[:200])
-        self.received += new
-        return new
-
-    def check(self):
-        if self.finish:
-            self.finish()
-            self.finish = None
-        if self.hasher.hexdigest() != self.verify.split(":")[1]:
-            raise UpstreamError(502, "upstream body does not match its digest", self.verify)
-        self.verified = True
-
-    def close(self):
-        if self.finish:
-            self.finish()
-            self.finish = None
-        for view, buffer in zip(self.views, self.buffers):
-            view.release()
-            release_buffer(buffer)
+def client_network(address):
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return ip
+    return ip.ipv4_mapped or ipaddress.ip_network("%s/64" % ip, strict=False)
 
 
-class ChunkedWriter:
-    """Writes a body in HTTP/1.1 chunked framing (RFC 9112 7.1) to `write`; end() writes the
-    last chunk, without which the client knows the body is incomplete."""
-
-    def __init__(self, write):
-        self.raw = write
-
-    def write(self, data):
-        if len(data):
-            self.raw(b"%x\r\n" % len(data))
-            self.raw(data)
-            self.raw(b"\r\n")
-
-    def end(self):
-        self.raw(b"0\r\n\r\n")
-
-
-def reset_connection(sock):
-    """Abort a TCP connection: SO_LINGER with a zero timeout makes the close send a reset
-    (RST), and closing at once keeps any shutdown (the server's, when the handler returns)
-    from sending a FIN first. The descriptor's number stays taken, by an unconnected socket,
-    until its owner closes it: the handler's reader and writer keep using that number, which
-    must not reach a connection accepted meanwhile."""
+def address_zone(host):
+    """The zone of network an address is in: "public", "loopback", "link-local" (where cloud
+    metadata services answer) or "private" (every other range that is not public).
+    None for a host name; "localhost" is loopback whatever resolves it, and so is 0.0.0.0 (or
+    ::), which a connect on Linux takes to this host."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        with socket.socket(sock.family, socket.SOCK_STREAM) as stand_in:
-            os.dup2(stand_in.fileno(), sock.fileno(), inheritable=False)
-    except OSError:
-        pass
+        ip = plain_address(host.partition("%")[0])
+    except ValueError:
+        return "loopback" if host.lower().rstrip(".") == "localhost" else None
+    if ip.is_loopback or ip.is_unspecified:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    return "public" if ip.is_global else "private"
+
+
+def refused_zone(origin, zone):
+    return UpstreamError(502, "upstream redirected into a network docxy does not enter; refused",
+                         "%s is a %s address" % (origin.host, zone), "redirect")
+
+
+def hash_password(password, iterations=PBKDF2_ITERATIONS):
+    salt = os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+
+
+def password_matches(password, hashed):
+    # An unknown user costs the same PBKDF2 work as a known one: no timing oracle for names.
+    _, iterations, salt, digest = (hashed or "pbkdf2_sha256$%d$AAAA$AAAA" % PBKDF2_ITERATIONS).split("$")
+    computed = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    return hashed is not None and hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+# ================================================================================================
+# Upstream: connections, answers, registry logins
+#
+# ConnectionPool keeps upstream connections; fetch() sends a request and follows redirects
+# the way a registry client must, returning an UpstreamResponse, which is all the rest of
+# docxy knows of http.client; RegistryClient logs in upstream (challenges, tokens) and
+# keeps each registry's health.
+# ================================================================================================
+
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
+IDLE_PER_ORIGIN = 64        # as many as concurrent requests to one upstream: with 8, 16 concurrent
+IDLE_TOTAL = 256            # manifest requests reconnected half the time
+IDLE_SECONDS = 30.0         # shorter than common upstream keep-alive timeouts
+# What a client may learn from upstream; everything else (cookies, CDN internals,
+# Location, hop-by-hop headers) stays behind the mirror.
+PASSED_HEADERS = frozenset((
+    "content-type", "content-length", "content-range", "content-encoding", "accept-ranges",
+    "docker-content-digest", "docker-distribution-api-version", "etag", "last-modified",
+    "docker-ratelimit-source", "www-authenticate", "oci-filters-applied", "link", "retry-after",
+))
+# Registry headers that only the first hop carries when a blob redirects to a CDN.
+REGISTRY_HEADERS = frozenset(("docker-content-digest", "docker-distribution-api-version",
+                              "docker-ratelimit-source"))
+OUTAGE_MEMORY = 30.0        # after an upstream failure, stale answers come at once for this long
+PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
 
 
 class UpstreamError(Exception):
@@ -1018,27 +1038,6 @@ def passes_header(name):
     return name in PASSED_HEADERS or name.startswith("ratelimit-")
 
 
-def address_scope(host):
-    """The kind of network an address is in: "public", "loopback", "link-local" (where cloud
-    metadata services answer) or "private" (every other range that is not public).
-    None for a host name; "localhost" is loopback whatever resolves it, and so is 0.0.0.0 (or
-    ::), which a connect on Linux takes to this host."""
-    try:
-        ip = plain_address(host.partition("%")[0])
-    except ValueError:
-        return "loopback" if host.lower().rstrip(".") == "localhost" else None
-    if ip.is_loopback or ip.is_unspecified:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    return "public" if ip.is_global else "private"
-
-
-def refused_scope(origin, scope):
-    return UpstreamError(502, "upstream redirected into a network docxy does not enter; refused",
-                         "%s is a %s address" % (origin.host, scope), "redirect")
-
-
 class ConnectionPool:
     """Idle upstream connections, reused so that a pull costs one TLS handshake, not dozens.
     New connections go through the HTTPS_PROXY / HTTP_PROXY of the environment unless
@@ -1048,16 +1047,16 @@ class ConnectionPool:
         self.timeout, self.tls_context, self.ipv4_only = timeout, tls_context, ipv4_only
         self.proxies = urllib.request.getproxies_environment()
         self.idle = {}          # Origin -> [(connection, idle since)]
-        self.scopes = {}        # Origin -> the scope of the address it was last reached at
+        self.zones = {}         # Origin -> the zone of the address it was last reached at
         self.lock = threading.Lock()
 
     def get(self, origin, within=None):
         """A connected connection to origin: a pooled one, or a new one. Says which.
-        `within`: the scopes (see address_scope) the connection may lead into; None: any.
+        `within`: the zones (see address_zone) the connection may lead into; None: any.
         An address literal is checked before connecting, where a name led after: so a name
         that resolves one way for a check and another way for the connection cannot slip by."""
-        if within and address_scope(origin.host) not in (None,) + within:
-            raise refused_scope(origin, address_scope(origin.host))
+        if within and address_zone(origin.host) not in (None,) + within:
+            raise refused_zone(origin, address_zone(origin.host))
         with self.lock:
             stack = self.idle.get(origin, [])
             while stack:
@@ -1068,16 +1067,16 @@ class ConnectionPool:
         return self.checked(origin, self.connect(origin), within), False
 
     def checked(self, origin, connection, within):
-        if within and connection.docxy_scope not in within:
+        if within and connection.docxy_zone not in within:
             connection.close()
-            raise refused_scope(origin, connection.docxy_scope)
+            raise refused_zone(origin, connection.docxy_zone)
         return connection
 
     def reachable_from(self, home):
         """Where a hop away from a registry's own host may lead: public addresses, and the kind
         of network the registry itself is in (a registry on a private network may send docxy
         to its storage there). Link-local is never among them unless the registry is too."""
-        return ("public", address_scope(home.host) or self.scopes.get(home, "public"))
+        return ("public", address_zone(home.host) or self.zones.get(home, "public"))
 
     def proxy_for(self, origin):
         proxy = self.proxies.get(origin.scheme)
@@ -1093,18 +1092,22 @@ class ConnectionPool:
     def connect(self, origin):
         proxy = self.proxy_for(origin)
         host, port = (proxy[0], proxy[1]) if proxy else (origin.host, origin.port)
+        # --ipv4-only: a socket bound to an IPv4 address cannot connect to an IPv6 one, and
+        # the standard library's connect moves on to the host's next address.
+        source = ("0.0.0.0", 0) if self.ipv4_only else None
         if origin.scheme == "https":
-            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.tls_context)
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                                     source_address=source,
+                                                     context=self.tls_context)
             if proxy:
                 connection.set_tunnel(origin.host, origin.port, headers=proxy[2])
         else:
-            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout,
+                                                    source_address=source)
             if proxy:   # plain HTTP through a proxy: absolute-form targets
                 connection.docxy_prefix = "http://%s:%d" % (
                     "[%s]" % origin.host if ":" in origin.host else origin.host, origin.port)
                 connection.docxy_headers = proxy[2]
-        if self.ipv4_only:
-            connection._create_connection = connect_ipv4
         try:
             connection.connect()
         except socket.timeout:
@@ -1116,9 +1119,9 @@ class ConnectionPool:
                                 "%s: %s" % (origin.host, error.strerror or error), "connect")
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Through a proxy, the proxy resolves names: docxy cannot see where they lead.
-        connection.docxy_scope = address_scope(origin.host) or (
-            "public" if proxy else address_scope(connection.sock.getpeername()[0]))
-        self.scopes[origin] = connection.docxy_scope
+        connection.docxy_zone = address_zone(origin.host) or (
+            "public" if proxy else address_zone(connection.sock.getpeername()[0]))
+        self.zones[origin] = connection.docxy_zone
         return connection
 
     def put(self, origin, connection):
@@ -1186,22 +1189,6 @@ class UpstreamResponse:
             self.released = True
             self.connection.close()
         self.release()
-
-
-def connect_ipv4(address, timeout, source_address=None):
-    """socket.create_connection restricted to IPv4, for hosts whose IPv6 route is broken."""
-    error = None
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(address[0], address[1], socket.AF_INET,
-                                                               socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as failure:
-            error = failure
-            sock.close()
-    raise error or OSError("no IPv4 address for %s" % address[0])
 
 
 def send_once(pool, origin, method, target, headers, body, within=None):
@@ -1359,6 +1346,11 @@ def parse_challenge(value):
 
 def format_challenge(scheme, params):
     return "%s %s" % (scheme, ",".join('%s="%s"' % (k, v.replace('"', '\\"')) for k, v in params))
+
+
+def basic_authorization(registry):
+    login = "%s:%s" % (registry.username, registry.secret)
+    return "Basic " + base64.b64encode(login.encode()).decode()
 
 
 class RegistryClient:
@@ -1527,26 +1519,197 @@ class RegistryClient:
             self.down_until.pop(registry.name, None)
 
 
-def token_of(body):
-    """(token, lifetime in seconds) from a token realm's JSON answer; (None, 0) if none."""
+# ================================================================================================
+# Body transfer: fixed-size chunks, digests, truncation
+#
+# A body crosses docxy in fixed-size chunks through buffers that all transfers share a
+# budget of, hashed beside the copy when verified; what fails midway is cut so that the
+# client can tell (a missing last byte or chunk, or a reset).
+# ================================================================================================
+
+LONG_TRANSFER = 64 << 20    # bodies this large get a start line in the log, and a speed at the end
+CHUNK = 1 << 20             # 1 MiB reads: the copy loop's biggest lever (64 KiB reached ~0.45x nginx)
+# All transfers' buffers share a budget: 32 downloads at 1 MiB each peaked at 65 MiB of RSS,
+# at 512 KiB each at 55 MiB, with the same aggregate speed within noise.
+BUFFER_BUDGET = 16 << 20
+MIN_CHUNK = 256 << 10
+# A verified body is hashed on a second thread while it is sent, when cores are free for it:
+# sha256 costs 0.55 CPU-s/GiB and the copy about 0.4, so in turn they cap one stream near
+# 1 GiB/s, side by side near the hash's own speed. With more transfers than cores the cores
+# are busy anyway, and the extra thread would only add switches.
+HASH_BESIDE_TRANSFERS = os.cpu_count() or 1
+HASH_BESIDE_BYTES = 8 << 20
+
+
+def transfer_buffer(size, transfers=1):
+    """The one buffer a transfer copies through: no larger than the body needs, a share of
+    BUFFER_BUDGET when many transfers run at once, and above 64 KiB an anonymous mmap, which
+    returns to the system when the transfer ends (malloc would keep it: 500 idle keep-alive
+    clients cost 92 MiB instead of ~50, measured)."""
+    share = max(MIN_CHUNK, BUFFER_BUDGET // max(1, transfers))
+    size = max(2, min(CHUNK, share, size))     # two bytes at least: one may be held back
+    return mmap.mmap(-1, size) if size > 65536 else bytearray(size)
+
+
+def release_buffer(buffer):
+    if isinstance(buffer, mmap.mmap):
+        buffer.close()
+
+
+def hash_beside(hasher, buffers):
+    """Feed `hasher` on its own thread. Returns (submit, reuse, finish): submit queues a
+    chunk, reuse waits until one of the `buffers` has been hashed and may be filled again
+    (chunks are hashed in order), finish waits for the last chunk. hashlib lets go of the GIL
+    for chunks this large, as socket writes do, so the two run on two cores."""
+    jobs, free = queue.SimpleQueue(), threading.Semaphore(buffers)
+
+    def work():
+        for chunk in iter(jobs.get, None):
+            try:
+                hasher.update(chunk)
+            except Exception as error:      # the digest cannot match now: the transfer is cut
+                log("hashing failed: %s" % (error,))
+            free.release()
+
+    worker = threading.Thread(target=work, name="hash", daemon=True)
+    worker.start()
+
+    def finish():
+        jobs.put(None)
+        worker.join()
+    return jobs.put, free.acquire, finish
+
+
+class BodyCopy:
+    """One upstream body on its way to a client: read in fixed-size chunks into buffers of its
+    own (transfer_buffer), and hashed when a digest is to be verified, on a thread beside the
+    copy when the body is large and cores are free (hash_beside).
+
+    The truncation rules: the last byte of a verified body is held back until the whole body
+    hashed right, and a body that arrives in one read (a manifest, a config) is checked before
+    any of it goes; a mismatch, a body shorter than its Content-Length or a broken upstream
+    raises UpstreamError, and the client, whose connection then ends, never sees a complete
+    body. One thread's, no lock; close() must follow, the hashing thread reads the buffers
+    until then."""
+
+    def __init__(self, answer, verify, transfers):
+        self.answer, self.verify = answer, verify
+        self.received, self.verified = 0, False
+        size = CHUNK if answer.remaining is None else answer.remaining + 1
+        self.hasher = hashlib.new(verify.split(":")[0]) if verify else None
+        beside = self.hasher and size > HASH_BESIDE_BYTES and transfers <= HASH_BESIDE_TRANSFERS
+        # Two buffers when hashing beside: one is read into while the other is still hashed.
+        self.buffers = [transfer_buffer(size, transfers) for _ in range(2 if beside else 1)]
+        self.views = [memoryview(buffer) for buffer in self.buffers]
+        self.reuse = self.finish = None
+        self.submit = self.hasher and self.hasher.update
+        if beside:
+            self.submit, self.reuse, self.finish = hash_beside(self.hasher, len(self.buffers))
+
+    def pieces(self, keep=None):
+        """The body's pieces in order, each to be sent before the next is read; `keep` is
+        given each piece as it arrives (a cache fill's write)."""
+        held = None     # a verified body's last byte so far
+        for turn in itertools.count():
+            view = self.views[turn % len(self.views)]
+            if self.reuse:
+                self.reuse()
+            start = 0
+            if held is not None:
+                view[0], start = held, 1
+            new = self.read(view[start:])
+            if not new:
+                break
+            end = start + new
+            if keep:
+                keep(view[start:end])
+            if self.hasher:
+                self.submit(view[start:end])
+                if self.answer.remaining == 0:  # all of it is here: checked before any leaves
+                    self.check()
+                    yield view[:end]
+                    return
+                end -= 1
+                held = view[end]
+            yield view[:end]
+        if self.answer.remaining:   # what Content-Length still promised
+            raise UpstreamError(502, "upstream body ended early",
+                                "%d bytes missing" % self.answer.remaining)
+        if self.hasher:
+            self.check()
+            if held is not None:
+                yield bytes((held,))
+
+    def read(self, view):
+        """Read from upstream; its failures are counted as the upstream's."""
+        try:
+            new = self.answer.readinto(view)
+        except socket.timeout:
+            raise UpstreamError(504, "upstream stalled in the middle of a body")
+        except (OSError, http.client.HTTPException) as error:
+            raise UpstreamError(502, "upstream body broke off", str(error)[:200])
+        self.received += new
+        return new
+
+    def check(self):
+        if self.finish:
+            self.finish()
+            self.finish = None
+        if self.hasher.hexdigest() != self.verify.split(":")[1]:
+            raise UpstreamError(502, "upstream body does not match its digest", self.verify)
+        self.verified = True
+
+    def close(self):
+        if self.finish:
+            self.finish()
+            self.finish = None
+        for view, buffer in zip(self.views, self.buffers):
+            view.release()
+            release_buffer(buffer)
+
+
+class ChunkedWriter:
+    """Writes a body in HTTP/1.1 chunked framing (RFC 9112 7.1) to `write`; end() writes the
+    last chunk, without which the client knows the body is incomplete."""
+
+    def __init__(self, write):
+        self.raw = write
+
+    def write(self, data):
+        if len(data):
+            self.raw(b"%x\r\n" % len(data))
+            self.raw(data)
+            self.raw(b"\r\n")
+
+    def end(self):
+        self.raw(b"0\r\n\r\n")
+
+
+def reset_connection(sock):
+    """Abort a TCP connection: SO_LINGER with a zero timeout makes the close send a reset
+    (RST), and closing at once keeps any shutdown (the server's, when the handler returns)
+    from sending a FIN first. The descriptor's number stays taken, by an unconnected socket,
+    until its owner closes it: the handler's reader and writer keep using that number, which
+    must not reach a connection accepted meanwhile."""
     try:
-        answer = json.loads(body.decode())
-        token = answer.get("token") or answer.get("access_token")
-        lifetime = float(answer.get("expires_in") or 60)
-    except (ValueError, AttributeError, TypeError):
-        return None, 0.0
-    return (token, lifetime) if isinstance(token, str) and token else (None, 0.0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with socket.socket(sock.family, socket.SOCK_STREAM) as stand_in:
+            os.dup2(stand_in.fileno(), sock.fileno(), inheritable=False)
+    except OSError:
+        pass
 
 
-# ---------------------------------------------------------------- cache
+# ================================================================================================
+# Cache
+#
+# Content-addressed objects verified before they are committed, fills that other clients
+# follow while they download, tag records per Accept set, eviction under a size cap.
+# ================================================================================================
 
 TAG_RECORD_VERSION = 2      # version 1 keyed records by the client's raw Accept list
 TAG_RECORDS_PER_TAG = 4     # one tag, answered for that many Accept sets at most
 TAG_RECORDS_MAX = 100000    # in memory and on disk, whatever the cap: each is held in memory
 TAG_SHARE = 0.1             # tag records take at most this share of the cache's cap
-NO_TOKEN = "docxy-placeholder"  # handed out where no upstream token can be had; never sent upstream
-OUTAGE_MEMORY = 30.0        # after an upstream failure, stale answers come at once for this long
-PING_MEMORY = 3600.0        # a registry's /v2/ challenge hardly ever changes: ask once an hour
 STALE_WARNING = '110 - "Response is Stale"'
 
 
@@ -1923,89 +2086,28 @@ def process_alive(pid):
         return True
 
 
-MAX_RANGE_HEADER = 200     # a longer Range is not one byte range: ignoring it is always allowed
-
-
-def parse_range(value, size):
-    """A single 'bytes=a-b' range (RFC 9110 14.1.2) -> (start, end inclusive); None for the
-    whole object. Parsed by hand: a client's header never meets a backtracking expression."""
-    if not value or len(value) > MAX_RANGE_HEADER:
-        return None
-    unit, equals, spec = value.partition("=")
-    first, dash, last = spec.partition("-")
-    first, last = first.strip(" \t"), last.strip(" \t")
-    if unit.strip(" \t").lower() != "bytes" or not equals or not dash or not (first or last) \
-            or not all(is_number(part) for part in (first, last) if part):
-        return None                 # absent, several ranges or malformed: the whole object is valid
-    if first:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-    else:
-        start, end = max(0, size - int(last)), size - 1
-    if start >= size or start > end:
-        raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"size": size},
-                            [("Content-Range", "bytes */%d" % size)])
-    return start, end
-
-
-def parse_size(text, what="--cache-max-size"):
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ConfigError("%s wants a size like 500M or 20G, not %r" % (what, text))
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
-
-
-# The manifest media types docxy asks upstreams for. A client's Accept headers come down to the
-# ones of these it names, and exactly that set goes upstream: the set keys a tag's records, so
-# every client that sends it gets the same answer, and one tag has a bounded number of records.
-MANIFEST_ACCEPT = frozenset((
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.oci.artifact.manifest.v1+json", "*/*"))
-
-
-INDEX_TYPES = frozenset(("application/vnd.oci.image.index.v1+json",
-                         "application/vnd.docker.distribution.manifest.list.v2+json"))
-
-
-def manifest_accept(values):
-    """The known manifest media types that Accept headers name, sorted. A type whose parameters
-    do not parse is left out, as distribution leaves it out, and so is one with q=0."""
-    types = set()
-    for value in values:
-        for part in value.split(","):
-            media_type, *parameters = part.split(";")
-            media_type = media_type.strip(" \t").lower()
-            if media_type in MANIFEST_ACCEPT and all(map(accepts, parameters)):
-                types.add(media_type)
-    return tuple(sorted(types))
-
-
-def accepts(parameter):
-    """False for a media type parameter that does not parse, or that is q=0."""
-    name, equals, value = parameter.partition("=")
-    name, value = name.strip(" \t").lower(), value.strip(" \t")
-    if not equals or not name or not value:
-        return False
-    if name != "q":
-        return True
+def open_cache(config):
     try:
-        return float(value) > 0 if len(value) <= 5 else False
-    except ValueError:
-        return False
+        os.makedirs(config.cache_dir, exist_ok=True)
+        max_size = config.cache_max_size
+        if max_size is None:
+            max_size = int(shutil.disk_usage(config.cache_dir).free * 0.8)
+        cache = Cache(config.cache_dir, max_size, config.tag_ttl)
+    except OSError as error:
+        raise ConfigError("cannot use --cache-dir %s: %s" % (config.cache_dir, error.strerror or error))
+    log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
+        config.cache_dir, cache.size / 1048576, len(cache.objects), max_size / 1048576,
+        "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
+    return cache
 
 
-def media_type_of(content_type):
-    """The media type of a Content-Type value when it has the grammar's shape, else None: only
-    such a value is ever recorded, and later written into a response header."""
-    media_type = (content_type or "").partition(";")[0].strip(" \t")
-    return media_type if MEDIA_TYPE.fullmatch(media_type) else None
-
-
-# ---------------------------------------------------------------- shared state
+# ================================================================================================
+# Shared state
+#
+# What the threads of one process share, each piece with its own lock: a TTL map, a rate
+# limiter, the metrics; and Mirror, the one object that holds them all and says which lock
+# guards what. Nothing else at module level changes after start-up.
+# ================================================================================================
 
 class ExpiringCache:
     """A bounded mapping whose entries expire: upstream tokens, verified logins."""
@@ -2062,40 +2164,6 @@ class RateLimiter:
             if key in self.buckets:
                 tokens, since = self.buckets[key]
                 self.buckets[key] = (min(self.burst, tokens + 1), since)
-
-
-def plain_address(text):
-    """An address as networks see it: an IPv4 client of an [::] listener is IPv4."""
-    ip = ipaddress.ip_address(text)
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def forwarded_address(text):
-    """An X-Forwarded-For entry as an address: 203.0.113.7, 203.0.113.7:4711, 2001:db8::1,
-    [2001:db8::1] or [2001:db8::1]:4711, as proxies write them. ValueError for anything else
-    ('unknown', an obfuscated name, garbage)."""
-    text = text.strip(" \t")
-    if text.startswith("["):
-        host, bracket, port = text[1:].partition("]")
-        if not bracket or ":" not in host or port and not (port[0] == ":" and is_number(port[1:])):
-            raise ValueError("not an address: %r" % text)
-        text = host
-    elif text.count(":") == 1:
-        text, _, port = text.partition(":")
-        if not is_number(port):
-            raise ValueError("not an address: %r" % text)
-    return plain_address(text)
-
-
-def is_number(text):
-    return text.isascii() and text.isdigit()
-
-
-def client_network(address):
-    ip = ipaddress.ip_address(address)
-    if ip.version == 4:
-        return ip
-    return ip.ipv4_mapped or ipaddress.ip_network("%s/64" % ip, strict=False)
 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -2346,56 +2414,16 @@ class Mirror:
         return name if ok else None
 
 
-def open_cache(config):
-    try:
-        os.makedirs(config.cache_dir, exist_ok=True)
-        max_size = config.cache_max_size
-        if max_size is None:
-            max_size = int(shutil.disk_usage(config.cache_dir).free * 0.8)
-        cache = Cache(config.cache_dir, max_size, config.tag_ttl)
-    except OSError as error:
-        raise ConfigError("cannot use --cache-dir %s: %s" % (config.cache_dir, error.strerror or error))
-    log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
-        config.cache_dir, cache.size / 1048576, len(cache.objects), max_size / 1048576,
-        "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
-    return cache
-
-
-def hash_password(password, iterations=PBKDF2_ITERATIONS):
-    salt = os.urandom(16)
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
-
-
-def password_matches(password, hashed):
-    # An unknown user costs the same PBKDF2 work as a known one: no timing oracle for names.
-    _, iterations, salt, digest = (hashed or "pbkdf2_sha256$%d$AAAA$AAAA" % PBKDF2_ITERATIONS).split("$")
-    computed = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
-    return hashed is not None and hmac.compare_digest(computed, base64.b64decode(digest))
-
-
-def basic_authorization(registry):
-    login = "%s:%s" % (registry.username, registry.secret)
-    return "Basic " + base64.b64encode(login.encode()).decode()
-
-
-# ---------------------------------------------------------------- logging
+# ================================================================================================
+# Logging
+#
+# One line per event on stderr, text or JSON (--log-format), each in one write; an
+# AccessRecord per request for its access line.
+# ================================================================================================
 
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")     # one character class: linear
-
-
-def log_json(fields):
-    write_log_line(json.dumps(fields, separators=(",", ":")) + "\n")
-
-
-def route_class(path):
-    """A request's kind, for metrics: a bounded label set, whatever clients send."""
-    path = path.partition("?")[0]
-    match = ROUTE.fullmatch(path)
-    if match:
-        return {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}.get(match.group("kind"), "tags")
-    return {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics", "/": "status"}.get(
-        path, "token" if TOKEN_PATH.fullmatch(path) else "other")
+LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
+TEXT_PREFIXES = {logging.WARNING: "WARNING: ", logging.ERROR: "error: "}
 
 
 def log(message, level=logging.INFO):
@@ -2407,10 +2435,6 @@ def log(message, level=logging.INFO):
         logger.log(level, "%s", message)
     else:   # docxy imported, not run: plain text, as before any configuration
         write_log_line(log_line(message, level, False))
-
-
-LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
-TEXT_PREFIXES = {logging.WARNING: "WARNING: ", logging.ERROR: "error: "}
 
 
 def log_line(message, level, json_lines, created=None):
@@ -2450,6 +2474,20 @@ def report(message, log_format, prefix=""):
     line = log_line(message, logging.INFO, True) if json_lines else prefix + message + "\n"
     sys.stdout.write(line)
     sys.stdout.flush()
+
+
+def log_json(fields):
+    write_log_line(json.dumps(fields, separators=(",", ":")) + "\n")
+
+
+def route_class(path):
+    """A request's kind, for metrics: a bounded label set, whatever clients send."""
+    path = path.partition("?")[0]
+    match = ROUTE.fullmatch(path)
+    if match:
+        return {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}.get(match.group("kind"), "tags")
+    return {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics", "/": "status"}.get(
+        path, "token" if TOKEN_PATH.fullmatch(path) else "other")
 
 
 class AccessRecord:
@@ -2507,7 +2545,15 @@ def write_log_line(line):
             pass
 
 
-# ---------------------------------------------------------------- request handler
+# ================================================================================================
+# Request handling
+#
+# RequestReader and ResponseWriter are a connection's two sides; StrictRequestParser,
+# UnsafeHeaderGuard and ResponseHead are mixins of one concern each; RegistryRequestHandler
+# frames requests and answers errors, and MirrorHandler routes them, with one mixin per kind
+# of route (relay, cache, tokens, operator pages). RedirectHandler serves the plain-HTTP port
+# next to HTTPS.
+# ================================================================================================
 
 # The request line's three parts (RFC 9112 3): each one character class, matched in linear time.
 REQUEST_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -2712,6 +2758,36 @@ class ResponseWriter(io.BufferedIOBase):
             self.send(head)
 
 
+class ResponseHead:
+    """Handler mixin: collects a response's head itself, in place of BaseHTTPRequestHandler's
+    own buffer, and hands it whole to the ResponseWriter (the handler's wfile), which sends it
+    with the first piece of the body. A head sent before any status is set (an interim
+    answer) goes at once: the client waits for it."""
+
+    head_lines = ()
+    status = None
+
+    def send_response_only(self, code, message=None):
+        if message is None:
+            message = self.responses[code][0] if code in self.responses else ""
+        self.head_lines = ["%s %d %s\r\n" % (self.protocol_version, code, message)]
+
+    def send_header(self, keyword, value):
+        self.head_lines.append("%s: %s\r\n" % (keyword, value))
+        if keyword.lower() == "connection":
+            if value.lower() == "close":
+                self.close_connection = True
+            elif value.lower() == "keep-alive":
+                self.close_connection = False
+
+    def end_headers(self):
+        self.head_lines.append("\r\n")
+        self.wfile.head += "".join(self.head_lines).encode("latin-1", "strict")
+        self.head_lines = []
+        if self.status is None:
+            self.wfile.flush()
+
+
 class UnsafeHeaderGuard:
     """Handler mixin: a header with CR, LF or NUL in it is refused (left out, and logged). It
     would end the header early, and what follows would become headers, or a whole second
@@ -2774,7 +2850,7 @@ class StrictRequestParser:
         return False
 
 
-class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard,
+class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
                              http.server.BaseHTTPRequestHandler):
     """A client connection of a registry: frames its requests one by one (RequestReader,
     StrictRequestParser, frame_request, read_body), answers errors as registry JSON, and logs
@@ -2985,15 +3061,6 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard,
             text = super().date_time_string(now)
             self.mirror.date = (now, text)
         return text
-
-    def flush_headers(self):
-        # A final answer's head goes out with its body (ResponseWriter); "100 Continue",
-        # sent before any status is set, goes at once: the client waits for it.
-        if hasattr(self, "_headers_buffer"):
-            self.wfile.head += b"".join(self._headers_buffer)
-            self._headers_buffer = []
-        if self.status is None:
-            self.wfile.flush()
 
     def send_header(self, keyword, value):
         if keyword.lower() == "content-length" and self.command == "GET" \
@@ -3849,7 +3916,8 @@ ACME_PREFIX = "/.well-known/acme-challenge/"
 ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")     # one bounded run: linear
 
 
-class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHTTPRequestHandler):
+class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
+                      http.server.BaseHTTPRequestHandler):
     """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL."""
 
     protocol_version = "HTTP/1.1"
@@ -3918,10 +3986,17 @@ class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, http.server.BaseHT
         log("%s %s" % (self.client_address[0], format % args))
 
 
-# ---------------------------------------------------------------- server and main
+# ================================================================================================
+# Server: listeners, waiting connections, the connection budget
+#
+# A connection waits in WaitingConnections (one selector, no thread) until a request has
+# arrived whole; then ConnectionBudget gives it one of --max-connections threads (Listener).
+# ================================================================================================
 
 PARK_AFTER = 0.5    # seconds of silence before a keep-alive connection gives up its thread
 REDIRECT_CONNECTIONS = 16   # the --http-redirect listener's own budget of connections at once
+MAX_QUEUED = 4096           # whole requests waiting for a thread; past that, 503 at once
+WAITING_BYTES = 64 << 20    # what all waiting connections may hold of their requests together
 
 
 def open_file_limit():
@@ -3946,10 +4021,6 @@ def parking_capacity(config):
     # Descriptors the rest needs: each served client and its upstream connection, the
     # upstream pool, and some for listeners, cache files and logs.
     return max(16, open_file_limit() - 2 * config.max_connections - IDLE_TOTAL - 64)
-
-
-MAX_QUEUED = 4096           # whole requests waiting for a thread; past that, 503 at once
-WAITING_BYTES = 64 << 20    # what all waiting connections may hold of their requests together
 
 
 def plain_answer(status, reason, message):
@@ -4358,6 +4429,13 @@ def format_address(address):
     """(host, port) as the operator writes it: 0.0.0.0:5000, [::]:443."""
     return ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
 
+
+# ================================================================================================
+# Commands and main
+#
+# Serving (main), --check, prefetch and hash-password; reloads on SIGHUP, certificate
+# renewals, and draining on SIGTERM.
+# ================================================================================================
 
 def client_snippet(mirror, listeners):
     """The lines an operator pastes into Docker's and containerd's configuration."""
