@@ -106,6 +106,8 @@ REGISTRY_KEYS = ("upstream", "hosts", "library", "username", "password_file", "p
 # Matched against path prefixes too: linear, as a separator is never alphanumeric.
 REGISTRY_NAME = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*(?::\d{1,5})?")
 PBKDF2_ITERATIONS = 300000
+# Runs that a "$" separates and none contains: linear.
+PASSWORD_HASH = re.compile(r"pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+")
 LOGIN_HASHERS, LOGIN_QUEUE = 2, 8       # logins hashed at once, and waiting to be
 LOGIN_FAILURES = (10, 10 / 60)          # failed logins per client network: burst, then per second
 # The original docxy's variable names, kept so existing deployments carry over.
@@ -125,7 +127,8 @@ class ConfigError(Exception):
 
 
 class Problems(list):
-    """Configuration problems as they are found, so that one run reports them all."""
+    """Configuration problems as they are found, so that one run reports them all. Used by
+    one thread, at start-up or on a reload."""
 
     def check(self, step, *arguments):
         """step(*arguments), or None with its ConfigError noted."""
@@ -179,7 +182,8 @@ def build_parser(**options):
     add("--upstream", metavar="URL", help="upstream of the default registry, docker.io (default %s)"
         % DOCKER_HUB)
     add("--library-prefix", choices=("auto", "on", "off"),
-        help="add library/ to one-component names of docker.io (default auto: if its upstream is Docker Hub)")
+        help="add library/ to one-component names of docker.io "
+             "(default auto: if its upstream is Docker Hub)")
     add("--cert", metavar="PATH", help="PEM certificate chain: serve HTTPS")
     add("--key", metavar="PATH", help="PEM private key (RSA, ECDSA or PKCS#8)")
     add("--public-url", metavar="URL",
@@ -188,13 +192,16 @@ def build_parser(**options):
         help="also listen here on plain HTTP and redirect every request to HTTPS")
     add("--allow", action="append", metavar="CIDR",
         help="only these client networks may use the mirror, repeatable (default: everyone)")
-    add("--users", metavar="FILE", help="name:hash lines; every pull then needs one of these logins")
+    add("--users", metavar="FILE",
+        help="name:hash lines; every pull then needs one of these logins")
     add("--trusted-proxy", action="append", metavar="CIDR",
         help="reverse proxies whose X-Forwarded-For/-Proto/-Host are believed, repeatable")
-    add("--rate-limit", metavar="N/min", help="manifest requests per client address (IPv6: per /64)")
+    add("--rate-limit", metavar="N/min",
+        help="manifest requests per client address (IPv6: per /64)")
     add("--i-understand-credentials-are-shared", action="store_true", default=None,
         help="run with upstream credentials although anyone who reaches the mirror may use them")
-    add("--cache-dir", metavar="DIR", help="keep pulled blobs and manifests here (default: no cache)")
+    add("--cache-dir", metavar="DIR",
+        help="keep pulled blobs and manifests here (default: no cache)")
     add("--cache-max-size", metavar="SIZE",
         help="cap on the cache, e.g. 20G (default: 80%% of the free space at start-up)")
     add("--tag-ttl", type=float, metavar="SECONDS",
@@ -344,7 +351,8 @@ def command_line_log_format(argv, environ):
 
 
 def read_ini(path, what="--config"):
-    ini = configparser.ConfigParser(interpolation=None, default_section="\0none", inline_comment_prefixes=(";", "#"))
+    ini = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                    inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as handle:
             ini.read_file(handle)
@@ -387,7 +395,8 @@ def check_config(config, sections, environ):
         config.rate_limit = check(parse_rate, config.rate_limit, where("rate_limit"))
     if config.cache_max_size:
         config.cache_max_size = check(parse_size, config.cache_max_size, where("cache_max_size"))
-    for name, default in (("allow", []), ("trusted_proxy", []), ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
+    for name, default in (("allow", []), ("trusted_proxy", []),
+                          ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
         setattr(config, name, [check(parse_network, text, where(name))
                                for text in getattr(config, name) or default])
     if config.acme_webroot and not os.path.isdir(config.acme_webroot):
@@ -400,10 +409,12 @@ def check_config(config, sections, environ):
     if registries:
         config.registries, config.default_registry = registries
         shared = [r.name for r in config.registries.values() if r.username]
-        if shared and not (config.allow or config.users or config.i_understand_credentials_are_shared):
+        guarded = config.allow or config.users or config.i_understand_credentials_are_shared
+        if shared and not guarded:
             problems.append(
-                "upstream credentials for %s would serve anyone who reaches this mirror: add --allow or "
-                "--users, or pass --i-understand-credentials-are-shared" % ", ".join(shared))
+                "upstream credentials for %s would serve anyone who reaches this mirror: add "
+                "--allow or --users, or pass --i-understand-credentials-are-shared"
+                % ", ".join(shared))
     problems.raise_any()
     return config
 
@@ -562,9 +573,9 @@ def read_users(path, what="--users"):
         if not line or line.startswith("#"):
             continue
         name, _, hashed = line.partition(":")
-        if not name or not re.fullmatch(r"pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+", hashed):
-            raise ConfigError("%s line %d: want name:pbkdf2_sha256$... (see 'docxy.py hash-password')"
-                              % (path, number))
+        if not name or not PASSWORD_HASH.fullmatch(hashed):
+            raise ConfigError("%s line %d: want name:pbkdf2_sha256$... "
+                              "(see 'docxy.py hash-password')" % (path, number))
         users[name] = hashed
     if not users:
         raise ConfigError("%s: %s lists no users" % (what, path))
@@ -641,10 +652,12 @@ NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME = re.compile(r"%s(?:/%s)*" % (NAME_COMPONENT, NAME_COMPONENT))
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
-MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                        r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 MAX_NAME = 255
 TOKEN_PATH = re.compile(r"/auth/(?:(?P<registry>[a-z0-9.:-]+)/)?token")
-ROUTE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]*)|tags/(?P<list>list))")
+ROUTE = re.compile(r"/v2/(?P<name>.+)/"
+                   r"(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]*)|tags/(?P<list>list))")
 # Query parameters each route may carry upstream, with the grammar of their value.
 QUERY_GRAMMAR = {
     "tags": {"n": re.compile(r"\d{1,5}"), "last": TAG},
@@ -684,7 +697,8 @@ def parse_registry_path(path, query, library):
         raise RegistryError(400, "DIGEST_INVALID", "invalid digest", ref[:300])
     name = upstream_name(name, library)
     suffix = "tags/list" if kind == "tags" else "%s/%s" % (kind, ref)
-    return "/v2/%s/%s%s" % (name, suffix, clean_query(query, QUERY_GRAMMAR.get(kind, {}))), name, kind, ref
+    query = clean_query(query, QUERY_GRAMMAR.get(kind, {}))
+    return "/v2/%s/%s%s" % (name, suffix, query), name, kind, ref
 
 
 def upstream_name(name, library):
@@ -828,11 +842,13 @@ def token_of(body):
     return (token, lifetime) if isinstance(token, str) and token else (None, 0.0)
 
 
-NO_TOKEN = "docxy-placeholder"  # handed out where no upstream token can be had; never sent upstream
+# Handed out where no upstream token can be had; never sent upstream.
+NO_TOKEN = "docxy-placeholder"
 # Labels are separated by a dot that no label contains: linear, and valid_host_header checks
 # the length (at most 255) before matching.
 HOST_HEADER = re.compile(
-    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
 
 
@@ -866,8 +882,8 @@ FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
-    """http.client.parse_headers without the email package's feed parser, which took a third
-    of docxy's CPU per small request (py-spy, manifest HEADs). Same limits, same result type.
+    """http.client.parse_headers without the email package's feed parser, the largest cost
+    of a small request in a profile. Same limits, same result type.
     `strict` (a client's request): a line that is not NAME: VALUE, whitespace before the colon
     included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server. Else (an
     upstream's answer) whitespace around the name is removed, as it requires of a proxy, and
@@ -949,6 +965,31 @@ def client_network(address):
     return ip.ipv4_mapped or ipaddress.ip_network("%s/64" % ip, strict=False)
 
 
+def in_networks(address, networks):
+    return any(address in network for network in networks)
+
+
+def client_address(peer, forwarded_for, trusted):
+    """The client's address, as text: the TCP peer's, or, when the peer is a trusted proxy,
+    the rightmost X-Forwarded-For entry (of the header's values, `forwarded_for`) that is not
+    itself a trusted proxy. An entry that is no address is refused (RegistryError): failing
+    open would make the trusted proxy itself the client."""
+    client = str(peer)
+    if not in_networks(peer, trusted):
+        return client
+    hops = ",".join(forwarded_for).split(",")
+    for hop in reversed([hop for hop in hops if hop.strip(" \t")]):  # a #list may have empty items
+        try:
+            address = forwarded_address(hop)
+        except ValueError:
+            raise RegistryError(400, "DENIED", "X-Forwarded-For names no client address",
+                                hop.strip()[:100])
+        client = str(address)
+        if not in_networks(address, trusted):
+            break
+    return client
+
+
 def address_zone(host):
     """The zone of network an address is in: "public", "loopback", "link-local" (where cloud
     metadata services answer) or "private" (every other range that is not public).
@@ -973,13 +1014,16 @@ def refused_zone(origin, zone):
 def hash_password(password, iterations=PBKDF2_ITERATIONS):
     salt = os.urandom(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, base64.b64encode(salt).decode(),
+                                       base64.b64encode(digest).decode())
 
 
 def password_matches(password, hashed):
     # An unknown user costs the same PBKDF2 work as a known one: no timing oracle for names.
-    _, iterations, salt, digest = (hashed or "pbkdf2_sha256$%d$AAAA$AAAA" % PBKDF2_ITERATIONS).split("$")
-    computed = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    stand_in = "pbkdf2_sha256$%d$AAAA$AAAA" % PBKDF2_ITERATIONS
+    _, iterations, salt, digest = (hashed or stand_in).split("$")
+    computed = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt),
+                                   int(iterations))
     return hashed is not None and hmac.compare_digest(computed, base64.b64decode(digest))
 
 
@@ -994,8 +1038,10 @@ def password_matches(password, hashed):
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
-IDLE_PER_ORIGIN = 64        # as many as concurrent requests to one upstream: with 8, 16 concurrent
-IDLE_TOTAL = 256            # manifest requests reconnected half the time
+# Idle upstream connections kept: as many per upstream as requests to it at once, or
+# concurrent manifest requests would reconnect, each a TCP and TLS handshake.
+IDLE_PER_ORIGIN = 64
+IDLE_TOTAL = 256
 IDLE_SECONDS = 30.0         # shorter than common upstream keep-alive timeouts
 # What a client may learn from upstream; everything else (cookies, CDN internals,
 # Location, hop-by-hop headers) stays behind the mirror.
@@ -1041,7 +1087,8 @@ def passes_header(name):
 class ConnectionPool:
     """Idle upstream connections, reused so that a pull costs one TLS handshake, not dozens.
     New connections go through the HTTPS_PROXY / HTTP_PROXY of the environment unless
-    NO_PROXY exempts the host."""
+    NO_PROXY exempts the host. `lock` guards `idle` and `zones`; a connection taken from the
+    pool is its taker's alone until put back."""
 
     def __init__(self, timeout, tls_context, ipv4_only=False):
         self.timeout, self.tls_context, self.ipv4_only = timeout, tls_context, ipv4_only
@@ -1076,7 +1123,9 @@ class ConnectionPool:
         """Where a hop away from a registry's own host may lead: public addresses, and the kind
         of network the registry itself is in (a registry on a private network may send docxy
         to its storage there). Link-local is never among them unless the registry is too."""
-        return ("public", address_zone(home.host) or self.zones.get(home, "public"))
+        with self.lock:
+            learned = self.zones.get(home, "public")
+        return ("public", address_zone(home.host) or learned)
 
     def proxy_for(self, origin):
         proxy = self.proxies.get(origin.scheme)
@@ -1085,7 +1134,8 @@ class ConnectionPool:
         parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         headers = {}
         if parts.username is not None:
-            login = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+            login = "%s:%s" % (urllib.parse.unquote(parts.username),
+                               urllib.parse.unquote(parts.password or ""))
             headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
         return parts.hostname, parts.port or 3128, headers
 
@@ -1111,9 +1161,11 @@ class ConnectionPool:
         try:
             connection.connect()
         except socket.timeout:
-            raise UpstreamError(504, "upstream did not answer in time", "connect to %s" % origin.host)
+            raise UpstreamError(504, "upstream did not answer in time",
+                                "connect to %s" % origin.host)
         except ssl.SSLError as error:
-            raise UpstreamError(502, "upstream TLS failed", "%s: %s" % (origin.host, error.reason), "connect")
+            raise UpstreamError(502, "upstream TLS failed",
+                                "%s: %s" % (origin.host, error.reason), "connect")
         except OSError as error:
             raise UpstreamError(502, "upstream unreachable",
                                 "%s: %s" % (origin.host, error.strerror or error), "connect")
@@ -1121,7 +1173,8 @@ class ConnectionPool:
         # Through a proxy, the proxy resolves names: docxy cannot see where they lead.
         connection.docxy_zone = address_zone(origin.host) or (
             "public" if proxy else address_zone(connection.sock.getpeername()[0]))
-        self.zones[origin] = connection.docxy_zone
+        with self.lock:
+            self.zones[origin] = connection.docxy_zone
         return connection
 
     def put(self, origin, connection):
@@ -1202,7 +1255,8 @@ def send_once(pool, origin, method, target, headers, body, within=None):
             response = connection.getresponse()
         except socket.timeout:
             connection.close()
-            raise UpstreamError(504, "upstream did not answer in time", "%s %s" % (method, origin.host))
+            raise UpstreamError(504, "upstream did not answer in time",
+                                "%s %s" % (method, origin.host))
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             if not reused:
@@ -1269,7 +1323,8 @@ def fetch(pool, method, url, headers, body=None, home=None):
     headers = dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
-        origin = Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        default_port = 443 if parts.scheme == "https" else 80
+        origin = Origin(parts.scheme, parts.hostname, parts.port or default_port)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         within = pool.reachable_from(home) if home and origin != home else None
         connection, response = send_once(pool, origin, method, target, headers, body, within)
@@ -1287,7 +1342,8 @@ def fetch(pool, method, url, headers, body=None, home=None):
             headers.pop("Cookie", None)
         body = None if response.status == 303 else body
         method = "GET" if response.status == 303 and method != "HEAD" else method
-    raise UpstreamError(502, "upstream redirected too many times", "more than %d hops" % MAX_REDIRECTS)
+    raise UpstreamError(502, "upstream redirected too many times",
+                        "more than %d hops" % MAX_REDIRECTS)
 
 
 def redirect_target(url, location):
@@ -1378,8 +1434,9 @@ class RegistryClient:
     def configure(self, config):
         """Take a configuration's registries: a challenge is kept while its upstream stays."""
         old, new = self.registries, config.registries
-        self.challenges = {name: challenge for name, challenge in self.challenges.items()
-                           if name in old and name in new and old[name].upstream == new[name].upstream}
+        self.challenges = {
+            name: challenge for name, challenge in self.challenges.items()
+            if name in old and name in new and old[name].upstream == new[name].upstream}
         self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained
         self.registries = new
 
@@ -1528,15 +1585,17 @@ class RegistryClient:
 # ================================================================================================
 
 LONG_TRANSFER = 64 << 20    # bodies this large get a start line in the log, and a speed at the end
-CHUNK = 1 << 20             # 1 MiB reads: the copy loop's biggest lever (64 KiB reached ~0.45x nginx)
-# All transfers' buffers share a budget: 32 downloads at 1 MiB each peaked at 65 MiB of RSS,
-# at 512 KiB each at 55 MiB, with the same aggregate speed within noise.
+# Large reads: each costs system calls and GIL hand-offs whatever its size, so the chunk's size
+# is the copy loop's biggest lever (bench/RESULTS.md).
+CHUNK = 1 << 20
+# What all transfers' buffers may take together: with many downloads at once each gets a
+# smaller share (not below MIN_CHUNK), which keeps memory flat at the same aggregate speed.
 BUFFER_BUDGET = 16 << 20
 MIN_CHUNK = 256 << 10
 # A verified body is hashed on a second thread while it is sent, when cores are free for it:
-# sha256 costs 0.55 CPU-s/GiB and the copy about 0.4, so in turn they cap one stream near
-# 1 GiB/s, side by side near the hash's own speed. With more transfers than cores the cores
-# are busy anyway, and the extra thread would only add switches.
+# the hash and the copy each cost about as much CPU, so in turn they would halve one stream's
+# speed, and side by side it runs near the hash's own. With more transfers than cores the
+# cores are busy anyway, and the extra thread would only add switches.
 HASH_BESIDE_TRANSFERS = os.cpu_count() or 1
 HASH_BESIDE_BYTES = 8 << 20
 
@@ -1544,8 +1603,8 @@ HASH_BESIDE_BYTES = 8 << 20
 def transfer_buffer(size, transfers=1):
     """The one buffer a transfer copies through: no larger than the body needs, a share of
     BUFFER_BUDGET when many transfers run at once, and above 64 KiB an anonymous mmap, which
-    returns to the system when the transfer ends (malloc would keep it: 500 idle keep-alive
-    clients cost 92 MiB instead of ~50, measured)."""
+    returns to the system when the transfer ends (malloc would keep it, and idle keep-alive
+    connections would hold memory their last transfer used)."""
     share = max(MIN_CHUNK, BUFFER_BUDGET // max(1, transfers))
     size = max(2, min(CHUNK, share, size))     # two bytes at least: one may be held back
     return mmap.mmap(-1, size) if size > 65536 else bytearray(size)
@@ -1670,7 +1729,7 @@ class BodyCopy:
 
 class ChunkedWriter:
     """Writes a body in HTTP/1.1 chunked framing (RFC 9112 7.1) to `write`; end() writes the
-    last chunk, without which the client knows the body is incomplete."""
+    last chunk, without which the client knows the body is incomplete. One thread's."""
 
     def __init__(self, write):
         self.raw = write
@@ -1715,7 +1774,9 @@ STALE_WARNING = '110 - "Response is Stale"'
 
 class Fill:
     """An object being downloaded into the cache. Other clients asking for it read the
-    growing file instead of asking upstream again; the last byte only once it is verified."""
+    growing file instead of asking upstream again; the last byte only once it is verified.
+    `changed`, a Condition, guards `written`, `length` and `state` and wakes the followers;
+    `descriptor` and `media_type` are the downloading thread's."""
 
     def __init__(self, path, descriptor, kind):
         # Written with os.write, unbuffered: `written` must count bytes that readers can see.
@@ -1750,7 +1811,10 @@ class Cache:
     types/<algorithm>/<hex> holding the media type of each object that was fetched as a
     manifest: only those are ever served as manifests, with the type the upstream gave them
     (never one read from the object's own bytes, which any blob could choose).
-    There is no database: the index is rebuilt from the directory at start-up."""
+    There is no database: the index is rebuilt from the directory at start-up.
+
+    `lock` guards the index (objects, size, busy, fills, types, the tag records) and `stats`;
+    file system work happens outside it. `paused_until` is a number replaced whole."""
 
     def __init__(self, root, max_size, tag_ttl):
         self.root, self.max_size, self.tag_ttl = root, max_size, tag_ttl
@@ -1894,7 +1958,8 @@ class Cache:
             if time.monotonic() < self.paused_until:
                 return None, False
             try:
-                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), prefix="%d-" % os.getpid())
+                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"),
+                                                    prefix="%d-" % os.getpid())
             except OSError as error:
                 failure = error
             else:
@@ -2094,7 +2159,8 @@ def open_cache(config):
             max_size = int(shutil.disk_usage(config.cache_dir).free * 0.8)
         cache = Cache(config.cache_dir, max_size, config.tag_ttl)
     except OSError as error:
-        raise ConfigError("cannot use --cache-dir %s: %s" % (config.cache_dir, error.strerror or error))
+        raise ConfigError("cannot use --cache-dir %s: %s"
+                          % (config.cache_dir, error.strerror or error))
     log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
         config.cache_dir, cache.size / 1048576, len(cache.objects), max_size / 1048576,
         "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
@@ -2110,7 +2176,8 @@ def open_cache(config):
 # ================================================================================================
 
 class ExpiringCache:
-    """A bounded mapping whose entries expire: upstream tokens, verified logins."""
+    """A bounded mapping whose entries expire: upstream tokens, verified logins. `lock`
+    guards `items`."""
 
     def __init__(self, size):
         self.size, self.items, self.lock = size, {}, threading.Lock()
@@ -2135,7 +2202,7 @@ class ExpiringCache:
 
 class RateLimiter:
     """A token bucket per client network (an IPv4 address, an IPv6 /64): `burst` requests
-    at once, refilled at `rate` per second."""
+    at once, refilled at `rate` per second. `lock` guards `buckets`."""
 
     def __init__(self, burst, rate):
         self.burst, self.rate, self.buckets, self.lock = burst, rate, {}, threading.Lock()
@@ -2270,14 +2337,18 @@ METRIC_HELP = {
     "docxy_requests_total": "Requests answered, by route class and status.",
     "docxy_sent_bytes_total": "Body bytes sent to clients, by route class.",
     "docxy_upstream_received_bytes_total": "Body bytes received from upstreams, by registry.",
-    "docxy_upstream_errors_total": "Failed upstream exchanges, by registry and kind (connect, timeout, protocol, 429, 5xx).",
-    "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, by registry.",
+    "docxy_upstream_errors_total": "Failed upstream exchanges, by registry and kind "
+                                   "(connect, timeout, protocol, 429, 5xx).",
+    "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, "
+                                          "by registry.",
     "docxy_inflight_requests": "Requests being answered now.",
     "docxy_uptime_seconds": "Seconds since docxy started.",
     "docxy_cache_size_bytes": "Bytes held in the cache.",
     "docxy_cache_max_size_bytes": "The cache's size cap.",
     "docxy_cache_objects": "Objects held in the cache.",
-    "docxy_cache_events_total": "Cache events: hits, misses, coalesced waits, tag hits, revalidations and stale serves, evictions, discards, write errors.",
+    "docxy_cache_events_total": "Cache events: hits, misses, coalesced waits, tag hits, "
+                                "revalidations and stale serves, evictions, discards, "
+                                "write errors.",
     "docxy_cache_served_bytes_total": "Body bytes served from the cache.",
     "docxy_failed_logins_total": "Logins to this mirror (--users) that failed.",
     "docxy_request_duration_seconds": "Time to answer a request, by route class.",
@@ -2369,10 +2440,12 @@ class Mirror:
         first, _, rest = name.partition("/")
         # Docker's own rule: a first component is a registry if it has a dot or a port, or is
         # localhost; anything else is a Docker Hub namespace, whatever registries are named.
-        if not rest or not (first == "localhost" or ("." in first or ":" in first) and REGISTRY_NAME.fullmatch(first)):
+        hostlike = "." in first or ":" in first
+        if not rest or not (first == "localhost" or hostlike and REGISTRY_NAME.fullmatch(first)):
             return None, name
         if first not in self.by_name:
-            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", first[:200])
+            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry",
+                                first[:200])
         return self.by_name[first], rest
 
     def check_login(self, authorization, client):
@@ -2388,7 +2461,8 @@ class Mirror:
         if known is not None:
             return known or None
         try:
-            name, _, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
+            login = base64.b64decode(authorization[6:], validate=True).decode()
+            name, _, password = login.partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
         # A try takes a token before it is hashed, so that tries at once cannot outrun the
@@ -2447,7 +2521,8 @@ def log_line(message, level, json_lines, created=None):
 
 
 class LogLines(logging.Handler):
-    """The 'docxy' logger's one handler: each record as one line on stderr, one write(2)."""
+    """The 'docxy' logger's one handler: each record as one line on stderr, one write(2).
+    logging's own lock serialises emit(); write_log_line's LOG_LOCK the lines of all."""
 
     def __init__(self, json_lines):
         super().__init__()
@@ -2485,9 +2560,13 @@ def route_class(path):
     path = path.partition("?")[0]
     match = ROUTE.fullmatch(path)
     if match:
-        return {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}.get(match.group("kind"), "tags")
-    return {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics", "/": "status"}.get(
-        path, "token" if TOKEN_PATH.fullmatch(path) else "other")
+        return ROUTE_CLASSES.get(match.group("kind"), "tags")
+    return PATH_CLASSES.get(path, "token" if TOKEN_PATH.fullmatch(path) else "other")
+
+
+ROUTE_CLASSES = {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}
+PATH_CLASSES = {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics",
+                "/": "status"}
 
 
 class AccessRecord:
@@ -2534,8 +2613,8 @@ LOG_LOCK = threading.Lock()
 
 def write_log_line(line):
     # One write(2) per line, so a pipe or journald takes each line whole. The lock matters too:
-    # without it, 64 busy connections writing at once gave a 200 ms p99 for manifest GETs
-    # (bench/bench.py, 45-60 ms with it); the threads queue here instead of in the kernel.
+    # without it, many busy connections writing at once contend in the kernel and the slowest
+    # answers wait far longer; the threads queue here instead.
     data = line.encode("utf-8", "replace")
     with LOG_LOCK:
         try:
@@ -2597,8 +2676,8 @@ class RequestReader:
     read only for what came after. A plain socket is read with os.read on its descriptor,
     which Python keeps non-blocking for a socket with a timeout, and waited for with poll only
     when nothing is there yet: sock.recv would poll before every read, and a deadline set with
-    settimeout costs another system call each time. Each of those lets go of the GIL, and at
-    16 busy connections the hand-offs are what a small request costs most."""
+    settimeout costs another system call each time. Each of those lets go of the GIL, and with
+    many busy connections the hand-offs are what a small request costs most."""
 
     def __init__(self, sock, timeout, pending=b""):
         self.sock, self.timeout, self.deadline = sock, timeout, None
@@ -2718,8 +2797,8 @@ class RequestReader:
 
 class ResponseWriter(io.BufferedIOBase):
     """The handler's wfile. A response head waits here for the first piece of its body, and
-    a small body leaves with it in one send: each send lets go of the GIL, and with 16 busy
-    connections the hand-offs, not the bytes, cost the most."""
+    a small body leaves with it in one send: each send lets go of the GIL, and with many busy
+    connections the hand-offs, not the bytes, cost the most. Its handler's thread's alone."""
 
     JOIN_LIMIT = 65536      # larger bodies are not copied to join them
 
@@ -2870,7 +2949,6 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
         self.connection = self.request
         self.connection.settimeout(self.mirror.config.client_timeout)
         self.peer = plain_address(self.client_address[0])
-        self.peer_text = str(self.peer)
         self.reader = self.rfile = RequestReader(self.connection, self.mirror.config.client_timeout,
                                                  self.server.pending.pop(self.connection, b""))
         self.wfile = ResponseWriter(self.connection)
@@ -3054,7 +3132,7 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
         super().send_response(code, message)
 
     def date_time_string(self, timestamp=None):
-        # Formatted once a second, not once an answer (email.utils costs ~2% of a manifest GET).
+        # Formatted once a second, not once an answer: email.utils is a cost of every answer.
         now = int(time.time() if timestamp is None else timestamp)
         second, text = self.mirror.date
         if second != now:
@@ -3190,8 +3268,10 @@ class UpstreamRelay:
         if scheme.lower() != "bearer":
             return value
         self.mirror.upstream.learn_challenge(registry, value)
-        path = "/auth/token" if registry is self.mirror.default else "/auth/%s/token" % registry.name
-        realm = self.public_base() + path
+        if registry is self.mirror.default:
+            realm = self.public_base() + "/auth/token"
+        else:
+            realm = self.public_base() + "/auth/%s/token" % registry.name
         return format_challenge(scheme, [(k, realm if k == "realm" else v) for k, v in params])
 
     def stream_body(self, answer, verify, chunked, fill=None):
@@ -3260,7 +3340,7 @@ class UpstreamRelay:
         would say "complete". Called again (the client left, then the upstream failed), it
         only counts and logs the new error."""
         if isinstance(error, UpstreamError):
-            self.mirror.metrics.add("docxy_upstream_errors_total", (("registry", self.record.registry), ("kind", error.kind)))
+            self.mirror.upstream.count_error(self.record.registry, error.kind)
             log("transfer aborted: %s (%s)" % (error.message, error.detail))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
             log("transfer aborted: %s" % (error,))
@@ -3296,7 +3376,8 @@ class CacheRoutes:
             return self.send_cached(hit, digest, kind, "hit")
 
         def pass_through():     # uncached, as the core proxy does
-            return self.relay(registry, self.command, url, headers, verify=digest, scope=login_scope(headers, name))
+            return self.relay(registry, self.command, url, headers, verify=digest,
+                              scope=login_scope(headers, name))
 
         if self.command == "HEAD" or "Range" in headers:
             return pass_through()
@@ -3309,7 +3390,8 @@ class CacheRoutes:
         try:
             cache.count("misses")
             self.record.cache = "miss"
-            verified = self.fill_from_upstream(fill, registry, url, name, digest, headers, media_type)
+            verified = self.fill_from_upstream(fill, registry, url, name, digest, headers,
+                                               media_type)
         finally:
             cache.finish_fill(digest, fill, verified)
 
@@ -3344,7 +3426,8 @@ class CacheRoutes:
             cache.release(digest)
             hit = cache.open(digest, kind)
             if not hit:
-                raise UpstreamError(502, "the upstream download this request waited for failed", digest)
+                raise UpstreamError(502, "the upstream download this request waited for failed",
+                                    digest)
             return self.send_cached(hit, digest, kind, "hit")
         try:
             with handle:
@@ -3357,10 +3440,12 @@ class CacheRoutes:
                 sent = 0
                 while sent < length:
                     # The last byte waits for verification, as on the downloading connection.
-                    written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
+                    written, state, _ = fill.wait(
+                        lambda f: min(f.written, f.length - 1) > sent, timeout)
                     ready = written if state == "done" else min(written, length - 1)
                     if state == "failed" or ready <= sent:
-                        return self.abort_transfer(UpstreamError(502, "coalesced download failed", digest))
+                        failure = UpstreamError(502, "coalesced download failed", digest)
+                        return self.abort_transfer(failure)
                     self.send_file(handle, sent, ready - sent)
                     cache.count("bytes_served", ready - sent)
                     sent = ready
@@ -3439,8 +3524,9 @@ class CacheRoutes:
                 self.record.cache = "hit"
             span = parse_range(self.headers.get("Range"), size)
             start, end = span or (0, size - 1)
-            self.send_object_headers(206 if span else 200, digest, kind, media_type, end - start + 1,
-                                     [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else [])
+            extra = [("Content-Range", "bytes %d-%d/%d" % (start, end, size))] if span else []
+            self.send_object_headers(206 if span else 200, digest, kind, media_type,
+                                     end - start + 1, extra)
             if self.command != "HEAD":
                 self.send_file(handle, start, end - start + 1)
                 cache.count("bytes_served", end - start + 1)
@@ -3452,7 +3538,8 @@ class CacheRoutes:
 
     def send_object_headers(self, status, digest, kind, media_type, length, extra=()):
         self.send_response(status)
-        self.send_header("Content-Type", media_type if kind == "manifests" else "application/octet-stream")
+        self.send_header("Content-Type",
+                         media_type if kind == "manifests" else "application/octet-stream")
         self.send_header("Content-Length", str(length))
         self.send_header("Docker-Content-Digest", digest)
         self.send_header("ETag", '"%s"' % digest)
@@ -3519,7 +3606,8 @@ class TokenRoutes:
         which were meant for the first one."""
         registry = self.mirror.default if name is None else self.mirror.registries.get(name)
         if registry is None:
-            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry", name[:200])
+            raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry",
+                                name[:200])
         try:
             self.forward_token_request(registry, query)
         except UpstreamError as error:
@@ -3527,7 +3615,8 @@ class TokenRoutes:
                 raise
             # The cache serves shared content with docxy's own login, whatever token a client
             # shows, so a placeholder lets clients pull cached images while the realm is down.
-            log("token service of %s unreachable, handing out a placeholder: %s" % (registry.name, error.message))
+            log("token service of %s unreachable, handing out a placeholder: %s"
+                % (registry.name, error.message))
             self.record.cache = "stale"
             self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 60},
                            self.cache_headers())
@@ -3552,7 +3641,8 @@ class TokenRoutes:
         if challenge is None:
             # A registry without token auth, reached by prefix after docker.io's challenge: the
             # client still wants a token. A placeholder does; docxy drops it again upstream.
-            return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN, "expires_in": 300})
+            return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN,
+                                        "expires_in": 300})
         renamed = {}    # each of the client's scopes as the target registry calls it
         for scope in scopes:
             if split_scope(scope):
@@ -3611,7 +3701,8 @@ class TokenRoutes:
 
 
 class OperatorPages:
-    """Handler mixin: /metrics (Prometheus) and the status page (HTML or JSON)."""
+    """Handler mixin: /metrics (Prometheus) and the status page (HTML or JSON), from figures
+    that Metrics and Cache hand over as copies taken under their own locks."""
 
     def send_metrics(self):
         if not any(plain_address(self.client) in network
@@ -3646,7 +3737,8 @@ class OperatorPages:
         except RegistryError:
             figures["url"] = None
         if "text/html" in ",".join(self.headers.get_all("Accept") or []):
-            return self.send_body(200, "text/html; charset=utf-8", status_page(figures, self.mirror).encode())
+            page = status_page(figures, self.mirror)
+            return self.send_body(200, "text/html; charset=utf-8", page.encode())
         self.send_body(200, "application/json", json.dumps(figures, indent=1).encode())
 
 
@@ -3654,7 +3746,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
                     RegistryRequestHandler):
     """docxy's handler: who is asking (--allow, --trusted-proxy, --users), which registry a
     request is for, and the routes: /health, /metrics, the status page, /v2/, tokens, and
-    the registry API, passed through or answered from the cache."""
+    the registry API, passed through or answered from the cache. Like its mixins, it keeps
+    per-request state on itself, its thread's alone; what is shared is in self.mirror."""
 
     def route(self):
         path, _, query = self.path.partition("?")
@@ -3680,7 +3773,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
                 return self.proxy_registry(path, query)
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", path[:200])
         except RegistryError as error:
-            self.send_registry_error(error.status, error.code, error.message, error.detail, error.headers)
+            self.send_registry_error(error.status, error.code, error.message, error.detail,
+                                     error.headers)
         except UpstreamError as error:
             log("upstream error from %s: %s (%s)"
                 % (self.record.registry, error.message, error.detail))
@@ -3691,37 +3785,25 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
                                      {"registry": self.record.registry, "cause": cause})
 
     def trusted_peer(self):
-        return any(self.peer in network for network in self.mirror.config.trusted_proxy)
+        return in_networks(self.peer, self.mirror.config.trusted_proxy)
 
     def forwarded_client(self):
-        """The client's address: the TCP peer's, or, behind a trusted proxy, the rightmost
-        X-Forwarded-For entry that is not itself a trusted proxy."""
-        client = self.peer_text
-        if not self.trusted_peer():
-            return client
-        hops = ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")
-        for hop in reversed([hop for hop in hops if hop.strip(" \t")]):   # a #list may have empty items
-            try:
-                address = forwarded_address(hop)
-            except ValueError:
-                # Failing open would make the trusted proxy itself the client.
-                raise RegistryError(400, "DENIED", "X-Forwarded-For names no client address",
-                                    hop.strip()[:100])
-            client = str(address)
-            if not any(address in network for network in self.mirror.config.trusted_proxy):
-                break
-        return client
+        """The client's address (client_address): the TCP peer's, or from X-Forwarded-For."""
+        return client_address(self.peer, self.headers.get_all("X-Forwarded-For") or [],
+                              self.mirror.config.trusted_proxy)
 
     def check_access(self, path, registry_request):
         """--allow, then --users: refused clients never cause an upstream request."""
         allow = self.mirror.config.allow
-        if allow and not any(plain_address(self.client) in network for network in allow):
-            raise RegistryError(403, "DENIED", "this mirror does not serve your address", self.client)
+        if allow and not in_networks(plain_address(self.client), allow):
+            raise RegistryError(403, "DENIED", "this mirror does not serve your address",
+                                self.client)
         if self.mirror.config.users and registry_request:
-            self.record.user = self.mirror.check_login(self.headers.get("Authorization", ""), self.client)
+            login = self.headers.get("Authorization", "")
+            self.record.user = self.mirror.check_login(login, self.client)
             if not self.record.user:
-                raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)", None,
-                                    [("WWW-Authenticate", 'Basic realm="docxy"')])
+                raise RegistryError(401, "UNAUTHORIZED", "log in to this mirror (docker login)",
+                                    None, [("WWW-Authenticate", 'Basic realm="docxy"')])
 
     def registry_for(self, query, path=None):
         """Which registry a request is for (Mirror.registry_for), and the path without its
@@ -3759,7 +3841,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
         which case clients skip the token dance and pull what the cache holds."""
         challenge = self.mirror.upstream.challenge(registry)
         if challenge:
-            header = self.rewrite_challenge(registry, format_challenge("Bearer", list(challenge.items())))
+            header = self.rewrite_challenge(
+                registry, format_challenge("Bearer", list(challenge.items())))
             return self.send_registry_error(401, "UNAUTHORIZED", "authentication required", None,
                                             [("WWW-Authenticate", header)] + self.cache_headers())
         self.send_json(200, {}, self.cache_headers())
@@ -3810,7 +3893,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
 
 
 STATUS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
 <title>docxy registry mirror</title>
 <style>
 *{box-sizing:border-box}
@@ -3820,7 +3904,8 @@ pre{background:#f4f4f4;padding:.7rem;border-radius:4px;font-size:.85rem;white-sp
 overflow-wrap:anywhere;max-width:100%%;overflow-x:auto}
 code{overflow-wrap:anywhere}td,th{overflow-wrap:break-word}
 .registries{overflow-x:auto}
-table{border-collapse:collapse;width:100%%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%%}
+td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd}
 .figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));gap:.5rem}
 .figures div{background:#f4f4f4;border-radius:4px;padding:.5rem .8rem;min-width:0}
 .figures b{display:block;font-size:1.3rem}small{color:#666}
@@ -3838,19 +3923,23 @@ Point your container runtime at it; pulls then come through here%(login)s.</p>
 }</pre>
 <p>Or pull straight from the mirror:</p><pre>docker pull %(host)s/library/busybox
 docker pull %(host)s/%(other)s/owner/image:tag</pre>
-<h2>containerd and Kubernetes nodes</h2><p><code>/etc/containerd/certs.d/docker.io/hosts.toml</code> on each node
-(likewise a folder per registry, e.g. <code>certs.d/ghcr.io</code> with its own <code>server</code>):</p>
+<h2>containerd and Kubernetes nodes</h2>
+<p><code>/etc/containerd/certs.d/docker.io/hosts.toml</code> on each node
+(likewise a folder per registry, e.g. <code>certs.d/ghcr.io</code>
+with its own <code>server</code>):</p>
 <pre>server = "https://registry-1.docker.io"
 [host."%(url)s"]
   capabilities = ["pull", "resolve"]</pre>
-<p>containerd reads these files when its CRI config has <code>config_path = "/etc/containerd/certs.d"</code>.</p>
+<p>containerd reads these files when its CRI config has
+<code>config_path = "/etc/containerd/certs.d"</code>.</p>
 <h2>podman</h2><p><code>/etc/containers/registries.conf</code>:</p>
 <pre>[[registry]]
 prefix = "docker.io"
 location = "docker.io"
 [[registry.mirror]]
 location = "%(host)s"%(podman_insecure)s</pre>
-<p><small>docxy %(version)s &middot; <a href="/health">health</a> &middot; figures as JSON: send <code>Accept: application/json</code></small></p>
+<p><small>docxy %(version)s &middot; <a href="/health">health</a> &middot;
+figures as JSON: send <code>Accept: application/json</code></small></p>
 </body></html>
 """
 
@@ -3862,21 +3951,25 @@ def status_page(figures, mirror):
     cache = figures["cache"]
     cache_figures = "" if not cache else (
         "<div><b>%s</b>cache of %s</div><div><b>%.0f%%%%</b>cache hits</div>"
-        % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]), cache["hit_ratio"] * 100))
+        % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]),
+           cache["hit_ratio"] * 100))
     rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
         breakable(r["name"]), breakable(r["upstream"]),
         "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
         for r in figures["registries"])
     others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
+    login = " (log in first: <code>docker login %s</code>)" % escape(host)
+    uptime = figures["uptime_seconds"]
+    plain = url.startswith("http:")
     return (STATUS_PAGE % {
         "url": escape(url), "host": escape(host), "version": escape(figures["version"]),
-        "login": " (log in first: <code>docker login %s</code>)" % escape(host) if figures["login_required"] else "",
-        "uptime": "%dd %dh %dm" % (figures["uptime_seconds"] // 86400, figures["uptime_seconds"] // 3600 % 24,
-                                   figures["uptime_seconds"] // 60 % 60),
+        "login": login if figures["login_required"] else "",
+        "uptime": "%dd %dh %dm" % (uptime // 86400, uptime // 3600 % 24, uptime // 60 % 60),
         "requests": figures["requests"], "sent": human_bytes(figures["bytes_sent"]),
-        "cache_figures": cache_figures, "registries": rows, "other": escape(others[0] if others else "ghcr.io"),
-        "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if url.startswith("http:") else "",
-        "podman_insecure": "\ninsecure = true" if url.startswith("http:") else "",
+        "cache_figures": cache_figures, "registries": rows,
+        "other": escape(others[0] if others else "ghcr.io"),
+        "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if plain else "",
+        "podman_insecure": "\ninsecure = true" if plain else "",
     }).replace("%%", "%")
 
 
@@ -3918,7 +4011,9 @@ ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")     # one bounded run: linear
 
 class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
                       http.server.BaseHTTPRequestHandler):
-    """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL."""
+    """The plain-HTTP listener next to HTTPS: every request is sent to the https:// URL, but
+    for ACME HTTP-01 challenge files (--acme-webroot). One request a connection; no state of
+    its own beyond the request's."""
 
     protocol_version = "HTTP/1.1"
     server_version = MirrorHandler.server_version
@@ -3968,7 +4063,8 @@ class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
         body = None
         if ACME_TOKEN.fullmatch(token):
             try:
-                with open(os.path.join(webroot, ".well-known", "acme-challenge", token), "rb") as handle:
+                path = os.path.join(webroot, ".well-known", "acme-challenge", token)
+                with open(path, "rb") as handle:
                     body = handle.read(65536)
             except OSError:
                 pass
@@ -3980,7 +4076,8 @@ class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
             self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
-        log('%s "%s %s" %s redirect' % (self.client_address[0], self.command, self.path[:300], code))
+        log('%s "%s %s" %s redirect'
+            % (self.client_address[0], self.command, self.path[:300], code))
 
     def log_message(self, format, *args):
         log("%s %s" % (self.client_address[0], format % args))
@@ -4046,7 +4143,8 @@ def answer_and_close(sock, data):
 class Waiting:
     """A connection in WaitingConnections: its listener and address, its descriptor (the
     selector's key, the same before and after a TLS wrap), when it went quiet (or was
-    accepted), when the request it is sending began, and what came of it so far."""
+    accepted), when the request it is sending began, and what came of it so far. Only the
+    selector's thread touches it."""
 
     __slots__ = ("listener", "address", "fd", "quiet_since", "started", "reader", "handshaking")
 
@@ -4334,7 +4432,8 @@ class Listener(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         sock, address = self.socket.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # else small answers stall 40 ms
+        # Else a small answer written in two pieces waits for the client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
     def process_request(self, request, client_address):
@@ -4453,9 +4552,12 @@ def client_snippet(mirror, listeners):
     if url.startswith("http://"):
         docker["insecure-registries"] = [netloc]
     default = mirror.default
-    lines = ["Docker, /etc/docker/daemon.json (mirrors %s):" % default.name, "  " + json.dumps(docker),
-             "containerd, /etc/containerd/certs.d/%s/hosts.toml (likewise for each registry):" % default.name,
-             '  server = "%s"' % (PRESETS[default.name][0] if default.name in PRESETS else origin_url(default.upstream)),
+    server = PRESETS[default.name][0] if default.name in PRESETS else origin_url(default.upstream)
+    lines = ["Docker, /etc/docker/daemon.json (mirrors %s):" % default.name,
+             "  " + json.dumps(docker),
+             "containerd, /etc/containerd/certs.d/%s/hosts.toml (likewise for each registry):"
+             % default.name,
+             '  server = "%s"' % server,
              '  [host."%s"]' % url,
              '    capabilities = ["pull", "resolve"]']
     others = [name for name in mirror.registries if name != default.name]
@@ -4469,14 +4571,16 @@ def access_summary(config, listeners):
     lines = []
     for registry in config.registries.values():
         lines.append("registry %s -> %s%s%s" % (
-            registry.name, origin_url(registry.upstream), " (library/ rule)" if registry.library else "",
+            registry.name, origin_url(registry.upstream),
+            " (library/ rule)" if registry.library else "",
             " (upstream login as %s)" % registry.username if registry.username else ""))
     if config.allow:
         lines.append("clients allowed from: %s" % ", ".join(map(str, config.allow)))
     if config.users:
         lines.append("clients must log in: %d user(s) in %s" % (len(config.users), "--users"))
     if config.rate_limit:
-        lines.append("manifest requests limited to %d per client, refilled at %.3g/s" % config.rate_limit)
+        lines.append("manifest requests limited to %d per client, refilled at %.3g/s"
+                     % config.rate_limit)
     lines = [(logging.INFO, line) for line in lines]
     public = [l.url() for l in listeners
               if not ipaddress.ip_address(l.server_address[0]).is_loopback]
@@ -4507,7 +4611,8 @@ def warn_of_kubernetes_variables(config):
             "settings" % ", ".join(config.kubernetes_variables), logging.WARNING)
 
 
-MANIFEST_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+MANIFEST_TYPES = ("application/vnd.oci.image.index.v1+json",
+                  "application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.list.v2+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 
@@ -4539,7 +4644,8 @@ def prefetch_command(argv):
     try:
         if not config.cache_dir:
             raise ConfigError("prefetch needs --cache-dir (or DOCXY_CACHE_DIR)")
-        config.users, config.allow, config.rate_limit = None, [], None   # this client is docxy itself
+        # This client is docxy itself.
+        config.users, config.allow, config.rate_limit = None, [], None
         mirror = Mirror(config)
         listener = listen_on(("127.0.0.1", 0), MirrorHandler, mirror)
         mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
@@ -4588,23 +4694,31 @@ def prefetch_image(port, image, platform, say):
             size += len(chunk)
             body = body + chunk if size <= 4 << 20 else b""
         if response.status != 200:
-            raise ValueError("%s answered %d %s" % (path, response.status, body[:200].decode("latin-1")))
+            raise ValueError("%s answered %d %s"
+                             % (path, response.status, body[:200].decode("latin-1")))
         return body, size, response.getheader("X-Docxy-Cache", "-")
 
     document = json.loads(get(base + "/manifests/" + ref, ", ".join(MANIFEST_TYPES))[0])
     manifests = [document]
     if "manifests" in document:
-        wanted = [m for m in document["manifests"] if not platform or platform == "/".join(
-            filter(None, (m.get("platform", {}).get(k) for k in ("os", "architecture", "variant"))))
-            or platform == "%s/%s" % (m.get("platform", {}).get("os"), m.get("platform", {}).get("architecture"))]
+        wanted = [m for m in document["manifests"]
+                  if not platform or platform in platform_names(m.get("platform", {}))]
         if not wanted:
             raise ValueError("%s has no %s manifest" % (image, platform))
-        manifests = [json.loads(get(base + "/manifests/" + m["digest"], m.get("mediaType", MANIFEST_TYPES[1]))[0])
+        manifests = [json.loads(get(base + "/manifests/" + m["digest"],
+                                    m.get("mediaType", MANIFEST_TYPES[1]))[0])
                      for m in wanted]
     for manifest in manifests:
         for blob in [manifest["config"]] + manifest.get("layers", []):
             _, size, status = get(base + "/blobs/" + blob["digest"])
             say("prefetch: %s %.1f MiB %s" % (blob["digest"], size / 1048576, status))
+
+
+def platform_names(platform):
+    """What --platform may call an index entry's platform: os/architecture[/variant], and
+    os/architecture."""
+    full = "/".join(filter(None, (platform.get(k) for k in ("os", "architecture", "variant"))))
+    return (full, "%s/%s" % (platform.get("os"), platform.get("architecture")))
 
 
 def hash_password_command(argv):
@@ -4642,8 +4756,8 @@ def hash_password_failed(reason, new_line=False):
 
 
 # What a reload cannot change in a running process; a changed value is reported, not applied.
-NEEDS_RESTART = ("listen", "http_redirect", "cache_dir", "cache_max_size", "max_connections", "ipv4_only",
-                 "upstream_timeout", "cert_check_interval")
+NEEDS_RESTART = ("listen", "http_redirect", "cache_dir", "cache_max_size", "max_connections",
+                 "ipv4_only", "upstream_timeout", "cert_check_interval")
 
 
 def reload(mirror, listeners, argv):
@@ -4682,7 +4796,8 @@ def watch_certificate(mirror, listeners, stop, interval):
     changes the files again, and then it loads."""
     def stamp():
         try:
-            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (mirror.config.cert, mirror.config.key)]
+            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size)
+                    for p in (mirror.config.cert, mirror.config.key)]
         except OSError:
             return None
     seen = stamp()
@@ -4760,8 +4875,8 @@ def main(argv=None):
     if hasattr(signal, "SIGHUP"):   # systemd's ExecReload
         signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
     if config.tls:
-        threading.Thread(target=watch_certificate, args=(mirror, listeners, stop, config.cert_check_interval),
-                         name="certificate", daemon=True).start()
+        threading.Thread(target=watch_certificate, name="certificate", daemon=True,
+                         args=(mirror, listeners, stop, config.cert_check_interval)).start()
 
     log("docxy %s" % __version__)
     for level, line in access_summary(config, listeners):
