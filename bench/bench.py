@@ -2640,9 +2640,12 @@ def update_readme(path, report, source):
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
         raise SystemExit("bench: %s has no %s ... %s block" % (path, README_START, README_END))
-    block = "%s\n<!-- from %s by bench/bench.py --readme; %s run of %s -->\n\n%s\n\n" % (
-        README_START, source, report.run["mode"], report.host["date"][:10],
-        headline_markdown(report))
+    run, host = report.run, report.host
+    block = ("%s\n<!-- written by bench/bench.py --readme from %s -->\n\nA %s run of %s, %d "
+             "rounds on %s cores (%s):\n\n%s\n\n" % (
+                 README_START, source, "`--quick`" if report.quick else "full",
+                 host["date"][:10], run["rounds"], host["cores"], host["cpu_model"],
+                 headline_markdown(report)))
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text[:start] + block + text[end:])
 
