@@ -1,35 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark docxy against nginx and the CNCF distribution registry (issue 6).
+"""Benchmark docxy against nginx and the CNCF distribution registry, all on loopback.
 
-    python3 bench/bench.py                 # full run: about 10 minutes on 2 cores
-    python3 bench/bench.py --quick         # smoke run (~1.5 minutes): small sizes, short cells, 3 rounds
-    python3 bench/bench.py --only blob,pull --rounds 5
+    python3 bench/bench.py                                  # full run: about 10 min on 2 cores
+    python3 bench/bench.py --quick                          # smoke run: about 1.5 min
+    python3 bench/bench.py --json bench/results.json --markdown     # keep every cell, and
+                                                            # write bench/RESULTS.md from them
+    python3 bench/bench.py --markdown --from bench/results.json     # render again, no run
+    python3 bench/bench.py --baseline-docxy OLD.py          # an older docxy beside this one
+    python3 bench/bench.py --only blob,pull --targets docxy,nginx --rounds 5
 
-Everything runs on loopback and is started here, in a temporary directory, on free ports,
-and stopped again at the end (also on Ctrl-C or an error):
-
-  direct       the upstream itself: nginx serving files laid out at registry paths with
-               sendfile (a stdlib socket.sendfile server when nginx is missing)
-  nginx        nginx proxy_pass to direct, tuned fairly (upstream keep-alive, buffering off,
-               1 MiB buffers), over HTTP and over HTTPS (a test CA made with openssl)
-  registry     `docker-registry serve` (CNCF distribution) in pull-through proxy: mode,
-               measured as miss (fresh storage) and hit
-  docxy        docxy over HTTP, over HTTPS, and with --cache-dir (miss and hit)
-
-Measures: 1 single-stream GET of a large blob; 2 concurrent GETs of a medium blob (aggregate
-MiB/s, peak RSS, CPU s/GiB); 3 manifest HEAD/GET by tag at 1/16/64 keep-alive connections
-(GET with wrk when installed; HEAD with a stdlib epoll client, as wrk cannot parse answers to
-HEAD); 4 RSS with 500 idle keep-alive connections and the time a new client
-waits for /v2/; 5 cold and warm pull of a 6-layer image by a client that behaves like dockerd.
-
-Targets are measured interleaved, round by round; every figure is the median [min-max] over
-the rounds and every ratio is computed within a round, then summarised the same way. A target
-whose tool is missing is reported as skipped. Standard library only; not part of CI.
+What is measured is data, at the top of this file: TARGETS (the servers and what they are),
+MEASURES (what each measure does, its table, what it shows), FIGURES (units) and HEADLINES
+(the ratios the README reports, and the goals of issue 6). Every process is started here, in a
+temporary directory, on free loopback ports, and stopped again at the end (also on Ctrl-C or
+an error). Targets are measured interleaved, round by round, so that drift on a shared machine
+hits all of them alike; every figure is the median [min-max] over the rounds, and every ratio
+is computed within a round, then summarised the same way. A target whose tool is missing is
+reported as skipped, never faked. Standard library only; not part of CI.
 """
 
 import argparse
 import concurrent.futures
 import ctypes
+import datetime
 import hashlib
 import http.client
 import http.server
@@ -54,8 +47,245 @@ import urllib.parse
 MiB = 1 << 20
 GiB = 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+SCHEMA = 1      # the layout of the --json document; raise it when a field changes meaning
 
-HASH_ROW = "sha256 alone (in memory)"
+# ================================================================== data: what is measured
+
+# The targets, in the order of every table. `server` is the process that serves the target
+# (None: no server), `script` which docxy.py runs it ("docxy": --docxy, "baseline":
+# --baseline-docxy), `stateful` targets are measured empty (miss, cold) and then filled (hit,
+# warm), `twin` names the target a baseline target is the older version of.
+TARGETS = (
+    dict(name="direct", server="direct",
+         about="The upstream itself: nginx serving the blobs and manifests from disk at their "
+               "registry paths, `sendfile on` (a stdlib `socket.sendfile` server when nginx is "
+               "not installed). The limit of this machine."),
+    dict(name="nginx", server="nginx",
+         about="nginx `proxy_pass` in front of `direct`, tuned fairly: upstream keep-alive, "
+               "`proxy_buffering off`, 1 MiB buffers."),
+    dict(name="nginx-https", server="nginx", tls=True,
+         about="The same nginx, with TLS to the client (a test CA made with openssl)."),
+    dict(name="registry", server="registry", stateful=True,
+         about="The CNCF distribution registry (Debian `docker-registry`) in pull-through "
+               "`proxy:` mode in front of `direct`: a miss with fresh storage, then a hit."),
+    dict(name="docxy", server="docxy", script="docxy", range=True,
+         about="`docxy.py --upstream` pointing at `direct`, plain HTTP (the file under test, "
+               "`--docxy`)."),
+    dict(name="docxy-https", server="docxy", script="docxy", tls=True,
+         about="The same docxy with TLS to the client."),
+    dict(name="docxy-cache", server="docxy", script="docxy", cache=True, stateful=True,
+         coalesces=True,
+         about="The same docxy with `--cache-dir`: a miss with an empty cache, then a hit."),
+    dict(name="docxy-before", server="docxy", script="baseline", range=True, twin="docxy",
+         about="`docxy` run from the older file given with `--baseline-docxy`."),
+    dict(name="docxy-before-https", server="docxy", script="baseline", tls=True,
+         twin="docxy-https", about="`docxy-https` run from the `--baseline-docxy` file."),
+    dict(name="docxy-before-cache", server="docxy", script="baseline", cache=True,
+         stateful=True, coalesces=True, twin="docxy-cache",
+         about="`docxy-cache` run from the `--baseline-docxy` file."),
+    dict(name="sha256", server=None, measures=("blob",),
+         about="No server: the benchmark hashes the blob's size in memory on one core "
+               "(`hashlib`). No proxy that checks a stream's sha256 on the way through can pass "
+               "that stream faster: the ceiling of a verifying proxy on this CPU."),
+)
+TARGET = {spec["name"]: spec for spec in TARGETS}
+
+# figure: (unit, digits, column heading, which way is better)
+FIGURES = {
+    "throughput": ("MiB/s", 0, "MiB/s", "higher"),
+    "server_cpu": ("CPU s/GiB", 2, "server CPU s/GiB", "lower"),
+    "busy": ("%", 0, "machine busy %", None),
+    "peak_rss": ("MiB", 1, "peak RSS MiB", "lower"),
+    "rps": ("req/s", 0, "req/s", "higher"),
+    "p50": ("ms", 2, "p50 ms", "lower"),
+    "p99": ("ms", 2, "p99 ms", "lower"),
+    "rss_idle": ("MiB", 1, "RSS MiB with idle", "lower"),
+    "rss_before": ("MiB", 1, "RSS MiB before", "lower"),
+    "new_client": ("ms", 1, "new client ms (median)", "lower"),
+    "new_client_worst": ("ms", 1, "new client ms (worst)", "lower"),
+    "wall": ("s", 3, "wall s", "lower"),
+    "requests": ("requests", 0, "client requests", None),
+    "upstream_requests": ("requests", 0, "requests at direct", "lower"),
+    "docxy_upstream": ("requests", 0, "upstream= in docxy log", "lower"),
+    "server_cpu_s": ("CPU s", 2, "server CPU s", "lower"),
+}
+
+# Cases in table order; manifest cases ("HEAD c=16") sort after these, by method and count.
+CASES = ("get", "miss", "hit", "range", "idle", "pull", "cold", "warm")
+
+# The measures. `main` is the figure the ratio columns (x:REF) compare; REF is nginx (the
+# nginx of the same scheme), direct, registry, sha256, or before (the --baseline-docxy twin).
+# `setup` is formatted with the run's sizes. `about` is what the measure means and shows.
+MEASURES = {
+    "blob": dict(
+        number=1, title="Single-stream GET of a large blob", main="throughput",
+        default_case="get", group="target",
+        columns=("throughput", "x:nginx", "x:direct", "x:registry", "x:sha256", "x:before",
+                 "server_cpu", "busy"),
+        setup="One {big_mib} MiB blob, one client on one connection, reading with readinto into "
+              "a 1 MiB buffer, in a process of its own.",
+        about=(
+            "docxy checks each blob's sha256 while streaming, so a client never gets bytes that "
+            "do not match the digest it asked for; nginx and the registry do not check. The "
+            "check is docxy's cost here. A body over 8 MiB is hashed on a second thread while "
+            "the first one copies it.",
+            "`sha256` is the ceiling: `hashlib` alone on one core of this CPU. No proxy that "
+            "checks a stream's digest on the way through can pass that stream faster, so "
+            "where the ceiling is below nginx, 1.0x nginx on one plain stream is out of reach "
+            "for any proxy that checks, and the 1.3x stretch goal (which would need a copy "
+            "that never enters the process, such as splice) even more so: a copy that is never "
+            "seen cannot be checked. Compare docxy's `x sha256` with 1.0.",
+            "A profile (py-spy) of one client pulling a large blob found the hashing thread "
+            "spending most of its samples in `sha256.update`, and the copying thread much of "
+            "its time waiting for the hashing thread: on one stream the hash is the limit.",
+            "`docxy (range)` is the same path without the check: a `Range: bytes=0-` request "
+            "cannot be checked against the whole blob's digest. Its distance to `docxy` is "
+            "the cost of checking.",
+            "Over HTTPS encryption costs both servers; the difference in server CPU s/GiB "
+            "between `docxy-https` and `nginx-https` is about what hashing costs.",
+            "`registry (miss)`: distribution streams the blob to the client and fetches it a "
+            "second time in the background to store it; its hit is measured once that copy "
+            "exists. Both the registry and docxy send a hit with `sendfile`. `docxy-cache "
+            "(miss)` downloads, checks, writes and `fsync`s what it streams: the disk bounds "
+            "it (see \"file writes\" in the host facts).",
+            "machine busy: the share of all cores in use while the bytes flowed, load client "
+            "and upstream included. Client, upstream and server share the cores here; on a "
+            "real server the clients are elsewhere, and hashing gets the core they use here.",
+        )),
+    "concurrent": dict(
+        number=2, title="Concurrent GETs of a medium blob", main="throughput",
+        default_case="get", group="target",
+        columns=("throughput", "x:nginx", "x:direct", "x:before", "peak_rss", "server_cpu",
+                 "busy"),
+        setup="{streams} clients GET the same {mid_mib} MiB blob at once; MiB/s is the "
+              "aggregate.",
+        about=(
+            "Peak RSS is that of all the server's processes (nginx: master and workers), with "
+            "VmHWM reset before each run. All of docxy's transfers share a 16 MiB budget for "
+            "their buffers.",
+            "`docxy-cache (miss)` is coalesced: one upstream download serves every client, "
+            "which reads the growing file. The registry is measured on its hit only, after "
+            "one unmeasured GET stored the blob.",
+            "With more transfers than cores docxy hashes inline, and the aggregate rate is "
+            "the cores divided by the CPU seconds all processes spend per GiB: compare the "
+            "server CPU s/GiB column.",
+        )),
+    "manifest": dict(
+        number=3, title="Manifest requests by tag over keep-alive connections", main="rps",
+        default_case=None, group="case",
+        columns=("rps", "x:nginx", "x:registry", "x:before", "p50", "p99"),
+        setup="`library/app:latest` (an OCI index), {cell} s per cell, with the `Accept` "
+              "header dockerd sends. HEAD: a stdlib epoll keep-alive client in 2 processes "
+              "(wrk 4.1 cannot parse answers to HEAD). GET: {get_client}.",
+        about=(
+            "The stateful targets learn the tag first (one unmeasured GET, HEAD, GET), so "
+            "these are hits for the caches and for the registry.",
+            "docxy serves each request on a thread of its own, under the GIL: its request "
+            "rate hardly grows with connections, and its latency grows with them instead. "
+            "What counts is how often a request lets go of the GIL: a response's head waits "
+            "for its body and a small answer leaves in one send, a request's head is read in "
+            "one piece from a plain socket's descriptor, and the Date header is formatted "
+            "once a second. "
+            "Compare `x registry` (the goal: at least 5x at 16 connections) and p99 at 64 "
+            "connections (the goal: at most 60 ms).",
+        )),
+    "idle": dict(
+        number=4, title="Idle keep-alive connections", main="rss_idle",
+        default_case="idle", group="target",
+        columns=("rss_idle", "rss_before", "x:nginx", "x:before", "new_client",
+                 "new_client_worst"),
+        setup="{idle} connections, each after one GET /v2/, left open; then a new client's "
+              "GET /v2/ (5 probes), and every 20th idle connection is used once more.",
+        about=(
+            "docxy parks a connection that has been quiet for 0.5 s in one selector, with no "
+            "thread, and gives it a thread again when its next request arrives: idle "
+            "connections cost memory, not threads, and a new client does not wait for them.",
+        )),
+    "pull": dict(
+        number=5, title="Whole-image pull by a dockerd-like client", main="wall",
+        default_case="pull", group="target",
+        columns=("wall", "x:direct", "x:nginx", "x:registry", "x:before", "upstream_requests",
+                 "docxy_upstream", "server_cpu_s"),
+        setup="{layer_count} layers ({layers_mib} MiB) in an OCI index with one platform: "
+              "/v2/, HEAD the tag, GET the index and the manifest by digest, the config, then "
+              "the layers, 3 at once, every digest verified.",
+        about=(
+            "Ratios here are time ratios: lower is faster.",
+            "`requests at direct`: the lines the upstream's access log gained during the pull. "
+            "A warm pull with the cache makes none (the goal): the tag is within `--tag-ttl`, "
+            "and everything else is content-addressed.",
+        )),
+}
+MEASURE_ORDER = ("blob", "concurrent", "manifest", "idle", "pull")
+
+# The headline ratios and goals. A row with `versus` is a ratio of two targets' figures,
+# computed within each round; one without is the figure itself. `goal` is (operator, bound),
+# issue 6's where it set one; a row without a goal is reported, not judged.
+HEADLINES = (
+    dict(what="Large blob, plain HTTP: docxy / nginx", measure="blob", target="docxy",
+         figure="throughput", versus="nginx", goal=(">=", 1.0), stretch=(">=", 1.3)),
+    dict(what="Large blob, HTTPS: docxy-https / nginx-https", measure="blob",
+         target="docxy-https", figure="throughput", versus="nginx-https", goal=(">=", 1.0)),
+    dict(what="Large blob: docxy / the sha256 ceiling", measure="blob", target="docxy",
+         figure="throughput", versus="sha256"),
+    dict(what="Large blob, unchecked (Range): docxy / nginx", measure="blob", target="docxy",
+         case="range", figure="throughput", versus="nginx"),
+    dict(what="32 concurrent GETs: docxy / nginx", measure="concurrent", target="docxy",
+         figure="throughput", versus="nginx", goal=(">=", 0.95)),
+    dict(what="Cache hit, large blob: docxy-cache / direct", measure="blob",
+         target="docxy-cache", case="hit", figure="throughput", versus="direct",
+         goal=(">=", 0.8)),
+    dict(what="Cache hit, large blob: docxy-cache / registry", measure="blob",
+         target="docxy-cache", case="hit", figure="throughput", versus="registry",
+         goal=(">=", 2.0)),
+    dict(what="Cache miss, large blob: docxy-cache / registry", measure="blob",
+         target="docxy-cache", case="miss", figure="throughput", versus="registry"),
+    dict(what="Manifests, HEAD, 1 connection: docxy / nginx", measure="manifest",
+         target="docxy", case="HEAD c=1", figure="rps", versus="nginx"),
+    dict(what="Manifests, HEAD, 16 connections: docxy / registry", measure="manifest",
+         target="docxy", case="HEAD c=16", figure="rps", versus="registry", goal=(">=", 5.0)),
+    dict(what="Manifests, GET, 16 connections: docxy / registry", measure="manifest",
+         target="docxy", case="GET c=16", figure="rps", versus="registry", goal=(">=", 5.0)),
+    dict(what="Manifests, HEAD, 16 connections: docxy-cache / registry", measure="manifest",
+         target="docxy-cache", case="HEAD c=16", figure="rps", versus="registry",
+         goal=(">=", 5.0)),
+    dict(what="Idle connections, RSS: docxy / nginx", measure="idle", target="docxy",
+         figure="rss_idle", versus="nginx"),
+    dict(what="Warm pull with the cache, wall time: docxy-cache / direct", measure="pull",
+         target="docxy-cache", case="warm", figure="wall", versus="direct", goal=("<=", 1.2)),
+    dict(what="Cold pull, wall time: docxy-cache / registry", measure="pull",
+         target="docxy-cache", case="cold", figure="wall", versus="registry"),
+    # Goals that are figures, not ratios.
+    dict(what="32 concurrent GETs: docxy's peak RSS", measure="concurrent", target="docxy",
+         figure="peak_rss", goal=("<=", 64)),
+    dict(what="Idle connections: docxy's RSS", measure="idle", target="docxy",
+         figure="rss_idle", goal=("<=", 64)),
+    dict(what="Idle connections: docxy-https's RSS", measure="idle", target="docxy-https",
+         figure="rss_idle", goal=("<=", 64)),
+    dict(what="Idle connections: a new client answered by docxy", measure="idle",
+         target="docxy", figure="new_client", goal=("<", 50)),
+    dict(what="Idle connections: a new client answered by docxy-https", measure="idle",
+         target="docxy-https", figure="new_client", goal=("<", 50)),
+    dict(what="Manifests, HEAD, 1 connection: docxy", measure="manifest", target="docxy",
+         case="HEAD c=1", figure="rps", goal=(">=", 4500)),
+    dict(what="Manifests, HEAD, 64 connections: docxy's p99", measure="manifest",
+         target="docxy", case="HEAD c=64", figure="p99", goal=("<=", 60)),
+    dict(what="Manifests, GET, 64 connections: docxy's p99", measure="manifest",
+         target="docxy", case="GET c=64", figure="p99", goal=("<=", 60)),
+    dict(what="Manifests, HEAD, 1 connection: docxy-cache", measure="manifest",
+         target="docxy-cache", case="HEAD c=1", figure="rps", goal=(">=", 4500)),
+    dict(what="Manifests, HEAD, 64 connections: docxy-cache's p99", measure="manifest",
+         target="docxy-cache", case="HEAD c=64", figure="p99", goal=("<=", 60)),
+    dict(what="Warm pull with the cache: requests at the upstream", measure="pull",
+         target="docxy-cache", case="warm", figure="upstream_requests", goal=("<=", 0)),
+)
+
+# Sizes of a run. `cell` is seconds per manifest cell; `layers` are MiB.
+FULL = dict(big=1 * GiB, mid=32 * MiB, streams=32, layers=(8, 16, 24, 32, 48, 64), cell=3,
+            idle=500, conns=(1, 16, 64))
+QUICK = dict(big=128 * MiB, mid=4 * MiB, streams=32, layers=(1, 2, 3, 4, 6, 8), cell=0.2,
+             idle=100, conns=(1, 16, 64))
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -64,21 +294,7 @@ LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 ACCEPT = ", ".join((INDEX_TYPE, "application/vnd.docker.distribution.manifest.list.v2+json",
                     MANIFEST_TYPE, "application/vnd.docker.distribution.manifest.v2+json"))
 USER_AGENT = "docxy-bench/1"
-
-MEASURES = ("blob", "concurrent", "manifest", "idle", "pull")
-MEASURE_TITLES = {
-    "blob": "1. single-stream GET of a large blob",
-    "concurrent": "2. concurrent GETs of a medium blob",
-    "manifest": "3. manifest requests by tag over keep-alive connections",
-    "idle": "4. idle keep-alive connections",
-    "pull": "5. whole-image pull by a dockerd-like client",
-}
-TARGETS = ("direct", "nginx", "nginx-https", "registry", "docxy", "docxy-https", "docxy-cache")
-
-FULL = dict(big=1 * GiB, mid=32 * MiB, streams=32, layers=(8, 16, 24, 32, 48, 64), cell=3, idle=500,
-            conns=(1, 16, 64))
-QUICK = dict(big=128 * MiB, mid=4 * MiB, streams=32, layers=(1, 2, 3, 4, 6, 8), cell=0.2, idle=100,
-             conns=(1, 16, 64))
+MANIFEST_PATH = "/v2/library/app/manifests/latest"
 
 
 def say(message):
@@ -90,66 +306,83 @@ class Skip(Exception):
     """A target or measure that cannot run here; the reason is printed, nothing is faked."""
 
 
-# ------------------------------------------------------------------ processes we start
+# ================================================================== processes we start
 
-STARTED = []            # every Popen this run started, stopped in cleanup()
-_LIBC = None
+class Processes:
+    """Every process this run starts, so that each can be stopped by its own id at the end.
+    Children get SIGKILL if the benchmark itself is killed (Linux prctl PDEATHSIG)."""
 
-
-def _die_with_parent():
-    """Child side of Popen: get SIGKILL if the benchmark itself is killed (Linux prctl)."""
-    try:
-        _LIBC.prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def spawn(argv, log_path, env=None, cwd=None):
-    global _LIBC
-    if _LIBC is None:
+    def __init__(self):
+        self.started = []
         try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
+            self.libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
-            _LIBC = False
-    log = open(log_path, "ab")
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent if _LIBC else None)
-    finally:
-        log.close()
-    STARTED.append(proc)
-    return proc
+            self.libc = None
 
-
-def stop_process(proc, sig=signal.SIGTERM, grace=8.0):
-    if proc.poll() is None:
+    def _die_with_parent(self):
         try:
-            proc.send_signal(sig)
-            proc.wait(grace)
+            self.libc.prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+    def spawn(self, argv, log_path, env=None):
+        """A server: output to its log, a session of its own."""
+        log = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+                preexec_fn=self._die_with_parent if self.libc else None)
+        finally:
+            log.close()
+        self.started.append(proc)
+        return proc
+
+    def run(self, argv, timeout, what):
+        """A client: (stdout, stderr, returncode), killed when it outlives `timeout`."""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        self.started.append(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.communicate()
+            raise RuntimeError("%s did not finish within %ds" % (what, timeout))
+        finally:
+            if proc in self.started:
+                self.started.remove(proc)
+        return out, err, proc.returncode
+
+    def stop(self, proc, sig=signal.SIGTERM, grace=8.0):
+        if proc.poll() is None:
             try:
-                proc.wait(5)
+                proc.send_signal(sig)
+                proc.wait(grace)
             except subprocess.TimeoutExpired:
+                proc.kill()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
-    if proc in STARTED:
-        STARTED.remove(proc)
+        if proc in self.started:
+            self.started.remove(proc)
+
+    def stop_all(self):
+        for proc in list(reversed(self.started)):
+            self.stop(proc, grace=5.0)
 
 
-def cleanup():
-    for proc in list(reversed(STARTED)):
-        stop_process(proc, grace=5.0)
+PROCESSES = Processes()
 
 
 def clean_env():
     """The servers' environment: no proxies (everything is loopback), no DOCXY_ settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DOCXY_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy",
-                                                               "no_proxy")}
-    return env
+    proxies = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("DOCXY_") and k.lower() not in proxies}
 
 
 def free_port():
@@ -158,7 +391,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
-# ------------------------------------------------------------------ /proc accounting
+def tool_version(argv):
+    """The first line a tool prints about its version, or 'not installed'."""
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=10).stdout
+        return out.decode("utf-8", "replace").strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "not installed"
+
+
+# ================================================================== /proc accounting
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -216,8 +459,8 @@ def busy_share(before, after):
 
 
 def settle():
-    """Write back what the last cell left dirty (a cache miss writes 1 GiB) before the next cell
-    runs: the kernel's write-back took CPU from whichever target came next, one round a run."""
+    """Write back what the last cell left dirty (a cache miss writes 1 GiB) before the next
+    cell runs: the kernel's write-back took CPU from whichever target came next."""
     os.sync()
 
 
@@ -278,12 +521,34 @@ class RssSampler(threading.Thread):
         self.halt.set()
         self.join()
         self.peak = max(self.peak, rss_mib(self.pids))
-        if self.hwm_ok:     # the kernel's own peak: exact for one process, an upper bound for several
-            return max(self.peak, sum(status_kib(pid, "VmHWM") for pid in self.pids) / 1024.0)
+        if self.hwm_ok:     # the kernel's own peak: exact for one process, a bound for several
+            hwm = sum(status_kib(pid, "VmHWM") for pid in self.pids) / 1024.0
+            return max(self.peak, hwm)
         return self.peak
 
 
-# ------------------------------------------------------------------ test data at registry paths
+def write_speed(folder, size):
+    """Page-cache write speed of the work directory (MiB/s): what bounds every cache miss
+    that writes what it streams."""
+    path = os.path.join(folder, "write-test")
+    block = os.urandom(MiB)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        started = time.perf_counter()
+        for _ in range(size // MiB):
+            os.write(descriptor, block)
+        seconds = time.perf_counter() - started
+    finally:
+        os.close(descriptor)
+        os.unlink(path)
+    return size / MiB / seconds
+
+
+# ================================================================== test data
+
+def sha256(body):
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
 
 def write_blob(root, repo, size, seed):
     folder = os.path.join(root, "v2", "library", repo, "blobs")
@@ -307,23 +572,28 @@ def write_blob(root, repo, size, seed):
 
 def make_data(root, sizes):
     """Blobs, an OCI index, its one-platform manifest and config, laid out at /v2/ paths.
-    Returns a description of the content, including the headers every path is served with."""
-    say("writing test data (%d MiB)" % ((sizes["big"] + sizes["mid"]) // MiB + sum(sizes["layers"])))
+    Returns a description of the content, with the headers every path is served with."""
+    total = (sizes["big"] + sizes["mid"]) // MiB + sum(sizes["layers"])
+    say("writing test data (%d MiB)" % total)
     data = {"root": root, "paths": {}}
     data["big"] = write_blob(root, "big", sizes["big"], 1)
     data["mid"] = write_blob(root, "big", sizes["mid"], 2)
     data["big_size"], data["mid_size"] = sizes["big"], sizes["mid"]
     for key in ("big", "mid"):
-        data["paths"]["/v2/library/big/blobs/" + data[key]] = ("application/octet-stream", data[key])
+        data["paths"]["/v2/library/big/blobs/" + data[key]] = ("application/octet-stream",
+                                                                data[key])
     layers = []
     for number, size in enumerate(sizes["layers"]):
         digest = write_blob(root, "app", size * MiB, 100 + number)
         layers.append({"mediaType": LAYER_TYPE, "digest": digest, "size": size * MiB})
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
-                         "rootfs": {"type": "layers", "diff_ids": [l["digest"] for l in layers]}},
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "config": {"Cmd": ["/bin/true"]},
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": [layer["digest"] for layer in layers]}},
                         sort_keys=True).encode()
     manifest = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-                           "config": {"mediaType": CONFIG_TYPE, "digest": sha256(config), "size": len(config)},
+                           "config": {"mediaType": CONFIG_TYPE, "digest": sha256(config),
+                                      "size": len(config)},
                            "layers": layers}, sort_keys=True).encode()
     index = json.dumps({"schemaVersion": 2, "mediaType": INDEX_TYPE,
                         "manifests": [{"mediaType": MANIFEST_TYPE, "digest": sha256(manifest),
@@ -334,7 +604,8 @@ def make_data(root, sizes):
     with open(os.path.join(blobs, sha256(config)), "wb") as handle:
         handle.write(config)
     for layer in layers + [{"digest": sha256(config)}]:
-        data["paths"]["/v2/library/app/blobs/" + layer["digest"]] = ("application/octet-stream", layer["digest"])
+        data["paths"]["/v2/library/app/blobs/" + layer["digest"]] = (
+            "application/octet-stream", layer["digest"])
     manifests = os.path.join(root, "v2", "library", "app", "manifests")
     os.makedirs(manifests, exist_ok=True)
     for name, body, kind in ((sha256(index), index, INDEX_TYPE), ("latest", index, INDEX_TYPE),
@@ -342,18 +613,14 @@ def make_data(root, sizes):
         with open(os.path.join(manifests, name), "wb") as handle:
             handle.write(body)
         data["paths"]["/v2/library/app/manifests/" + name] = (kind, sha256(body))
-    data["index"], data["manifest"], data["config"] = sha256(index), sha256(manifest), sha256(config)
-    data["layers"] = [l["digest"] for l in layers]
-    data["image_bytes"] = sum(l["size"] for l in layers) + len(config) + len(manifest) + len(index)
+    data["index"], data["manifest"], data["config"] = sha256(index), sha256(manifest), \
+        sha256(config)
+    data["layers"] = [layer["digest"] for layer in layers]
     for folder, dirs, files in os.walk(root):
         os.chmod(folder, 0o755)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o644)
     return data
-
-
-def sha256(body):
-    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 def make_certificates(folder):
@@ -364,54 +631,43 @@ def make_certificates(folder):
     os.makedirs(folder, exist_ok=True)
 
     def run(*args):
-        subprocess.run([openssl] + list(args), cwd=folder, check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            subprocess.run([openssl] + list(args), cwd=folder, check=True, timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except subprocess.CalledProcessError as error:
+            raise Skip("openssl failed: %s" % error.stderr.decode("utf-8", "replace")[-200:])
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=docxy bench CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=docxy bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     with open(os.path.join(folder, "ext.cnf"), "w") as handle:
         handle.write("subjectAltName=IP:127.0.0.1,IP:127.0.0.2,DNS:localhost\n"
                      "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                      "extendedKeyUsage=serverAuth\n")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-out", "server.pem", "-extfile", "ext.cnf")
-    return {k: os.path.join(folder, v) for k, v in (("ca", "ca.pem"), ("cert", "server.pem"),
-                                                      ("key", "server.key"))}
+    run("req", *curve, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "ext.cnf")
+    return {key: os.path.join(folder, name)
+            for key, name in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
 
 
-# ------------------------------------------------------------------ the servers
+# ================================================================== the servers
 
 def http_call(port, method, path, https=False, ca=None, headers=None, timeout=5):
     if https:
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
-                                                 context=ssl.create_default_context(cafile=ca))
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=ssl.create_default_context(cafile=ca))
     else:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request(method, path, headers=dict({"User-Agent": USER_AGENT}, **(headers or {})))
+        connection.request(method, path,
+                           headers=dict({"User-Agent": USER_AGENT}, **(headers or {})))
         response = connection.getresponse()
         body = response.read()
         return response.status, dict(response.getheaders()), body
     finally:
         connection.close()
-
-
-def wait_ready(proc, port, name, log_path, https=False, ca=None, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("%s exited with %s at start-up:\n%s" % (name, proc.returncode, tail(log_path)))
-        try:
-            if http_call(port, "GET", "/v2/", https, ca, timeout=2)[0] in (200, 401):
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("%s did not answer /v2/ within %ds:\n%s" % (name, timeout, tail(log_path)))
-        time.sleep(0.05)
 
 
 def tail(path, lines=15):
@@ -422,10 +678,36 @@ def tail(path, lines=15):
         return "(no log)"
 
 
+def wait_ready(proc, port, name, log_path, https=False, ca=None, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("%s exited with %s at start-up:\n%s"
+                               % (name, proc.returncode, tail(log_path)))
+        try:
+            if http_call(port, "GET", "/v2/", https, ca, timeout=2)[0] in (200, 401):
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("%s did not answer /v2/ within %ds:\n%s"
+                               % (name, timeout, tail(log_path)))
+        time.sleep(0.05)
+
+
+def wait_until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out after %ds waiting for %s" % (timeout, what))
+        time.sleep(0.05)
+
+
 class Server:
     """One server process (tree) that serves one or more targets."""
 
     name = "?"
+    stores_manifests = False
 
     def __init__(self, work):
         self.work, self.proc, self.log = work, None, None
@@ -438,8 +720,11 @@ class Server:
 
     def stop(self):
         if self.proc:
-            stop_process(self.proc)
+            PROCESSES.stop(self.proc)
             self.proc = None
+
+    def fresh(self):
+        """Restart with empty storage: the next fetch is a true miss (stateful servers)."""
 
 
 NGINX_COMMON = """
@@ -461,38 +746,14 @@ NGINX_HTTP = """
     keepalive_timeout 120s;
     keepalive_requests 1000000;
 """
-
-
-class NginxDirect(Server):
-    """The upstream: nginx serving the data directory with sendfile, registry headers per path."""
-
-    name = "direct"
-
-    def __init__(self, work, data):
-        super().__init__(work)
-        self.data, self.port = data, free_port()
-        self.access = os.path.join(work, "direct-access.log")
-        self.kind = "nginx static, sendfile on"
-
-    def config(self):
-        tmp = os.path.join(self.work, "nginx-direct")
-        os.makedirs(tmp, exist_ok=True)
-        values = dict(err=os.path.join(self.work, "direct-error.log"), pid=os.path.join(tmp, "nginx.pid"),
-                      tmp=tmp, access=self.access)
-        manifests = []
-        for path, (kind, digest) in sorted(self.data["paths"].items()):
-            if "/manifests/" in path:
-                manifests.append(
-                    "        location = %s { types { } default_type %s; add_header Docker-Content-Digest %s; "
-                    "add_header Docker-Distribution-API-Version registry/2.0; }" % (path, kind, digest))
-        return (NGINX_COMMON % values) + "http {\n" + (NGINX_HTTP % values) + """
+NGINX_DIRECT = """
     sendfile on;
     tcp_nopush on;
     types { }
     default_type application/octet-stream;
     server {
-        listen 127.0.0.1:%d backlog=4096;
-        root %s;
+        listen 127.0.0.1:%(port)d backlog=4096;
+        root %(root)s;
         location = /v2/ {
             default_type application/json;
             add_header Docker-Distribution-API-Version registry/2.0 always;
@@ -502,69 +763,19 @@ class NginxDirect(Server):
             add_header Docker-Content-Digest $1;
             add_header Docker-Distribution-API-Version registry/2.0;
         }
-%s
+%(manifests)s
         location / { return 404; }
     }
 }
-""" % (self.port, self.data["root"], "\n".join(manifests))
-
-    def start(self):
-        path = os.path.join(self.work, "nginx-direct.conf")
-        with open(path, "w") as handle:
-            handle.write(self.config())
-        self.log = os.path.join(self.work, "direct-error.log")
-        self.proc = spawn(["nginx", "-e", self.log, "-c", path, "-p", self.work], self.log, env=clean_env())
-        wait_ready(self.proc, self.port, "nginx (direct)", self.log)
-
-
-class StdlibDirect(Server):
-    """The upstream without nginx: this file's own socket.sendfile server (mode _direct)."""
-
-    name = "direct"
-
-    def __init__(self, work, data):
-        super().__init__(work)
-        self.data, self.port = data, free_port()
-        self.access = os.path.join(work, "direct-access.log")
-        self.kind = "stdlib socket.sendfile server (nginx not installed)"
-
-    def start(self):
-        meta = os.path.join(self.work, "direct-paths.json")
-        with open(meta, "w") as handle:
-            json.dump(self.data["paths"], handle)
-        self.log = os.path.join(self.work, "direct-error.log")
-        self.proc = spawn([sys.executable, os.path.abspath(__file__), "_direct", self.data["root"], str(self.port),
-                           meta, self.access], self.log, env=clean_env())
-        wait_ready(self.proc, self.port, "stdlib direct server", self.log)
-
-
-class NginxProxy(Server):
-    name = "nginx"
-
-    def __init__(self, work, direct_port, certs):
-        super().__init__(work)
-        self.direct_port, self.certs = direct_port, certs
-        self.port = free_port()
-        self.tls_port = free_port() if certs else None
-
-    def config(self):
-        tmp = os.path.join(self.work, "nginx-proxy")
-        os.makedirs(tmp, exist_ok=True)
-        values = dict(err=os.path.join(self.work, "nginx-error.log"), pid=os.path.join(tmp, "nginx.pid"),
-                      tmp=tmp, access=os.path.join(self.work, "nginx-access.log"))
-        location = """
-        location / {
-            proxy_pass http://direct;
+"""
+NGINX_MANIFEST = """        location = %s {
+            types { } default_type %s;
+            add_header Docker-Content-Digest %s;
+            add_header Docker-Distribution-API-Version registry/2.0;
         }"""
-        servers = "    server {\n        listen 127.0.0.1:%d backlog=4096;%s\n    }\n" % (self.port, location)
-        if self.certs:
-            servers += ("    server {\n        listen 127.0.0.1:%d ssl backlog=4096;\n"
-                        "        ssl_certificate %s;\n        ssl_certificate_key %s;\n"
-                        "        ssl_protocols TLSv1.2 TLSv1.3;%s\n    }\n"
-                        % (self.tls_port, self.certs["cert"], self.certs["key"], location))
-        return (NGINX_COMMON % values) + "http {\n" + (NGINX_HTTP % values) + """
+NGINX_PROXY = """
     upstream direct {
-        server 127.0.0.1:%d;
+        server 127.0.0.1:%(direct)d;
         keepalive 64;
         keepalive_requests 1000000;
         keepalive_timeout 120s;
@@ -575,28 +786,129 @@ class NginxProxy(Server):
     proxy_buffer_size 1m;
     proxy_buffers 4 1m;
     proxy_busy_buffers_size 2m;
-%s}
-""" % (self.direct_port, servers)
+%(servers)s}
+"""
+NGINX_SERVER = """    server {
+        listen 127.0.0.1:%d%s backlog=4096;%s
+        location / {
+            proxy_pass http://direct;
+        }
+    }
+"""
+NGINX_TLS = """
+        ssl_certificate %s;
+        ssl_certificate_key %s;
+        ssl_protocols TLSv1.2 TLSv1.3;"""
+
+
+def nginx_head(work, label):
+    """The part of an nginx configuration every nginx here shares."""
+    tmp = os.path.join(work, "nginx-" + label)
+    os.makedirs(tmp, exist_ok=True)
+    values = dict(err=os.path.join(work, "%s-error.log" % label),
+                  pid=os.path.join(tmp, "nginx.pid"), tmp=tmp,
+                  access=os.path.join(work, "%s-access.log" % label))
+    return (NGINX_COMMON % values) + "http {\n" + (NGINX_HTTP % values)
+
+
+class NginxServer(Server):
+    """An nginx process run from a configuration written into the work directory."""
+
+    label = "?"
+
+    def config(self):
+        raise NotImplementedError
 
     def start(self):
-        path = os.path.join(self.work, "nginx-proxy.conf")
+        path = os.path.join(self.work, "nginx-%s.conf" % self.label)
         with open(path, "w") as handle:
             handle.write(self.config())
-        self.log = os.path.join(self.work, "nginx-error.log")
-        self.proc = spawn(["nginx", "-e", self.log, "-c", path, "-p", self.work], self.log, env=clean_env())
+        self.log = os.path.join(self.work, "%s-error.log" % self.label)
+        self.proc = PROCESSES.spawn(["nginx", "-e", self.log, "-c", path, "-p", self.work],
+                                    self.log, env=clean_env())
+        self.wait()
+
+    def wait(self):
+        wait_ready(self.proc, self.port, "nginx (%s)" % self.label, self.log)
+
+
+class NginxDirect(NginxServer):
+    """The upstream: nginx serving the data directory with sendfile, registry headers."""
+
+    name = label = "direct"
+    kind = "nginx static, sendfile on"
+
+    def __init__(self, work, data):
+        super().__init__(work)
+        self.data, self.port = data, free_port()
+        self.access = os.path.join(work, "direct-access.log")
+
+    def config(self):
+        manifests = [NGINX_MANIFEST % (path, kind, digest)
+                     for path, (kind, digest) in sorted(self.data["paths"].items())
+                     if "/manifests/" in path]
+        return nginx_head(self.work, self.label) + NGINX_DIRECT % dict(
+            port=self.port, root=self.data["root"], manifests="\n".join(manifests))
+
+
+class StdlibDirect(Server):
+    """The upstream without nginx: this file's own socket.sendfile server (mode _direct)."""
+
+    name = "direct"
+    kind = "stdlib socket.sendfile server (nginx not installed)"
+
+    def __init__(self, work, data):
+        super().__init__(work)
+        self.data, self.port = data, free_port()
+        self.access = os.path.join(work, "direct-access.log")
+
+    def start(self):
+        meta = os.path.join(self.work, "direct-paths.json")
+        with open(meta, "w") as handle:
+            json.dump(self.data["paths"], handle)
+        self.log = os.path.join(self.work, "direct-error.log")
+        argv = [sys.executable, os.path.abspath(__file__), "_direct", self.data["root"],
+                str(self.port), meta, self.access]
+        self.proc = PROCESSES.spawn(argv, self.log, env=clean_env())
+        wait_ready(self.proc, self.port, "stdlib direct server", self.log)
+
+
+class NginxProxy(NginxServer):
+    """nginx proxy_pass in front of direct, over HTTP and (with certificates) HTTPS."""
+
+    name = label = "nginx"
+
+    def __init__(self, work, direct_port, certs):
+        super().__init__(work)
+        self.direct_port, self.certs = direct_port, certs
+        self.port = free_port()
+        self.tls_port = free_port() if certs else None
+
+    def config(self):
+        servers = NGINX_SERVER % (self.port, "", "")
+        if self.certs:
+            servers += NGINX_SERVER % (self.tls_port, " ssl", NGINX_TLS % (
+                self.certs["cert"], self.certs["key"]))
+        return nginx_head(self.work, self.label) + NGINX_PROXY % dict(
+            direct=self.direct_port, servers=servers)
+
+    def wait(self):
         wait_ready(self.proc, self.port, "nginx (proxy)", self.log)
         if self.tls_port:
-            wait_ready(self.proc, self.tls_port, "nginx (proxy, https)", self.log, True, self.certs["ca"])
+            wait_ready(self.proc, self.tls_port, "nginx (proxy, https)", self.log, True,
+                       self.certs["ca"])
 
 
 class Registry(Server):
-    """docker-registry in pull-through mode; restarted with fresh storage for every cold measure."""
+    """docker-registry in pull-through mode; restarted with fresh storage for every cold
+    measure."""
 
     name = "registry"
 
     def __init__(self, work, direct_port):
         super().__init__(work)
-        self.direct_port, self.port, self.generation, self.root = direct_port, free_port(), 0, None
+        self.direct_port, self.port, self.generation, self.root = direct_port, free_port(), 0, \
+            None
 
     def start(self):
         self.generation += 1
@@ -611,9 +923,11 @@ class Registry(Server):
                          "http:\n  addr: 127.0.0.1:%d\n  secret: bench-%d\n"
                          "health:\n  storagedriver:\n    enabled: false\n"
                          "proxy:\n  remoteurl: http://127.0.0.1:%d\n"
-                         % (os.path.join(self.root, "data"), self.port, random.getrandbits(48), self.direct_port))
+                         % (os.path.join(self.root, "data"), self.port, random.getrandbits(48),
+                            self.direct_port))
         self.log = os.path.join(self.work, "registry.log")
-        self.proc = spawn(["docker-registry", "serve", config], self.log, env=clean_env())
+        self.proc = PROCESSES.spawn(["docker-registry", "serve", config], self.log,
+                                    env=clean_env())
         wait_ready(self.proc, self.port, "docker-registry", self.log)
 
     def fresh(self):
@@ -624,8 +938,8 @@ class Registry(Server):
 
     def stored(self, digest, size=None):
         hexdigest = digest.split(":")[1]
-        path = os.path.join(self.root, "data", "docker", "registry", "v2", "blobs", "sha256", hexdigest[:2],
-                            hexdigest, "data")
+        path = os.path.join(self.root, "data", "docker", "registry", "v2", "blobs", "sha256",
+                            hexdigest[:2], hexdigest, "data")
         try:
             return size is None or os.path.getsize(path) == size
         except OSError:
@@ -633,6 +947,11 @@ class Registry(Server):
 
 
 class Docxy(Server):
+    """One docxy process: a script (the file under test or the baseline), TLS or not, with
+    a cache or not."""
+
+    stores_manifests = True
+
     def __init__(self, work, script, direct_port, name, certs=None, cache=False):
         super().__init__(work)
         self.script, self.direct_port, self.name = script, direct_port, name
@@ -642,18 +961,21 @@ class Docxy(Server):
     def start(self):
         self.generation += 1
         argv = [sys.executable, self.script, "--listen", "127.0.0.1:%d" % self.port,
-                "--upstream", "http://127.0.0.1:%d" % self.direct_port, "--registries", "docker.io"]
+                "--upstream", "http://127.0.0.1:%d" % self.direct_port,
+                "--registries", "docker.io"]
         if self.certs:
             argv += ["--cert", self.certs["cert"], "--key", self.certs["key"]]
         if self.cache:
             self.cache_dir = os.path.join(self.work, "%s-%d" % (self.name, self.generation))
             argv += ["--cache-dir", self.cache_dir, "--cache-max-size", "8G"]
         self.log = os.path.join(self.work, "%s.log" % self.name)
-        self.proc = spawn(argv, self.log, env=clean_env())
+        self.proc = PROCESSES.spawn(argv, self.log, env=clean_env())
         wait_ready(self.proc, self.port, self.name, self.log, bool(self.certs),
                    self.certs and self.certs["ca"])
 
     def fresh(self):
+        if not self.cache:
+            return
         self.stop()
         if self.cache_dir:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -669,43 +991,123 @@ class Docxy(Server):
 
 
 class Target:
-    def __init__(self, name, server, port, https=False, ca=None):
-        self.name, self.server, self.port, self.https, self.ca = name, server, port, https, ca
+    """One row of TARGETS as started: where it listens, and the server behind it."""
+
+    def __init__(self, spec, server, port=None, https=False, ca=None):
+        self.spec, self.name = spec, spec["name"]
+        self.server, self.port, self.https, self.ca = server, port, https, ca
+        self.stateful = bool(spec.get("stateful"))
 
     def url(self, path):
         return "%s://127.0.0.1:%d%s" % ("https" if self.https else "http", self.port, path)
 
     def pids(self):
-        return self.server.pids()
+        return self.server.pids() if self.server else []
+
+    def measures(self, measure):
+        return measure in self.spec.get("measures", MEASURE_ORDER)
 
 
-def wait_until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError("timed out after %ds waiting for %s" % (timeout, what))
-        time.sleep(0.05)
+class Lab:
+    """The servers of one run and the targets they serve, started as TARGETS describes."""
+
+    def __init__(self, work, data, scripts, wanted):
+        self.work, self.data, self.scripts, self.wanted = work, data, scripts, wanted
+        self.targets, self.skipped, self.servers = {}, {}, []
+        self.certs, self.cert_problem = None, None
+        self.nginx = self.registry = self.direct = None
+        self.helps = {}
+
+    def start(self):
+        try:
+            self.certs = make_certificates(os.path.join(self.work, "certs"))
+        except Skip as error:
+            self.cert_problem = str(error)
+        self.direct = (NginxDirect if shutil.which("nginx") else StdlibDirect)(self.work,
+                                                                               self.data)
+        self.launch(self.direct)
+        for spec in TARGETS:
+            reason = self.why_not(spec)
+            if reason:
+                self.skipped[spec["name"]] = reason
+            else:
+                self.targets[spec["name"]] = self.target_for(spec)
+
+    def why_not(self, spec):
+        """Why a target does not run here, or None."""
+        if spec["name"] not in self.wanted:
+            return "not selected (--targets)"
+        tool = {"nginx": "nginx", "registry": "docker-registry"}.get(spec["server"])
+        if tool and not shutil.which(tool):
+            return "%s not installed" % tool
+        if spec.get("tls") and not self.certs:
+            return self.cert_problem
+        script = spec.get("script")
+        if script and not self.scripts.get(script):
+            return "no --baseline-docxy given"
+        if spec.get("cache") and "--cache-dir" not in self.help(script):
+            return "this docxy has no --cache-dir"
+        return None
+
+    def help(self, script):
+        if script not in self.helps:
+            self.helps[script] = subprocess.run(
+                [sys.executable, self.scripts[script], "--help"], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, timeout=30).stdout.decode("utf-8", "replace")
+        return self.helps[script]
+
+    def target_for(self, spec):
+        kind, tls = spec["server"], bool(spec.get("tls"))
+        ca = self.certs["ca"] if tls else None
+        if kind is None:
+            return Target(spec, None)
+        if kind == "direct":
+            return Target(spec, self.direct, self.direct.port)
+        if kind == "nginx":
+            if not self.nginx:
+                self.nginx = self.launch(NginxProxy(self.work, self.direct.port, self.certs))
+            return Target(spec, self.nginx, self.nginx.tls_port if tls else self.nginx.port,
+                          tls, ca)
+        if kind == "registry":
+            self.registry = self.launch(Registry(self.work, self.direct.port))
+            return Target(spec, self.registry, self.registry.port)
+        server = self.launch(Docxy(self.work, self.scripts[spec["script"]], self.direct.port,
+                                   spec["name"], self.certs if tls else None,
+                                   bool(spec.get("cache"))))
+        return Target(spec, server, server.port, tls, ca)
+
+    def launch(self, server):
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def for_measure(self, measure):
+        return [target for target in self.targets.values() if target.measures(measure)]
+
+    def fresh(self):
+        """Empty every stateful target: the next fetch from it is a true miss."""
+        for target in self.targets.values():
+            if target.stateful:
+                target.server.fresh()
+
+    def revive(self, notes, rnd):
+        """Restart a server that died, with a note: the rounds go on."""
+        for server in self.servers:
+            if not server.alive():
+                say("WARNING: %s died; restarting it" % server.name)
+                notes.append("round %d: %s died (see its log)" % (rnd, server.name))
+                server.start()
 
 
-# ------------------------------------------------------------------ clients (separate processes)
+# ================================================================== clients (own processes)
 
 def run_client(mode, spec, timeout):
     """Run a client mode of this file in its own process; returns its JSON answer."""
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, json.dumps(spec)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    STARTED.append(proc)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError("%s client did not finish within %ds" % (mode, timeout))
-    finally:
-        if proc in STARTED:
-            STARTED.remove(proc)
-    if proc.returncode != 0:
-        raise RuntimeError("%s client failed: %s" % (mode, err.decode("utf-8", "replace").strip()[-500:]))
+    out, err, code = PROCESSES.run([sys.executable, os.path.abspath(__file__), mode,
+                                    json.dumps(spec)], timeout, "%s client" % mode)
+    if code != 0:
+        raise RuntimeError("%s client failed: %s"
+                           % (mode, err.decode("utf-8", "replace").strip()[-500:]))
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -718,16 +1120,18 @@ def client_connection(url, ca, timeout=20):
 
 
 def client_get(spec):
-    """GET one URL on `streams` connections at once, reading with readinto into a 1 MiB buffer.
-    Connections (and TLS handshakes) are made before the clock starts."""
+    """GET one URL on `streams` connections at once, reading with readinto into a 1 MiB
+    buffer. Connections (and TLS handshakes) are made before the clock starts."""
     url, streams = spec["url"], spec.get("streams", 1)
     path = urllib.parse.urlsplit(url).path
     headers = dict({"User-Agent": USER_AGENT, "Accept": "*/*"}, **spec.get("headers", {}))
     barrier = threading.Barrier(streams)
     results = [None] * streams
+    machine = [None]
 
     def one(number):
-        result = {"status": None, "bytes": 0, "cache": None, "error": None, "start": None, "end": None}
+        result = {"status": None, "bytes": 0, "cache": None, "error": None, "start": None,
+                  "end": None}
         results[number] = result
         try:
             connection = client_connection(url, spec.get("ca"))
@@ -738,14 +1142,14 @@ def client_get(spec):
             return
         try:
             barrier.wait()
-            buffer = bytearray(MiB)
-            view = memoryview(buffer)
+            view = memoryview(bytearray(MiB))
             if number == 0:
                 machine[0] = machine_cpu()
             result["start"] = time.perf_counter()
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
-            result["status"], result["cache"] = response.status, response.getheader("X-Docxy-Cache")
+            result["status"] = response.status
+            result["cache"] = response.getheader("X-Docxy-Cache")
             total = 0
             while True:
                 n = response.readinto(view)
@@ -759,7 +1163,6 @@ def client_get(spec):
         finally:
             connection.close()
 
-    machine = [None]
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     for thread in threads:
         thread.start()
@@ -769,16 +1172,18 @@ def client_get(spec):
     starts = [r["start"] for r in results if r["start"]]
     ends = [r["end"] for r in results if r["end"]]
     seconds = (max(ends) - min(starts)) if starts and ends else None
+    expect = spec.get("expect")
     return {"seconds": seconds, "bytes": sum(r["bytes"] for r in results),
             "statuses": sorted(set(r["status"] for r in results if r["status"] is not None)),
             "cache": sorted(set(r["cache"] for r in results if r["cache"])),
             "errors": sorted(set(r["error"] for r in results if r["error"]))[:3],
-            "short": sum(1 for r in results if r["bytes"] != spec.get("expect", r["bytes"])), "busy": busy}
+            "short": sum(1 for r in results if expect is not None and r["bytes"] != expect),
+            "busy": busy}
 
 
 def client_pull(spec):
-    """Pull an image the way dockerd does: /v2/, HEAD the tag, GET the index and the manifest by
-    digest, GET the config, then the layers, up to 3 at once, each digest verified."""
+    """Pull an image the way dockerd does: /v2/, HEAD the tag, GET the index and the manifest
+    by digest, GET the config, then the layers, up to 3 at once, each digest verified."""
     base, ca, repo, tag = spec["base"], spec.get("ca"), spec["repo"], spec["tag"]
     local = threading.local()
     counter = {"requests": 0, "bytes": 0}
@@ -790,7 +1195,8 @@ def client_pull(spec):
             if connection is None:
                 connection = local.connection = client_connection(base, ca)
             try:
-                connection.request(method, path, headers=dict({"User-Agent": USER_AGENT}, **(headers or {})))
+                connection.request(method, path,
+                                   headers=dict({"User-Agent": USER_AGENT}, **(headers or {})))
                 with lock:
                     counter["requests"] += 1
                 return connection.getresponse()
@@ -806,8 +1212,7 @@ def client_pull(spec):
             body = response.read()[:200]
             raise RuntimeError("GET %s: %d %r" % (path, response.status, body))
         hasher, size = hashlib.sha256(), 0
-        buffer = bytearray(MiB)
-        view = memoryview(buffer)
+        view = memoryview(bytearray(MiB))
         keep = []
         while True:
             n = response.readinto(view)
@@ -823,6 +1228,9 @@ def client_pull(spec):
             counter["bytes"] += size
         return b"".join(keep)
 
+    def manifest(digest):
+        return json.loads(fetch("/v2/%s/manifests/%s" % (repo, digest), digest, ACCEPT))
+
     started = time.perf_counter()
     response = request("GET", "/v2/")
     response.read()
@@ -833,25 +1241,29 @@ def client_pull(spec):
     digest = response.getheader("Docker-Content-Digest")
     if response.status != 200 or not digest:
         raise RuntimeError("HEAD manifest by tag: %d, digest %r" % (response.status, digest))
-    document = json.loads(fetch("/v2/%s/manifests/%s" % (repo, digest), digest, ACCEPT))
+    document = manifest(digest)
     if document.get("mediaType") == INDEX_TYPE or "manifests" in document:
         chosen = [m for m in document["manifests"]
-                  if m.get("platform", {}).get("os") == "linux" and m["platform"].get("architecture") == "amd64"]
-        digest = chosen[0]["digest"]
-        document = json.loads(fetch("/v2/%s/manifests/%s" % (repo, digest), digest, ACCEPT))
-    fetch("/v2/%s/blobs/%s" % (repo, document["config"]["digest"]), document["config"]["digest"])
+                  if m.get("platform", {}).get("os") == "linux"
+                  and m["platform"].get("architecture") == "amd64"]
+        document = manifest(chosen[0]["digest"])
+    config = document["config"]["digest"]
+    fetch("/v2/%s/blobs/%s" % (repo, config), config)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for future in [pool.submit(fetch, "/v2/%s/blobs/%s" % (repo, layer["digest"]), layer["digest"])
-                       for layer in document["layers"]]:
+        futures = [pool.submit(fetch, "/v2/%s/blobs/%s" % (repo, layer["digest"]),
+                               layer["digest"]) for layer in document["layers"]]
+        for future in futures:
             future.result()
-    return {"seconds": time.perf_counter() - started, "requests": counter["requests"], "bytes": counter["bytes"]}
+    return {"seconds": time.perf_counter() - started, "requests": counter["requests"],
+            "bytes": counter["bytes"]}
 
 
 def client_load(spec):
     """Keep-alive load on `conns` connections from one process, one epoll loop, requests
     composed once: the stdlib stand-in for wrk, and the HEAD client (wrk 4.1 cannot parse
     answers to HEAD: it waits for the Content-Length body that never comes). Runs a list of
-    cells, each starting at an agreed wall-clock time so that several processes run together."""
+    cells, each starting at an agreed wall-clock time so that several processes run
+    together."""
     parts = urllib.parse.urlsplit(spec["url"])
     https = parts.scheme == "https"
     context = ssl.create_default_context(cafile=spec.get("ca")) if https else None
@@ -873,6 +1285,22 @@ def client_load(spec):
                 view = view[sock.send(view):]
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 time.sleep(0.0001)
+
+    def receive(connection):
+        """Read what is there; True when the peer closed the connection."""
+        sock, buffer = connection["sock"], connection["buffer"]
+        while True:
+            try:
+                data = sock.recv(262144)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                return True
+            buffer += data
+            if not https or not sock.pending():
+                return False
 
     for cell in spec["cells"]:
         request = ("%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nAccept: %s\r\n\r\n" % (
@@ -899,21 +1327,8 @@ def client_load(spec):
                 break
             for key, _ in selector.select(deadline - now):
                 connection = key.data
+                closed = receive(connection)
                 sock, buffer = connection["sock"], connection["buffer"]
-                closed = False
-                while True:
-                    try:
-                        data = sock.recv(262144)
-                    except (BlockingIOError, ssl.SSLWantReadError):
-                        break
-                    except OSError:
-                        data = b""
-                    if not data:
-                        closed = True
-                        break
-                    buffer += data
-                    if not https or not sock.pending():
-                        break
                 while True:
                     end = buffer.find(b"\r\n\r\n")
                     if end < 0:
@@ -957,6 +1372,8 @@ def direct_server(root, port, meta_path, access_path):
     log_lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        """GET and HEAD of the paths in the data directory, as a registry answers them."""
+
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
@@ -1007,7 +1424,9 @@ def direct_server(root, port, meta_path, access_path):
         def log_message(self, *args):
             pass
 
-    class Server(http.server.ThreadingHTTPServer):
+    class DirectServer(http.server.ThreadingHTTPServer):
+        """A thread per connection, a deep backlog, TCP_NODELAY on every socket."""
+
         daemon_threads = True
         request_queue_size = 4096
 
@@ -1016,429 +1435,376 @@ def direct_server(root, port, meta_path, access_path):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock, address
 
-    Server(("127.0.0.1", port), Handler).serve_forever()
+    DirectServer(("127.0.0.1", port), Handler).serve_forever()
 
 
-# ------------------------------------------------------------------ results
+def run_wrk(url, script, conns, seconds):
+    """(req/s, p50 ms, p99 ms, errors) from wrk: `conns` keep-alive connections, 2 threads."""
+    argv = ["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", "%ds" % max(1, round(seconds)),
+            "--timeout", "5s", "--latency", "-s", script, url]
+    out, err, _ = PROCESSES.run(argv, seconds + 30, "wrk")
+    text = (out + err).decode("utf-8", "replace")
+    match = re.search(r"^BENCHWRK (.*)$", text, re.M)
+    if not match:
+        raise RuntimeError("wrk failed: %s" % text.strip()[-300:])
+    requests, duration, p50, p99, *errors = [float(x) for x in match.group(1).split()]
+    if not requests:
+        raise RuntimeError("wrk completed no request in %gs" % seconds)
+    return requests / (duration / 1e6), p50 / 1000, p99 / 1000, int(sum(errors))
+
+
+WRK_SCRIPT = """wrk.method = "%s"
+wrk.headers["Accept"] = "%s"
+wrk.headers["User-Agent"] = "%s"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCHWRK %%.0f %%.0f %%.0f %%.0f %%.0f %%.0f %%.0f %%.0f %%.0f\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+# ================================================================== results
 
 class Results:
-    """values[measure][table][row][metric] = {round: value}; notes per (measure, table, row)."""
+    """The cells of a run, one value per measure, target, case, figure and round, and the
+    notes (failures, surprises) per measure, target and case."""
 
-    def __init__(self):
-        self.values, self.notes, self.skipped = {}, {}, {}
+    def __init__(self, cells=(), notes=()):
+        self.cells, self.notes = [], []
+        self.index = {}
+        for cell in cells:
+            self.add(cell)
+        for note in notes:
+            self.notes.append(dict(note))
 
-    def put(self, measure, table, row, rnd, **metrics):
-        cell = self.values.setdefault(measure, {}).setdefault(table, {}).setdefault(row, {})
-        for metric, value in metrics.items():
-            cell.setdefault(metric, {})[rnd] = value
+    def add(self, cell):
+        self.cells.append(cell)
+        key = (cell["measure"], cell["target"], cell["case"], cell["figure"])
+        self.index.setdefault(key, {})[cell["round"]] = cell["value"]
 
-    def note(self, measure, table, row, text):
-        notes = self.notes.setdefault((measure, table, row), [])
-        if text not in notes:
-            notes.append(text)
+    def put(self, measure, target, case, rnd, **figures):
+        for figure, value in figures.items():
+            if value is None:
+                continue
+            self.add({"measure": measure, "target": target, "case": case, "figure": figure,
+                      "unit": FIGURES[figure][0], "round": rnd, "value": round(value, 6)})
 
-    def series(self, measure, table, row, metric):
-        return self.values.get(measure, {}).get(table, {}).get(row, {}).get(metric, {})
+    def note(self, measure, target, case, rnd, text):
+        self.notes.append({"measure": measure, "target": target, "case": case, "round": rnd,
+                           "text": text})
 
-    def ratios(self, measure, table, row, metric, ref_row, ref_table=None):
-        """Per-round ratio row/ref_row, only for rounds in which both were measured."""
-        mine = self.series(measure, table, row, metric)
-        ref = self.series(measure, ref_table or table, ref_row, metric)
-        return {r: mine[r] / ref[r] for r in mine if r in ref and mine[r] is not None and ref[r]
-                and ref[r] is not None}
+    def series(self, measure, target, case, figure):
+        """{round: value}"""
+        return self.index.get((measure, target, case, figure), {})
+
+    def rows(self, measure):
+        """(target, case) pairs with a figure or a note in this measure."""
+        rows = {(c["target"], c["case"]) for c in self.cells if c["measure"] == measure}
+        rows |= {(n["target"], n["case"]) for n in self.notes if n["measure"] == measure}
+        return rows
+
+    def notes_for(self, measure, target=None):
+        return [n for n in self.notes if n["measure"] == measure
+                and (target is None or n["target"] == target)]
+
+
+def values_of(values):
+    if values is None:
+        return []
+    values = values.values() if isinstance(values, dict) else values
+    return [v for v in values if v is not None]
+
+
+def median(values):
+    values = values_of(values)
+    return statistics.median(values) if values else None
 
 
 def summary(values, digits=0, suffix=""):
-    """'median [min–max]' of a {round: value} mapping."""
-    values = [v for v in (values.values() if isinstance(values, dict) else values) if v is not None]
+    """'median [min-max]' of a {round: value} mapping; a dash when there is none."""
+    values = values_of(values)
     if not values:
         return "–"
     fmt = "%%.%df" % digits
     if len(values) == 1:
         return (fmt % values[0]) + suffix
-    return "%s [%s–%s]%s" % (fmt % statistics.median(values), fmt % min(values), fmt % max(values), suffix)
+    return "%s [%s–%s]%s" % (fmt % statistics.median(values), fmt % min(values),
+                             fmt % max(values), suffix)
 
 
-def percent(values):
-    return summary({key: 100 * value for key, value in values.items() if value is not None}, 0, "%")
+def per_round_ratio(mine, ref):
+    """Ratio of two {round: value} series, for the rounds in which both were measured."""
+    return {r: mine[r] / ref[r] for r in mine
+            if r in ref and mine[r] is not None and ref[r]}
 
 
-def median(values):
-    values = [v for v in (values.values() if isinstance(values, dict) else values) if v is not None]
-    return statistics.median(values) if values else None
+def meets(value, goal):
+    operator, bound = goal
+    return {">=": value >= bound, ">": value > bound, "<=": value <= bound,
+            "<": value < bound}[operator]
 
 
-def table(headers, rows):
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)] if rows else map(len, headers)
-    widths = list(widths)
-    lines = ["  " + "  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines.append("  " + "  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+# ================================================================== the measures
 
+class Runner:
+    """What every measure shares: the lab, the results, the sizes, and running one cell
+    against one target with the server's CPU and memory read from /proc around it."""
 
-# ------------------------------------------------------------------ the benchmark
-
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.sizes = dict(QUICK if args.quick else FULL)
-        if args.cell:
-            self.sizes["cell"] = args.cell
-        self.results = Results()
-        self.targets, self.skips = {}, {}
-        self.servers = []
-        self.wrk = shutil.which("wrk")
-        self.lua = {}
-
-    # -- setup
-
-    def setup(self):
-        args = self.args
-        self.work = tempfile.mkdtemp(prefix="docxy-bench-")
-        os.chmod(self.work, 0o755)
-        say("working in %s" % self.work)
-        script = os.path.abspath(args.docxy)
-        if not os.path.isfile(script):
-            raise SystemExit("bench: docxy not found at %s (use --docxy PATH)" % script)
-        # A copy: the file under test cannot change between the rounds of one run.
-        self.docxy = os.path.join(self.work, "docxy.py")
-        shutil.copyfile(script, self.docxy)
-        with open(self.docxy, "rb") as handle:
-            self.docxy_sha = hashlib.sha256(handle.read()).hexdigest()[:16]
-        self.docxy_help = subprocess.run([sys.executable, self.docxy, "--help"], stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, timeout=30).stdout.decode()
-        self.data = make_data(os.path.join(self.work, "data"), self.sizes)
-        try:
-            self.certs = make_certificates(os.path.join(self.work, "certs"))
-        except Skip as error:
-            self.certs = None
-            self.skips["nginx-https"] = self.skips["docxy-https"] = str(error)
-        except subprocess.CalledProcessError as error:
-            self.certs = None
-            self.skips["nginx-https"] = self.skips["docxy-https"] = "openssl failed: %s" % error.stderr[-200:]
-        have_nginx = shutil.which("nginx")
-        direct = (NginxDirect if have_nginx else StdlibDirect)(self.work, self.data)
-        self.start(direct)
-        self.direct = direct
-        self.targets["direct"] = Target("direct", direct, direct.port)
-        wanted = set(args.targets.split(",")) if args.targets else set(TARGETS)
-        if not have_nginx:
-            self.skips["nginx"] = self.skips["nginx-https"] = "nginx not installed"
-        elif wanted & {"nginx", "nginx-https"}:
-            proxy = NginxProxy(self.work, direct.port, self.certs)
-            self.start(proxy)
-            if "nginx" in wanted:
-                self.targets["nginx"] = Target("nginx", proxy, proxy.port)
-            if self.certs and "nginx-https" in wanted:
-                self.targets["nginx-https"] = Target("nginx-https", proxy, proxy.tls_port, True, self.certs["ca"])
-        if not shutil.which("docker-registry"):
-            self.skips["registry"] = "docker-registry (CNCF distribution) not installed"
-        elif "registry" in wanted:
-            self.registry = Registry(self.work, direct.port)
-            self.start(self.registry)
-            self.targets["registry"] = Target("registry", self.registry, self.registry.port)
-        if "docxy" in wanted:
-            server = Docxy(self.work, self.docxy, direct.port, "docxy")
-            self.start(server)
-            self.targets["docxy"] = Target("docxy", server, server.port)
-        if self.certs and "docxy-https" in wanted:
-            server = Docxy(self.work, self.docxy, direct.port, "docxy-https", certs=self.certs)
-            self.start(server)
-            self.targets["docxy-https"] = Target("docxy-https", server, server.port, True, self.certs["ca"])
-        if "--cache-dir" not in self.docxy_help:
-            self.skips["docxy-cache"] = "this docxy has no --cache-dir"
-        elif "docxy-cache" in wanted:
-            server = Docxy(self.work, self.docxy, direct.port, "docxy-cache", cache=True)
-            self.start(server)
-            self.targets["docxy-cache"] = Target("docxy-cache", server, server.port)
-        for name in TARGETS:
-            if name not in wanted and name != "direct":
-                self.skips.setdefault(name, "not selected (--targets)")
-        if not self.wrk:
-            say("wrk not installed: manifest requests use the stdlib threaded client (slower; compare "
-                "figures only within this run)")
-
-    def start(self, server):
-        server.start()
-        self.servers.append(server)
-
-    def fresh(self, *names):
-        """Restart stateful targets with empty storage: the next fetch is a true miss."""
-        for name in names:
-            target = self.targets.get(name)
-            if target:
-                target.server.fresh()
-
-    def have(self, *names):
-        return all(name in self.targets for name in names)
-
-    def skip_reason(self, name):
-        return self.skips.get(name, "not started")
-
-    # -- machine
-
-    def machine(self):
-        def version(argv):
-            try:
-                out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10).stdout
-                return out.decode("utf-8", "replace").strip().splitlines()[0]
-            except (OSError, subprocess.SubprocessError, IndexError):
-                return "not installed"
-        model = "?"
-        try:
-            with open("/proc/cpuinfo") as handle:
-                for line in handle:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        try:
-            with open("/proc/meminfo") as handle:
-                memory = "%.1f GiB" % (int(handle.readline().split()[1]) / 1024 / 1024)
-        except (OSError, ValueError, IndexError):
-            memory = "?"
-        return [
-            ("cpus", "%d (nproc %d), %s" % (os.cpu_count(), len(os.sched_getaffinity(0)), model)),
-            ("memory", memory),
-            ("kernel", "%s %s" % (platform.system(), platform.release())),
-            ("python", sys.version.split()[0]),
-            ("docxy", "%s (sha256 %s…)" % (version([sys.executable, self.docxy, "--version"]), self.docxy_sha)),
-            ("nginx", version(["nginx", "-v"])),
-            ("docker-registry", version(["docker-registry", "--version"])),
-            ("wrk", version(["wrk", "--version"]) if self.wrk else "not installed (stdlib client)"),
-            ("openssl", version(["openssl", "version"])),
-            ("direct", self.direct.kind),
-            ("file writes", self.write_speed()),
-            ("load average", "%.2f %.2f %.2f at start" % os.getloadavg()),
-        ]
-
-    def write_speed(self):
-        """Page-cache write speed of the work directory: what bounds every cache miss that
-        writes what it streams (docxy-cache miss); the registry stores on a second fetch."""
-        path = os.path.join(self.work, "write-test")
-        block = os.urandom(MiB)
-        size = (64 if self.args.quick else 256) * MiB
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            started = time.perf_counter()
-            for _ in range(size // MiB):
-                os.write(descriptor, block)
-            seconds = time.perf_counter() - started
-        finally:
-            os.close(descriptor)
-            os.unlink(path)
-        return "%.0f MiB/s (%d MiB of 1 MiB os.write calls to the work directory, no fsync)" % (
-            size / MiB / seconds, size // MiB)
-
-    # -- helpers
+    def __init__(self, lab, results, sizes, quick, use_wrk):
+        self.lab, self.results, self.sizes = lab, results, sizes
+        self.quick, self.use_wrk, self.data = quick, use_wrk, lab.data
+        self.wrk_scripts = {}
 
     def get(self, target, path, streams=1, headers=None, expect=None, status=200):
-        """Run the GET client against a target; returns (MiB/s, server CPU s/GiB, peak RSS MiB, cache)."""
+        """GET on `streams` connections at once: (figures, the X-Docxy-Cache values)."""
         pids = target.pids()
         if not pids:
             raise RuntimeError("%s is not running" % target.name)
         cpu0 = cpu_seconds(pids)
         sampler = RssSampler(pids)
         sampler.start()
+        size = expect * streams
         try:
-            size = expect * streams
-            answer = run_client("_get", {"url": target.url(path), "streams": streams, "headers": headers or {},
-                                         "ca": target.ca, "expect": expect},
+            answer = run_client("_get", {"url": target.url(path), "streams": streams,
+                                         "headers": headers or {}, "ca": target.ca,
+                                         "expect": expect},
                                 timeout=120 + size / (20 * MiB))
         finally:
             peak = sampler.finish()
         cpu = cpu_seconds(pids) - cpu0
-        self.last_busy = answer.get("busy")
-        if answer["errors"] or answer["statuses"] != [status] or answer["short"] or answer["bytes"] != size:
-            raise RuntimeError("GET %s: statuses %s, %d of %d bytes, %d short streams, errors %s" % (
-                path, answer["statuses"], answer["bytes"], size, answer["short"], answer["errors"]))
-        return (answer["bytes"] / MiB / answer["seconds"], cpu / (answer["bytes"] / GiB), peak,
-                ",".join(answer["cache"]))
+        if (answer["errors"] or answer["statuses"] != [status] or answer["short"]
+                or answer["bytes"] != size):
+            raise RuntimeError("GET %s: statuses %s, %d of %d bytes, %d short streams, errors %s"
+                               % (path, answer["statuses"], answer["bytes"], size,
+                                  answer["short"], answer["errors"]))
+        busy = answer.get("busy")
+        figures = {"throughput": answer["bytes"] / MiB / answer["seconds"],
+                   "server_cpu": cpu / (answer["bytes"] / GiB), "peak_rss": peak,
+                   "busy": None if busy is None else 100 * busy}
+        return figures, ",".join(answer["cache"])
 
-    def warm_up(self, path, size):
-        """One unmeasured transfer from `direct` before a round's first cell: the first GiB after
-        restarting the stateful targets ran at half speed (twice the CPU per byte, whichever
-        target came first), once a round."""
-        settle()
-        if self.have("direct"):
-            try:
-                self.get(self.targets["direct"], path, 1, None, size)
-            except (RuntimeError, OSError, http.client.HTTPException, ValueError) as error:
-                say("  warm-up failed: %s" % error)
-
-    def attempt(self, measure, tbl, row, rnd, function):
+    def attempt(self, measure, target, case, rnd, function):
         """Run one cell; a failure is recorded (and printed) as such, never as a figure."""
         try:
             function()
         except Skip as error:
-            self.results.note(measure, tbl, row, "skipped: %s" % error)
+            self.results.note(measure, target, case, rnd, "skipped: %s" % error)
         except (RuntimeError, OSError, http.client.HTTPException, ValueError, KeyError) as error:
-            text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            self.results.note(measure, tbl, row, "round %d: %s" % (rnd, text))
-            say("  %s / %s: FAILED: %s" % (tbl or measure, row, text))
+            text = str(error).strip().splitlines()[0][:300] if str(error).strip() \
+                else type(error).__name__
+            self.results.note(measure, target, case, rnd, "FAILED: %s" % text)
+            say("  %s / %s (%s): FAILED: %s" % (measure, target, case, text))
 
-    def rotate(self, units, rnd):
-        shift = rnd % len(units) if units else 0
-        return units[shift:] + units[:shift]
+    def check_cache(self, measure, target, case, rnd, seen, wanted):
+        if target.spec.get("cache") and seen != wanted:
+            self.results.note(measure, target.name, case, rnd,
+                              "X-Docxy-Cache was %r, not %r" % (seen, wanted))
 
-    # -- measure 1: one large blob, one stream
-
-    def measure_blob(self, rnd):
-        data, measure = self.data, "blob"
-        path = "/v2/library/big/blobs/" + data["big"]
-        size = data["big_size"]
-        self.fresh("registry", "docxy-cache")
-        self.warm_up(path, size)
-
-        def plain(row, name, headers=None, status=200, expect_cache=None):
-            def run():
-                target = self.targets[name]
-                mibs, cpu, _, cache = self.get(target, path, 1, headers, size, status)
-                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu, busy=self.last_busy)
-                if expect_cache and cache != expect_cache:
-                    self.results.note(measure, "", row, "round %d: X-Docxy-Cache was %r, not %r"
-                                      % (rnd, cache, expect_cache))
-                say("  blob %-26s %8.0f MiB/s  %.2f CPU s/GiB  machine %3.0f%% busy%s" % (
-                    row, mibs, cpu, 100 * (self.last_busy or 0), "  cache=" + cache if cache else ""))
-            self.attempt(measure, "", row, rnd, run)
-
-        def registry_pair():
-            plain("registry (miss)", "registry")
-            try:
-                wait_until(lambda: self.registry.stored(data["big"], size), 180, "the registry to store the blob")
-            except RuntimeError as error:
-                self.results.note(measure, "", "registry (hit)", "round %d: %s" % (rnd, error))
-                return
-            plain("registry (hit)", "registry")
-
-        def cache_pair():
-            plain("docxy-cache (miss)", "docxy-cache", expect_cache="miss")
-            server = self.targets["docxy-cache"].server
-            try:
-                wait_until(lambda: server.stored(data["big"], size), 180, "docxy to commit the blob")
-            except RuntimeError as error:
-                self.results.note(measure, "", "docxy-cache (hit)", "round %d: %s" % (rnd, error))
-                return
-            plain("docxy-cache (hit)", "docxy-cache", expect_cache="hit")
-
-        units = []
-        for name, row in (("direct", "direct"), ("nginx", "nginx"), ("nginx-https", "nginx (https)"),
-                          ("docxy", "docxy"), ("docxy-https", "docxy (https)")):
-            if self.have(name):
-                units.append(lambda name=name, row=row: plain(row, name))
-        if self.have("docxy"):
-            units.append(lambda: plain("docxy (range, unverified)", "docxy", {"Range": "bytes=0-"}, 206))
-
-        def ceiling():
-            mibs, cpu = hash_speed(size)
-            self.results.put(measure, "", HASH_ROW, rnd, mibs=mibs, cpu=cpu, busy=None)
-            say("  blob %-26s %8.0f MiB/s  %.2f CPU s/GiB" % (HASH_ROW, mibs, cpu))
-        units.append(ceiling)
-        if self.have("registry"):
-            units.append(registry_pair)
-        if self.have("docxy-cache"):
-            units.append(cache_pair)
-        for unit in self.rotate(units, rnd):
-            unit()
-            settle()
-
-    # -- measure 2: concurrent GETs of one medium blob
-
-    def measure_concurrent(self, rnd):
-        data, measure = self.data, "concurrent"
-        path = "/v2/library/big/blobs/" + data["mid"]
-        size, streams = data["mid_size"], self.sizes["streams"]
-        self.fresh("registry", "docxy-cache")
-
-        def run(row, name, expect_cache=None):
-            def go():
-                mibs, cpu, peak, cache = self.get(self.targets[name], path, streams, None, size)
-                self.results.put(measure, "", row, rnd, mibs=mibs, cpu=cpu, rss=peak, busy=self.last_busy)
-                if expect_cache and cache != expect_cache:
-                    self.results.note(measure, "", row, "round %d: X-Docxy-Cache was %r, not %r"
-                                      % (rnd, cache, expect_cache))
-                say("  %dx %-26s %8.0f MiB/s  peak RSS %5.1f MiB  %.2f CPU s/GiB  machine %3.0f%% busy%s" % (
-                    streams, row, mibs, peak, cpu, 100 * (self.last_busy or 0), "  cache=" + cache if cache else ""))
-            self.attempt(measure, "", row, rnd, go)
-
-        def registry_hit():
-            def warm():
-                self.get(self.targets["registry"], path, 1, None, size)
-                wait_until(lambda: self.registry.stored(data["mid"], size), 120, "the registry to store the blob")
-            self.attempt(measure, "", "registry (hit)", rnd, warm)
-            run("registry (hit)", "registry")
-
-        def cache_pair():
-            run("docxy-cache (miss, coalesced)", "docxy-cache")
-            server = self.targets["docxy-cache"].server
-            self.attempt(measure, "", "docxy-cache (hit)", rnd,
-                         lambda: wait_until(lambda: server.stored(data["mid"], size), 120, "docxy to commit"))
-            run("docxy-cache (hit)", "docxy-cache", expect_cache="hit")
-
-        units = []
-        for name, row in (("direct", "direct"), ("nginx", "nginx"), ("nginx-https", "nginx (https)"),
-                          ("docxy", "docxy"), ("docxy-https", "docxy (https)")):
-            if self.have(name):
-                units.append(lambda name=name, row=row: run(row, name))
-        if self.have("registry"):
-            units.append(registry_hit)
-        if self.have("docxy-cache"):
-            units.append(cache_pair)
-        for unit in self.rotate(units, rnd):
-            unit()
-            settle()
-
-    # -- measure 3: manifests by tag
-
-    def lua_script(self, method):
-        if method not in self.lua:
-            path = os.path.join(self.work, "wrk-%s.lua" % method.lower())
-            with open(path, "w") as handle:
-                handle.write('wrk.method = "%s"\nwrk.headers["Accept"] = "%s"\nwrk.headers["User-Agent"] = "%s"\n'
-                             % (method, ACCEPT, USER_AGENT))
-                handle.write("function done(summary, latency, requests)\n"
-                             "  local e = summary.errors\n"
-                             '  io.write(string.format("BENCHWRK %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f\\n",\n'
-                             "    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),\n"
-                             "    e.connect, e.read, e.write, e.status, e.timeout))\nend\n")
-            self.lua[method] = path
-        return self.lua[method]
-
-    def wrk_cell(self, target, method, conns, seconds):
-        """(req/s, p50 ms, p99 ms, errors) from wrk: `conns` keep-alive connections, 2 threads."""
-        url = target.url("/v2/library/app/manifests/latest")
-        argv = ["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", "%ds" % max(1, round(seconds)),
-                "--timeout", "5s", "--latency", "-s", self.lua_script(method), url]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        STARTED.append(proc)
+    def warm_up(self, path, size):
+        """One unmeasured transfer from `direct` before a round's first cell: the first GiB
+        after restarting the stateful targets ran at half speed, whichever target came
+        first."""
+        settle()
         try:
-            out, _ = proc.communicate(timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise RuntimeError("wrk did not finish")
-        finally:
-            if proc in STARTED:
-                STARTED.remove(proc)
-        text = out.decode("utf-8", "replace")
-        match = re.search(r"^BENCHWRK (.*)$", text, re.M)
-        if not match:
-            raise RuntimeError("wrk failed: %s" % text.strip()[-300:])
-        requests, duration, p50, p99, *errors = [float(x) for x in match.group(1).split()]
-        if not requests:
-            raise RuntimeError("wrk completed no request in %gs" % seconds)
-        return requests / (duration / 1e6), p50 / 1000, p99 / 1000, int(sum(errors))
+            self.get(self.lab.targets["direct"], path, 1, None, size)
+        except (RuntimeError, OSError, http.client.HTTPException, ValueError) as error:
+            say("  warm-up failed: %s" % error)
 
-    def load_cells(self, target, cells, seconds):
-        """Run cells [(method, conns)] with the stdlib load client: two processes (like wrk -t 2),
-        connections split between them, every cell starting at the same agreed instant.
-        Returns {(method, conns): (req/s, p50 ms, p99 ms, errors)}."""
-        processes, gap = 2, (0.12 if self.args.quick else 0.5)
-        first = time.time() + (0.35 if self.args.quick else 0.5)
+    def wait_stored(self, target, digests, size, timeout):
+        """Until a stateful target holds these digests (the registry: blobs only)."""
+        server = target.server
+        wait_until(lambda: all(server.stored(d, size) for d in digests), timeout,
+                   "%s to store %d objects" % (target.name, len(digests)))
+
+    def run_units(self, units, rnd):
+        """Each unit measures one target; the order turns by one every round."""
+        shift = rnd % len(units) if units else 0
+        for unit in units[shift:] + units[:shift]:
+            unit()
+            settle()
+
+    def wrk_script(self, method):
+        if method not in self.wrk_scripts:
+            path = os.path.join(self.lab.work, "wrk-%s.lua" % method.lower())
+            with open(path, "w") as handle:
+                handle.write(WRK_SCRIPT % (method, ACCEPT, USER_AGENT))
+            self.wrk_scripts[method] = path
+        return self.wrk_scripts[method]
+
+
+class BlobMeasure:
+    """Measure 1: one client GETs one large blob on one connection, from every target."""
+
+    name = "blob"
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, rnd):
+        runner = self.runner
+        path = "/v2/library/big/blobs/" + runner.data["big"]
+        size = runner.data["big_size"]
+        runner.lab.fresh()
+        runner.warm_up(path, size)
+        units = []
+        for target in runner.lab.for_measure(self.name):
+            if target.server is None:
+                units.append(lambda: self.ceiling(rnd, size))
+            elif target.stateful:
+                units.append(lambda t=target: self.miss_then_hit(t, rnd, path, size))
+            else:
+                units.append(lambda t=target: self.cell(t, "get", rnd, path, size))
+                if target.spec.get("range"):
+                    units.append(lambda t=target: self.cell(t, "range", rnd, path, size,
+                                                            {"Range": "bytes=0-"}, 206))
+        runner.run_units(units, rnd)
+
+    def cell(self, target, case, rnd, path, size, headers=None, status=200, cache=None):
+        runner = self.runner
+
+        def run():
+            figures, seen = runner.get(target, path, 1, headers, size, status)
+            figures.pop("peak_rss")
+            runner.results.put(self.name, target.name, case, rnd, **figures)
+            if cache:
+                runner.check_cache(self.name, target, case, rnd, seen, cache)
+            say("  blob %-28s %8.0f MiB/s  %.2f CPU s/GiB  machine %3.0f%% busy%s" % (
+                "%s (%s)" % (target.name, case), figures["throughput"], figures["server_cpu"],
+                figures["busy"] or 0, "  cache=" + seen if seen else ""))
+        runner.attempt(self.name, target.name, case, rnd, run)
+
+    def miss_then_hit(self, target, rnd, path, size):
+        self.cell(target, "miss", rnd, path, size, cache="miss")
+        try:
+            self.runner.wait_stored(target, [self.runner.data["big"]], size, 180)
+        except RuntimeError as error:
+            self.runner.results.note(self.name, target.name, "hit", rnd, str(error))
+            return
+        self.cell(target, "hit", rnd, path, size, cache="hit")
+
+    def ceiling(self, rnd, size):
+        mibs, cpu = hash_speed(size)
+        self.runner.results.put(self.name, "sha256", "get", rnd, throughput=mibs,
+                                server_cpu=cpu)
+        say("  blob %-28s %8.0f MiB/s  %.2f CPU s/GiB" % ("sha256 (in memory)", mibs, cpu))
+
+
+class ConcurrentMeasure:
+    """Measure 2: many clients GET the same medium blob at once."""
+
+    name = "concurrent"
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, rnd):
+        runner = self.runner
+        self.path = "/v2/library/big/blobs/" + runner.data["mid"]
+        self.size = runner.data["mid_size"]
+        runner.lab.fresh()
+        units = []
+        for target in runner.lab.for_measure(self.name):
+            if not target.stateful:
+                units.append(lambda t=target: self.cell(t, "get", rnd))
+            elif target.spec.get("coalesces"):
+                units.append(lambda t=target: self.miss_then_hit(t, rnd))
+            else:
+                units.append(lambda t=target: self.filled_then_hit(t, rnd))
+        runner.run_units(units, rnd)
+
+    def cell(self, target, case, rnd, cache=None):
+        runner, streams = self.runner, self.runner.sizes["streams"]
+
+        def run():
+            figures, seen = runner.get(target, self.path, streams, None, self.size)
+            runner.results.put(self.name, target.name, case, rnd, **figures)
+            if cache:
+                runner.check_cache(self.name, target, case, rnd, seen, cache)
+            say("  %dx %-28s %8.0f MiB/s  peak RSS %5.1f MiB  %.2f CPU s/GiB  machine %3.0f%% "
+                "busy%s" % (streams, "%s (%s)" % (target.name, case), figures["throughput"],
+                            figures["peak_rss"], figures["server_cpu"], figures["busy"] or 0,
+                            "  cache=" + seen if seen else ""))
+        runner.attempt(self.name, target.name, case, rnd, run)
+
+    def miss_then_hit(self, target, rnd):
+        self.cell(target, "miss", rnd)
+        self.runner.attempt(self.name, target.name, "hit", rnd, lambda: self.runner.wait_stored(
+            target, [self.runner.data["mid"]], self.size, 120))
+        self.cell(target, "hit", rnd, cache="hit")
+
+    def filled_then_hit(self, target, rnd):
+        def fill():
+            self.runner.get(target, self.path, 1, None, self.size)
+            self.runner.wait_stored(target, [self.runner.data["mid"]], self.size, 120)
+        self.runner.attempt(self.name, target.name, "hit", rnd, fill)
+        self.cell(target, "hit", rnd)
+
+
+class ManifestMeasure:
+    """Measure 3: manifest HEAD and GET by tag on 1, 16 and 64 keep-alive connections."""
+
+    name = "manifest"
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, rnd):
+        units = [lambda t=target: self.unit(t, rnd)
+                 for target in self.runner.lab.for_measure(self.name)]
+        self.runner.run_units(units, rnd)
+
+    def record(self, target, method, conns, rnd, figures):
+        rps, p50, p99, errors = figures
+        case = "%s c=%d" % (method, conns)
+        self.runner.results.put(self.name, target.name, case, rnd, rps=rps, p50=p50, p99=p99)
+        if errors:
+            self.runner.results.note(self.name, target.name, case, rnd,
+                                     "%d errors or non-200 answers" % errors)
+        say("  %-5s c=%-3d %-18s %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms%s" % (
+            method, conns, target.name, rps, p50, p99, "  ERRORS %d" % errors if errors else ""))
+
+    def unit(self, target, rnd):
+        runner, conns = self.runner, self.runner.sizes["conns"]
+        seconds = runner.sizes["cell"]
+        first = "HEAD c=%d" % conns[0]
+
+        def warm():     # the stateful targets learn the tag and the manifest first
+            for method in ("GET", "HEAD", "GET"):
+                status = http_call(target.port, method, MANIFEST_PATH, target.https, target.ca,
+                                   {"Accept": ACCEPT})[0]
+                if status != 200:
+                    raise RuntimeError("%s %s answered %d" % (method, MANIFEST_PATH, status))
+        runner.attempt(self.name, target.name, first, rnd, warm)
+        cells = [("HEAD", c) for c in conns]
+        if not runner.use_wrk:
+            cells += [("GET", c) for c in conns]
+
+        def stdlib():
+            for (method, count), figures in self.load(target, cells, seconds).items():
+                if figures is None:
+                    runner.results.note(self.name, target.name, "%s c=%d" % (method, count), rnd,
+                                        "FAILED: no request completed in %g s" % seconds)
+                    say("  %-5s c=%-3d %-18s no request completed" % (method, count,
+                                                                      target.name))
+                else:
+                    self.record(target, method, count, rnd, figures)
+        runner.attempt(self.name, target.name, first, rnd, stdlib)
+        if runner.use_wrk:
+            for count in conns:
+                runner.attempt(self.name, target.name, "GET c=%d" % count, rnd,
+                               lambda: self.record(target, "GET", count, rnd, run_wrk(
+                                   target.url(MANIFEST_PATH), runner.wrk_script("GET"), count,
+                                   seconds)))
+
+    def load(self, target, cells, seconds):
+        """Run cells [(method, conns)] with the stdlib load client: two processes (like wrk
+        -t 2), connections split between them, every cell starting at the same agreed
+        instant. Returns {(method, conns): (req/s, p50 ms, p99 ms, errors), or None when
+        no request completed}."""
+        processes, gap = 2, (0.12 if self.runner.quick else 0.5)
+        first = time.time() + (0.35 if self.runner.quick else 0.5)
         specs = []
         for number in range(processes):
             plan = []
@@ -1446,7 +1812,7 @@ class Bench:
                 share = conns // processes + (1 if number < conns % processes else 0)
                 plan.append({"method": method, "conns": share, "seconds": seconds,
                              "start": first + index * (seconds + gap)})
-            specs.append({"url": target.url("/v2/library/app/manifests/latest"), "ca": target.ca, "cells": plan})
+            specs.append({"url": target.url(MANIFEST_PATH), "ca": target.ca, "cells": plan})
         timeout = 60 + len(cells) * (seconds + gap)
         with concurrent.futures.ThreadPoolExecutor(processes) as pool:
             answers = list(pool.map(lambda spec: run_client("_load", spec, timeout), specs))
@@ -1456,492 +1822,923 @@ class Bench:
             latencies = sorted(x for part in parts for x in part["latencies"])
             count = sum(part["count"] for part in parts)
             if not count:
-                raise RuntimeError("%s c=%d: no request completed" % cell)
-            pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000.0
-            results[cell] = (count / seconds, pick(0.50), pick(0.99), sum(part["errors"] for part in parts))
+                results[cell] = None    # noted for this cell alone; the others stand
+                continue
+
+            def pick(q):
+                return latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000.0
+            results[cell] = (count / seconds, pick(0.50), pick(0.99),
+                             sum(part["errors"] for part in parts))
         return results
 
-    def measure_manifest(self, rnd):
-        measure, seconds = "manifest", self.sizes["cell"]
-        path = "/v2/library/app/manifests/latest"
-        wrk = self.wrk and not self.args.quick      # wrk cells are whole seconds
 
-        def record(name, method, conns, figures):
-            rps, p50, p99, errors = figures
-            tbl = "%s c=%d" % (method, conns)
-            self.results.put(measure, tbl, name, rnd, rps=rps, p50=p50, p99=p99)
-            if errors:
-                self.results.note(measure, tbl, name, "round %d: %d errors or non-200 answers" % (rnd, errors))
-            say("  %-5s c=%-3d %-12s %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms%s" % (
-                method, conns, name, rps, p50, p99, "  ERRORS %d" % errors if errors else ""))
+class IdleMeasure:
+    """Measure 4: RSS with many idle keep-alive connections, and how long a new client
+    waits meanwhile."""
 
-        def unit(name):
-            target = self.targets[name]
+    name = "idle"
 
-            def warm():     # the stateful targets learn the tag and the manifest first
-                for method in ("GET", "HEAD", "GET"):
-                    status = http_call(target.port, method, path, target.https, target.ca,
-                                       {"Accept": ACCEPT})[0]
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, rnd):
+        units = [lambda t=target: self.unit(t, rnd)
+                 for target in self.runner.lab.for_measure(self.name)]
+        self.runner.run_units(units, rnd)
+
+    def connect(self, target):
+        if target.https:
+            context = ssl.create_default_context(cafile=target.ca)
+            return http.client.HTTPSConnection("127.0.0.1", target.port, timeout=30,
+                                               context=context)
+        return http.client.HTTPConnection("127.0.0.1", target.port, timeout=30)
+
+    def unit(self, target, rnd):
+        runner, count = self.runner, self.runner.sizes["idle"]
+
+        def run():
+            pids = target.pids()
+            before = rss_mib(pids)
+            connections = []
+            try:
+                for _ in range(count):
+                    connection = self.connect(target)
+                    connections.append(connection)
+                    self.use(connection, len(connections))
+                time.sleep(0.3 if runner.quick else 1.0)
+                during = rss_mib(target.pids())
+                probes = []
+                for _ in range(5):
+                    started = time.perf_counter()
+                    status = http_call(target.port, "GET", "/v2/", target.https, target.ca,
+                                       timeout=10)[0]
+                    probes.append((time.perf_counter() - started) * 1000)
                     if status != 200:
-                        raise RuntimeError("%s %s answered %d" % (method, path, status))
-            self.attempt(measure, "HEAD c=1", name, rnd, warm)
-            stdlib = [("HEAD", c) for c in self.sizes["conns"]]
-            if not wrk:
-                stdlib += [("GET", c) for c in self.sizes["conns"]]
+                        raise RuntimeError("new client: /v2/ answered %d" % status)
+                    time.sleep(0.05)
+                for number, connection in enumerate(connections[::max(1, count // 20)]):
+                    self.use(connection, number)        # still open and served?
+            finally:
+                for connection in connections:
+                    connection.close()
+            new = statistics.median(probes)
+            runner.results.put(self.name, target.name, "idle", rnd, rss_idle=during,
+                               rss_before=before, new_client=new, new_client_worst=max(probes))
+            say("  idle %-18s RSS %6.1f MiB (before %5.1f) with %d idle; new client %.1f ms "
+                "(worst %.1f)" % (target.name, during, before, count, new, max(probes)))
+        runner.attempt(self.name, target.name, "idle", rnd, run)
+        time.sleep(0.2 if runner.quick else 0.5)
 
-            def run_stdlib():
-                for (method, conns), figures in self.load_cells(target, stdlib, seconds).items():
-                    record(name, method, conns, figures)
-            self.attempt(measure, "HEAD c=%d" % self.sizes["conns"][0], name, rnd, run_stdlib)
-            if wrk:
-                for conns in self.sizes["conns"]:
-                    self.attempt(measure, "GET c=%d" % conns, name, rnd,
-                                 lambda: record(name, "GET", conns, self.wrk_cell(target, "GET", conns, seconds)))
+    @staticmethod
+    def use(connection, number):
+        connection.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError("/v2/ answered %d on connection %d" % (response.status, number))
 
-        names = [n for n in ("direct", "nginx", "nginx-https", "registry", "docxy", "docxy-https", "docxy-cache")
-                 if self.have(n)]
-        for name in self.rotate(names, rnd):
-            unit(name)
 
-    # -- measure 4: idle keep-alive connections
+class PullMeasure:
+    """Measure 5: a whole image pulled by a client that behaves like dockerd; the stateful
+    targets cold, then warm."""
 
-    def measure_idle(self, rnd):
-        measure, count = "idle", self.sizes["idle"]
+    name = "pull"
 
-        def unit(name):
-            target = self.targets[name]
+    def __init__(self, runner):
+        self.runner = runner
 
-            def run():
-                pids = target.pids()
-                before = rss_mib(pids)
-                connections = []
-                try:
-                    context = ssl.create_default_context(cafile=target.ca) if target.https else None
-                    for _ in range(count):
-                        connection = (http.client.HTTPSConnection("127.0.0.1", target.port, timeout=30,
-                                                                  context=context)
-                                      if target.https else http.client.HTTPConnection("127.0.0.1", target.port,
-                                                                                      timeout=30))
-                        connections.append(connection)
-                        connection.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
-                        response = connection.getresponse()
-                        response.read()
-                        if response.status != 200:
-                            raise RuntimeError("/v2/ answered %d on connection %d" % (response.status,
-                                                                                     len(connections)))
-                    time.sleep(0.3 if self.args.quick else 1.0)
-                    pids = target.pids()
-                    during = rss_mib(pids)
-                    probes = []
-                    for _ in range(5):
-                        started = time.perf_counter()
-                        status = http_call(target.port, "GET", "/v2/", target.https, target.ca, timeout=10)[0]
-                        probes.append((time.perf_counter() - started) * 1000)
-                        if status != 200:
-                            raise RuntimeError("new client: /v2/ answered %d" % status)
-                        time.sleep(0.05)
-                    for connection in connections[:: max(1, count // 20)]:    # still open and served?
-                        connection.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
-                        response = connection.getresponse()
-                        response.read()
-                finally:
-                    for connection in connections:
-                        connection.close()
-                new = statistics.median(probes)
-                self.results.put(measure, "", name, rnd, rss=during, base=before, delta=during - before,
-                                 new=new, worst=max(probes))
-                say("  idle %-12s RSS %6.1f MiB (before %5.1f) with %d idle; new client %.1f ms (worst %.1f)"
-                    % (name, during, before, count, new, max(probes)))
-            self.attempt(measure, "", name, rnd, run)
-            time.sleep(0.2 if self.args.quick else 0.5)
+    def run(self, rnd):
+        runner = self.runner
+        runner.lab.fresh()
+        units = []
+        for target in runner.lab.for_measure(self.name):
+            if target.stateful:
+                units.append(lambda t=target: self.cold_then_warm(t, rnd))
+            else:
+                units.append(lambda t=target: self.cell(t, "pull", rnd))
+        runner.run_units(units, rnd)
 
-        names = [n for n in ("direct", "nginx", "nginx-https", "registry", "docxy", "docxy-https", "docxy-cache")
-                 if self.have(n)]
-        for name in self.rotate(names, rnd):
-            unit(name)
-
-    # -- measure 5: whole-image pull
-
-    def direct_requests(self):
-        try:
-            return os.path.getsize(self.direct.access), self.count_lines(0)
-        except OSError:
-            return 0, 0
-
-    def count_lines(self, offset):
-        with open(self.direct.access, "rb") as handle:
+    def access_lines(self, offset):
+        with open(self.runner.lab.direct.access, "rb") as handle:
             handle.seek(offset)
             return handle.read().count(b"\n")
 
-    def measure_pull(self, rnd):
-        measure, data = "pull", self.data
-        self.fresh("registry", "docxy-cache")
+    def cell(self, target, case, rnd):
+        runner = self.runner
 
-        def pull(row, name):
-            def run():
-                target = self.targets[name]
-                pids = target.pids()
-                cpu0 = cpu_seconds(pids)
-                offset = os.path.getsize(self.direct.access)
-                log_offset = os.path.getsize(target.server.log) if isinstance(target.server, Docxy) else None
-                answer = run_client("_pull", {"base": target.url(""), "ca": target.ca, "repo": "library/app",
-                                              "tag": "latest"}, timeout=300)
-                time.sleep(0.2)     # let the access log catch up
-                upstream = self.count_lines(offset)
-                cpu = cpu_seconds(pids) - cpu0
-                self.results.put(measure, "", row, rnd, wall=answer["seconds"], upstream=upstream, cpu=cpu,
-                                 requests=answer["requests"])
-                extra = ""
-                if log_offset is not None:
-                    with open(target.server.log, "rb") as handle:
-                        handle.seek(log_offset)
-                        lines = [l for l in handle.read().decode("utf-8", "replace").splitlines()
-                                 if " upstream=" in l]
-                    asked = [l for l in lines if not re.search(r" upstream=-(\s|$)", l)]
-                    self.results.put(measure, "", row, rnd, docxy_upstream=len(asked))
-                    extra = "  docxy log: %d of %d requests went upstream" % (len(asked), len(lines))
-                say("  pull %-22s %6.2f s  %d requests  upstream (at direct) %d%s" % (
-                    row, answer["seconds"], answer["requests"], upstream, extra))
-            self.attempt(measure, "", row, rnd, run)
+        def run():
+            pids = target.pids()
+            cpu0 = cpu_seconds(pids)
+            offset = os.path.getsize(runner.lab.direct.access)
+            docxy = isinstance(target.server, Docxy)
+            log_offset = os.path.getsize(target.server.log) if docxy else None
+            answer = run_client("_pull", {"base": target.url(""), "ca": target.ca,
+                                          "repo": "library/app", "tag": "latest"}, timeout=300)
+            time.sleep(0.2)     # let the access log catch up
+            upstream = self.access_lines(offset)
+            figures = dict(wall=answer["seconds"], upstream_requests=upstream,
+                           server_cpu_s=cpu_seconds(pids) - cpu0, requests=answer["requests"])
+            extra = ""
+            if docxy:
+                asked, lines = self.docxy_upstream(target.server.log, log_offset)
+                figures["docxy_upstream"] = asked
+                extra = "  docxy log: %d of %d requests went upstream" % (asked, lines)
+            runner.results.put(self.name, target.name, case, rnd, **figures)
+            say("  pull %-24s %6.2f s  %d requests  upstream (at direct) %d%s" % (
+                "%s (%s)" % (target.name, case), answer["seconds"], answer["requests"],
+                upstream, extra))
+        runner.attempt(self.name, target.name, case, rnd, run)
 
-        def stored_all(server):
-            digests = data["layers"] + [data["config"], data["manifest"], data["index"]]
-            if isinstance(server, Registry):
-                digests = data["layers"] + [data["config"]]
-            return lambda: all(server.stored(d) for d in digests)
+    @staticmethod
+    def docxy_upstream(log, offset):
+        """(requests that went upstream, requests) in docxy's access log since offset."""
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            lines = [line for line in handle.read().decode("utf-8", "replace").splitlines()
+                     if " upstream=" in line]
+        asked = [line for line in lines if not re.search(r" upstream=-(\s|$)", line)]
+        return len(asked), len(lines)
 
-        def pair(name):
-            def run():
-                pull("%s (cold)" % name, name)
-                self.attempt(measure, "", "%s (warm)" % name, rnd,
-                             lambda: wait_until(stored_all(self.targets[name].server), 120,
-                                                "%s to store the image" % name))
-                pull("%s (warm)" % name, name)
-            return run
+    def cold_then_warm(self, target, rnd):
+        data = self.runner.data
+        digests = data["layers"] + [data["config"]]
+        if target.server.stores_manifests:
+            digests += [data["manifest"], data["index"]]
+        self.cell(target, "cold", rnd)
+        self.runner.attempt(self.name, target.name, "warm", rnd,
+                            lambda: self.runner.wait_stored(target, digests, None, 120))
+        self.cell(target, "warm", rnd)
 
-        units = []
-        for name in ("direct", "nginx", "nginx-https", "docxy", "docxy-https"):
-            if self.have(name):
-                units.append(lambda name=name: pull(name, name))
-        for name in ("registry", "docxy-cache"):
-            if self.have(name):
-                units.append(pair(name))
-        for unit in self.rotate(units, rnd):
-            unit()
-            settle()
 
-    # -- the run
+MEASURE_CLASSES = {cls.name: cls for cls in (BlobMeasure, ConcurrentMeasure, ManifestMeasure,
+                                             IdleMeasure, PullMeasure)}
+
+
+# ================================================================== one run, and its facts
+
+def git(args, cwd):
+    try:
+        done = subprocess.run(["git"] + args, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode("utf-8", "replace").strip() if done.returncode == 0 else None
+
+
+def git_facts(path, top, name):
+    """Where a file's content stands in git: in the repository (`name` is its path there),
+    the commit it last changed in and whether it differs from HEAD's copy; outside it, the
+    commit in which this content of `name` first appeared (found by its blob id)."""
+    if not top:
+        return None
+    blob = git(["hash-object", "--no-filters", path], top)
+    real, root = os.path.realpath(path), os.path.realpath(top)
+    if real.startswith(root + os.sep):
+        rel = os.path.relpath(real, root)
+        return {"head": git(["rev-parse", "HEAD"], top),
+                "last_change": git(["log", "-1", "--format=%H", "--", rel], top),
+                "modified": blob != git(["rev-parse", "HEAD:" + rel], top)}
+    found = [commit for commit in (git(["log", "--all", "--format=%H", "--find-object=" + blob,
+                                         "--", name], top) or "").split()
+             if git(["rev-parse", "%s:%s" % (commit, name)], top) == blob]
+    return {"content_of": found[-1]} if found else None
+
+
+def shown_path(path):
+    """A path as the report shows it: relative to the repository when it is inside it."""
+    top = os.path.realpath(os.path.join(HERE, ".."))
+    real = os.path.realpath(path) if os.path.exists(path) else path
+    return os.path.relpath(real, top) if real.startswith(top + os.sep) else path
+
+
+def file_sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def os_release():
+    try:
+        with open("/etc/os-release") as handle:
+            for line in handle:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def memory_gib():
+    try:
+        with open("/proc/meminfo") as handle:
+            return round(int(handle.readline().split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class FilesUnderTest:
+    """The docxy.py files a run measures (--docxy, and --baseline-docxy: a file or a git
+    revision), copied into the work directory so that they cannot change between rounds,
+    with their sha256, version and git facts."""
+
+    def __init__(self, work, docxy, baseline):
+        self.work, self.docxy, self.baseline = work, docxy, baseline
+        self.facts = {}
+
+    def copies(self):
+        """{"docxy": copy of --docxy, "baseline": copy of --baseline-docxy}."""
+        main_path = os.path.abspath(self.docxy)
+        if not os.path.isfile(main_path):
+            raise SystemExit("bench: docxy not found at %s (use --docxy PATH)" % main_path)
+        top = git(["rev-parse", "--show-toplevel"], os.path.dirname(main_path))
+        name = os.path.relpath(os.path.realpath(main_path), os.path.realpath(top)) \
+            if top else "docxy.py"
+        scripts = {"docxy": self.copy(main_path, "docxy.py", "docxy", top, name)}
+        old = self.baseline
+        if old and os.path.isfile(old):
+            scripts["baseline"] = self.copy(os.path.abspath(old), "docxy-before.py",
+                                            "baseline_docxy", top, name)
+        elif old:       # a git revision: its docxy.py
+            scripts["baseline"] = self.from_git(old, top, name)
+        return scripts
+
+    def from_git(self, revision, top, name):
+        path = os.path.join(self.work, "docxy-before.py")
+        commit = git(["rev-parse", "--verify", revision + "^{commit}"], top or ".")
+        body = commit and subprocess.run(["git", "show", "%s:%s" % (commit, name)],
+                                         cwd=top, stdout=subprocess.PIPE).stdout
+        if not body:
+            raise SystemExit("bench: --baseline-docxy %s is neither a file nor a git "
+                             "revision with %s" % (revision, name))
+        with open(path, "wb") as handle:
+            handle.write(body)
+        self.facts["baseline_docxy"] = self.describe(
+            path, "git show %s:%s" % (revision, name), {"content_of": commit})
+        return path
+
+    def copy(self, source, name, fact, top, name_in_git):
+        path = os.path.join(self.work, name)
+        shutil.copyfile(source, path)
+        self.facts[fact] = self.describe(path, source, git_facts(source, top, name_in_git))
+        return path
+
+    @staticmethod
+    def describe(path, source, git_info):
+        return {"path": shown_path(source), "sha256": file_sha256(path),
+                "version": tool_version([sys.executable, path, "--version"]), "git": git_info}
+
+
+class Session:
+    """One measuring run: the files under test, copied into a work directory (they cannot
+    change between rounds), the lab, the rounds, and the document they make."""
+
+    def __init__(self, args):
+        self.args = args
+        self.sizes = dict(QUICK if args.quick else FULL)
+        if args.cell:
+            self.sizes["cell"] = args.cell
+        self.results, self.events, self.facts = Results(), [], {}
+        self.work = tempfile.mkdtemp(prefix="docxy-bench-")
+        os.chmod(self.work, 0o755)
+        say("working in %s" % self.work)
+
+    def prepare(self):
+        self.started = time.time()
+        self.load_start = os.getloadavg()
+        files = FilesUnderTest(self.work, self.args.docxy, self.args.baseline_docxy)
+        scripts = files.copies()
+        self.facts.update(files.facts)
+        self.data = make_data(os.path.join(self.work, "data"), self.sizes)
+        wanted = set(TARGET)
+        if self.args.targets:
+            wanted = set(self.args.targets) | {"direct", "sha256"}
+            wanted |= {s["name"] for s in TARGETS if s.get("twin") in wanted}
+        self.lab = Lab(self.work, self.data, scripts, wanted)
+        self.lab.start()
+        self.use_wrk = bool(shutil.which("wrk")) and not self.args.quick
+        if not shutil.which("wrk"):
+            say("wrk not installed: manifest GETs use the stdlib client")
+        self.writes = write_speed(self.work, (64 if self.args.quick else 256) * MiB)
 
     def run(self):
-        measures = self.args.measures
-        rounds = self.args.rounds
-        started = time.monotonic()
-        for rnd in range(1, rounds + 1):
+        runner = Runner(self.lab, self.results, self.sizes, self.args.quick, self.use_wrk)
+        measures = [MEASURE_CLASSES[name](runner) for name in self.args.measures]
+        began = time.monotonic()
+        for rnd in range(1, self.args.rounds + 1):
             for measure in measures:
-                say("round %d/%d: %s" % (rnd, rounds, MEASURE_TITLES[measure]))
-                began = time.monotonic()
-                getattr(self, "measure_" + measure)(rnd)
-                say("  (%s took %.0f s)" % (measure, time.monotonic() - began))
-                for server in self.servers:
-                    if not server.alive():
-                        say("WARNING: %s died; restarting it" % server.name)
-                        self.results.note("_", "", server.name, "round %d: the process died (see its log)" % rnd)
-                        server.start()
-            say("round %d done after %.0fs" % (rnd, time.monotonic() - started))
-        self.elapsed = time.monotonic() - started
+                spec = MEASURES[measure.name]
+                say("round %d/%d: %d. %s" % (rnd, self.args.rounds, spec["number"],
+                                             spec["title"]))
+                start = time.monotonic()
+                measure.run(rnd)
+                say("  (%s took %.0f s)" % (measure.name, time.monotonic() - start))
+                self.lab.revive(self.events, rnd)
+            say("round %d done after %.0f s" % (rnd, time.monotonic() - began))
+        self.seconds = time.monotonic() - began
 
-    # -- the report
+    def host(self):
+        tools = {"nginx": ["nginx", "-v"], "docker-registry": ["docker-registry", "--version"],
+                 "wrk": ["wrk", "--version"], "openssl": ["openssl", "version"]}
+        facts = {
+            "date": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
+            .strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "cpu_model": cpu_model(), "cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)), "memory_gib": memory_gib(),
+            "os": os_release(), "kernel": "%s %s" % (platform.system(), platform.release()),
+            "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
+            "tools": {name: tool_version(argv) for name, argv in tools.items()},
+            "direct": self.lab.direct.kind, "file_writes_mib_s": round(self.writes),
+            "load_average_start": [round(x, 2) for x in self.load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "bench": {"sha256": file_sha256(os.path.abspath(__file__)), "git": git_facts(
+                os.path.abspath(__file__), git(["rev-parse", "--show-toplevel"], HERE),
+                "bench/bench.py")},
+        }
+        facts.update(self.facts)
+        return facts
 
-    def report(self):
-        out = []
-        w = out.append
-        sizes, res = self.sizes, self.results
-        w("docxy benchmark — %s run, %d rounds, targets interleaved round by round" % (
-            "quick" if self.args.quick else "full", self.args.rounds))
-        w("every figure: median [min–max] over the rounds; every ratio: computed within each round, "
-          "then summarised the same way")
-        w("")
-        w("machine")
-        for key, value in self.machine_info:
-            w("  %-16s %s" % (key, value))
-        w("  %-16s %.2f %.2f %.2f at end; run took %.0f s" % (("load average",) + os.getloadavg() + (self.elapsed,)))
-        if self.skips:
-            w("")
-            w("skipped targets")
-            for name in TARGETS:
-                if name in self.skips:
-                    w("  %-12s %s" % (name, self.skips[name]))
+    def document(self, argv):
+        sizes = dict(self.sizes, layers=list(self.sizes["layers"]),
+                     conns=list(self.sizes["conns"]))
+        targets = []
+        for spec in TARGETS:
+            row = dict(spec)
+            row.pop("measures", None)
+            if spec["name"] in self.lab.targets:
+                row["status"] = "measured"
+            else:
+                row["status"], row["reason"] = "skipped", self.lab.skipped.get(spec["name"])
+            targets.append(row)
+        return {
+            "schema": SCHEMA,
+            "run": {"mode": "quick" if self.args.quick else "full", "rounds": self.args.rounds,
+                    "measures": self.args.measures, "sizes": sizes,
+                    "command": " ".join(["python3", "bench/bench.py"] + argv),
+                    "seconds": round(self.seconds), "events": self.events,
+                    "manifest_get_client": "wrk -t 2 --latency, with a Lua script"
+                    if self.use_wrk else "the same stdlib client (%s)" % (
+                        "--quick: cells shorter than wrk's 1 s" if shutil.which("wrk")
+                        else "wrk not installed")},
+            "host": self.host(),
+            "targets": targets,
+            "cells": self.results.cells,
+            "notes": self.results.notes,
+            "server_logs": log_summary(self.lab.servers),
+        }
 
-        def ratio(measure, tbl, row, metric, ref, digits=2, ref_table=None):
-            if ref is None or row == ref:
-                return ""
-            values = res.ratios(measure, tbl, row, metric, ref, ref_table)
-            return summary(values, digits, "×") if values else "–"
+    def close(self):
+        PROCESSES.stop_all()
+        if self.args.keep:
+            say("work directory kept: %s" % self.work)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
-        def notes_for(measure, rows, tables=("",)):
-            lines = []
-            for tbl in tables:
-                for row in rows:
-                    for text in res.notes.get((measure, tbl, row), []):
-                        lines.append("  note: %s%s: %s" % (tbl + " " if tbl else "", row, text))
-            return lines
 
-        def https_of(row):
-            return "(https)" in row or row.endswith("-https")
-
-        selected = self.args.measures
-        if "blob" in selected:
-            rows = ["direct", "nginx", "nginx (https)", "registry (miss)", "registry (hit)", "docxy",
-                    "docxy (range, unverified)", "docxy (https)", "docxy-cache (miss)", "docxy-cache (hit)",
-                    HASH_ROW]
-            registry_ref = {"docxy-cache (miss)": "registry (miss)", "docxy-cache (hit)": "registry (hit)",
-                            "docxy": "registry (miss)"}
-            body = []
-            for row in rows:
-                if not res.series("blob", "", row, "mibs") and not res.notes.get(("blob", "", row)):
+def log_summary(servers):
+    """What the servers complained about: the lines a reader should look at."""
+    out = []
+    patterns = re.compile(r"transfer aborted|internal error|upstream error|Traceback|"
+                          r"cache paused|\[error\]|\[crit\]|\[alert\]|\[emerg\]|level=error|"
+                          r"level=fatal|panic")
+    for path in sorted({server.log for server in servers if server.log}):
+        if not os.path.exists(path):
+            continue
+        counts, examples = {}, {}
+        with open(path, "rb") as handle:
+            for raw in handle:
+                line = raw.decode("utf-8", "replace").rstrip()
+                match = patterns.search(line)
+                if not match:
                     continue
-                body.append((row, summary(res.series("blob", "", row, "mibs")),
-                             ratio("blob", "", row, "mibs", "nginx (https)" if https_of(row) else "nginx"),
-                             ratio("blob", "", row, "mibs", "direct"),
-                             ratio("blob", "", row, "mibs", registry_ref.get(row)),
-                             summary(res.series("blob", "", row, "cpu"), 2),
-                             percent(res.series("blob", "", row, "busy"))))
-            w("")
-            w("%s: %d MiB, client reads with readinto into a 1 MiB buffer, own process"
-              % (MEASURE_TITLES["blob"], sizes["big"] // MiB))
-            w(table(("target", "MiB/s", "× nginx*", "× direct", "× registry**", "server CPU s/GiB", "machine busy"),
-                    body))
-            w("  * https rows vs nginx (https).  ** cache rows vs the registry's miss/hit; docxy vs registry (miss)")
-            w("  machine busy: the share of all cores in use while the bytes flowed, load client and upstream included.")
-            w("  %s: no server; the bench itself hashes the blob's size in memory on one core. No proxy that"
-              % HASH_ROW)
-            w("  checks a stream's sha256 on the way through can pass that stream faster.")
-            w("  registry (miss): distribution 2.8 streams the blob to the client and fetches it a second time in the")
-            w("  background to store it; its hit is measured once that stored copy exists. docxy-cache (miss) writes")
-            w("  what it streams: see 'file writes' under machine for this disk's page-cache write speed")
-            out.extend(notes_for("blob", rows))
+                key = match.group(0)
+                if key == "transfer aborted":   # one group per reason, digests left out
+                    rest = line.split("transfer aborted", 1)[1]
+                    key = "transfer aborted" + re.sub(r"sha256:[0-9a-f]+", "<digest>", rest)[:70]
+                counts[key] = counts.get(key, 0) + 1
+                examples.setdefault(key, line[:240])
+        name = os.path.basename(path)
+        for key, n in sorted(counts.items()):
+            out.append("%s: %d × '%s', e.g. %s" % (name, n, key, examples[key]))
+    if any("EOF occurred in violation of protocol" in line for line in out):
+        out.append("(EOF in violation of protocol: a client closed a TLS connection with an "
+                   "answer in flight; the load clients do that when a cell ends. Over plain "
+                   "HTTP docxy does not log the same event)")
+    return out
 
-        if "concurrent" in selected:
-            rows = ["direct", "nginx", "nginx (https)", "registry (hit)", "docxy", "docxy (https)",
-                    "docxy-cache (miss, coalesced)", "docxy-cache (hit)"]
-            body = []
-            for row in rows:
-                if not res.series("concurrent", "", row, "mibs") and not res.notes.get(("concurrent", "", row)):
-                    continue
-                body.append((row, summary(res.series("concurrent", "", row, "mibs")),
-                             ratio("concurrent", "", row, "mibs", "nginx (https)" if https_of(row) else "nginx"),
-                             ratio("concurrent", "", row, "mibs", "direct"),
-                             summary(res.series("concurrent", "", row, "rss"), 1),
-                             summary(res.series("concurrent", "", row, "cpu"), 2),
-                             percent(res.series("concurrent", "", row, "busy"))))
-            w("")
-            w("%s: %d × %d MiB at once" % (MEASURE_TITLES["concurrent"], sizes["streams"], sizes["mid"] // MiB))
-            w(table(("target", "aggregate MiB/s", "× nginx*", "× direct", "peak RSS MiB", "server CPU s/GiB",
-                     "machine busy"), body))
-            w("  * https rows vs nginx (https). Peak RSS: all server processes (nginx: master + workers), "
-              "VmHWM reset before each run")
-            out.extend(notes_for("concurrent", rows))
 
-        if "manifest" in selected:
-            names = ["direct", "nginx", "nginx-https", "registry", "docxy", "docxy-https", "docxy-cache"]
-            tables = ["%s c=%d" % (m, c) for m in ("HEAD", "GET") for c in sizes["conns"]]
-            w("")
-            w("%s: library/app:latest (an OCI index), %g s per cell, Accept as dockerd sends it" % (
-                MEASURE_TITLES["manifest"], sizes["cell"]))
-            w("  HEAD: stdlib epoll keep-alive client, 2 processes (wrk 4.1 cannot parse answers to HEAD)")
-            w("  GET:  %s" % ("wrk -t 2 --latency with a Lua script" if self.wrk and not self.args.quick else
-                             "the same stdlib client (%s)" % ("--quick: cells shorter than wrk's 1 s"
-                                                              if self.wrk else "wrk not installed")))
-            for method in ("HEAD", "GET"):
-                body = []
-                for conns in sizes["conns"]:
-                    tbl = "%s c=%d" % (method, conns)
-                    for name in names:
-                        if not res.series("manifest", tbl, name, "rps") and not res.notes.get(("manifest", tbl, name)):
-                            continue
-                        body.append(("%s c=%d" % (method, conns), name,
-                                     summary(res.series("manifest", tbl, name, "rps")),
-                                     ratio("manifest", tbl, name, "rps", "nginx-https" if https_of(name) else "nginx"),
-                                     ratio("manifest", tbl, name, "rps", "registry"),
-                                     summary(res.series("manifest", tbl, name, "p50"), 2),
-                                     summary(res.series("manifest", tbl, name, "p99"), 2)))
-                w(table(("cell", "target", "req/s", "× nginx*", "× registry", "p50 ms", "p99 ms"), body))
-            w("  * https rows vs nginx-https")
-            out.extend(notes_for("manifest", names, tables))
+# ================================================================== the report
 
-        if "idle" in selected:
-            names = ["direct", "nginx", "nginx-https", "registry", "docxy", "docxy-https", "docxy-cache"]
-            body = []
-            for name in names:
-                if not res.series("idle", "", name, "rss") and not res.notes.get(("idle", "", name)):
-                    continue
-                body.append((name, summary(res.series("idle", "", name, "rss"), 1),
-                             summary(res.series("idle", "", name, "base"), 1),
-                             ratio("idle", "", name, "rss", "nginx-https" if https_of(name) else "nginx"),
-                             summary(res.series("idle", "", name, "new"), 1),
-                             summary(res.series("idle", "", name, "worst"), 1)))
-            w("")
-            w("%s: %d connections, each after one GET /v2/, then a new client's GET /v2/ (5 probes)" % (
-                MEASURE_TITLES["idle"], sizes["idle"]))
-            w(table(("target", "RSS MiB with idle", "RSS MiB before", "RSS × nginx*", "new client ms (median)",
-                     "new client ms (worst)"), body))
-            w("  * https rows vs nginx-https")
-            out.extend(notes_for("idle", names))
+def case_key(case):
+    if case in CASES:
+        return (0, CASES.index(case), 0)
+    method, _, conns = case.partition(" c=")
+    return (1, 0 if method == "HEAD" else 1, int(conns) if conns.isdigit() else 0)
 
-        if "pull" in selected:
-            rows = ["direct", "nginx", "nginx-https", "registry (cold)", "registry (warm)", "docxy", "docxy-https",
-                    "docxy-cache (cold)", "docxy-cache (warm)"]
-            registry_ref = {"docxy-cache (cold)": "registry (cold)", "docxy-cache (warm)": "registry (warm)",
-                            "docxy": "registry (cold)"}
-            body = []
-            for row in rows:
-                if not res.series("pull", "", row, "wall") and not res.notes.get(("pull", "", row)):
-                    continue
-                body.append((row, summary(res.series("pull", "", row, "wall"), 3),
-                             ratio("pull", "", row, "wall", "direct"),
-                             ratio("pull", "", row, "wall", "nginx-https" if https_of(row) else "nginx"),
-                             ratio("pull", "", row, "wall", registry_ref.get(row)),
-                             summary(res.series("pull", "", row, "upstream")),
-                             summary(res.series("pull", "", row, "docxy_upstream")),
-                             summary(res.series("pull", "", row, "cpu"), 2)))
-            w("")
-            w("%s: %d layers (%s MiB) in an OCI index with one platform; 3 layers at once; digests verified" % (
-                MEASURE_TITLES["pull"], len(sizes["layers"]), "+".join(map(str, sizes["layers"]))))
-            w(table(("target", "wall s", "× direct", "× nginx*", "× registry", "requests at direct",
-                     "upstream= in docxy log", "server CPU s"), body))
-            w("  ratios are time ratios: lower is faster; * https rows vs nginx-https. "
-              "'requests at direct': lines the upstream's access log gained during the pull")
-            out.extend(notes_for("pull", rows))
 
-        died = [text for (m, _, row), texts in res.notes.items() if m == "_" for text in texts]
-        if died:
-            w("")
-            w("processes that died: " + "; ".join(died))
-        out.extend(self.targets_block())
-        out.extend(self.log_summary())
-        return "\n".join(out)
+def goal_text(goal, unit):
+    operator, bound = goal
+    sign = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}[operator]
+    return "%s %s%s" % (sign, bound, "×" if unit == "×" else " " + unit)
 
-    def targets_block(self):
-        res = self.results
-        out = ["", "targets (issue 6): PASS when the median of the per-round figures meets the bound; "
-                   "per-round figures listed"]
 
-        def line(title, values, bound, higher=True, digits=2, unit="×", strict=False):
-            values = {r: v for r, v in values.items() if v is not None}
-            if not values:
-                out.append("  SKIP  %s: not measured" % title)
-                return
-            m = statistics.median(values.values())
-            ok = (m > bound if strict else m >= bound) if higher else (m < bound if strict else m <= bound)
-            fmt = "%%.%df" % digits
-            per_round = " ".join(fmt % values[r] for r in sorted(values))
-            out.append("  %s  %s: %s%s (rounds: %s)" % ("PASS" if ok else "FAIL", title, fmt % m, unit, per_round))
+class Report:
+    """A results document (the --json layout) as tables: the headline ratios and goals,
+    one table per measure, the targets, the host. Text and markdown render the same tables.
+    Cells, targets and host facts come from the document; what the tables show (HEADLINES,
+    MEASURES, FIGURES) comes from this file."""
 
-        line("large blob over HTTPS, docxy (https) ≥ 1.0× nginx (https)",
-             res.ratios("blob", "", "docxy (https)", "mibs", "nginx (https)"), 1.0)
-        line("large blob, plain HTTP, docxy ≥ 1.0× nginx", res.ratios("blob", "", "docxy", "mibs", "nginx"), 1.0)
-        line("large blob, plain HTTP, stretch: docxy ≥ 1.3× nginx",
-             res.ratios("blob", "", "docxy", "mibs", "nginx"), 1.3)
-        line("32 concurrent downloads, docxy ≥ 0.95× nginx aggregate",
-             res.ratios("concurrent", "", "docxy", "mibs", "nginx"), 0.95)
-        line("32 concurrent downloads, docxy peak RSS ≤ 64 MiB", res.series("concurrent", "", "docxy", "rss"),
-             64, False, 1, " MiB")
-        line("%d idle keep-alive connections, docxy RSS ≤ 64 MiB" % self.sizes["idle"],
-             res.series("idle", "", "docxy", "rss"),
-             64, False, 1, " MiB")
-        line("%d idle keep-alive connections, docxy (https) RSS ≤ 64 MiB" % self.sizes["idle"],
-             res.series("idle", "", "docxy-https", "rss"), 64, False, 1, " MiB")
-        line("%d idle keep-alive connections, new client answered by docxy in < 50 ms" % self.sizes["idle"],
-             res.series("idle", "", "docxy", "new"), 50, False, 1, " ms", strict=True)
-        line("%d idle keep-alive connections, new client answered by docxy (https) in < 50 ms" % self.sizes["idle"],
-             res.series("idle", "", "docxy-https", "new"), 50, False, 1, " ms", strict=True)
-        conns = self.sizes["conns"]
-        line("manifests, docxy ≥ 4,500 HEAD req/s at %d connection" % conns[0],
-             res.series("manifest", "HEAD c=%d" % conns[0], "docxy", "rps"), 4500, True, 0, " req/s")
-        for method in ("HEAD", "GET"):
-            line("manifests, docxy ≥ 5× registry, %s at %d connections" % (method, conns[1]),
-                 res.ratios("manifest", "%s c=%d" % (method, conns[1]), "docxy", "rps", "registry"), 5.0)
-        for method in ("HEAD", "GET"):
-            line("manifests, docxy p99 ≤ 60 ms, %s at %d connections" % (method, conns[2]),
-                 res.series("manifest", "%s c=%d" % (method, conns[2]), "docxy", "p99"), 60, False, 2, " ms")
-        line("(docxy-cache) manifests ≥ 4,500 HEAD req/s at %d connection" % conns[0],
-             res.series("manifest", "HEAD c=%d" % conns[0], "docxy-cache", "rps"), 4500, True, 0, " req/s")
-        line("(docxy-cache) manifests ≥ 5× registry, HEAD at %d connections" % conns[1],
-             res.ratios("manifest", "HEAD c=%d" % conns[1], "docxy-cache", "rps", "registry"), 5.0)
-        line("(docxy-cache) manifests p99 ≤ 60 ms, HEAD at %d connections" % conns[2],
-             res.series("manifest", "HEAD c=%d" % conns[2], "docxy-cache", "p99"), 60, False, 2, " ms")
-        line("cache hit of a large blob, plain HTTP, docxy-cache ≥ 0.8× direct",
-             res.ratios("blob", "", "docxy-cache (hit)", "mibs", "direct"), 0.8)
-        line("cache hit of a large blob, plain HTTP, docxy-cache ≥ 2× registry (hit)",
-             res.ratios("blob", "", "docxy-cache (hit)", "mibs", "registry (hit)"), 2.0)
-        line("warm whole-image pull with the cache: zero upstream requests (counted at direct)",
-             res.series("pull", "", "docxy-cache (warm)", "upstream"), 0, False, 0, " requests")
-        line("warm whole-image pull with the cache: wall time ≤ 1.2× direct",
-             res.ratios("pull", "", "docxy-cache (warm)", "wall", "direct"), 1.2, False)
-        return out
+    def __init__(self, doc):
+        if doc.get("schema") != SCHEMA:
+            raise SystemExit("bench: results of schema %r; this bench reads schema %d"
+                             % (doc.get("schema"), SCHEMA))
+        self.doc, self.run, self.host = doc, doc["run"], doc["host"]
+        self.results = Results(doc["cells"], doc["notes"])
+        self.specs = {t["name"]: t for t in doc["targets"]}
+        self.order = [t["name"] for t in doc["targets"]]
+        measured = {c["target"] for c in doc["cells"]}
+        # new target -> its baseline twin, for the twins that were measured
+        self.before = {t["twin"]: t["name"] for t in doc["targets"]
+                       if t.get("twin") and t["name"] in measured}
+        self.cases = {}
+        for cell in doc["cells"]:
+            found = self.cases.setdefault((cell["measure"], cell["target"]), [])
+            if cell["case"] not in found:
+                found.append(cell["case"])
+        for found in self.cases.values():
+            found.sort(key=case_key)
+        self.headlines, self.tables, self.facts = Headlines(self), MeasureTables(self), \
+            Facts(self)
 
-    def log_summary(self):
-        """What the servers complained about: the lines a reader should look at."""
-        out = []
-        patterns = re.compile(r"transfer aborted|internal error|upstream error|Traceback|cache paused|"
-                              r"\[error\]|\[crit\]|\[alert\]|\[emerg\]|level=error|level=fatal|panic")
-        for name in ("docxy", "docxy-https", "docxy-cache", "registry", "nginx-error", "direct-error"):
-            path = os.path.join(self.work, name + ".log")
-            if not os.path.exists(path):
+    @property
+    def quick(self):
+        return self.run["mode"] == "quick"
+
+    def label(self, measure, target, case):
+        if case == MEASURES[measure]["default_case"]:
+            return target
+        return "%s (%s)" % (target, case)
+
+    def reference(self, ref, target):
+        if ref == "nginx":
+            return "nginx-https" if self.specs.get(target, {}).get("tls") else "nginx"
+        if ref == "before":
+            return self.before.get(target)
+        return ref
+
+    def ref_case(self, measure, ref, case):
+        """The reference's own case: the same, or its first (get, miss, cold, pull)."""
+        cases = self.cases.get((measure, ref), [])
+        return case if case in cases else (cases[0] if cases else None)
+
+    def ratio(self, measure, figure, target, case, ref):
+        """{round: target's figure / ref's figure}, or None when there is no such ref."""
+        if not ref or ref == target:
+            return None
+        ref_case = self.ref_case(measure, ref, case)
+        if ref_case is None:
+            return None
+        mine = self.results.series(measure, target, case, figure)
+        return per_round_ratio(mine, self.results.series(measure, ref, ref_case, figure))
+
+    def position(self, target):
+        return self.order.index(target) if target in self.order else len(self.order)
+
+
+class Headlines:
+    """The headline ratios and the goals that are figures (HEADLINES) of one report, each
+    with the --baseline-docxy twin's value and new / before where there is one."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def rows(self, ratios):
+        """Rows of the headline table (ratios=True) or the figure goals (ratios=False):
+        (what, value, goal, met, better, before, new / before)."""
+        rows = []
+        for line in HEADLINES:
+            if bool(line.get("versus")) != ratios:
                 continue
-            counts, examples = {}, {}
-            with open(path, "rb") as handle:
-                for raw in handle:
-                    line = raw.decode("utf-8", "replace").rstrip()
-                    match = patterns.search(line)
-                    if match:
-                        key = match.group(0)
-                        if key == "transfer aborted":   # one group per reason, digests left out
-                            key = re.sub(r"sha256:[0-9a-f]+", "<digest>", line.split("transfer aborted", 1)[1])[:70]
-                            key = "transfer aborted" + key
-                        counts[key] = counts.get(key, 0) + 1
-                        examples.setdefault(key, line[:240])
-            for key, n in sorted(counts.items()):
-                out.append("  %s: %d × '%s', e.g. %s" % (name, n, key, examples[key]))
-        if any("EOF occurred in violation of protocol" in line for line in out):
-            out.append("  (EOF in violation of protocol: a client closed a TLS connection with an answer in flight; "
-                       "the load clients do that when a cell ends. Over plain HTTP docxy does not log the same event)")
-        if out:
-            out.insert(0, "")
-            out.insert(1, "server logs: lines worth a look (logs in the work directory%s)" % (
-                ", kept" if self.args.keep else ", deleted at exit; --keep keeps them"))
-        return out
+            measure, target, figure = line["measure"], line["target"], line["figure"]
+            if measure not in self.report.run["measures"]:
+                continue
+            case = line.get("case") or MEASURES[measure]["default_case"]
+            unit, digits, _, better = FIGURES[figure]
+            value = self.value(line, target, case)
+            before = self.report.before.get(target)
+            text = summary(value, 2 if ratios else digits, "×" if ratios else " " + unit)
+            goal, met = "", ""
+            if line.get("goal"):
+                goal = goal_text(line["goal"], "×" if ratios else unit)
+                m = median(value)
+                met = "–" if m is None else ("yes" if meets(m, line["goal"]) else "no")
+                if line.get("stretch") and m is not None:
+                    goal += " (stretch %s)" % goal_text(line["stretch"], "×")
+                    met += " (stretch: %s)" % ("yes" if meets(m, line["stretch"]) else "no")
+            row = [line["what"], text, goal, met, {"higher": "higher", "lower": "lower"}.get(
+                better, "")]
+            if self.report.before:
+                old = self.value(line, before, case) if before else None
+                row.append(summary(old, 2 if ratios else digits, "×" if ratios else " " + unit)
+                           if old is not None else "")
+                new_old = self.report.ratio(measure, figure, target, case, before)
+                row.append(summary(new_old, 2, "×") if before else "")
+            rows.append(row)
+        return rows
 
+    def value(self, line, target, case):
+        if line.get("versus"):
+            return self.report.ratio(line["measure"], line["figure"], target, case, line["versus"])
+        return self.report.results.series(line["measure"], target, case, line["figure"])
+
+    def headers(self, ratios):
+        headers = ["What", "Ratio" if ratios else "Figure", "Goal", "Met", "Better"]
+        if self.report.before:
+            headers += ["Before (--baseline-docxy)", "New ÷ before"]
+        return headers
+
+
+class MeasureTables:
+    """One table per measure of one report: its rows and columns (MEASURES), footnotes, and
+    the failures noted while it ran."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def sizes_text(self):
+        sizes = self.report.run["sizes"]
+        return dict(big_mib=sizes["big"] // MiB, mid_mib=sizes["mid"] // MiB,
+                    streams=sizes["streams"], cell="%g" % sizes["cell"], idle=sizes["idle"],
+                    layer_count=len(sizes["layers"]),
+                    layers_mib="+".join(str(x) for x in sizes["layers"]),
+                    get_client=self.report.run.get("manifest_get_client", "?"))
+
+    def columns(self, measure):
+        spec = MEASURES[measure]
+        present = {target for target, _ in self.report.results.rows(measure)}
+        columns = []
+        for column in spec["columns"]:
+            ref = column[2:] if column.startswith("x:") else None
+            if ref == "before" and not self.report.before:
+                continue
+            if ref and ref not in ("nginx", "before") and ref not in present:
+                continue
+            if ref == "nginx" and not present & {"nginx", "nginx-https"}:
+                continue
+            columns.append(column)
+        return columns
+
+    def table(self, measure):
+        """(headers, rows, footnotes) of one measure."""
+        spec = MEASURES[measure]
+        rows = sorted(self.report.results.rows(measure), key=lambda row: (
+            (case_key(row[1]), self.report.position(row[0])) if spec["group"] == "case"
+            else (self.report.position(row[0]), case_key(row[1]))))
+        columns = self.columns(measure)
+        headers = ["case"] if spec["group"] == "case" else []
+        headers += ["target"]
+        for column in columns:
+            headers.append("× " + column[2:] if column.startswith("x:") else FIGURES[column][2])
+        body = []
+        for target, case in rows:
+            line = [case, target] if spec["group"] == "case" else [
+                self.report.label(measure, target, case)]
+            for column in columns:
+                if column.startswith("x:"):
+                    ref = self.report.reference(column[2:], target)
+                    values = self.report.ratio(measure, spec["main"], target, case, ref)
+                    line.append("" if values is None else summary(values, 2, "×"))
+                else:
+                    line.append(summary(self.report.results.series(measure, target, case, column),
+                                        FIGURES[column][1]))
+            body.append(line)
+        footnotes = []
+        if "x:nginx" in columns and any(self.report.specs.get(t, {}).get("tls") for t, _ in rows):
+            footnotes.append("× nginx: rows over HTTPS against nginx-https.")
+        if "x:registry" in columns:
+            footnotes.append("× registry: against the registry's row of the same case, or its "
+                             "miss (cold) where it has no such case.")
+        if "x:before" in columns:
+            footnotes.append("× before: against the same target run from --baseline-docxy.")
+        return headers, body, footnotes
+
+    def failures(self, measure):
+        label = self.report.label
+        return ["%s, round %s: %s" % (label(measure, n["target"], n["case"]), n["round"], n["text"])
+                for n in sorted(self.report.results.notes_for(measure),
+                                key=lambda n: (self.report.position(n["target"]), n["round"]))]
+
+
+class Facts:
+    """The words around the tables of one report: the targets as run, the files under test,
+    the host, and how the run was made."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def target_rows(self):
+        return [[t["name"], t["about"], "measured" if t["status"] == "measured"
+                 else "skipped: %s" % t.get("reason")] for t in self.report.doc["targets"]]
+
+    def docxy_text(self, key):
+        facts = self.report.host.get(key)
+        if not facts:
+            return None
+        text = "%s, sha256 %s…" % (facts["path"], facts["sha256"][:16])
+        info = facts.get("git") or {}
+        if info.get("content_of"):
+            text += ", the content of git commit %s" % info["content_of"][:12]
+        elif info.get("head"):
+            last = (info.get("last_change") or "?")[:12]
+            text += ", git HEAD %s" % info["head"][:12]
+            if last != info["head"][:12]:
+                text += " (the file last changed in %s)" % last
+            if info.get("modified"):
+                text += ", with changes not committed"
+        return "%s (%s)" % (facts.get("version", "?"), text)
+
+    def host_rows(self):
+        host = self.report.host
+        rows = [("date", host["date"]),
+                ("cpu", "%s × %s (%s usable)" % (host["cores"], host["cpu_model"],
+                                                 host["usable_cores"])),
+                ("memory", "%s GiB" % host["memory_gib"]), ("os", host["os"]),
+                ("kernel", host["kernel"]), ("python", host["python"]),
+                ("docxy", self.docxy_text("docxy"))]
+        if host.get("baseline_docxy"):
+            rows.append(("baseline docxy", self.docxy_text("baseline_docxy")))
+        for name, version in sorted(host["tools"].items()):
+            rows.append((name, version))
+        rows += [("direct", host["direct"]),
+                 ("file writes", "%s MiB/s (1 MiB os.write calls to the work directory, no "
+                                 "fsync)" % host["file_writes_mib_s"]),
+                 ("load average", "%s at start, %s at end; the run took %s s" % (
+                     " ".join("%.2f" % x for x in host["load_average_start"]),
+                     " ".join("%.2f" % x for x in host["load_average_end"]),
+                     self.report.run["seconds"])),
+                 ("bench.py", "sha256 %s…%s" % (host["bench"]["sha256"][:16], (
+                     ", git HEAD %s" % host["bench"]["git"]["head"][:12]
+                     if (host["bench"].get("git") or {}).get("head") else "")))]
+        return rows
+
+    def method_text(self):
+        rounds = self.report.run["rounds"]
+        return ("A %s run of %d round%s: the targets are measured interleaved, round by round, "
+                "so that drift on a shared machine hits all of them alike. Every figure is the "
+                "median [min–max] over the rounds; every ratio is computed within each round, "
+                "then summarised the same way." % (self.report.run["mode"], rounds,
+                                                   "" if rounds == 1 else "s"))
+
+
+def text_table(headers, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    lines = ["  " + "  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  " + "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def markdown_table(headers, rows):
+    def cell(text):
+        return str(text).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def render_text(report):
+    """The report on a terminal: every table, without the explanations."""
+    out = ["docxy benchmark: " + report.facts.method_text(), ""]
+    for ratios, title in ((True, "headline ratios"), (False, "goals that are figures")):
+        rows = report.headlines.rows(ratios)
+        if rows:
+            out += [title, text_table(report.headlines.headers(ratios), rows), ""]
+    for measure in report.run["measures"]:
+        spec = MEASURES[measure]
+        headers, rows, footnotes = report.tables.table(measure)
+        out.append("%d. %s: %s" % (spec["number"], spec["title"],
+                                   spec["setup"].format(**report.tables.sizes_text())))
+        out.append(text_table(headers, rows))
+        out += ["  " + line for line in footnotes]
+        out += ["  note: " + line for line in report.tables.failures(measure)]
+        out.append("")
+    out += ["  event: " + event for event in report.run["events"]]
+    out += ["targets", text_table(("target", "status"), [
+        (row[0], row[2]) for row in report.facts.target_rows()]), ""]
+    out += ["host", "\n".join("  %-16s %s" % row for row in report.facts.host_rows())]
+    if report.doc["server_logs"]:
+        out += ["", "server logs: lines worth a look"]
+        out += ["  " + line for line in report.doc["server_logs"]]
+    return "\n".join(out)
+
+
+def headline_markdown(report):
+    """The headline ratios table alone (also what --readme puts into the README)."""
+    return markdown_table(report.headlines.headers(True), report.headlines.rows(True))
+
+
+def render_markdown(report, source):
+    """bench/RESULTS.md: headline ratios, full tables with what they mean, how to reproduce,
+    the host."""
+    run, host, sizes = report.run, report.host, report.tables.sizes_text()
+    out = ["# docxy benchmark results", "",
+           "<!-- Generated by bench/bench.py --markdown from %s. Do not edit: change "
+           "bench/bench.py (its TARGETS, MEASURES and HEADLINES tables) and render again. -->"
+           % source, ""]
+    if report.quick:
+        out += ["> **This is a `--quick` run**: small blobs (%s MiB), %s s manifest cells and "
+                "%s idle connections. It shows that the benchmark works and roughly where "
+                "things stand; run it in full for figures worth quoting (see [How to "
+                "reproduce](#how-to-reproduce))." % (sizes["big_mib"], sizes["cell"],
+                                                     sizes["idle"]), ""]
+    out += ["Measured on %s with %s, on %s cores (%s), Python %s.\n\n%s" % (
+        host["date"][:10], report.facts.docxy_text("docxy"), host["cores"], host["cpu_model"],
+        host["python"].split()[-1], report.facts.method_text()), "",
+        "Client, upstream and server share this machine's cores, so every absolute figure is "
+        "lower than on a server whose clients are elsewhere, and figures vary between runs on "
+        "a shared machine. Compare the ratios of one run, not figures across runs.", ""]
+    out += ["## Headline ratios", "",
+            "Each ratio is the first target's figure divided by the second's, in the same "
+            "round. Goals are those issue 6 set; a row without a goal is reported, not "
+            "judged. \"Better\" says which way is better for the figure compared."]
+    if report.before:
+        out[-1] += (" \"Before\" is the same ratio for the docxy given with "
+                    "`--baseline-docxy`; \"new ÷ before\" divides the two docxy's own figures, "
+                    "round by round.")
+    out += ["", headline_markdown(report), ""]
+    rows = report.headlines.rows(False)
+    if rows:
+        out += ["### Goals that are figures", "",
+                "Absolute figures: they depend on this machine more than the ratios do.", "",
+                markdown_table(report.headlines.headers(False), rows), ""]
+    out += ["## Full tables", "", "### Targets", "",
+            markdown_table(("Target", "What it is", "This run"), report.facts.target_rows()), ""]
+    for measure in run["measures"]:
+        spec = MEASURES[measure]
+        headers, rows, footnotes = report.tables.table(measure)
+        out += ["### %d. %s" % (spec["number"], spec["title"]), "",
+                spec["setup"].format(**sizes), "", markdown_table(headers, rows), ""]
+        if footnotes:
+            out += [" ".join(footnotes), ""]
+        for paragraph in spec["about"]:
+            out += [paragraph, ""]
+        failures = report.tables.failures(measure)
+        if failures:
+            out += ["Notes from this run:", ""] + ["- " + line for line in failures] + [""]
+    if run["events"]:
+        out += ["Events: " + "; ".join(run["events"]), ""]
+    if report.doc["server_logs"]:
+        out += ["### Server logs", "", "Lines worth a look in the servers' logs:", "", "```"]
+        out += report.doc["server_logs"] + ["```", ""]
+    out += ["## How to reproduce", "",
+            "This file came from:", "", "```sh", run["command"], "```", "",
+            "```sh",
+            "python3 bench/bench.py --json bench/results.json --markdown --readme README.md",
+            "# the full run behind this file and README.md's table: about 10 minutes on 2 cores",
+            "python3 bench/bench.py --quick --json /tmp/quick.json --markdown /tmp/RESULTS.md",
+            "python3 bench/bench.py --markdown --from bench/results.json   "
+            "# render this file again, measure nothing",
+            "python3 bench/bench.py --only manifest --targets docxy,registry   "
+            "# one measure, some targets",
+            "git show 677662d:docxy.py > /tmp/docxy-before.py",
+            "python3 bench/bench.py --baseline-docxy /tmp/docxy-before.py --json /tmp/ab.json "
+            "--markdown /tmp/AB.md",
+            "```", "",
+            "Everything runs on loopback and is started by the benchmark, in a temporary "
+            "directory, on free ports, and stopped at the end. It needs Python 3.8+ and uses "
+            "nginx, docker-registry (CNCF distribution), wrk and openssl where they are "
+            "installed (Debian: `apt install nginx docker-registry wrk openssl`); a target "
+            "whose tool is missing is reported as skipped, never faked. `--baseline-docxy "
+            "PATH` (a file, or a git revision whose docxy.py to use) adds the `docxy-before` "
+            "targets, measured in the same rounds. `--keep` keeps the work directory with the "
+            "servers' logs. `--json FILE` keeps every cell (measure, target, case, figure, "
+            "unit, round, value) and the host facts below. The benchmark is not part of CI.",
+            "", "## Host", "", markdown_table(("", ""), report.facts.host_rows()), ""]
+    return "\n".join(out)
+
+
+README_START = "<!-- bench:headline:start -->"
+README_END = "<!-- bench:headline:end -->"
+
+
+def update_readme(path, report, source):
+    """Put the headline table between the README's two markers."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit("bench: %s has no %s ... %s block" % (path, README_START, README_END))
+    run, host = report.run, report.host
+    block = ("%s\n<!-- written by bench/bench.py --readme from %s -->\n\nA %s run of %s, %d "
+             "rounds on %s cores (%s):\n\n%s\n\n" % (
+                 README_START, source, "`--quick`" if report.quick else "full",
+                 host["date"][:10], run["rounds"], host["cores"], host["cpu_model"],
+                 headline_markdown(report)))
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text[:start] + block + text[end:])
+
+
+# ================================================================== command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Benchmark docxy against nginx and the distribution registry "
-                                                 "(issue 6). Loopback only; starts and stops everything itself.")
-    parser.add_argument("--quick", action="store_true", help="smoke run (~1.5 min): small blobs, 0.2 s cells, 100 idle connections, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3, at least 3 for the table)")
+    parser = argparse.ArgumentParser(
+        description="Benchmark docxy against nginx and the distribution registry, on loopback; "
+                    "starts and stops everything itself.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (~1.5 min): small blobs, 0.2 s cells, 100 idle "
+                             "connections")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, each measuring every target once (default 3)")
     parser.add_argument("--only", default="", metavar="a,b",
-                        help="measures to run: %s (or 1-5); default all" % ",".join(MEASURES))
+                        help="measures to run: %s (or 1-5); default all"
+                             % ",".join(MEASURE_ORDER))
     parser.add_argument("--targets", default="", metavar="a,b",
-                        help="targets to start: %s; default all (direct always runs)" % ",".join(TARGETS))
-    parser.add_argument("--docxy", default=os.path.join(HERE, "..", "docxy.py"), metavar="PATH",
-                        help="docxy.py to measure (default ../docxy.py next to this script)")
+                        help="targets to start: %s; default all (direct always runs, and a "
+                             "docxy target brings its --baseline-docxy twin)"
+                             % ",".join(TARGET))
+    parser.add_argument("--docxy", default=os.path.join(HERE, "..", "docxy.py"),
+                        metavar="PATH", help="docxy.py to measure (default ../docxy.py)")
+    parser.add_argument("--baseline-docxy", metavar="PATH",
+                        help="an older docxy.py (or a git revision: its docxy.py), measured "
+                             "as the docxy-before targets in the same rounds")
     parser.add_argument("--cell", type=float, default=0, metavar="SECONDS",
                         help="seconds per manifest cell (default 3; 0.2 with --quick)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (data, configs, logs)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (data, configurations, logs)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write every cell and the host facts to FILE")
+    parser.add_argument("--markdown", nargs="?", const=RESULTS_MD, metavar="FILE",
+                        help="write the results as markdown (default bench/RESULTS.md)")
+    parser.add_argument("--from", dest="source", metavar="FILE",
+                        help="measure nothing: report on a --json FILE of an earlier run")
+    parser.add_argument("--readme", metavar="FILE",
+                        help="also put the headline table into FILE (README.md) between its "
+                             "bench:headline markers")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.source and args.json:
+        parser.error("--json writes the cells of a run; with --from there is no run")
     measures = []
     for item in filter(None, (x.strip() for x in args.only.split(","))):
-        if item.isdigit() and 1 <= int(item) <= len(MEASURES):
-            item = MEASURES[int(item) - 1]
+        if item.isdigit() and 1 <= int(item) <= len(MEASURE_ORDER):
+            item = MEASURE_ORDER[int(item) - 1]
         if item not in MEASURES:
-            parser.error("unknown measure %r (choose from %s)" % (item, ", ".join(MEASURES)))
+            parser.error("unknown measure %r (choose from %s)"
+                         % (item, ", ".join(MEASURE_ORDER)))
         measures.append(item)
-    args.measures = [m for m in MEASURES if m in measures] if measures else list(MEASURES)
-    for item in filter(None, args.targets.split(",")):
-        if item not in TARGETS:
-            parser.error("unknown target %r (choose from %s)" % (item, ", ".join(TARGETS)))
+    args.measures = [m for m in MEASURE_ORDER if m in measures] if measures \
+        else list(MEASURE_ORDER)
+    args.targets = [x.strip() for x in args.targets.split(",") if x.strip()]
+    for item in args.targets:
+        if item not in TARGET:
+            parser.error("unknown target %r (choose from %s)" % (item, ", ".join(TARGET)))
     return args
+
+
+def write_document(doc, handle):
+    """The results as JSON, one cell (or note) per line: diffs of two runs stay readable."""
+    handle.write("{\n")
+    for number, (key, value) in enumerate(doc.items()):
+        comma = "," if number < len(doc) - 1 else ""
+        if isinstance(value, list) and value:
+            items = ",\n".join("  " + json.dumps(item, ensure_ascii=False) for item in value)
+            handle.write(' "%s": [\n%s\n ]%s\n' % (key, items, comma))
+        else:
+            text = json.dumps(value, ensure_ascii=False, indent=1).replace("\n", "\n ")
+            handle.write(' "%s": %s%s\n' % (key, text, comma))
+    handle.write("}\n")
+
+
+def measure(args, argv):
+    """A run: the results document, or None when interrupted."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started ignoring it
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    session = Session(args)
+    try:
+        session.prepare()
+        session.run()
+        return session.document(argv)
+    except KeyboardInterrupt:
+        say("interrupted: stopping everything this run started")
+        return None
+    finally:
+        session.close()
 
 
 def main(argv=None):
@@ -1959,29 +2756,29 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="replace")
     except AttributeError:
         pass
-
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt("signal %d" % signum)
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-    bench = Bench(args)
-    try:
-        bench.setup()
-        bench.machine_info = bench.machine()
-        bench.run()
-        report = bench.report()
-    except KeyboardInterrupt:
-        say("interrupted: stopping everything this run started")
-        return 130
-    finally:
-        cleanup()
-        work = getattr(bench, "work", None)
-        if work and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        elif work:
-            say("work directory kept: %s" % work)
-    print(report)
+    if args.source:
+        with open(args.source, encoding="utf-8") as handle:
+            doc = json.load(handle)
+        source = shown_path(args.source)
+    else:
+        doc = measure(args, argv)
+        if doc is None:
+            return 130
+        source = shown_path(args.json) if args.json else "a run not kept as JSON"
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            write_document(doc, handle)
+        say("wrote %s (%d cells)" % (args.json, len(doc["cells"])))
+    report = Report(doc)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(render_markdown(report, source))
+        say("wrote %s" % args.markdown)
+    if args.readme:
+        update_readme(args.readme, report, source)
+        say("wrote the headline table into %s" % args.readme)
+    if not args.source or not (args.markdown or args.readme):
+        print(render_text(report))
     return 0
 
 
