@@ -27,6 +27,7 @@ import http.client
 import http.server
 import importlib
 import io
+import ipaddress
 import json
 import os
 import pty
@@ -1433,6 +1434,187 @@ def test_problems_are_collected_and_raised_together(dx):
     with pytest.raises(dx.ConfigError) as raised:
         problems.raise_any("json")
     assert str(raised.value) == "one\ntwo" and raised.value.log_format == "json"
+
+
+def fake_answer(dx, body, length, step):
+    """An upstream answer as BodyCopy reads it: `length` its Content-Length (None: unknown),
+    `step` bytes at most per read."""
+
+    class Answer:
+        def __init__(self):
+            self.data, self.left = memoryview(body), length
+
+        @property
+        def remaining(self):
+            return self.left
+
+        def readinto(self, view):
+            n = min(len(view), step, len(self.data))
+            view[:n] = self.data[:n]
+            self.data = self.data[n:]
+            if self.left is not None:
+                self.left -= n
+            return n
+
+    return Answer()
+
+
+def copied(dx, answer, verify):
+    """What BodyCopy hands on, piece by piece, and the error that ended it (or None)."""
+    copy, pieces = dx.BodyCopy(answer, verify, 1), []
+    try:
+        for piece in copy.pieces():
+            pieces.append(bytes(piece))
+            del piece   # a view of BodyCopy's buffer: none may be left when it closes
+        return b"".join(pieces), copy.verified, None
+    except dx.UpstreamError as error:
+        return b"".join(pieces), copy.verified, error
+    finally:
+        copy.close()
+
+
+def test_body_copy_hands_on_a_verified_body_whole_and_says_so(dx):
+    body = bytes(range(256)) * 3
+    data, verified, error = copied(dx, fake_answer(dx, body, len(body), 100), sha256_digest(body))
+    assert (data, verified, error) == (body, True, None)
+
+
+def test_body_copy_holds_back_the_last_byte_of_a_body_that_does_not_match_its_digest(dx):
+    body = b"x" * 1000      # of unknown length (chunked): its end shows only at the end
+    data, verified, error = copied(dx, fake_answer(dx, body, None, 100),
+                                   sha256_digest(b"something else"))
+    assert data == body[:-1] and not verified
+    assert error.status == 502 and error.message == "upstream body does not match its digest"
+    # With a Content-Length, what the last read brought waits for the check too.
+    data, verified, error = copied(dx, fake_answer(dx, body, len(body), 100),
+                                   sha256_digest(b"something else"))
+    assert data == body[:-101] and not verified and "digest" in error.message
+
+
+def test_body_copy_checks_a_body_that_arrives_in_one_read_before_any_of_it_goes(dx):
+    body = b'{"schemaVersion": 2}'
+    data, verified, error = copied(dx, fake_answer(dx, body, len(body), 1 << 20),
+                                   sha256_digest(b"{}"))
+    assert data == b"" and not verified and "digest" in error.message
+
+
+def test_body_copy_refuses_a_body_shorter_than_its_content_length(dx):
+    body = b"y" * 500
+    data, verified, error = copied(dx, fake_answer(dx, body, 800, 64), None)
+    assert data == body and not verified
+    assert error.message == "upstream body ended early" and error.detail == "300 bytes missing"
+
+
+def test_body_copy_passes_an_unverified_body_of_unknown_length_as_it_comes(dx):
+    body = b"z" * 5000
+    assert copied(dx, fake_answer(dx, body, None, 777), None) == (body, False, None)
+
+
+def test_chunked_writer_frames_each_piece_and_ends_with_the_last_chunk(dx):
+    out = []
+    writer = dx.ChunkedWriter(out.append)
+    writer.write(b"hello")
+    writer.write(b"")
+    writer.write(b"x" * 26)
+    writer.end()
+    assert b"".join(out) == b"5\r\nhello\r\n1a\r\n" + b"x" * 26 + b"\r\n0\r\n\r\n"
+
+
+def test_client_address_is_the_peer_unless_the_peer_is_a_trusted_proxy(dx):
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+    peer, proxy = dx.plain_address("192.0.2.7"), dx.plain_address("10.1.1.1")
+    assert dx.client_address(peer, ["203.0.113.9"], trusted) == "192.0.2.7"
+    assert dx.client_address(proxy, [], trusted) == "10.1.1.1"
+    # The rightmost entry that is not itself a trusted proxy; empty list items are skipped.
+    assert dx.client_address(proxy, ["198.51.100.1, 203.0.113.9", "10.2.2.2,"], trusted) == \
+        "203.0.113.9"
+    assert dx.client_address(proxy, ["[2001:db8::1]:4711"], trusted) == "2001:db8::1"
+    assert dx.client_address(proxy, ["10.3.3.3, 10.2.2.2"], trusted) == "10.3.3.3"
+    with pytest.raises(dx.RegistryError) as refused:
+        dx.client_address(proxy, ["unknown"], trusted)
+    assert (refused.value.status, refused.value.code) == (400, "DENIED")
+
+
+def test_in_networks_matches_ipv4_clients_of_an_ipv6_listener_as_ipv4(dx):
+    allow = [ipaddress.ip_network("192.0.2.0/24")]
+    assert dx.in_networks(dx.plain_address("::ffff:192.0.2.5"), allow)
+    assert not dx.in_networks(dx.plain_address("192.0.3.5"), allow)
+    assert not dx.in_networks(dx.plain_address("2001:db8::1"), allow)
+
+
+@pytest.fixture
+def routing(dx):
+    config = dx.read_config(["--registries", "docker.io,ghcr.io",
+                             "--public-url", "https://mirror.example"], {})
+    return dx.Mirror(config)
+
+
+def test_routing_by_ns_then_host_then_path_prefix_then_default(dx, routing):
+    hub, ghcr = routing.registries["docker.io"], routing.registries["ghcr.io"]
+    path = "/v2/library/busybox/manifests/latest"
+    assert routing.registry_for("ghcr.io", "mirror.example", path) == (ghcr, path)
+    assert routing.registry_for("GHCR.IO", "", path) == (ghcr, path)
+    assert routing.registry_for(None, "ghcr.mirror.example", path) == (ghcr, path)
+    assert routing.registry_for(None, "ghcr.io", path) == (ghcr, path)
+    assert routing.registry_for(None, "mirror.example", "/v2/ghcr.io/o/i/blobs/x") == \
+        (ghcr, "/v2/o/i/blobs/x")
+    assert routing.registry_for(None, "mirror.example", path) == (hub, path)
+    assert routing.registry_for(None, "mirror.example", None) == (hub, None)
+
+
+def test_routing_refuses_a_registry_this_mirror_does_not_serve(dx, routing):
+    for ns, path in (("quay.io", None), (None, "/v2/quay.io/o/i/manifests/1"),
+                     (None, "/v2/localhost/i/manifests/1")):
+        with pytest.raises(dx.RegistryError) as refused:
+            routing.registry_for(ns, "mirror.example", path)
+        assert (refused.value.status, refused.value.code) == (404, "NAME_UNKNOWN")
+    # Docker's rule: a first component without a dot or a port is a Docker Hub namespace.
+    hub = routing.registries["docker.io"]
+    assert routing.registry_for(None, "", "/v2/quay/i/manifests/1") == \
+        (hub, "/v2/quay/i/manifests/1")
+
+
+def test_registry_client_remembers_an_outage_once_until_the_registry_answers(dx, routing):
+    upstream, hub = routing.upstream, routing.registries["docker.io"]
+    assert not upstream.is_down(hub) and not upstream.answered_lately(hub)
+    assert upstream.mark_down(hub) is True
+    assert upstream.mark_down(hub) is False     # logged once per outage
+    assert upstream.is_down(hub)
+    upstream.mark_up(hub)
+    assert not upstream.is_down(hub)
+    upstream.answered(hub)
+    assert upstream.answered_lately(hub)
+
+
+def test_access_record_writes_one_text_line_and_one_json_object(dx):
+    record = dx.AccessRecord()
+    record.client, record.method, record.path, record.status = "192.0.2.1", "GET", "/v2/", 401
+    record.sent, record.upstream_status, record.cache, record.user = 87, "401", "hit", "alice"
+    assert record.text_line(0.0125) == \
+        'docxy: 192.0.2.1 "GET /v2/" 401 87B 0.013s upstream=401 user=alice cache=hit\n'
+    fields = json.loads(record.json_line(0.0125))
+    assert {k: fields[k] for k in ("client", "method", "path", "status", "bytes", "duration",
+                                   "upstream_status", "registry", "cache", "user",
+                                   "mib_per_second")} == {
+        "client": "192.0.2.1", "method": "GET", "path": "/v2/", "status": 401, "bytes": 87,
+        "duration": 0.0125, "upstream_status": "401", "registry": "-", "cache": "hit",
+        "user": "alice", "mib_per_second": None}
+
+
+def test_metrics_exposition_takes_the_cache_figures_it_is_given(dx):
+    metrics = dx.Metrics()
+    metrics.request_started()
+    metrics.set("docxy_upstream_ratelimit_remaining", (("registry", "docker.io"),), 99)
+    text = metrics.exposition({"size": 10, "max_size": 100, "objects": 2,
+                               "events": {"hits": 3, "bytes_served": 7}})
+    for line in ("docxy_inflight_requests 1", "docxy_cache_size_bytes 10",
+                 "docxy_cache_max_size_bytes 100", "docxy_cache_objects 2",
+                 'docxy_cache_events_total{event="hits"} 3', "docxy_cache_served_bytes_total 7",
+                 'docxy_upstream_ratelimit_remaining{registry="docker.io"} 99'):
+        assert line in text.splitlines(), line
+    assert metrics.gauge("docxy_upstream_ratelimit_remaining", (("registry", "docker.io"),)) == 99
+    metrics.request_ended()
+    assert metrics.in_flight() == 0 and "docxy_cache" not in metrics.exposition()
 
 
 # ==========================================================================
