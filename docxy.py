@@ -158,6 +158,8 @@ class Secret(str):
 
 
 def build_parser(**options):
+    """Every flag with its --help text. Long on purpose: it is a table, one entry a flag, in
+    the order --help shows them; split, --help would be read from several places."""
     parser = SettingsParser(
         prog="docxy", **options,
         usage="%(prog)s [flags]\n       %(prog)s hash-password\n"
