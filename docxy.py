@@ -369,45 +369,21 @@ def check_config(config, sections, environ):
     """Validate and normalise the settings. Every problem is reported, one line each, naming the
     setting as the operator gave it."""
     problems = Problems()
-    check = problems.check
-
-    def where(name):
-        return source(config, name)
-
-    if config.public_url:
-        config.public_url = check(
-            lambda: origin_url(parse_origin(config.public_url, where("public_url"))))
-    default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
-    config.listen = [check(parse_address, a, where("listen"))
-                     for a in (config.listen or [default_listen])]
-    config.tls = check(check_certificate, config)
-    if config.http_redirect:
-        if not config.cert:
-            problems.append("%s needs --cert and --key (it redirects to HTTPS)"
-                            % where("http_redirect"))
-        config.http_redirect = check(parse_address, config.http_redirect, where("http_redirect"))
-    for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
-        if not getattr(config, name) > 0:
-            problems.append("%s must be positive" % where(name))
-    if config.max_connections < 1:
-        problems.append("%s must be at least 1" % where("max_connections"))
-    if config.tag_ttl < 0:
-        problems.append("%s must not be negative" % where("tag_ttl"))
-    if config.rate_limit:
-        config.rate_limit = check(parse_rate, config.rate_limit, where("rate_limit"))
-    if config.cache_max_size:
-        config.cache_max_size = check(parse_size, config.cache_max_size, where("cache_max_size"))
+    check_listeners(config, problems)
+    check_limits(config, problems)
     for name, default in (("allow", []), ("trusted_proxy", []),
                           ("metrics_allow", ["127.0.0.0/8", "::1/128"])):
-        setattr(config, name, [check(parse_network, text, where(name))
+        setattr(config, name, [problems.check(parse_network, text, source(config, name))
                                for text in getattr(config, name) or default])
     if config.acme_webroot and not os.path.isdir(config.acme_webroot):
-        problems.append("%s %s is not a directory" % (where("acme_webroot"), config.acme_webroot))
+        problems.append("%s %s is not a directory"
+                        % (source(config, "acme_webroot"), config.acme_webroot))
     elif config.acme_webroot and not config.http_redirect:
         problems.append("%s is served by the --http-redirect listener: set that too"
-                        % where("acme_webroot"))
-    config.users = check(read_users, config.users, where("users")) if config.users else None
-    registries = check(build_registries, config, sections, environ)
+                        % source(config, "acme_webroot"))
+    config.users = problems.check(read_users, config.users, source(config, "users")) \
+        if config.users else None
+    registries = problems.check(build_registries, config, sections, environ)
     if registries:
         config.registries, config.default_registry = registries
         shared = [r.name for r in config.registries.values() if r.username]
@@ -419,6 +395,40 @@ def check_config(config, sections, environ):
                 % ", ".join(shared))
     problems.raise_any()
     return config
+
+
+def check_listeners(config, problems):
+    """--public-url, --listen, --cert/--key and --http-redirect."""
+    check = problems.check
+    if config.public_url:
+        config.public_url = check(
+            lambda: origin_url(parse_origin(config.public_url, source(config, "public_url"))))
+    default_listen = "0.0.0.0:443" if config.cert else "0.0.0.0:5000"
+    config.listen = [check(parse_address, a, source(config, "listen"))
+                     for a in (config.listen or [default_listen])]
+    config.tls = check(check_certificate, config)
+    if config.http_redirect:
+        where = source(config, "http_redirect")
+        if not config.cert:
+            problems.append("%s needs --cert and --key (it redirects to HTTPS)" % where)
+        config.http_redirect = check(parse_address, config.http_redirect, where)
+
+
+def check_limits(config, problems):
+    """The timeouts and limits: numbers in range, rates and sizes parsed."""
+    for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
+        if not getattr(config, name) > 0:
+            problems.append("%s must be positive" % source(config, name))
+    if config.max_connections < 1:
+        problems.append("%s must be at least 1" % source(config, "max_connections"))
+    if config.tag_ttl < 0:
+        problems.append("%s must not be negative" % source(config, "tag_ttl"))
+    if config.rate_limit:
+        config.rate_limit = problems.check(parse_rate, config.rate_limit,
+                                           source(config, "rate_limit"))
+    if config.cache_max_size:
+        config.cache_max_size = problems.check(parse_size, config.cache_max_size,
+                                               source(config, "cache_max_size"))
 
 
 def check_certificate(config):
@@ -3645,18 +3655,30 @@ class TokenRoutes:
             # client still wants a token. A placeholder does; docxy drops it again upstream.
             return self.send_json(200, {"token": NO_TOKEN, "access_token": NO_TOKEN,
                                         "expires_in": 300})
-        renamed = {}    # each of the client's scopes as the target registry calls it
-        for scope in scopes:
-            if split_scope(scope):
-                owner, name, actions = self.scope_owner(scope)
-                if (owner or registry) is target and len(name) <= MAX_NAME and NAME.fullmatch(name):
-                    name = upstream_name(name, target.library)
-                    renamed[scope] = "repository:%s:%s" % (name, actions)
+        renamed = self.rename_scopes(scopes, registry, target)
         headers = {"User-Agent": self.forward_headers()["User-Agent"]}
         grant = dict(params).get("grant_type") if self.command == "POST" else None
         own_login = "Authorization" in self.headers or grant in ("password", "refresh_token")
         if target is registry and own_login:
             return self.forward_client_login(target, challenge, params, renamed, headers)
+        return self.forward_pull_token(target, challenge, renamed, headers)
+
+    def rename_scopes(self, scopes, registry, target):
+        """Each of the client's repository scopes for `target` (by prefix, or as `registry`'s
+        own) as the target's upstream calls it: {client's scope: upstream's scope}."""
+        renamed = {}
+        for scope in scopes:
+            if split_scope(scope):
+                owner, name, actions = self.scope_owner(scope)
+                if (owner or registry) is target and len(name) <= MAX_NAME \
+                        and NAME.fullmatch(name):
+                    name = upstream_name(name, target.library)
+                    renamed[scope] = "repository:%s:%s" % (name, actions)
+        return renamed
+
+    def forward_pull_token(self, target, challenge, renamed, headers):
+        """The token request docxy writes itself for a pull: the challenge's service, the scopes
+        cut down to pull, the operator's login if any; the answer without a refresh token."""
         pulls = [pull_only(scope) for scope in renamed.values()]
         query = [("service", challenge["service"])] if challenge.get("service") else []
         query += [("scope", scope) for scope in pulls if scope]
