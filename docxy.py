@@ -3002,23 +3002,15 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
             return False
 
     def handle_one_request(self):
+        """Read one request, answer it (route) and log it."""
         self.status, self.record = None, AccessRecord()
         self.reader.deadline = time.monotonic() + self.mirror.config.client_timeout
         self.idle = True
         tls_probe = self.reader.pending[:2] == b"\x16\x03"
-        try:
-            head = b"" if tls_probe else self.reader.take_head()
-            self.head_file = io.BytesIO(head) if head else self.reader
-            self.raw_requestline = b"\x16\x03" if tls_probe else self.head_file.readline(65537)
-            if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before it is ignored
-                self.raw_requestline = self.head_file.readline(65537)   # (RFC 9112 2.2)
-        except (socket.timeout, OSError):
+        if not self.read_request_line(tls_probe):
             self.close_connection = True
             return
         self.idle = False
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
         self.record.started = time.monotonic()
         self.command, self.path, self.request_version = None, "-", "HTTP/1.1"
         self.client = self.client_address[0]
@@ -3051,6 +3043,19 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
             metrics.request_ended()
             if self.status is not None:
                 self.log_access()
+
+    def read_request_line(self, tls_probe):
+        """Take the request's head from the reader (its line into raw_requestline, its header
+        lines left in head_file); False when the connection ended or failed instead."""
+        try:
+            head = b"" if tls_probe else self.reader.take_head()
+            self.head_file = io.BytesIO(head) if head else self.reader
+            self.raw_requestline = b"\x16\x03" if tls_probe else self.head_file.readline(65537)
+            if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before it is ignored
+                self.raw_requestline = self.head_file.readline(65537)   # (RFC 9112 2.2)
+        except (socket.timeout, OSError):
+            return False
+        return bool(self.raw_requestline)
 
     def route(self):
         """Answer the request just framed: self.command, self.path, self.headers."""
