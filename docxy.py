@@ -22,8 +22,8 @@ Then, on each Docker host, /etc/docker/daemon.json:
 
     {"registry-mirrors": ["https://mirror.example.com"]}
 
-Python 3.8+, standard library only. The file reads in the order a request travels,
-in sections opened by a banner: configuration; the registry protocol; network policy;
+Python 3.8+, standard library only. The file is in sections opened by a banner, each
+building on those above it: configuration; the registry protocol; network policy;
 upstream; body transfer; cache; shared state; logging; request handling; the server;
 commands and main. Importing it changes nothing: main() does what a process needs.
 """
@@ -921,7 +921,7 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
             fields.append((name, value.strip(" \t")))
     headers = _class()
     for name, value in fields:
-        headers[name] = value       # adds a field; a repeated name is kept, as parsed
+        headers.set_raw(name, value)    # as parsed: a repeated name is kept
     return headers
 
 
@@ -1154,22 +1154,21 @@ class ConnectionPool:
     def connect(self, origin):
         proxy = self.proxy_for(origin)
         host, port = (proxy[0], proxy[1]) if proxy else (origin.host, origin.port)
-        # --ipv4-only: a socket bound to an IPv4 address cannot connect to an IPv6 one, and
-        # the standard library's connect moves on to the host's next address.
-        source = ("0.0.0.0", 0) if self.ipv4_only else None
         if origin.scheme == "https":
             connection = http.client.HTTPSConnection(host, port, timeout=self.timeout,
-                                                     source_address=source,
                                                      context=self.tls_context)
             if proxy:
                 connection.set_tunnel(origin.host, origin.port, headers=proxy[2])
         else:
-            connection = http.client.HTTPConnection(host, port, timeout=self.timeout,
-                                                    source_address=source)
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
             if proxy:   # plain HTTP through a proxy: absolute-form targets
                 connection.docxy_prefix = "http://%s:%d" % (
                     "[%s]" % origin.host if ":" in origin.host else origin.host, origin.port)
                 connection.docxy_headers = proxy[2]
+        if self.ipv4_only:
+            # http.client has no public way to choose how it connects; this instance attribute
+            # is its own seam for that, and the one private name docxy sets.
+            connection._create_connection = connect_ipv4
         try:
             connection.connect()
         except socket.timeout:
@@ -1254,6 +1253,23 @@ class UpstreamResponse:
             self.released = True
             self.connection.close()
         self.release()
+
+
+def connect_ipv4(address, timeout, source_address=None):
+    """socket.create_connection restricted to IPv4 (--ipv4-only), for hosts whose IPv6 route
+    is broken: only IPv4 addresses are looked up, and a failure is the IPv4 address's own."""
+    error = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            address[0], address[1], socket.AF_INET, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as failure:
+            error = failure
+            sock.close()
+    raise error or OSError("no IPv4 address for %s" % address[0])
 
 
 def send_once(pool, origin, method, target, headers, body, within=None):
@@ -1462,8 +1478,9 @@ class RegistryClient:
         if scheme.lower() == "bearer" and parts.scheme in ("http", "https") and parts.hostname \
                 and not (registry.upstream.scheme == "https" and parts.scheme == "http"):
             # Only what holds for every repository: a scope or error belongs to one request.
-            self.challenges[registry.name] = {k: params[k] for k in ("realm", "service")
-                                              if k in params}
+            learned = {k: params[k] for k in ("realm", "service") if k in params}
+            # A new mapping, never a change to the one a reload may be reading.
+            self.challenges = dict(self.challenges, **{registry.name: learned})
             return params
         return None
 
@@ -1584,6 +1601,8 @@ class RegistryClient:
             return True
 
     def mark_up(self, registry):
+        if registry.name not in self.down_until:    # the usual case, every answer: no lock
+            return
         with self.lock:
             self.down_until.pop(registry.name, None)
 
@@ -1623,8 +1642,13 @@ def transfer_buffer(size, transfers=1):
 
 
 def release_buffer(buffer):
+    """Give an mmap buffer back at once; one that a view still exports (a traceback may hold
+    one) goes when the view does, rather than hide the error being handled."""
     if isinstance(buffer, mmap.mmap):
-        buffer.close()
+        try:
+            buffer.close()
+        except BufferError:
+            pass
 
 
 def hash_beside(hasher, buffers):
@@ -2184,7 +2208,8 @@ def open_cache(config):
 #
 # What the threads of one process share, each piece with its own lock: a TTL map, a rate
 # limiter, the metrics; and Mirror, the one object that holds them all and says which lock
-# guards what. Nothing else at module level changes after start-up.
+# guards what. At module level only the log's lock (LOG_LOCK) and the 'docxy' logger's
+# handler (configure_logging) are shared too; nothing else changes after start-up.
 # ================================================================================================
 
 class ExpiringCache:
@@ -2281,9 +2306,10 @@ class Metrics:
             self.inflight -= 1
 
     def in_flight(self):
-        """Requests being answered now: transfers share their buffers' budget among them."""
-        with self.lock:
-            return self.inflight
+        """Requests being answered now: transfers share their buffers' budget among them.
+        Read without the lock: reading an int is atomic, and a figure a moment old only sizes
+        a buffer a little differently."""
+        return self.inflight
 
     def request_done(self, route, status, sent, seconds):
         with self.lock:
@@ -2567,6 +2593,11 @@ def log_json(fields):
     write_log_line(json.dumps(fields, separators=(",", ":")) + "\n")
 
 
+ROUTE_CLASSES = {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}
+PATH_CLASSES = {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics",
+                "/": "status"}
+
+
 def route_class(path):
     """A request's kind, for metrics: a bounded label set, whatever clients send."""
     path = path.partition("?")[0]
@@ -2574,11 +2605,6 @@ def route_class(path):
     if match:
         return ROUTE_CLASSES.get(match.group("kind"), "tags")
     return PATH_CLASSES.get(path, "token" if TOKEN_PATH.fullmatch(path) else "other")
-
-
-ROUTE_CLASSES = {"manifests": "manifest", "blobs": "blob", "referrers": "referrers"}
-PATH_CLASSES = {"/v2/": "base", "/v2": "base", "/health": "health", "/metrics": "metrics",
-                "/": "status"}
 
 
 class AccessRecord:
@@ -2961,6 +2987,7 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
         self.connection = self.request
         self.connection.settimeout(self.mirror.config.client_timeout)
         self.peer = plain_address(self.client_address[0])
+        self.peer_text = str(self.peer)
         self.reader = self.rfile = RequestReader(self.connection, self.mirror.config.client_timeout,
                                                  self.server.pending.pop(self.connection, b""))
         self.wfile = ResponseWriter(self.connection)
@@ -3349,6 +3376,7 @@ class UpstreamRelay:
     # Set when a response is delimited by the connection's end (send_upstream), and once a
     # transfer was aborted; either way the connection serves no further request.
     close_delimited = aborted = False
+    gone = False    # the client hung up while its download went on into a cache fill
 
     def abort_transfer(self, error):
         """End the connection mid-body: the client sees an error and retries. A body framed by
@@ -3734,8 +3762,7 @@ class OperatorPages:
     that Metrics and Cache hand over as copies taken under their own locks."""
 
     def send_metrics(self):
-        if not any(plain_address(self.client) in network
-                   for network in self.mirror.config.metrics_allow):
+        if not in_networks(plain_address(self.client), self.mirror.config.metrics_allow):
             raise RegistryError(403, "DENIED",
                                 "metrics are not served to your address (--metrics-allow)")
         cache = self.mirror.cache
@@ -3818,6 +3845,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
 
     def forwarded_client(self):
         """The client's address (client_address): the TCP peer's, or from X-Forwarded-For."""
+        if not self.trusted_peer():
+            return self.peer_text
         return client_address(self.peer, self.headers.get_all("X-Forwarded-For") or [],
                               self.mirror.config.trusted_proxy)
 
@@ -3838,7 +3867,7 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
         """Which registry a request is for (Mirror.registry_for), and the path without its
         prefix."""
         ns = dict(urllib.parse.parse_qsl(query)).get("ns")
-        host = without_port(self.public_host() or "").lower()
+        host = None if ns is not None else without_port(self.public_host() or "").lower()
         registry, path = self.mirror.registry_for(ns, host, path)
         self.record.registry = registry.name
         return registry, path
@@ -4435,7 +4464,9 @@ class Listener(http.server.ThreadingHTTPServer):
     request in WaitingConnections, without a thread (TLS handshakes happen there too), and a
     request that arrived whole is served on a thread of its own, at most as many at once as
     the listener's ConnectionBudget allows (--max-connections, shared by the mirror's
-    listeners). `pending` hands each thread what arrived of its request."""
+    listeners). `pending` hands each thread what arrived of its request: the selector's
+    thread adds an entry and the serving thread pops it, each one dict operation, atomic
+    under the GIL, and never the same socket at once."""
 
     daemon_threads = True
     block_on_close = False

@@ -1617,6 +1617,47 @@ def test_metrics_exposition_takes_the_cache_figures_it_is_given(dx):
     assert metrics.in_flight() == 0 and "docxy_cache" not in metrics.exposition()
 
 
+def test_ipv4_only_connects_to_ipv4_addresses_and_reports_their_own_failure(dx, monkeypatch):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()      # nothing listens there: a connect is refused
+    asked = []
+
+    def getaddrinfo(host, port, family=0, kind=0, *rest):
+        asked.append(family)
+        both = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+        return [info for info in both if family in (0, info[0])]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    pool = dx.ConnectionPool(5, None, ipv4_only=True)
+    with pytest.raises(dx.UpstreamError) as failed:
+        pool.connect(dx.Origin("http", "dual.test", port))
+    assert failed.value.status == 502 and failed.value.kind == "connect"
+    assert "Connection refused" in failed.value.detail, failed.value.detail
+    assert asked == [socket.AF_INET]
+
+
+def test_a_learned_challenge_replaces_the_mapping_a_reload_may_be_reading(dx, routing):
+    upstream, hub = routing.upstream, routing.registries["docker.io"]
+    before = upstream.challenges
+    upstream.learn_challenge(hub, 'Bearer realm="https://auth.example/token",service="x"')
+    assert before == {} and upstream.challenges is not before
+    assert upstream.challenges == {"docker.io": {"realm": "https://auth.example/token",
+                                                 "service": "x"}}
+
+
+def test_a_buffer_still_viewed_when_its_transfer_ends_is_left_to_its_view(dx):
+    buffer = dx.transfer_buffer(1 << 20)
+    view = memoryview(buffer)[:10]      # as a traceback may hold one
+    dx.release_buffer(buffer)           # no BufferError over the error being handled
+    assert not buffer.closed
+    view.release()
+    dx.release_buffer(buffer)
+    assert buffer.closed
+
+
 # ==========================================================================
 # Configuration and start-up
 # ==========================================================================
