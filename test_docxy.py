@@ -160,7 +160,7 @@ class Content:
         self.truncated_manifest = busybox["manifests"][big_manifest["digest"]][1]
 
         for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("corrupt-large", 12 * MIB),
-                           ("slow", 2 * MIB),
+                           ("slow", 2 * MIB), ("corrupt-slow", 2 * MIB),
                            ("chain5", 64 * KIB), ("chain6", 64 * KIB), ("loop", 16 * KIB)):
             data = os.urandom(size)
             self.special[kind] = (sha256_digest(data), data)
@@ -393,8 +393,8 @@ class RegistryHandler(RecordingHandler):
     index is only served when the Accept list allows it; If-None-Match gives
     304.  Normal blob GET/HEAD answer 307 to the CDN on 127.0.0.2 (with the
     CDN URL in the HTML body too).  tags/list is sent chunked.  Special blobs
-    misbehave: truncate, corrupt, slow, chain5/chain6 (that many redirects)
-    and loop.
+    misbehave: truncate, corrupt, slow, corrupt-slow (both), chain5/chain6
+    (that many redirects) and loop.
     """
 
     def end_headers(self):
@@ -534,7 +534,7 @@ class RegistryHandler(RecordingHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-        elif kind == "slow":  # half, then a pause until the test opens the gate, then the rest
+        elif kind in ("slow", "corrupt-slow"):  # half, then a pause until the test opens the gate, then the rest
             half = len(data) // 2
             for i in range(0, len(data), 64 * KIB):
                 if i == half:
@@ -5053,6 +5053,88 @@ def test_disk_full_transfer_completes_caching_pauses_nothing_corrupt(start_docxy
     assert len(cdn.reqs("GET", "/blobs/" + content.big_digest)) == 1
     objects = assert_cache_verified(cache_dir)
     assert all(size <= 64 * KIB for size in objects.values())
+    assert "Traceback" not in d.log()
+
+
+def read_cut_short(resp, served):
+    """A 200 announcing all of `served` whose body breaks off before its end: what came is a
+    prefix of `served`, and the client can tell the transfer failed."""
+    assert resp.status == 200, resp.status
+    assert resp.getheader("Content-Length") == str(len(served))
+    with pytest.raises(http.client.IncompleteRead) as info:
+        resp.read()
+    partial = info.value.partial
+    assert len(partial) < len(served) and served.startswith(partial)
+
+
+# Every way docxy serves a blob's bytes; what X-Docxy-Cache says on each (None: no header).
+CORRUPT_ROUTES = {"no-cache": None, "leader": "miss", "follower": "coalesced", "paused": None,
+                  "paused-mid-transfer": "miss", "range": None}
+
+
+@pytest.mark.parametrize("route", [
+    pytest.param(route, marks=pytest.mark.xfail(
+        strict=True, raises=pytest.fail.Exception,
+        reason="docxy defect: a Range request answered 200 with the whole body is relayed unchecked "
+               "(send_upstream drops `verify` whenever the request had a Range)"))
+    if route == "range" else route for route in CORRUPT_ROUTES])
+def test_bytes_not_matching_their_digest_never_arrive_complete_on_any_route(route, start_docxy, registry,
+                                                                            content, tmp_path):
+    """The upstream sends a blob whose bytes do not hash to its digest. Whichever way docxy serves
+    it: without a cache; to the client whose request downloads it into the cache (the leader); to
+    a client following that download (coalesced); while caching is paused by a full disk, from
+    before the request or from the middle of the download; or to a Range request the upstream
+    answers with the whole body: the client sees the transfer break off, never a complete body,
+    and nothing is cached."""
+    kind = "corrupt-slow" if route == "follower" else "corrupt-large"
+    digest, data = content.special[kind]
+    served = data[:-1] + bytes([data[-1] ^ 0xFF])
+    path = "/v2/busybox/blobs/" + digest
+    cache_dir = tmp_path / "cache"
+    if route == "no-cache":
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
+                        "--upstream-timeout", "5")
+    else:
+        d = cached_docxy(start_docxy, registry, cache_dir)
+    if route.startswith("paused"):
+        # Writes past 64 KiB fail with EFBIG, like a full disk (see the test above).
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (64 * KIB, 64 * KIB))
+    if route == "paused":       # a download that filled the disk paused caching before this request
+        r = get_blob(d.port, content.big_digest)
+        assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+        d.wait_for(r"cache paused")
+    first = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    try:
+        if route == "follower":
+            content.slow_halfway.clear()
+            content.slow_gate.clear()
+            first.request("GET", path)
+            leader = first.getresponse()
+            assert leader.getheader("X-Docxy-Cache") == "miss"
+            assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+            # The upstream holds the rest (and the corrupt last byte) back until the gate opens.
+            second.request("GET", path)
+            follower = second.getresponse()
+            assert follower.getheader("X-Docxy-Cache") == "coalesced"
+            content.slow_gate.set()
+            read_cut_short(follower, served)
+            read_cut_short(leader, served)
+        else:
+            first.request("GET", path, headers={"Range": "bytes=0-"} if route == "range" else {})
+            resp = first.getresponse()
+            assert resp.getheader("X-Docxy-Cache") == CORRUPT_ROUTES[route], route
+            read_cut_short(resp, served)
+    finally:
+        content.slow_gate.set()
+        first.close()
+        second.close()
+    d.wait_for(r"transfer aborted: upstream body does not match its digest")
+    if route.startswith("paused"):
+        d.wait_for(r"cache paused")
+    if route != "no-cache":
+        wait_until(lambda: tmp_files(cache_dir) == [], what="the discarded download to be removed")
+        assert digest not in cached_objects(cache_dir)
     assert "Traceback" not in d.log()
 
 
