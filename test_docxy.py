@@ -1524,10 +1524,30 @@ def test_each_listener_logs_its_real_port(start_docxy, registry):
     assert len([line for line in d.log().splitlines() if LISTEN_RE.search(line)]) == 2
 
 
-def test_startup_output_contains_daemon_json_snippet(start_docxy, registry):
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_startup_output_contains_daemon_json_snippet(scheme, start_docxy, registry, certs):
+    """The daemon.json lines parse as JSON and name the listener's own scheme, address and port
+    (an http listener is an insecure registry too); containerd's host line names the same URL."""
+    tls = ["--cert", certs["rsa-chain.pem"], "--key", certs["rsa.key"]] if scheme == "https" else []
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, *tls)
     d.wait_for(r'"registry-mirrors"')
-    assert "http://127.0.0.1:%d" % d.port in d.log()
+    d.wait_for(r'capabilities = \["pull", "resolve"\]')     # containerd's lines come last
+    if scheme == "http":
+        assert "http://127.0.0.1:%d" % d.port in d.log()
+    listener = "%s://%s:%d" % d.urls[0]      # from the "listening on" line
+    assert listener == "%s://127.0.0.1:%d" % (scheme, d.port)
+    lines = d.log().splitlines()
+    heading = [i for i, line in enumerate(lines) if line.startswith("docxy: Docker, /etc/docker/daemon.json")]
+    assert len(heading) == 1, d.log()
+    snippet = json.loads(lines[heading[0] + 1][len("docxy: "):])
+    expected = {"registry-mirrors": [listener]}
+    if scheme == "http":
+        expected["insecure-registries"] = ["127.0.0.1:%d" % d.port]
+    assert snippet == expected
+    assert 'docxy:   [host."%s"]' % listener in lines
+    mirror = urllib.parse.urlsplit(snippet["registry-mirrors"][0])     # and a client gets there
+    r = call(mirror.port, "GET", "/health", host=mirror.hostname, tls=certs["client"] if scheme == "https" else None)
+    assert r.status == 200 and r.json() == {"status": "ok"}
 
 
 def assert_config_error(args):
