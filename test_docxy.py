@@ -2340,24 +2340,51 @@ def test_manifest_not_matching_its_digest_never_delivered_complete(docxy, token,
     assert partial == b""
 
 
-def test_small_answer_leaves_with_its_head_in_one_send(docxy, token, content):
-    """The head waits for the body: one send per manifest instead of two or three (a verified
-    body used to go as head, all but its last byte, then that byte)."""
+def sends_of_one_answer(dx, argv, request):
+    """What docxy's connection handler writes for one `request`, one list item per send, served
+    in this process over a SOCK_SEQPACKET socket pair: each write(2), send or sendall of the
+    handler arrives as one message, so the messages are its sends (loopback TCP cannot show them).
+    Depends on docxy.read_config(argv, environ), docxy.Mirror(config) and the handler class
+    docxy.MirrorHandler(sock, client_address, server), its server having .mirror, .pending and
+    .tls_context: adapt these lines if those are renamed."""
+    config = dx.read_config(list(argv), {})
+    server = types.SimpleNamespace(mirror=dx.Mirror(config), pending={}, tls_context=None)
+    client, served = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with client:
+        with served:
+            client.sendall(request)
+            dx.MirrorHandler(served, ("127.0.0.1", 40000), server)   # serves until the connection closes
+        client.settimeout(10)
+        return list(iter(lambda: client.recv(1 << 20), b""))
+
+
+@pytest.mark.parametrize("answer", ["health", "error", "manifest-by-digest", "manifest-by-tag"])
+def test_small_answer_leaves_with_its_head_in_one_send(answer, dx, open_registry, content):
+    """The head waits for the body: one send per small answer instead of two or three (a verified
+    body used to go as head, all but its last byte, then that byte), whether docxy writes the
+    answer itself (/health, an error) or relays it from upstream (a manifest, verified against
+    its digest or not)."""
     digest = content.platform["amd64"]["manifest"]
-    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
-        sock.sendall(("GET /v2/busybox/manifests/%s HTTP/1.1\r\nHost: x\r\nAccept: %s\r\n"
-                      "Authorization: Bearer %s\r\n\r\n" % (digest, MT_MANIFEST, token)).encode())
-        sock.settimeout(3)
-        first = sock.recv(1 << 20)
-        time.sleep(0.2)                 # anything sent separately has arrived by now
-        sock.setblocking(False)
-        try:
-            rest = sock.recv(1 << 20)
-        except BlockingIOError:
-            rest = b""
-    head, _, body = first.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    assert rest == b"" and sha256_digest(body) == digest
+    path, served = {
+        "health": ("/health", None),
+        "error": ("/v2/no/such/route", None),
+        "manifest-by-digest": ("/v2/busybox/manifests/" + digest, digest),
+        "manifest-by-tag": ("/v2/busybox/manifests/latest", content.index_digest),
+    }[answer]
+    request = ("GET %s HTTP/1.1\r\nHost: x\r\nAccept: %s\r\nAccept: %s\r\nConnection: close\r\n\r\n"
+               % (path, MT_MANIFEST, MT_INDEX)).encode()
+    sends = sends_of_one_answer(dx, ["--listen", "127.0.0.1:0", "--upstream", open_registry.url,
+                                     "--library-prefix", "on", "--upstream-timeout", "5"], request)
+    assert len(sends) == 1, [s[:200] for s in sends]
+    head, _, body = sends[0].partition(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.I)
+    assert length and int(length.group(1)) == len(body) > 0, head
+    if served:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert sha256_digest(body) == served
+    else:
+        assert head.startswith(b"HTTP/1.1 200 " if answer == "health" else b"HTTP/1.1 404 ")
+        json.loads(body)
 
 
 class MisbehavingRegistryHandler(RecordingHandler):
