@@ -4245,6 +4245,15 @@ def users_docxy(multi_config, users):
     d.stop()
 
 
+def log_so_far(d):
+    """docxy's log, with every line it wrote before answering this test's earlier requests: a
+    request sent now is answered after those, and its access line follows them on stderr."""
+    marker = "/v2/log-marker-%s/tags/list" % os.urandom(4).hex()
+    call(d.port, "GET", marker)
+    d.wait_for(re.escape(marker))
+    return d.log()
+
+
 def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, tokens, content):
     direct = call(tokens.port, "GET", "/token?service=%s&scope=repository:library/busybox:pull" % SERVICE)
     minted = direct.json()["token"]  # valid at the fake registry, minted outside docxy
@@ -4268,6 +4277,13 @@ def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, t
     assert upstream_requests() == []
     r = call(users_docxy.port, "GET", "/health")
     assert r.status == 200 and r.json() == {"status": "ok"}
+    # A refused login is logged by its user name only: never the password or the credentials.
+    log = log_so_far(users_docxy)
+    for name in (MIRROR_USER[0], "nobody", ALICE[0]):
+        assert re.search(r"127\.0\.0\.1 failed to log in as '%s'" % name, log), name
+    secrets = {"wrong-password", MIRROR_USER[1], ALICE[1], minted}
+    secrets.update(headers[0][1].split(" ", 1)[1] for headers in refused if headers)     # as sent
+    assert [secret for secret in secrets if secret in log] == []
 
 
 def test_users_mode_serves_valid_users_with_docxy_side_upstream_auth(users_docxy, registry, tokens, cdn,
@@ -5795,10 +5811,13 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
 
     u = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users, "--log-format", "json")
     assert call(u.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 200
-    assert call(u.port, "GET", "/v2/", [("Authorization", basic(MIRROR_USER[0], "wrong"))]).status == 401
+    refused = basic(MIRROR_USER[0], "Refused-Pass-4410")
+    assert call(u.port, "GET", "/v2/", [("Authorization", refused)]).status == 401
     u.wait_for(r'^\{.*"client":', 2)
     assert [(r["user"], r["status"]) for r in json_access_records(u)] == [(MIRROR_USER[0], 200), (None, 401)]
     assert MIRROR_USER[1] not in u.log() and MIRROR_BASIC[6:] not in u.log()
+    assert "failed to log in as 'mirror-user'" in u.log()      # logged before its 401 was
+    assert "Refused-Pass-4410" not in u.log() and refused[6:] not in u.log()
 
 
 def test_long_transfer_logs_a_start_line_then_an_end_line_with_throughput(start_docxy, registry, content):
@@ -6566,6 +6585,7 @@ def test_failed_logins_are_throttled_per_client_address(start_docxy, registry, u
     assert int(throttled.headers["Retry-After"]) >= 1
     r, _ = login(d.port, MIRROR_BASIC)
     assert r.status == 200      # another address is not held up by mallory's
+    d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'", count=10)   # all ten, then:
     assert "guess-" not in d.log() and d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'")
     assert 'docxy_failed_logins_total 10' in call(d.port, "GET", "/metrics").body.decode()
 
@@ -6584,6 +6604,9 @@ def test_failed_logins_at_once_from_one_address_cannot_outrun_the_throttle(start
         thread.join(60)
     assert len(results) == 40 and set(results) <= {401, 429, 503}
     assert results.count(401) <= 11, results    # the burst of 10, and what refilled meanwhile
+    log = log_so_far(d)
+    assert len(re.findall(r"127\.0\.0\.3 failed to log in as 'mallory'", log)) == results.count(401)
+    assert "at-once-" not in log
 
 
 def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_docxy, registry, users):
