@@ -6728,6 +6728,15 @@ class Skopeo:
         return proc
 
 
+def assert_skopeo_refused(proc, reason, codes=(1,)):
+    """skopeo gave up with its own fatal error, exit status in `codes`, whose message ends with
+    `reason` (a regular expression): not a crash, a signal or another failure."""
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode in codes, (proc.returncode, err)
+    assert "panic:" not in err, err
+    assert re.search(r'level=fatal msg=".*: %s"\s*$' % reason, err), err
+
+
 class DistributionRegistry:
     """`docker-registry serve` with filesystem storage; optionally a pull-through cache."""
 
@@ -6815,6 +6824,8 @@ def test_skopeo_inspect_through_docxy_uses_token_auth(docxy, registry, tokens, c
     private = "docker://127.0.0.1:%d/acme/private:latest" % docxy.port
     denied = skopeo("inspect", "--tls-verify=false", private, check=False)
     assert denied.returncode != 0
+    assert_skopeo_refused(denied, r"reading manifest latest in 127\.0\.0\.1:%d/acme/private: unauthorized"
+                          % docxy.port)
     proc = skopeo("inspect", "--tls-verify=false", "--creds", "alice:s3cret", private)
     assert json.loads(proc.stdout.decode())["Layers"] == content.private["layers"]
     assert "s3cret" not in docxy.log()
@@ -6870,6 +6881,9 @@ def test_skopeo_pulls_from_two_upstreams_through_one_docxy(origin, origin_b, sta
     swapped = skopeo("inspect", "--raw", "--tls-verify=false",
                      "docker://127.0.0.1:%d/reg-b.local/library/demo:1" % d.port, check=False)
     assert swapped.returncode != 0
+    # skopeo releases after 1.9 exit with 2 for an image that is not there.
+    assert_skopeo_refused(swapped, r"reading manifest 1 in 127\.0\.0\.1:%d/reg-b\.local/library/demo: "
+                          r"manifest unknown(: manifest unknown)?" % d.port, codes=(1, 2))
 
 
 def test_skopeo_creds_pull_through_users_mirror(origin, start_docxy, users, tmp_path):
@@ -6878,6 +6892,8 @@ def test_skopeo_creds_pull_through_users_mirror(origin, start_docxy, users, tmp_
     src = "docker://127.0.0.1:%d/demo:1" % d.port
     denied = skopeo("inspect", "--raw", "--tls-verify=false", src, check=False)
     assert denied.returncode != 0
+    assert_skopeo_refused(denied, r"reading manifest 1 in 127\.0\.0\.1:%d/demo: "
+                          r"unauthorized: log in to this mirror \(docker login\)" % d.port)
     skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", "%s:%s" % MIRROR_USER, src,
            "oci:%s:1" % (tmp_path / "out"))
     assert_copied(tmp_path / "out", info, index_digest)
