@@ -4147,9 +4147,15 @@ def test_forwarded_proto_and_host_shape_realm_only_from_trusted_proxy(multi_conf
     for bad in ('evil.com/"x', "evil.com@other", "evil.com:99999"):
         r, _ = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)], source="127.0.0.2")
         assert "evil.com" not in (r.headers.get("WWW-Authenticate") or ""), (bad, r.headers)
+        # An invalid host from the trusted proxy is an invalid Host: refused, no realm at all.
+        assert_error(r, 400, "UNSUPPORTED")
+        assert "WWW-Authenticate" not in r.headers, (bad, r.headers)
+        r, value = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)])    # not from the proxy
+        assert r.status == 401 and value == "http://127.0.0.1:%d/auth/internal.local/token" % d.port, bad
     r, value = realm([("X-Forwarded-Proto", "javascript"), ("X-Forwarded-Host", "mirror.example.com")],
                      source="127.0.0.2")
     assert not (value or "").startswith("javascript"), value
+    assert r.status == 401 and value == "http://mirror.example.com/auth/internal.local/token"
 
 
 def test_hash_password_prints_salted_pbkdf2_sha256_hash():
