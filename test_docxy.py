@@ -822,6 +822,9 @@ class Docxy:
             for m in self.wait_for(LISTEN_RE, listeners):
                 self.urls.append((m.group(1), m.group(2).strip("[]"), int(m.group(3))))
         self.redirect_ports = [int(m.group(2)) for m in self.wait_for(REDIRECT_RE, redirects)]
+        # Every thread of an idle docxy starts before it logs its listeners: serving a
+        # connection adds one, which ends when the connection closes or parks.
+        self.idle_threads = thread_count(self.proc.pid) if listeners else None
 
     def _read(self, pipe, dest):
         for raw in iter(pipe.readline, b""):
@@ -1499,15 +1502,20 @@ def test_readme_test_command_shows_skip_reasons_and_is_what_ci_runs():
 
 def test_a_client_resetting_a_fake_server_prints_no_traceback(capfd):
     fake = FakeServer(RecordingHandler)
+    handled = threading.Event()
+    shutdown_request = fake.httpd.shutdown_request
+
+    def done_with(request):     # socketserver's last step for a connection, error or not
+        shutdown_request(request)
+        handled.set()
+    fake.httpd.shutdown_request = done_with
     try:
         sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
         sock.sendall(b"GET / HTTP/1.1\r\n")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()    # a reset, as when docxy drops an upstream connection mid-transfer
-        err, deadline = "", time.monotonic() + 2
-        while time.monotonic() < deadline and "Traceback" not in err:
-            time.sleep(0.1)
-            err += capfd.readouterr().err
+        assert handled.wait(15), "the fake never finished the connection"
+        err = capfd.readouterr().err
         assert "Traceback" not in err, err
     finally:
         fake.close()
@@ -2286,10 +2294,22 @@ def thread_count(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
-def tcp_connections(pid, remote_port):
-    """The TCP connections process `pid` holds to `remote_port` (IPv4, any address), as
-    (state, bytes received but not read yet), from /proc/<pid>/net/tcp and the sockets among
-    its open files."""
+def tcp_table():
+    """Every IPv4 TCP socket of this network namespace (/proc/net/tcp): dicts of local and remote
+    port, state ("01" established, "0A" listening), bytes queued to send and received but not
+    read yet, and inode."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            tx, rx = (int(q, 16) for q in fields[4].split(":"))
+            found.append({"local": int(fields[1].split(":")[1], 16), "remote": int(fields[2].split(":")[1], 16),
+                          "state": fields[3], "tx": tx, "rx": rx, "inode": fields[9]})
+    return found
+
+
+def socket_inodes(pid):
     inodes = set()
     for fd in os.listdir("/proc/%d/fd" % pid):
         try:
@@ -2298,15 +2318,32 @@ def tcp_connections(pid, remote_port):
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:["):-1])
-    found = []
-    with open("/proc/%d/net/tcp" % pid) as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            remote, state, queues, inode = fields[2], fields[3], fields[4], fields[9]
-            if inode in inodes and int(remote.split(":")[1], 16) == remote_port:
-                found.append((state, int(queues.split(":")[1], 16)))
-    return found
+    return inodes
+
+
+def tcp_connections(pid, remote_port):
+    """The TCP connections process `pid` holds to `remote_port` (IPv4, any address), as
+    (state, bytes received but not read yet)."""
+    inodes = socket_inodes(pid)
+    return [(c["state"], c["rx"]) for c in tcp_table() if c["inode"] in inodes and c["remote"] == remote_port]
+
+
+def server_side(d, sock):
+    """docxy's end of the client connection `sock`, or None once docxy closed it."""
+    ends = [c for c in tcp_table() if c["local"] == d.port and c["remote"] == sock.getsockname()[1]]
+    return ends[0] if ends else None
+
+
+def wait_read_by_docxy(d, socks):
+    """Wait until docxy has read everything each of `socks` sent (or closed it)."""
+    wait_until(lambda: all((server_side(d, sock) or {"rx": 0})["rx"] == 0 for sock in socks), 15,
+               "docxy to read what its clients sent")
+
+
+def wait_parked(d):
+    """Wait until docxy serves no connection on a thread: each open one is parked (waits for its
+    next request without a thread) or closed."""
+    wait_until(lambda: thread_count(d.proc.pid) <= d.idle_threads, 15, "every connection to be parked")
 
 
 def test_hashing_thread_and_upstream_connection_end_with_the_transfer_a_client_abandons(start_docxy, registry,
@@ -2542,30 +2579,44 @@ def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(
 
 
 def test_unreachable_upstream_gives_502_quickly(start_docxy):
+    """A refused connection is answered at once: with an --upstream-timeout longer than the
+    client waits (15 s), waiting for any timeout would fail the call instead."""
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
-                    "--library-prefix", "on")
+                    "--library-prefix", "on", "--upstream-timeout", "60")
     for path in ("/v2/", "/v2/busybox/manifests/latest"):
-        start = time.monotonic()
         r = call(d.port, "GET", path, timeout=15)
-        assert time.monotonic() - start < 8
         body = assert_error(r, 502, "UNAVAILABLE")
         assert "Traceback" not in json.dumps(body)
+    d.wait_for(r"upstream unreachable", 2)
 
 
-def test_silent_upstream_gives_504_within_upstream_timeout():
+def waiting_the_default_upstream_timeout(start_docxy, hole, path="/v2/"):
+    """A request to a docxy with the default --upstream-timeout (10 s), waiting for the silent
+    upstream `hole`: its raw socket, once the hole holds its upstream connection. Another
+    docxy's answer that comes while this one has none is proof of a shorter timeout."""
+    ref = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url)
+    connected = len(hole.conns)
+    sock = socket.create_connection(("127.0.0.1", ref.port), timeout=30)
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    wait_until(lambda: len(hole.conns) > connected, 15, "the reference docxy to reach the silent upstream")
+    return sock
+
+
+def still_waiting(sock):
+    return select.select([sock], [], [], 0)[0] == []
+
+
+def test_silent_upstream_gives_504_within_upstream_timeout(start_docxy):
     hole = Blackhole()
-    d = None
     try:
-        d = Docxy(["--listen", "127.0.0.1:0", "--upstream", hole.url, "--upstream-timeout", "1"])
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--upstream-timeout", "1")
         for path in ("/v2/", "/v2/library/busybox/manifests/latest"):
-            start = time.monotonic()
-            r = call(d.port, "GET", path, timeout=15)
-            assert time.monotonic() - start < 8
-            assert_error(r, 504, "UNAVAILABLE")
+            with waiting_the_default_upstream_timeout(start_docxy, hole, path) as reference:
+                r = call(d.port, "GET", path, timeout=15)
+                assert_error(r, 504, "UNAVAILABLE")
+                assert still_waiting(reference), "--upstream-timeout 1 took as long as the default"
         assert hole.conns, "docxy never connected to the silent upstream"
     finally:
-        if d:
-            d.stop()
         hole.close()
 
 
@@ -2767,19 +2818,22 @@ def test_slow_header_client_is_cut_off_after_client_timeout(start_docxy, registr
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         for piece in (b"GET /health HT", b"TP/1.1\r\nHost: 127.0.0.1\r\n", b"\r\n"):
             sock.sendall(piece)
-            time.sleep(0.3)
+            wait_read_by_docxy(d, [sock])   # each piece read on its own
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
         assert resp.status == 200
         resp.read()
-    # One byte every 0.3 s would need a minute for this request.
+    # One byte every 0.3 s would need a minute for this request: each byte comes well within
+    # the 2 s, so only a deadline for the whole request cuts it off, and it must, before its end.
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
     start = time.monotonic()
     reply = None
+    sent = 0
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         for byte in request:
             try:
                 sock.sendall(bytes([byte]))
+                sent += 1
             except OSError:
                 reply = b""
                 break
@@ -2790,11 +2844,10 @@ def test_slow_header_client_is_cut_off_after_client_timeout(start_docxy, registr
                 except OSError:
                     reply = b""
                 break
-            assert time.monotonic() - start < 15, "slow client was never cut off"
-    elapsed = time.monotonic() - start
+            assert time.monotonic() - start < 15, "slow client was never cut off"     # a hang guard
     assert reply is not None, "the whole slow request was accepted"
     assert not reply.startswith(b"HTTP/1.1 200"), reply
-    assert 1.0 < elapsed < 12, elapsed
+    assert sent < len(request) - 1, "cut off only once the request was whole"
 
 
 def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, registry, content):
@@ -2812,7 +2865,8 @@ def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, regi
         for sock in downloads:      # both served, held half-way by the upstream: each holds a slot
             sock.sendall(request)
         assert content.slow_halfway.wait(15)
-        time.sleep(0.5)
+        wait_until(lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2, 15,
+                   "both downloads to reach the upstream")
         third.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         third.settimeout(1.5)
         with pytest.raises(socket.timeout):
@@ -2840,9 +2894,9 @@ def test_clients_in_the_middle_of_a_request_hold_no_slot(start_docxy, registry):
     try:
         for sock in slow:       # each sends part of a request, then nothing
             sock.sendall(health[:20])
-        time.sleep(0.3)
+        wait_read_by_docxy(d, slow)
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
-            sock.settimeout(2)
+            sock.settimeout(10)     # served while all 25 still wait for the rest (a slot held: 30 s)
             resp, body = send_and_read(sock, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
         for sock in slow[:2]:   # and each is answered once it is whole
@@ -2863,16 +2917,16 @@ def test_idle_keep_alive_connections_give_back_their_slots(start_docxy, registry
         for sock in idle:
             resp, _ = send_and_read(sock, health)
             assert resp.status == 200 and not resp.will_close
-        time.sleep(1.0)     # quiet for longer than docxy waits before it parks a connection
+        wait_parked(d)      # quiet for longer than docxy waits before it parks a connection
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
-            third.settimeout(2)     # with the slots still held, this would wait for 30 s
+            third.settimeout(10)    # with the slots still held, this would wait for 30 s
             resp, body = send_and_read(third, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
         for sock in idle:           # the parked connections still serve their next requests
             for _ in range(2):
                 resp, body = send_and_read(sock, health)
                 assert resp.status == 200 and json.loads(body) == {"status": "ok"}
-                time.sleep(0.7)
+                wait_parked(d)
     finally:
         for sock in idle:
             sock.close()
@@ -2892,7 +2946,6 @@ def test_parked_connections_are_bounded_by_the_open_file_limit(start_docxy, regi
             sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
             idle.append(sock)
             assert send_and_read(sock, health)[0].status == 200
-        time.sleep(1.5)     # all parked, and the longest-quiet ones closed to make room
 
         def closed(sock):
             sock.setblocking(False)
@@ -2903,6 +2956,8 @@ def test_parked_connections_are_bounded_by_the_open_file_limit(start_docxy, regi
             finally:
                 sock.setblocking(True)
 
+        wait_parked(d)      # all parked, and the longest-quiet ones closed to make room
+        wait_until(lambda: sum(map(closed, idle)) >= 16, 15, "16 parked connections to be closed")
         assert [closed(sock) for sock in idle] == [True] * 16 + [False] * 64
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as new:
             assert send_and_read(new, health)[0].status == 200
@@ -2919,11 +2974,12 @@ def test_parked_tls_connection_serves_its_next_request(tls_docxy, certs):
     health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     raw = socket.create_connection(("127.0.0.1", tls_docxy.port), timeout=10)
     with certs["client"].wrap_socket(raw, server_hostname="localhost") as sock:
-        for pause in (1.0, 1.0, 0):
+        for parked in (True, True, False):
             resp, body = send_and_read(sock, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
             assert not resp.will_close
-            time.sleep(pause)
+            if parked:
+                wait_parked(tls_docxy)
 
 
 def test_a_tls_client_that_reads_slowly_gets_its_whole_answer_on_a_kept_alive_connection(tls_docxy, certs,
@@ -2934,7 +2990,14 @@ def test_a_tls_client_that_reads_slowly_gets_its_whole_answer_on_a_kept_alive_co
         assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
         sock.sendall(b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
                      % (content.big_digest.encode(), token.encode()))
-        time.sleep(2)           # the server's send buffer fills meanwhile
+        # Not read until this client's receive buffer is full (what came is never read, so it
+        # only grows) and docxy's send buffer holds the rest of what is to come.
+        port = sock.getsockname()[1]
+
+        def buffers_full():
+            mine = [c["rx"] for c in tcp_table() if c["local"] == port and c["remote"] == tls_docxy.port]
+            return mine and mine[0] >= 64 * KIB and (server_side(tls_docxy, sock) or {"tx": 0})["tx"] > 0
+        wait_until(buffers_full, 15, "the client's and docxy's socket buffers to fill")
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
         assert resp.status == 200 and sha256_digest(resp.read()) == content.big_digest
@@ -2959,7 +3022,8 @@ def test_request_split_across_a_pause_is_not_lost(docxy):
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200
         sock.sendall(b"GET /hea")
-        time.sleep(1.0)             # docxy parks the connection with half a request line read
+        wait_parked(docxy)          # docxy parks the connection with half a request line read
+        wait_read_by_docxy(docxy, [sock])
         sock.sendall(b"lth HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
@@ -2971,9 +3035,9 @@ def test_parked_connection_is_closed_after_client_timeout(start_docxy, registry)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200 and not resp.will_close
-        started = time.monotonic()
-        assert sock.recv(1) == b""      # docxy closed it
-        assert 1.5 < time.monotonic() - started < 6
+        wait_parked(d)
+        assert still_waiting(sock), "closed when it was parked, not after --client-timeout"
+        assert sock.recv(1) == b""      # docxy closed it (within the socket's 10 s; the default is 30)
 
 
 def not_served(port):
@@ -2997,11 +3061,10 @@ def test_sigterm_closes_parked_keep_alive_connections_and_exits_at_once(start_do
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200 and not resp.will_close
-        time.sleep(1.0)         # parked by now
-        started = time.monotonic()
+        wait_parked(d)
         d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(10) == 0
-        assert time.monotonic() - started < 5, "docxy waited for an idle client"
+        # Exits while the idle client still holds its connection, within 10 s of --drain-seconds 20.
+        assert d.proc.wait(10) == 0, "docxy waited for an idle client"
         assert sock.recv(1) == b""
 
 
@@ -3236,12 +3299,14 @@ def test_cache_hits_sent_whole_before_a_slow_client_reads_them_are_counted_whole
         sock.settimeout(10)
         sock.connect(("127.0.0.1", d.port))
         sock.sendall(request * 3)
-        time.sleep(2)       # longer than --client-timeout: the answers wait in the sockets' buffers
+        # Not read until docxy is done with all three answers: the first ones wait in the sockets'
+        # buffers, and the third may well time out (this client did not read for longer than it may).
+        hit_line = r'"GET /v2/busybox/blobs/%s" 200 (\d+)B \S+ upstream=(\S+) cache=hit' % blob
+        d.wait_for(hit_line, 3)
         for _ in range(2):
             resp, body = send_and_read(sock, b"")
             assert resp.status == 200 and sha256_digest(body) == blob
-    # The third answer may well time out: this client did not read for longer than it may.
-    lines = d.wait_for(r'"GET /v2/busybox/blobs/%s" 200 (\d+)B \S+ upstream=(\S+) cache=hit' % blob, 3)
+    lines = d.wait_for(hit_line, 3)
     assert [(int(m.group(1)), m.group(2)) for m in lines[:2]] == [(MIB, "-")] * 2
 
 
@@ -3256,8 +3321,8 @@ def test_clients_trickling_token_bodies_never_keep_others_waiting(start_docxy, r
             sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
                          b"urlencoded\r\nContent-Length: %d\r\n\r\n%s" % (len(form), form[:3]))
             slow.append(sock)
-        time.sleep(0.5)
-        assert health_is_answered_at_once(d.port)
+        wait_read_by_docxy(d, slow)
+        assert health_is_answered_at_once(d.port)   # while the 25 still owe most of their bodies
     finally:
         for sock in slow:
             sock.close()
@@ -3267,20 +3332,22 @@ def test_client_timeout_is_a_deadline_for_the_whole_request_body_included(start_
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--client-timeout", "2")
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
-        started = time.monotonic()
         reply = b""
+        sent = 0
         try:
-            for _ in range(16):     # a byte every half second: no single read ever waits 2 s
+            for _ in range(40):     # a byte every half second: no single read ever waits 2 s
+                if select.select([sock], [], [], 0.5)[0]:
+                    break           # docxy answered, or closed the connection
                 sock.sendall(b"a")
-                time.sleep(0.5)
+                sent += 1
         except OSError:
             pass
+        assert sent < 40, "docxy waited for the whole trickled body"
         sock.settimeout(5)
         try:
             reply = read_until_eof(sock)
         except ConnectionResetError:
             pass
-        assert time.monotonic() - started < 6
         assert responses(reply) in ([b"408"], []), reply
     d.wait_for(r'^docxy: 127\.0\.0\.1 "- -" 408 0B \(request not received in time\)$')
     assert 'status="408"' in call(d.port, "GET", "/metrics").body.decode()
@@ -3299,12 +3366,14 @@ def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, re
 def test_clients_that_reset_before_their_tls_handshake_never_stop_the_service(certs, start_docxy, registry):
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
                     "--key", certs["rsa.key"])
+    idle_sockets = len(socket_inodes(d.proc.pid))
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.sendall(b"\x16\x03\x01\x00\x05hello")
         sock.close()            # a reset, with a ClientHello's first bytes still unread
-    time.sleep(0.5)
+    # docxy has let go of every one of them: it holds no more sockets than before they came.
+    wait_until(lambda: len(socket_inodes(d.proc.pid)) <= idle_sockets, 15, "the reset connections to be closed")
     for _ in range(3):
         assert call(d.port, "GET", "/health", tls=certs["client"], timeout=5).status == 200
     assert "Traceback" not in d.log()
@@ -3315,9 +3384,16 @@ def test_a_kept_alive_request_waiting_for_100_continue_gets_it_once(docxy):
         assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
         sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                      b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n\r\n")
-        time.sleep(1.5)         # past the moment the connection waits without its thread
-        sock.settimeout(0.5)
+        wait_parked(docxy)      # past the moment the connection waits without its thread
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        # Any second "100 Continue" would come before the answer to the body.
+        sock.sendall(b"a=b&c")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 ") and not reply.startswith(b"HTTP/1.1 100 "), reply
 
 
 def test_a_failed_tls_handshake_is_one_short_log_line(certs, start_docxy, registry):
@@ -3385,9 +3461,9 @@ def test_docxy_section_takes_flag_names_with_dashes_or_underscores(tmp_path, sta
             assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
         assert_error(index_request(d.port, LIB_PATH + "?ns=ghcr.io"), 429, "TOOMANYREQUESTS")
         assert len(open_registry.reqs(path=LIB_PATH)) == 2
-        start = time.monotonic()
-        assert_error(call(d.port, "GET", "/v2/", timeout=15), 504, "UNAVAILABLE")
-        assert time.monotonic() - start < 5  # upstream-timeout 1, not the default 10
+        with waiting_the_default_upstream_timeout(start_docxy, hole) as reference:
+            assert_error(call(d.port, "GET", "/v2/", timeout=15), 504, "UNAVAILABLE")
+            assert still_waiting(reference)     # upstream-timeout 1, not the default 10
         assert hole.conns
     finally:
         hole.close()
@@ -4175,6 +4251,12 @@ def test_hash_password_prints_salted_pbkdf2_sha256_hash():
     assert len(salts) == 2
 
 
+def waits_in_a_read(pid):
+    """Whether process `pid` sleeps (state S in /proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "S"
+
+
 def hash_password_on_a_terminal(answers):
     """Run hash-password on a pseudo-terminal, writing the next of `answers` at each prompt;
     returns (exit status, everything the terminal showed)."""
@@ -4200,7 +4282,10 @@ def hash_password_on_a_terminal(answers):
                 break
             output += chunk
             if chunk.rstrip().endswith(b":") and answers:  # a prompt
-                time.sleep(0.2)     # getpass turns echo off after it writes the prompt
+                # getpass turned echo off before it wrote the prompt; the answer goes once docxy
+                # waits in its read (the only place it sleeps after a prompt): a Ctrl-C's SIGINT
+                # that came just before the read would only be handled once input came.
+                wait_until(lambda: waits_in_a_read(pid), 10, "hash-password to wait for its answer")
                 os.write(fd, answers.pop(0))
     finally:
         os.close(fd)
@@ -4936,7 +5021,6 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
     online.stop()
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
                     "--library-prefix", "on", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
-    started = time.monotonic()
     ping = call(d.port, "GET", "/v2/")
     assert ping.status in (200, 401) and ping.headers["X-Docxy-Cache"] == "stale", ping
     token = call(d.port, "GET", "/auth/token?scope=repository%3Alibrary%2Fbusybox%3Apull&service=" + SERVICE)
@@ -4954,9 +5038,10 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
         r = call(d.port, "GET", "/v2/library/busybox/%s/%s" % (kind_of(content, digest), digest),
                  [("Accept", MT_INDEX), ("Accept", MT_MANIFEST)])
         assert r.status == 200 and sha256_digest(r.body) == digest
-    assert time.monotonic() - started < 10
     assert re.search(r"upstream docker\.io failed .*: serving cached tags stale .* docker\.io/library/busybox:latest",
                      d.log())
+    # The outage was noticed once and remembered, not met again by every request.
+    assert len(re.findall(r"upstream docker\.io failed", log_so_far(d))) == 1, d.log()
 
 
 def test_outage_serves_a_tag_cached_for_another_clients_accept_list(start_docxy, registry, content, tmp_path):
@@ -5321,14 +5406,16 @@ def test_a_silent_upstream_costs_one_timeout_not_one_per_request(start_docxy, re
         d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
                         "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
         accept = [("Accept", a) for a in DOCKERD_ACCEPT]
-        began = time.monotonic()
         r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-        assert time.monotonic() - began >= 1.5     # it did ask, and waited for the timeout
-        began = time.monotonic()
+        # It did ask, and waited for the timeout.
+        assert len(hole.conns) == 1
+        d.wait_for(r"upstream docker\.io failed \(upstream did not answer in time\): serving cached tags stale")
         r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-        assert time.monotonic() - began < 1.0      # it remembered the outage instead of waiting again
+        # It remembered the outage instead of asking again: asking, it would have answered only
+        # after its timeout, with the new connection accepted long before.
+        assert len(hole.conns) == 1
         assert r.headers["Docker-Content-Digest"] == content.index_digest
     finally:
         hole.close()
@@ -6236,11 +6323,11 @@ def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path)
 HOSTILE = 64 * KIB
 
 
-def run_parser(expression, timeout=20):
+def run_parser(expression, timeout=30, n=HOSTILE):
     """Evaluate `expression` on a fresh import of docxy in a child process, so that a parser
     that never finishes fails the test instead of holding this one. Returns the seconds it took."""
     code = ("import sys, time; sys.argv = ['docxy']; import docxy; n = %d; started = time.monotonic()\n"
-            "try:\n    %s\nexcept Exception:\n    pass\nprint(time.monotonic() - started)" % (HOSTILE, expression))
+            "try:\n    %s\nexcept Exception:\n    pass\nprint(time.monotonic() - started)" % (n, expression))
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=clean_env(), timeout=timeout,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -6267,14 +6354,18 @@ def run_parser(expression, timeout=20):
     "docxy.TOKEN_PATH.fullmatch('/auth/' + 'a.' * (n // 2) + '/tokex')",
     "docxy.clean_query('n=' + '1' * n + '&last=' + 'a' * n, docxy.QUERY_GRAMMAR['tags'])",
 ])
-def test_each_parser_takes_64_kib_of_hostile_input_in_linear_time(expression):
-    assert run_parser(expression) < 2.0, expression
+def test_each_parser_takes_1_mib_of_hostile_input_in_linear_time(expression):
+    """Sixteen times the longest line docxy reads (64 KiB), with a deadline that only guards
+    against a hang: linear parsers need well under a second for it, while a quadratic one that
+    needed 0.1 s for 64 KiB needs 256 times that, and a worse one far longer."""
+    run_parser(expression, timeout=30, n=16 * HOSTILE)
 
 
 def health_is_answered_at_once(port, tls=None):
-    started = time.monotonic()
+    """/health answered while whatever the caller set up is under way; the deadline (10 s) only
+    guards against a hang."""
     r = call(port, "GET", "/health", tls=tls, timeout=10)
-    return r.status == 200 and time.monotonic() - started < 1.0
+    return r.status == 200 and r.json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize("header", ["Range", "Accept", "X-Forwarded-For", "Host", "Authorization"])
@@ -6293,7 +6384,7 @@ def test_a_hostile_header_never_holds_up_another_connection(header, start_docxy,
     with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
         sock.sendall(("GET %s HTTP/1.1\r\n%s%s: %s\r\n\r\n" % (
             target, "" if header == "Host" else "Host: x\r\n", header, value)).encode())
-        time.sleep(0.05)
+        wait_read_by_docxy(d, [sock])
         assert health_is_answered_at_once(d.port), header
         sock.settimeout(15)
         assert sock.recv(65536).startswith(b"HTTP/1.1 "), header
@@ -6309,7 +6400,7 @@ def test_a_hostile_challenge_from_upstream_never_holds_up_another_connection(sta
         d = start_docxy("--listen", "127.0.0.1:0", "--upstream", fake.url)
         with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
             sock.sendall(b"GET /v2/library/busybox/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.05)
+            wait_until(lambda: fake.reqs(), 15, "docxy to ask the hostile upstream")
             assert health_is_answered_at_once(d.port)
             sock.settimeout(15)
             assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
@@ -6625,9 +6716,12 @@ def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_
     threads = [threading.Thread(target=attacker, args=(i,)) for i in range(60)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    # The flood is on once the hashing queue is full: attackers are turned away with 503.
+    wait_until(lambda: any(r.status == 503 for r, _ in list(results)), 30, "the login queue to fill")
     r, seconds = login(d.port, MIRROR_BASIC)
-    assert r.status == 200 and seconds < 1.0
+    # Answered while the queue still holds attackers' logins, each waiting for its PBKDF2 turn.
+    still_hashing = 60 - len(results)
+    assert r.status == 200 and still_hashing > 0, still_hashing
     for thread in threads:
         thread.join(60)
     refused = [r for r, took in results if r.status == 503]
