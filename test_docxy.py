@@ -6007,7 +6007,7 @@ def test_certificate_renewed_on_disk_serves_new_connections_while_a_download_fin
         assert content.slow_halfway.wait(15), "the fake registry never got half-way"
         assert conn.sock.getpeercert(binary_form=True) == old
         install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
-        wait_served(d.port, certs, new, 3.5)
+        wait_served(d.port, certs, new, 15)    # the default interval is 60 s
         assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
         assert not content.slow_gate.is_set()   # the old download was in flight all along
         content.slow_gate.set()
@@ -6052,7 +6052,7 @@ def test_broken_certificate_on_disk_is_refused_and_a_later_good_one_loaded(start
     assert served_certificate(d.port, certs) == old
     assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
     install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
-    wait_served(d.port, certs, new, 3.5)
+    wait_served(d.port, certs, new, 15)    # the default interval is 60 s
 
 
 def test_sighup_reloads_users_and_config_file_without_dropping_a_keep_alive_connection(start_docxy, registry,
