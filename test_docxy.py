@@ -161,7 +161,7 @@ class Content:
         self.truncated_manifest = busybox["manifests"][big_manifest["digest"]][1]
 
         for kind, size in (("truncate", 256 * KIB), ("corrupt", 200 * KIB), ("corrupt-large", 12 * MIB),
-                           ("slow", 2 * MIB),
+                           ("slow", 2 * MIB), ("corrupt-slow", 2 * MIB),
                            ("chain5", 64 * KIB), ("chain6", 64 * KIB), ("loop", 16 * KIB)):
             data = os.urandom(size)
             self.special[kind] = (sha256_digest(data), data)
@@ -394,8 +394,8 @@ class RegistryHandler(RecordingHandler):
     index is only served when the Accept list allows it; If-None-Match gives
     304.  Normal blob GET/HEAD answer 307 to the CDN on 127.0.0.2 (with the
     CDN URL in the HTML body too).  tags/list is sent chunked.  Special blobs
-    misbehave: truncate, corrupt, slow, chain5/chain6 (that many redirects)
-    and loop.
+    misbehave: truncate, corrupt, slow, corrupt-slow (both), chain5/chain6
+    (that many redirects) and loop.
     """
 
     def end_headers(self):
@@ -535,7 +535,7 @@ class RegistryHandler(RecordingHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-        elif kind == "slow":  # half, then a pause until the test opens the gate, then the rest
+        elif kind in ("slow", "corrupt-slow"):  # half, then a pause until the test opens the gate, then the rest
             half = len(data) // 2
             for i in range(0, len(data), 64 * KIB):
                 if i == half:
@@ -823,6 +823,9 @@ class Docxy:
             for m in self.wait_for(LISTEN_RE, listeners):
                 self.urls.append((m.group(1), m.group(2).strip("[]"), int(m.group(3))))
         self.redirect_ports = [int(m.group(2)) for m in self.wait_for(REDIRECT_RE, redirects)]
+        # Every thread of an idle docxy starts before it logs its listeners: serving a
+        # connection adds one, which ends when the connection closes or parks.
+        self.idle_threads = thread_count(self.proc.pid) if listeners else None
 
     def _read(self, pipe, dest):
         for raw in iter(pipe.readline, b""):
@@ -1722,15 +1725,20 @@ def test_readme_test_command_shows_skip_reasons_and_is_what_ci_runs():
 
 def test_a_client_resetting_a_fake_server_prints_no_traceback(capfd):
     fake = FakeServer(RecordingHandler)
+    handled = threading.Event()
+    shutdown_request = fake.httpd.shutdown_request
+
+    def done_with(request):     # socketserver's last step for a connection, error or not
+        shutdown_request(request)
+        handled.set()
+    fake.httpd.shutdown_request = done_with
     try:
         sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
         sock.sendall(b"GET / HTTP/1.1\r\n")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()    # a reset, as when docxy drops an upstream connection mid-transfer
-        err, deadline = "", time.monotonic() + 2
-        while time.monotonic() < deadline and "Traceback" not in err:
-            time.sleep(0.1)
-            err += capfd.readouterr().err
+        assert handled.wait(15), "the fake never finished the connection"
+        err = capfd.readouterr().err
         assert "Traceback" not in err, err
     finally:
         fake.close()
@@ -1747,10 +1755,30 @@ def test_each_listener_logs_its_real_port(start_docxy, registry):
     assert len([line for line in d.log().splitlines() if LISTEN_RE.search(line)]) == 2
 
 
-def test_startup_output_contains_daemon_json_snippet(start_docxy, registry):
-    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_startup_output_contains_daemon_json_snippet(scheme, start_docxy, registry, certs):
+    """The daemon.json lines parse as JSON and name the listener's own scheme, address and port
+    (an http listener is an insecure registry too); containerd's host line names the same URL."""
+    tls = ["--cert", certs["rsa-chain.pem"], "--key", certs["rsa.key"]] if scheme == "https" else []
+    d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, *tls)
     d.wait_for(r'"registry-mirrors"')
-    assert "http://127.0.0.1:%d" % d.port in d.log()
+    d.wait_for(r'capabilities = \["pull", "resolve"\]')     # containerd's lines come last
+    if scheme == "http":
+        assert "http://127.0.0.1:%d" % d.port in d.log()
+    listener = "%s://%s:%d" % d.urls[0]      # from the "listening on" line
+    assert listener == "%s://127.0.0.1:%d" % (scheme, d.port)
+    lines = d.log().splitlines()
+    heading = [i for i, line in enumerate(lines) if line.startswith("docxy: Docker, /etc/docker/daemon.json")]
+    assert len(heading) == 1, d.log()
+    snippet = json.loads(lines[heading[0] + 1][len("docxy: "):])
+    expected = {"registry-mirrors": [listener]}
+    if scheme == "http":
+        expected["insecure-registries"] = ["127.0.0.1:%d" % d.port]
+    assert snippet == expected
+    assert 'docxy:   [host."%s"]' % listener in lines
+    mirror = urllib.parse.urlsplit(snippet["registry-mirrors"][0])     # and a client gets there
+    r = call(mirror.port, "GET", "/health", host=mirror.hostname, tls=certs["client"] if scheme == "https" else None)
+    assert r.status == 200 and r.json() == {"status": "ok"}
 
 
 def assert_config_error(args):
@@ -2489,22 +2517,79 @@ def thread_count(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
-def test_hashing_thread_ends_with_the_transfer_a_client_abandons(start_docxy, registry, content):
+def tcp_table():
+    """Every IPv4 TCP socket of this network namespace (/proc/net/tcp): dicts of local and remote
+    port, state ("01" established, "0A" listening), bytes queued to send and received but not
+    read yet, and inode."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            tx, rx = (int(q, 16) for q in fields[4].split(":"))
+            found.append({"local": int(fields[1].split(":")[1], 16), "remote": int(fields[2].split(":")[1], 16),
+                          "state": fields[3], "tx": tx, "rx": rx, "inode": fields[9]})
+    return found
+
+
+def socket_inodes(pid):
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:         # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def tcp_connections(pid, remote_port):
+    """The TCP connections process `pid` holds to `remote_port` (IPv4, any address), as
+    (state, bytes received but not read yet)."""
+    inodes = socket_inodes(pid)
+    return [(c["state"], c["rx"]) for c in tcp_table() if c["inode"] in inodes and c["remote"] == remote_port]
+
+
+def server_side(d, sock):
+    """docxy's end of the client connection `sock`, or None once docxy closed it."""
+    ends = [c for c in tcp_table() if c["local"] == d.port and c["remote"] == sock.getsockname()[1]]
+    return ends[0] if ends else None
+
+
+def wait_read_by_docxy(d, socks):
+    """Wait until docxy has read everything each of `socks` sent (or closed it)."""
+    wait_until(lambda: all((server_side(d, sock) or {"rx": 0})["rx"] == 0 for sock in socks), 15,
+               "docxy to read what its clients sent")
+
+
+def wait_parked(d):
+    """Wait until docxy serves no connection on a thread: each open one is parked (waits for its
+    next request without a thread) or closed."""
+    wait_until(lambda: thread_count(d.proc.pid) <= d.idle_threads, 15, "every connection to be parked")
+
+
+def test_hashing_thread_and_upstream_connection_end_with_the_transfer_a_client_abandons(start_docxy, registry,
+                                                                                        cdn, content):
+    """A client that resets mid-body ends its transfer: the thread hashing the body ends, and the
+    upstream connection, its body half-read, is closed, never pooled for the next request."""
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--upstream-timeout", "5")
+    before = thread_count(d.proc.pid)   # every thread of an idle docxy starts before "listening on"
     r = call(d.port, "GET", "/v2/library/busybox/blobs/" + content.big_digest)
     assert r.status == 200 and sha256_digest(r.body) == content.big_digest
-    time.sleep(0.2)
-    before = thread_count(d.proc.pid)
     for _ in range(3):
         sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
         sock.sendall(b"GET /v2/library/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n" % content.big_digest.encode())
         assert sock.recv(65536)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()        # a reset: docxy's next write fails mid-body
-    deadline = time.monotonic() + 10
-    while thread_count(d.proc.pid) > before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The CDN keeps sending until the socket buffers fill: a half-read connection docxy kept
+    # would hold unread bytes for as long as it stays open.
+    wait_until(lambda: thread_count(d.proc.pid) <= before and
+               not [c for c in tcp_connections(d.proc.pid, cdn.port) if c[1] > 0],
+               timeout=15, what="the abandoned transfers' threads and upstream connections to end")
     assert thread_count(d.proc.pid) <= before
+    assert [c for c in tcp_connections(d.proc.pid, cdn.port) if c[1] > 0] == []
 
 
 def test_manifest_not_matching_its_digest_never_delivered_complete(docxy, token, content):
@@ -2515,24 +2600,51 @@ def test_manifest_not_matching_its_digest_never_delivered_complete(docxy, token,
     assert partial == b""
 
 
-def test_small_answer_leaves_with_its_head_in_one_send(docxy, token, content):
-    """The head waits for the body: one send per manifest instead of two or three (a verified
-    body used to go as head, all but its last byte, then that byte)."""
+def sends_of_one_answer(dx, argv, request):
+    """What docxy's connection handler writes for one `request`, one list item per send, served
+    in this process over a SOCK_SEQPACKET socket pair: each write(2), send or sendall of the
+    handler arrives as one message, so the messages are its sends (loopback TCP cannot show them).
+    Depends on docxy.read_config(argv, environ), docxy.Mirror(config) and the handler class
+    docxy.MirrorHandler(sock, client_address, server), its server having .mirror, .pending and
+    .tls_context: adapt these lines if those are renamed."""
+    config = dx.read_config(list(argv), {})
+    server = types.SimpleNamespace(mirror=dx.Mirror(config), pending={}, tls_context=None)
+    client, served = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with client:
+        with served:
+            client.sendall(request)
+            dx.MirrorHandler(served, ("127.0.0.1", 40000), server)   # serves until the connection closes
+        client.settimeout(10)
+        return list(iter(lambda: client.recv(1 << 20), b""))
+
+
+@pytest.mark.parametrize("answer", ["health", "error", "manifest-by-digest", "manifest-by-tag"])
+def test_small_answer_leaves_with_its_head_in_one_send(answer, dx, open_registry, content):
+    """The head waits for the body: one send per small answer instead of two or three (a verified
+    body used to go as head, all but its last byte, then that byte), whether docxy writes the
+    answer itself (/health, an error) or relays it from upstream (a manifest, verified against
+    its digest or not)."""
     digest = content.platform["amd64"]["manifest"]
-    with socket.create_connection(("127.0.0.1", docxy.port), timeout=5) as sock:
-        sock.sendall(("GET /v2/busybox/manifests/%s HTTP/1.1\r\nHost: x\r\nAccept: %s\r\n"
-                      "Authorization: Bearer %s\r\n\r\n" % (digest, MT_MANIFEST, token)).encode())
-        sock.settimeout(3)
-        first = sock.recv(1 << 20)
-        time.sleep(0.2)                 # anything sent separately has arrived by now
-        sock.setblocking(False)
-        try:
-            rest = sock.recv(1 << 20)
-        except BlockingIOError:
-            rest = b""
-    head, _, body = first.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    assert rest == b"" and sha256_digest(body) == digest
+    path, served = {
+        "health": ("/health", None),
+        "error": ("/v2/no/such/route", None),
+        "manifest-by-digest": ("/v2/busybox/manifests/" + digest, digest),
+        "manifest-by-tag": ("/v2/busybox/manifests/latest", content.index_digest),
+    }[answer]
+    request = ("GET %s HTTP/1.1\r\nHost: x\r\nAccept: %s\r\nAccept: %s\r\nConnection: close\r\n\r\n"
+               % (path, MT_MANIFEST, MT_INDEX)).encode()
+    sends = sends_of_one_answer(dx, ["--listen", "127.0.0.1:0", "--upstream", open_registry.url,
+                                     "--library-prefix", "on", "--upstream-timeout", "5"], request)
+    assert len(sends) == 1, [s[:200] for s in sends]
+    head, _, body = sends[0].partition(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.I)
+    assert length and int(length.group(1)) == len(body) > 0, head
+    if served:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert sha256_digest(body) == served
+    else:
+        assert head.startswith(b"HTTP/1.1 200 " if answer == "health" else b"HTTP/1.1 404 ")
+        json.loads(body)
 
 
 class MisbehavingRegistryHandler(RecordingHandler):
@@ -2690,30 +2802,44 @@ def test_upstream_body_cut_short_never_looks_complete_whatever_the_framing(
 
 
 def test_unreachable_upstream_gives_502_quickly(start_docxy):
+    """A refused connection is answered at once: with an --upstream-timeout longer than the
+    client waits (15 s), waiting for any timeout would fail the call instead."""
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
-                    "--library-prefix", "on")
+                    "--library-prefix", "on", "--upstream-timeout", "60")
     for path in ("/v2/", "/v2/busybox/manifests/latest"):
-        start = time.monotonic()
         r = call(d.port, "GET", path, timeout=15)
-        assert time.monotonic() - start < 8
         body = assert_error(r, 502, "UNAVAILABLE")
         assert "Traceback" not in json.dumps(body)
+    d.wait_for(r"upstream unreachable", 2)
 
 
-def test_silent_upstream_gives_504_within_upstream_timeout():
+def waiting_the_default_upstream_timeout(start_docxy, hole, path="/v2/"):
+    """A request to a docxy with the default --upstream-timeout (10 s), waiting for the silent
+    upstream `hole`: its raw socket, once the hole holds its upstream connection. Another
+    docxy's answer that comes while this one has none is proof of a shorter timeout."""
+    ref = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url)
+    connected = len(hole.conns)
+    sock = socket.create_connection(("127.0.0.1", ref.port), timeout=30)
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    wait_until(lambda: len(hole.conns) > connected, 15, "the reference docxy to reach the silent upstream")
+    return sock
+
+
+def still_waiting(sock):
+    return select.select([sock], [], [], 0)[0] == []
+
+
+def test_silent_upstream_gives_504_within_upstream_timeout(start_docxy):
     hole = Blackhole()
-    d = None
     try:
-        d = Docxy(["--listen", "127.0.0.1:0", "--upstream", hole.url, "--upstream-timeout", "1"])
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--upstream-timeout", "1")
         for path in ("/v2/", "/v2/library/busybox/manifests/latest"):
-            start = time.monotonic()
-            r = call(d.port, "GET", path, timeout=15)
-            assert time.monotonic() - start < 8
-            assert_error(r, 504, "UNAVAILABLE")
+            with waiting_the_default_upstream_timeout(start_docxy, hole, path) as reference:
+                r = call(d.port, "GET", path, timeout=15)
+                assert_error(r, 504, "UNAVAILABLE")
+                assert still_waiting(reference), "--upstream-timeout 1 took as long as the default"
         assert hole.conns, "docxy never connected to the silent upstream"
     finally:
-        if d:
-            d.stop()
         hole.close()
 
 
@@ -2915,19 +3041,22 @@ def test_slow_header_client_is_cut_off_after_client_timeout(start_docxy, registr
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         for piece in (b"GET /health HT", b"TP/1.1\r\nHost: 127.0.0.1\r\n", b"\r\n"):
             sock.sendall(piece)
-            time.sleep(0.3)
+            wait_read_by_docxy(d, [sock])   # each piece read on its own
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
         assert resp.status == 200
         resp.read()
-    # One byte every 0.3 s would need a minute for this request.
+    # One byte every 0.3 s would need a minute for this request: each byte comes well within
+    # the 2 s, so only a deadline for the whole request cuts it off, and it must, before its end.
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
     start = time.monotonic()
     reply = None
+    sent = 0
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         for byte in request:
             try:
                 sock.sendall(bytes([byte]))
+                sent += 1
             except OSError:
                 reply = b""
                 break
@@ -2938,11 +3067,10 @@ def test_slow_header_client_is_cut_off_after_client_timeout(start_docxy, registr
                 except OSError:
                     reply = b""
                 break
-            assert time.monotonic() - start < 15, "slow client was never cut off"
-    elapsed = time.monotonic() - start
+            assert time.monotonic() - start < 15, "slow client was never cut off"     # a hang guard
     assert reply is not None, "the whole slow request was accepted"
     assert not reply.startswith(b"HTTP/1.1 200"), reply
-    assert 1.0 < elapsed < 12, elapsed
+    assert sent < len(request) - 1, "cut off only once the request was whole"
 
 
 def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, registry, content):
@@ -2960,7 +3088,8 @@ def test_max_connections_holds_extra_client_until_a_slot_frees(start_docxy, regi
         for sock in downloads:      # both served, held half-way by the upstream: each holds a slot
             sock.sendall(request)
         assert content.slow_halfway.wait(15)
-        time.sleep(0.5)
+        wait_until(lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2, 15,
+                   "both downloads to reach the upstream")
         third.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         third.settimeout(1.5)
         with pytest.raises(socket.timeout):
@@ -2988,9 +3117,9 @@ def test_clients_in_the_middle_of_a_request_hold_no_slot(start_docxy, registry):
     try:
         for sock in slow:       # each sends part of a request, then nothing
             sock.sendall(health[:20])
-        time.sleep(0.3)
+        wait_read_by_docxy(d, slow)
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
-            sock.settimeout(2)
+            sock.settimeout(10)     # served while all 25 still wait for the rest (a slot held: 30 s)
             resp, body = send_and_read(sock, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
         for sock in slow[:2]:   # and each is answered once it is whole
@@ -3011,16 +3140,16 @@ def test_idle_keep_alive_connections_give_back_their_slots(start_docxy, registry
         for sock in idle:
             resp, _ = send_and_read(sock, health)
             assert resp.status == 200 and not resp.will_close
-        time.sleep(1.0)     # quiet for longer than docxy waits before it parks a connection
+        wait_parked(d)      # quiet for longer than docxy waits before it parks a connection
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as third:
-            third.settimeout(2)     # with the slots still held, this would wait for 30 s
+            third.settimeout(10)    # with the slots still held, this would wait for 30 s
             resp, body = send_and_read(third, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
         for sock in idle:           # the parked connections still serve their next requests
             for _ in range(2):
                 resp, body = send_and_read(sock, health)
                 assert resp.status == 200 and json.loads(body) == {"status": "ok"}
-                time.sleep(0.7)
+                wait_parked(d)
     finally:
         for sock in idle:
             sock.close()
@@ -3040,7 +3169,6 @@ def test_parked_connections_are_bounded_by_the_open_file_limit(start_docxy, regi
             sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
             idle.append(sock)
             assert send_and_read(sock, health)[0].status == 200
-        time.sleep(1.5)     # all parked, and the longest-quiet ones closed to make room
 
         def closed(sock):
             sock.setblocking(False)
@@ -3051,6 +3179,8 @@ def test_parked_connections_are_bounded_by_the_open_file_limit(start_docxy, regi
             finally:
                 sock.setblocking(True)
 
+        wait_parked(d)      # all parked, and the longest-quiet ones closed to make room
+        wait_until(lambda: sum(map(closed, idle)) >= 16, 15, "16 parked connections to be closed")
         assert [closed(sock) for sock in idle] == [True] * 16 + [False] * 64
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as new:
             assert send_and_read(new, health)[0].status == 200
@@ -3067,11 +3197,12 @@ def test_parked_tls_connection_serves_its_next_request(tls_docxy, certs):
     health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     raw = socket.create_connection(("127.0.0.1", tls_docxy.port), timeout=10)
     with certs["client"].wrap_socket(raw, server_hostname="localhost") as sock:
-        for pause in (1.0, 1.0, 0):
+        for parked in (True, True, False):
             resp, body = send_and_read(sock, health)
             assert resp.status == 200 and json.loads(body) == {"status": "ok"}
             assert not resp.will_close
-            time.sleep(pause)
+            if parked:
+                wait_parked(tls_docxy)
 
 
 def test_a_tls_client_that_reads_slowly_gets_its_whole_answer_on_a_kept_alive_connection(tls_docxy, certs,
@@ -3082,7 +3213,14 @@ def test_a_tls_client_that_reads_slowly_gets_its_whole_answer_on_a_kept_alive_co
         assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
         sock.sendall(b"GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
                      % (content.big_digest.encode(), token.encode()))
-        time.sleep(2)           # the server's send buffer fills meanwhile
+        # Not read until this client's receive buffer is full (what came is never read, so it
+        # only grows) and docxy's send buffer holds the rest of what is to come.
+        port = sock.getsockname()[1]
+
+        def buffers_full():
+            mine = [c["rx"] for c in tcp_table() if c["local"] == port and c["remote"] == tls_docxy.port]
+            return mine and mine[0] >= 64 * KIB and (server_side(tls_docxy, sock) or {"tx": 0})["tx"] > 0
+        wait_until(buffers_full, 15, "the client's and docxy's socket buffers to fill")
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
         assert resp.status == 200 and sha256_digest(resp.read()) == content.big_digest
@@ -3107,7 +3245,8 @@ def test_request_split_across_a_pause_is_not_lost(docxy):
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200
         sock.sendall(b"GET /hea")
-        time.sleep(1.0)             # docxy parks the connection with half a request line read
+        wait_parked(docxy)          # docxy parks the connection with half a request line read
+        wait_read_by_docxy(docxy, [sock])
         sock.sendall(b"lth HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         resp = http.client.HTTPResponse(sock, method="GET")
         resp.begin()
@@ -3119,9 +3258,9 @@ def test_parked_connection_is_closed_after_client_timeout(start_docxy, registry)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200 and not resp.will_close
-        started = time.monotonic()
-        assert sock.recv(1) == b""      # docxy closed it
-        assert 1.5 < time.monotonic() - started < 6
+        wait_parked(d)
+        assert still_waiting(sock), "closed when it was parked, not after --client-timeout"
+        assert sock.recv(1) == b""      # docxy closed it (within the socket's 10 s; the default is 30)
 
 
 def not_served(port):
@@ -3145,11 +3284,10 @@ def test_sigterm_closes_parked_keep_alive_connections_and_exits_at_once(start_do
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert resp.status == 200 and not resp.will_close
-        time.sleep(1.0)         # parked by now
-        started = time.monotonic()
+        wait_parked(d)
         d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(10) == 0
-        assert time.monotonic() - started < 5, "docxy waited for an idle client"
+        # Exits while the idle client still holds its connection, within 10 s of --drain-seconds 20.
+        assert d.proc.wait(10) == 0, "docxy waited for an idle client"
         assert sock.recv(1) == b""
 
 
@@ -3384,12 +3522,14 @@ def test_cache_hits_sent_whole_before_a_slow_client_reads_them_are_counted_whole
         sock.settimeout(10)
         sock.connect(("127.0.0.1", d.port))
         sock.sendall(request * 3)
-        time.sleep(2)       # longer than --client-timeout: the answers wait in the sockets' buffers
+        # Not read until docxy is done with all three answers: the first ones wait in the sockets'
+        # buffers, and the third may well time out (this client did not read for longer than it may).
+        hit_line = r'"GET /v2/busybox/blobs/%s" 200 (\d+)B \S+ upstream=(\S+) cache=hit' % blob
+        d.wait_for(hit_line, 3)
         for _ in range(2):
             resp, body = send_and_read(sock, b"")
             assert resp.status == 200 and sha256_digest(body) == blob
-    # The third answer may well time out: this client did not read for longer than it may.
-    lines = d.wait_for(r'"GET /v2/busybox/blobs/%s" 200 (\d+)B \S+ upstream=(\S+) cache=hit' % blob, 3)
+    lines = d.wait_for(hit_line, 3)
     assert [(int(m.group(1)), m.group(2)) for m in lines[:2]] == [(MIB, "-")] * 2
 
 
@@ -3404,8 +3544,8 @@ def test_clients_trickling_token_bodies_never_keep_others_waiting(start_docxy, r
             sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
                          b"urlencoded\r\nContent-Length: %d\r\n\r\n%s" % (len(form), form[:3]))
             slow.append(sock)
-        time.sleep(0.5)
-        assert health_is_answered_at_once(d.port)
+        wait_read_by_docxy(d, slow)
+        assert health_is_answered_at_once(d.port)   # while the 25 still owe most of their bodies
     finally:
         for sock in slow:
             sock.close()
@@ -3415,20 +3555,22 @@ def test_client_timeout_is_a_deadline_for_the_whole_request_body_included(start_
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--client-timeout", "2")
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
-        started = time.monotonic()
         reply = b""
+        sent = 0
         try:
-            for _ in range(16):     # a byte every half second: no single read ever waits 2 s
+            for _ in range(40):     # a byte every half second: no single read ever waits 2 s
+                if select.select([sock], [], [], 0.5)[0]:
+                    break           # docxy answered, or closed the connection
                 sock.sendall(b"a")
-                time.sleep(0.5)
+                sent += 1
         except OSError:
             pass
+        assert sent < 40, "docxy waited for the whole trickled body"
         sock.settimeout(5)
         try:
             reply = read_until_eof(sock)
         except ConnectionResetError:
             pass
-        assert time.monotonic() - started < 6
         assert responses(reply) in ([b"408"], []), reply
     d.wait_for(r'^docxy: 127\.0\.0\.1 "- -" 408 0B \(request not received in time\)$')
     assert 'status="408"' in call(d.port, "GET", "/metrics").body.decode()
@@ -3447,12 +3589,14 @@ def test_plain_http_to_the_https_port_gets_a_readable_400(certs, start_docxy, re
 def test_clients_that_reset_before_their_tls_handshake_never_stop_the_service(certs, start_docxy, registry):
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--cert", certs["rsa-chain.pem"],
                     "--key", certs["rsa.key"])
+    idle_sockets = len(socket_inodes(d.proc.pid))
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.sendall(b"\x16\x03\x01\x00\x05hello")
         sock.close()            # a reset, with a ClientHello's first bytes still unread
-    time.sleep(0.5)
+    # docxy has let go of every one of them: it holds no more sockets than before they came.
+    wait_until(lambda: len(socket_inodes(d.proc.pid)) <= idle_sockets, 15, "the reset connections to be closed")
     for _ in range(3):
         assert call(d.port, "GET", "/health", tls=certs["client"], timeout=5).status == 200
     assert "Traceback" not in d.log()
@@ -3463,9 +3607,16 @@ def test_a_kept_alive_request_waiting_for_100_continue_gets_it_once(docxy):
         assert send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0].status == 200
         sock.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                      b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n\r\n")
-        time.sleep(1.5)         # past the moment the connection waits without its thread
-        sock.settimeout(0.5)
+        wait_parked(docxy)      # past the moment the connection waits without its thread
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        # Any second "100 Continue" would come before the answer to the body.
+        sock.sendall(b"a=b&c")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 ") and not reply.startswith(b"HTTP/1.1 100 "), reply
 
 
 def test_a_failed_tls_handshake_is_one_short_log_line(certs, start_docxy, registry):
@@ -3533,9 +3684,9 @@ def test_docxy_section_takes_flag_names_with_dashes_or_underscores(tmp_path, sta
             assert index_request(d.port, LIB_PATH + "?ns=ghcr.io").status == 200
         assert_error(index_request(d.port, LIB_PATH + "?ns=ghcr.io"), 429, "TOOMANYREQUESTS")
         assert len(open_registry.reqs(path=LIB_PATH)) == 2
-        start = time.monotonic()
-        assert_error(call(d.port, "GET", "/v2/", timeout=15), 504, "UNAVAILABLE")
-        assert time.monotonic() - start < 5  # upstream-timeout 1, not the default 10
+        with waiting_the_default_upstream_timeout(start_docxy, hole) as reference:
+            assert_error(call(d.port, "GET", "/v2/", timeout=15), 504, "UNAVAILABLE")
+            assert still_waiting(reference)     # upstream-timeout 1, not the default 10
         assert hole.conns
     finally:
         hole.close()
@@ -4295,9 +4446,15 @@ def test_forwarded_proto_and_host_shape_realm_only_from_trusted_proxy(multi_conf
     for bad in ('evil.com/"x', "evil.com@other", "evil.com:99999"):
         r, _ = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)], source="127.0.0.2")
         assert "evil.com" not in (r.headers.get("WWW-Authenticate") or ""), (bad, r.headers)
+        # An invalid host from the trusted proxy is an invalid Host: refused, no realm at all.
+        assert_error(r, 400, "UNSUPPORTED")
+        assert "WWW-Authenticate" not in r.headers, (bad, r.headers)
+        r, value = realm([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", bad)])    # not from the proxy
+        assert r.status == 401 and value == "http://127.0.0.1:%d/auth/internal.local/token" % d.port, bad
     r, value = realm([("X-Forwarded-Proto", "javascript"), ("X-Forwarded-Host", "mirror.example.com")],
                      source="127.0.0.2")
     assert not (value or "").startswith("javascript"), value
+    assert r.status == 401 and value == "http://mirror.example.com/auth/internal.local/token"
 
 
 def test_hash_password_prints_salted_pbkdf2_sha256_hash():
@@ -4315,6 +4472,12 @@ def test_hash_password_prints_salted_pbkdf2_sha256_hash():
         assert hashlib.pbkdf2_hmac("sha256", b"correct-horse-42", salt, iterations, len(digest)) != digest
         salts.add(salt)
     assert len(salts) == 2
+
+
+def waits_in_a_read(pid):
+    """Whether process `pid` sleeps (state S in /proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "S"
 
 
 def hash_password_on_a_terminal(answers):
@@ -4342,7 +4505,10 @@ def hash_password_on_a_terminal(answers):
                 break
             output += chunk
             if chunk.rstrip().endswith(b":") and answers:  # a prompt
-                time.sleep(0.2)     # getpass turns echo off after it writes the prompt
+                # getpass turned echo off before it wrote the prompt; the answer goes once docxy
+                # waits in its read (the only place it sleeps after a prompt): a Ctrl-C's SIGINT
+                # that came just before the read would only be handled once input came.
+                wait_until(lambda: waits_in_a_read(pid), 10, "hash-password to wait for its answer")
                 os.write(fd, answers.pop(0))
     finally:
         os.close(fd)
@@ -4393,6 +4559,15 @@ def users_docxy(multi_config, users):
     d.stop()
 
 
+def log_so_far(d):
+    """docxy's log, with every line it wrote before answering this test's earlier requests: a
+    request sent now is answered after those, and its access line follows them on stderr."""
+    marker = "/v2/log-marker-%s/tags/list" % os.urandom(4).hex()
+    call(d.port, "GET", marker)
+    d.wait_for(re.escape(marker))
+    return d.log()
+
+
 def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, tokens, content):
     direct = call(tokens.port, "GET", "/token?service=%s&scope=repository:library/busybox:pull" % SERVICE)
     minted = direct.json()["token"]  # valid at the fake registry, minted outside docxy
@@ -4416,6 +4591,13 @@ def test_users_mode_rejects_missing_wrong_and_foreign_credentials(users_docxy, t
     assert upstream_requests() == []
     r = call(users_docxy.port, "GET", "/health")
     assert r.status == 200 and r.json() == {"status": "ok"}
+    # A refused login is logged by its user name only: never the password or the credentials.
+    log = log_so_far(users_docxy)
+    for name in (MIRROR_USER[0], "nobody", ALICE[0]):
+        assert re.search(r"127\.0\.0\.1 failed to log in as '%s'" % name, log), name
+    secrets = {"wrong-password", MIRROR_USER[1], ALICE[1], minted}
+    secrets.update(headers[0][1].split(" ", 1)[1] for headers in refused if headers)     # as sent
+    assert [secret for secret in secrets if secret in log] == []
 
 
 def test_users_mode_serves_valid_users_with_docxy_side_upstream_auth(users_docxy, registry, tokens, cdn,
@@ -5063,7 +5245,6 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
     online.stop()
     d = start_docxy("--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:%d" % free_port(),
                     "--library-prefix", "on", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
-    started = time.monotonic()
     ping = call(d.port, "GET", "/v2/")
     assert ping.status in (200, 401) and ping.headers["X-Docxy-Cache"] == "stale", ping
     token = call(d.port, "GET", "/auth/token?scope=repository%3Alibrary%2Fbusybox%3Apull&service=" + SERVICE)
@@ -5081,9 +5262,10 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
         r = call(d.port, "GET", "/v2/library/busybox/%s/%s" % (kind_of(content, digest), digest),
                  [("Accept", MT_INDEX), ("Accept", MT_MANIFEST)])
         assert r.status == 200 and sha256_digest(r.body) == digest
-    assert time.monotonic() - started < 10
     assert re.search(r"upstream docker\.io failed .*: serving cached tags stale .* docker\.io/library/busybox:latest",
                      d.log())
+    # The outage was noticed once and remembered, not met again by every request.
+    assert len(re.findall(r"upstream docker\.io failed", log_so_far(d))) == 1, d.log()
 
 
 def test_outage_serves_a_tag_cached_for_another_clients_accept_list(start_docxy, registry, content, tmp_path):
@@ -5280,6 +5462,88 @@ def test_disk_full_transfer_completes_caching_pauses_nothing_corrupt(start_docxy
     assert "Traceback" not in d.log()
 
 
+def read_cut_short(resp, served):
+    """A 200 announcing all of `served` whose body breaks off before its end: what came is a
+    prefix of `served`, and the client can tell the transfer failed."""
+    assert resp.status == 200, resp.status
+    assert resp.getheader("Content-Length") == str(len(served))
+    with pytest.raises(http.client.IncompleteRead) as info:
+        resp.read()
+    partial = info.value.partial
+    assert len(partial) < len(served) and served.startswith(partial)
+
+
+# Every way docxy serves a blob's bytes; what X-Docxy-Cache says on each (None: no header).
+CORRUPT_ROUTES = {"no-cache": None, "leader": "miss", "follower": "coalesced", "paused": None,
+                  "paused-mid-transfer": "miss", "range": None}
+
+
+@pytest.mark.parametrize("route", [
+    pytest.param(route, marks=pytest.mark.xfail(
+        strict=True, raises=pytest.fail.Exception,
+        reason="docxy defect: a Range request answered 200 with the whole body is relayed unchecked "
+               "(send_upstream drops `verify` whenever the request had a Range)"))
+    if route == "range" else route for route in CORRUPT_ROUTES])
+def test_bytes_not_matching_their_digest_never_arrive_complete_on_any_route(route, start_docxy, registry,
+                                                                            content, tmp_path):
+    """The upstream sends a blob whose bytes do not hash to its digest. Whichever way docxy serves
+    it: without a cache; to the client whose request downloads it into the cache (the leader); to
+    a client following that download (coalesced); while caching is paused by a full disk, from
+    before the request or from the middle of the download; or to a Range request the upstream
+    answers with the whole body: the client sees the transfer break off, never a complete body,
+    and nothing is cached."""
+    kind = "corrupt-slow" if route == "follower" else "corrupt-large"
+    digest, data = content.special[kind]
+    served = data[:-1] + bytes([data[-1] ^ 0xFF])
+    path = "/v2/busybox/blobs/" + digest
+    cache_dir = tmp_path / "cache"
+    if route == "no-cache":
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
+                        "--upstream-timeout", "5")
+    else:
+        d = cached_docxy(start_docxy, registry, cache_dir)
+    if route.startswith("paused"):
+        # Writes past 64 KiB fail with EFBIG, like a full disk (see the test above).
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (64 * KIB, 64 * KIB))
+    if route == "paused":       # a download that filled the disk paused caching before this request
+        r = get_blob(d.port, content.big_digest)
+        assert r.status == 200 and sha256_digest(r.body) == content.big_digest
+        d.wait_for(r"cache paused")
+    first = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    second = http.client.HTTPConnection("127.0.0.1", d.port, timeout=15)
+    try:
+        if route == "follower":
+            content.slow_halfway.clear()
+            content.slow_gate.clear()
+            first.request("GET", path)
+            leader = first.getresponse()
+            assert leader.getheader("X-Docxy-Cache") == "miss"
+            assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+            # The upstream holds the rest (and the corrupt last byte) back until the gate opens.
+            second.request("GET", path)
+            follower = second.getresponse()
+            assert follower.getheader("X-Docxy-Cache") == "coalesced"
+            content.slow_gate.set()
+            read_cut_short(follower, served)
+            read_cut_short(leader, served)
+        else:
+            first.request("GET", path, headers={"Range": "bytes=0-"} if route == "range" else {})
+            resp = first.getresponse()
+            assert resp.getheader("X-Docxy-Cache") == CORRUPT_ROUTES[route], route
+            read_cut_short(resp, served)
+    finally:
+        content.slow_gate.set()
+        first.close()
+        second.close()
+    d.wait_for(r"transfer aborted: upstream body does not match its digest")
+    if route.startswith("paused"):
+        d.wait_for(r"cache paused")
+    if route != "no-cache":
+        wait_until(lambda: tmp_files(cache_dir) == [], what="the discarded download to be removed")
+        assert digest not in cached_objects(cache_dir)
+    assert "Traceback" not in d.log()
+
+
 def test_a_download_file_that_cannot_be_created_pauses_caching_and_the_request_passes(
         start_docxy, registry, content, tmp_path):
     """mkstemp failing (here: tmp/ removed; a read-only disk alike) used to hang every cache
@@ -5366,14 +5630,16 @@ def test_a_silent_upstream_costs_one_timeout_not_one_per_request(start_docxy, re
         d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
                         "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
         accept = [("Accept", a) for a in DOCKERD_ACCEPT]
-        began = time.monotonic()
         r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-        assert time.monotonic() - began >= 1.5     # it did ask, and waited for the timeout
-        began = time.monotonic()
+        # It did ask, and waited for the timeout.
+        assert len(hole.conns) == 1
+        d.wait_for(r"upstream docker\.io failed \(upstream did not answer in time\): serving cached tags stale")
         r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-        assert time.monotonic() - began < 1.0      # it remembered the outage instead of waiting again
+        # It remembered the outage instead of asking again: asking, it would have answered only
+        # after its timeout, with the new connection accepted long before.
+        assert len(hole.conns) == 1
         assert r.headers["Docker-Content-Digest"] == content.index_digest
     finally:
         hole.close()
@@ -5862,10 +6128,13 @@ def test_json_access_log_has_every_field_and_never_a_secret(start_docxy, registr
 
     u = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--users", users, "--log-format", "json")
     assert call(u.port, "GET", "/v2/", [("Authorization", MIRROR_BASIC)]).status == 200
-    assert call(u.port, "GET", "/v2/", [("Authorization", basic(MIRROR_USER[0], "wrong"))]).status == 401
+    refused = basic(MIRROR_USER[0], "Refused-Pass-4410")
+    assert call(u.port, "GET", "/v2/", [("Authorization", refused)]).status == 401
     u.wait_for(r'^\{.*"client":', 2)
     assert [(r["user"], r["status"]) for r in json_access_records(u)] == [(MIRROR_USER[0], 200), (None, 401)]
     assert MIRROR_USER[1] not in u.log() and MIRROR_BASIC[6:] not in u.log()
+    assert "failed to log in as 'mirror-user'" in u.log()      # logged before its 401 was
+    assert "Refused-Pass-4410" not in u.log() and refused[6:] not in u.log()
 
 
 def test_long_transfer_logs_a_start_line_then_an_end_line_with_throughput(start_docxy, registry, content):
@@ -5962,7 +6231,7 @@ def test_certificate_renewed_on_disk_serves_new_connections_while_a_download_fin
         assert content.slow_halfway.wait(15), "the fake registry never got half-way"
         assert conn.sock.getpeercert(binary_form=True) == old
         install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
-        wait_served(d.port, certs, new, 3.5)
+        wait_served(d.port, certs, new, 15)    # the default interval is 60 s
         assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
         assert not content.slow_gate.is_set()   # the old download was in flight all along
         content.slow_gate.set()
@@ -6007,7 +6276,7 @@ def test_broken_certificate_on_disk_is_refused_and_a_later_good_one_loaded(start
     assert served_certificate(d.port, certs) == old
     assert call(d.port, "GET", "/health", tls=certs["client"]).status == 200
     install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
-    wait_served(d.port, certs, new, 3.5)
+    wait_served(d.port, certs, new, 15)    # the default interval is 60 s
 
 
 def test_sighup_reloads_users_and_config_file_without_dropping_a_keep_alive_connection(start_docxy, registry,
@@ -6278,11 +6547,11 @@ def test_check_accepts_operations_settings_and_prints_no_secret(certs, tmp_path)
 HOSTILE = 64 * KIB
 
 
-def run_parser(expression, timeout=20):
+def run_parser(expression, timeout=30, n=HOSTILE):
     """Evaluate `expression` on a fresh import of docxy in a child process, so that a parser
     that never finishes fails the test instead of holding this one. Returns the seconds it took."""
     code = ("import sys, time; sys.argv = ['docxy']; import docxy; n = %d; started = time.monotonic()\n"
-            "try:\n    %s\nexcept Exception:\n    pass\nprint(time.monotonic() - started)" % (HOSTILE, expression))
+            "try:\n    %s\nexcept Exception:\n    pass\nprint(time.monotonic() - started)" % (n, expression))
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=clean_env(), timeout=timeout,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -6309,14 +6578,18 @@ def run_parser(expression, timeout=20):
     "docxy.TOKEN_PATH.fullmatch('/auth/' + 'a.' * (n // 2) + '/tokex')",
     "docxy.clean_query('n=' + '1' * n + '&last=' + 'a' * n, docxy.QUERY_GRAMMAR['tags'])",
 ])
-def test_each_parser_takes_64_kib_of_hostile_input_in_linear_time(expression):
-    assert run_parser(expression) < 2.0, expression
+def test_each_parser_takes_1_mib_of_hostile_input_in_linear_time(expression):
+    """Sixteen times the longest line docxy reads (64 KiB), with a deadline that only guards
+    against a hang: linear parsers need well under a second for it, while a quadratic one that
+    needed 0.1 s for 64 KiB needs 256 times that, and a worse one far longer."""
+    run_parser(expression, timeout=30, n=16 * HOSTILE)
 
 
 def health_is_answered_at_once(port, tls=None):
-    started = time.monotonic()
+    """/health answered while whatever the caller set up is under way; the deadline (10 s) only
+    guards against a hang."""
     r = call(port, "GET", "/health", tls=tls, timeout=10)
-    return r.status == 200 and time.monotonic() - started < 1.0
+    return r.status == 200 and r.json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize("header", ["Range", "Accept", "X-Forwarded-For", "Host", "Authorization"])
@@ -6335,7 +6608,7 @@ def test_a_hostile_header_never_holds_up_another_connection(header, start_docxy,
     with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
         sock.sendall(("GET %s HTTP/1.1\r\n%s%s: %s\r\n\r\n" % (
             target, "" if header == "Host" else "Host: x\r\n", header, value)).encode())
-        time.sleep(0.05)
+        wait_read_by_docxy(d, [sock])
         assert health_is_answered_at_once(d.port), header
         sock.settimeout(15)
         assert sock.recv(65536).startswith(b"HTTP/1.1 "), header
@@ -6351,7 +6624,7 @@ def test_a_hostile_challenge_from_upstream_never_holds_up_another_connection(sta
         d = start_docxy("--listen", "127.0.0.1:0", "--upstream", fake.url)
         with socket.create_connection(("127.0.0.1", d.port), timeout=15) as sock:
             sock.sendall(b"GET /v2/library/busybox/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.05)
+            wait_until(lambda: fake.reqs(), 15, "docxy to ask the hostile upstream")
             assert health_is_answered_at_once(d.port)
             sock.settimeout(15)
             assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
@@ -6633,6 +6906,7 @@ def test_failed_logins_are_throttled_per_client_address(start_docxy, registry, u
     assert int(throttled.headers["Retry-After"]) >= 1
     r, _ = login(d.port, MIRROR_BASIC)
     assert r.status == 200      # another address is not held up by mallory's
+    d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'", count=10)   # all ten, then:
     assert "guess-" not in d.log() and d.wait_for(r"127\.0\.0\.2 failed to log in as 'mallory'")
     assert 'docxy_failed_logins_total 10' in call(d.port, "GET", "/metrics").body.decode()
 
@@ -6651,6 +6925,9 @@ def test_failed_logins_at_once_from_one_address_cannot_outrun_the_throttle(start
         thread.join(60)
     assert len(results) == 40 and set(results) <= {401, 429, 503}
     assert results.count(401) <= 11, results    # the burst of 10, and what refilled meanwhile
+    log = log_so_far(d)
+    assert len(re.findall(r"127\.0\.0\.3 failed to log in as 'mallory'", log)) == results.count(401)
+    assert "at-once-" not in log
 
 
 def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_docxy, registry, users):
@@ -6663,9 +6940,12 @@ def test_a_login_flood_is_answered_at_once_and_never_delays_a_known_login(start_
     threads = [threading.Thread(target=attacker, args=(i,)) for i in range(60)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    # The flood is on once the hashing queue is full: attackers are turned away with 503.
+    wait_until(lambda: any(r.status == 503 for r, _ in list(results)), 30, "the login queue to fill")
     r, seconds = login(d.port, MIRROR_BASIC)
-    assert r.status == 200 and seconds < 1.0
+    # Answered while the queue still holds attackers' logins, each waiting for its PBKDF2 turn.
+    still_hashing = 60 - len(results)
+    assert r.status == 200 and still_hashing > 0, still_hashing
     for thread in threads:
         thread.join(60)
     refused = [r for r, took in results if r.status == 503]
@@ -6772,6 +7052,15 @@ class Skopeo:
         return proc
 
 
+def assert_skopeo_refused(proc, reason, codes=(1,)):
+    """skopeo gave up with its own fatal error, exit status in `codes`, whose message ends with
+    `reason` (a regular expression): not a crash, a signal or another failure."""
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode in codes, (proc.returncode, err)
+    assert "panic:" not in err, err
+    assert re.search(r'level=fatal msg=".*: %s"\s*$' % reason, err), err
+
+
 class DistributionRegistry:
     """`docker-registry serve` with filesystem storage; optionally a pull-through cache."""
 
@@ -6859,6 +7148,8 @@ def test_skopeo_inspect_through_docxy_uses_token_auth(docxy, registry, tokens, c
     private = "docker://127.0.0.1:%d/acme/private:latest" % docxy.port
     denied = skopeo("inspect", "--tls-verify=false", private, check=False)
     assert denied.returncode != 0
+    assert_skopeo_refused(denied, r"reading manifest latest in 127\.0\.0\.1:%d/acme/private: unauthorized"
+                          % docxy.port)
     proc = skopeo("inspect", "--tls-verify=false", "--creds", "alice:s3cret", private)
     assert json.loads(proc.stdout.decode())["Layers"] == content.private["layers"]
     assert "s3cret" not in docxy.log()
@@ -6914,6 +7205,9 @@ def test_skopeo_pulls_from_two_upstreams_through_one_docxy(origin, origin_b, sta
     swapped = skopeo("inspect", "--raw", "--tls-verify=false",
                      "docker://127.0.0.1:%d/reg-b.local/library/demo:1" % d.port, check=False)
     assert swapped.returncode != 0
+    # skopeo releases after 1.9 exit with 2 for an image that is not there.
+    assert_skopeo_refused(swapped, r"reading manifest 1 in 127\.0\.0\.1:%d/reg-b\.local/library/demo: "
+                          r"manifest unknown(: manifest unknown)?" % d.port, codes=(1, 2))
 
 
 def test_skopeo_creds_pull_through_users_mirror(origin, start_docxy, users, tmp_path):
@@ -6922,6 +7216,8 @@ def test_skopeo_creds_pull_through_users_mirror(origin, start_docxy, users, tmp_
     src = "docker://127.0.0.1:%d/demo:1" % d.port
     denied = skopeo("inspect", "--raw", "--tls-verify=false", src, check=False)
     assert denied.returncode != 0
+    assert_skopeo_refused(denied, r"reading manifest 1 in 127\.0\.0\.1:%d/demo: "
+                          r"unauthorized: log in to this mirror \(docker login\)" % d.port)
     skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", "%s:%s" % MIRROR_USER, src,
            "oci:%s:1" % (tmp_path / "out"))
     assert_copied(tmp_path / "out", info, index_digest)
