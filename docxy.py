@@ -3244,10 +3244,9 @@ class UpstreamRelay:
         """Fetch url upstream and stream the answer to the client."""
         answer = self.mirror.upstream.fetch(registry, method, url, headers, self.record, body,
                                             scope)
-        self.send_upstream(registry, method, answer, "Range" in headers, verify,
-                           rewrite_challenge)
+        self.send_upstream(registry, method, answer, verify, rewrite_challenge)
 
-    def send_upstream(self, registry, method, answer, partial, verify=None,
+    def send_upstream(self, registry, method, answer, verify=None,
                       rewrite_challenge=True, fill=None, media_type=None):
         """Stream an upstream answer to the client, and into a cache fill when given one.
         Returns True when the body arrived whole and verified."""
@@ -3260,8 +3259,10 @@ class UpstreamRelay:
                            for k, v in headers]
             has_body = method != "HEAD" and answer.status not in (204, 304) \
                 and answer.status >= 200
-            if has_body and verify and (answer.status != 200 or partial):
-                verify = None   # a partial body cannot be checked against the whole's digest
+            if has_body and verify and answer.status != 200:
+                # Only a 200 carries the whole object, whatever the request asked for: a 206
+                # (a Range) cannot be checked against the whole's digest, an error is no object.
+                verify = None
             unframed = has_body and answer.remaining is None \
                 and answer.header("Content-Length") is None
             chunked = unframed and self.request_version == "HTTP/1.1"
@@ -3453,9 +3454,9 @@ class CacheRoutes:
             self.relay(registry, "GET", url, headers, verify=digest)
             return False
         if answer.status != 200:
-            self.send_upstream(registry, "GET", answer, False)
+            self.send_upstream(registry, "GET", answer)
             return False
-        return self.send_upstream(registry, "GET", answer, False, digest, fill=fill,
+        return self.send_upstream(registry, "GET", answer, digest, fill=fill,
                                   media_type=media_type)
 
     def follow_fill(self, fill, digest, kind, pass_through):
@@ -3720,7 +3721,7 @@ class TokenRoutes:
         answer = self.mirror.upstream.fetch(target, "GET", with_query(challenge["realm"], query),
                                             headers, self.record)
         if answer.status != 200:
-            return self.send_upstream(target, "GET", answer, False, rewrite_challenge=False)
+            return self.send_upstream(target, "GET", answer, rewrite_challenge=False)
         try:
             body = answer.read_small()
         finally:
