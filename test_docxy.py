@@ -1305,12 +1305,110 @@ def multi(multi_config):
 # ==========================================================================
 # Unit tier: docxy's parsers and shared state, in process (no server, no upstream)
 # ==========================================================================
+#
+# No sockets, no subprocesses, no sleeps: time is a UnitClock put in place of docxy's
+# `time` module, files live in tmp_path. The whole tier runs in a few seconds.
+
+import ipaddress  # noqa: E402  (the unit tier's own: the system tiers need no address arithmetic)
 
 
 @pytest.fixture(scope="module")
 def dx():
     return importlib.import_module("docxy")
 
+
+class UnitClock:
+    """Stands in for docxy's `time` module: time passes only when a test moves it."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return self.now
+
+
+@pytest.fixture
+def unit_clock(dx, monkeypatch):
+    clock = UnitClock()
+    monkeypatch.setattr(dx, "time", clock)
+    return clock
+
+
+class UnitPipeSocket:
+    """What RequestReader needs of a client socket, over a pipe: a descriptor to read, and
+    sendall, which records what docxy sent back."""
+
+    def __init__(self):
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.read_end, False)
+        self.sent = []
+
+    def fileno(self):
+        return self.read_end
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+
+    def arrive(self, data):
+        os.write(self.write_end, data)
+
+    def close(self):
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+@pytest.fixture
+def unit_pipe():
+    sock = UnitPipeSocket()
+    yield sock
+    sock.close()
+
+
+class UnitRefusingSocket:
+    """A queued client connection as ConnectionBudget treats one: written to, shut, closed."""
+
+    def __init__(self):
+        self.sent, self.shut, self.closed = [], False, False
+
+    def send(self, data):
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def shutdown(self, how):
+        self.shut = True
+
+    def close(self):
+        self.closed = True
+
+
+def unit_store(cache, data, kind="blobs", media_type=None):
+    """Put data into the cache as a verified download would; returns its digest."""
+    digest = sha256_digest(data)
+    fill, first = cache.start_fill(digest, kind)
+    assert first
+    fill.media_type = media_type
+    cache.write(fill, data)
+    cache.finish_fill(digest, fill, True)
+    return digest
+
+
+def unit_refusal(dx, call, *arguments):
+    """The RegistryError a call raises, as (status, code, detail)."""
+    with pytest.raises(dx.RegistryError) as raised:
+        call(*arguments)
+    return raised.value.status, raised.value.code, raised.value.detail
+
+
+def unit_config_error(dx, argv, environ):
+    with pytest.raises(dx.ConfigError) as raised:
+        dx.read_config(argv, environ)
+    return str(raised.value), raised.value.log_format
+
+
+# -- ranges
 
 def test_parse_range_reads_one_byte_range_and_leaves_the_rest_for_a_whole_answer(dx):
     assert dx.parse_range("bytes=0-9", 100) == (0, 9)
@@ -1326,36 +1424,157 @@ def test_parse_range_reads_one_byte_range_and_leaves_the_rest_for_a_whole_answer
     assert refused.value.status == 416
 
 
-def test_parse_challenge_reads_quoted_escaped_and_bare_parameters(dx):
-    assert dx.parse_challenge('Bearer realm="https://a/t",service="x",scope="repository:a:pull"') == \
-        ("Bearer", [("realm", "https://a/t"), ("service", "x"), ("scope", "repository:a:pull")])
-    assert dx.parse_challenge('Basic realm="Corp \\"x\\" Registry"') == \
-        ("Basic", [("realm", 'Corp "x" Registry')])
-    assert dx.parse_challenge("Bearer realm=https://a/t, service=y") == \
-        ("Bearer", [("realm", "https://a/t"), ("service", "y")])
-    assert dx.parse_challenge('Bearer =x, realm="r"') == ("Bearer", [("realm", "r")])
+def test_parse_range_clamps_a_suffix_longer_than_the_object_and_reads_the_unit_in_any_case(dx):
+    for value, size, wanted in (("bytes=-500", 100, (0, 99)), ("Bytes=0-0", 100, (0, 0)),
+                                ("BYTES=99-99", 100, (99, 99)), ("bytes=0-", 1, (0, 0)), ("bytes=-1", 1, (0, 0))):
+        assert dx.parse_range(value, size) == wanted, value
 
 
-def test_manifest_accept_keeps_known_types_and_leaves_out_unparsable_or_refused_ones(dx):
-    values = [MT_INDEX + ";x, " + MT_MANIFEST, "application/x-junk", "*/*;q=0", DOCKERD_ACCEPT[0] + ";q=0.5"]
-    assert dx.manifest_accept(values) == tuple(sorted((MT_MANIFEST, DOCKERD_ACCEPT[0])))
-    assert dx.manifest_accept([]) == ()
+def test_parse_range_ignores_a_header_longer_than_200_characters(dx):
+    value = "bytes=0-" + "9" * 192
+    assert len(value) == dx.MAX_RANGE_HEADER == 200 and dx.parse_range(value, 100) == (0, 99)
+    assert dx.parse_range(value + "9", 100) is None
 
 
-def test_forwarded_address_reads_the_port_forms_and_refuses_anything_else(dx):
-    for text, address in (("203.0.113.7", "203.0.113.7"), ("203.0.113.7:4711", "203.0.113.7"),
-                          ("2001:db8::1", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
-                          ("[2001:db8::1]:443", "2001:db8::1"), (" ::ffff:10.0.0.1 ", "10.0.0.1")):
-        assert str(dx.forwarded_address(text)) == address, text
-    for text in ("unknown", "_hidden", "[::1", "[1.2.3.4]", "1.2.3.4:", "1.2.3.4:x", "[::1]x", ""):
-        with pytest.raises(ValueError):
-            dx.forwarded_address(text)
+def test_parse_range_past_the_end_or_of_a_zero_suffix_is_416_with_the_size(dx):
+    for value, size in (("bytes=100-", 100), ("bytes=100-200", 100), ("bytes=-0", 100), ("bytes=0-", 0),
+                        ("bytes=-5", 0)):
+        with pytest.raises(dx.RegistryError) as refused:
+            dx.parse_range(value, size)
+        error = refused.value
+        assert (error.status, error.code, error.detail, error.headers) == \
+            (416, "RANGE_INVALID", {"size": size}, [("Content-Range", "bytes */%d" % size)]), value
 
 
-def test_media_type_of_takes_only_the_grammars_shape(dx):
-    assert dx.media_type_of(MT_MANIFEST + "; charset=utf-8") == MT_MANIFEST
-    for bad in (None, "", "text", "a/b\r\nSet-Cookie: x", "a/b c", "/b"):
-        assert dx.media_type_of(bad) is None, bad
+# -- registry paths and names
+
+def test_registry_path_gets_library_prefix_only_for_a_one_component_name_where_the_rule_holds(dx):
+    assert dx.parse_registry_path("/v2/busybox/manifests/latest", "", True) == \
+        ("/v2/library/busybox/manifests/latest", "library/busybox", "manifests", "latest")
+    assert dx.parse_registry_path("/v2/busybox/manifests/latest", "", False) == \
+        ("/v2/busybox/manifests/latest", "busybox", "manifests", "latest")
+    assert dx.parse_registry_path("/v2/acme/app/manifests/1.0", "", True) == \
+        ("/v2/acme/app/manifests/1.0", "acme/app", "manifests", "1.0")
+    assert dx.upstream_name("busybox", True) == "library/busybox"
+    assert dx.upstream_name("library/busybox", True) == "library/busybox"
+    assert dx.upstream_name("busybox", False) == "busybox"
+
+
+def test_registry_path_takes_sha256_and_sha512_digests_for_manifests_blobs_and_referrers(dx):
+    sha256, sha512 = "sha256:" + "0a" * 32, "sha512:" + "f" * 128
+    for kind in ("manifests", "blobs", "referrers"):
+        for digest in (sha256, sha512):
+            assert dx.parse_registry_path("/v2/a/b/%s/%s" % (kind, digest), "", False) == \
+                ("/v2/a/b/%s/%s" % (kind, digest), "a/b", kind, digest)
+
+
+def test_registry_path_of_tags_list_keeps_only_n_and_last_that_fit_their_grammar(dx):
+    assert dx.parse_registry_path("/v2/a/b/tags/list", "n=10&x=1&last=v1.0&n=123456&last=-bad&n=", False) == \
+        ("/v2/a/b/tags/list?n=10&last=v1.0", "a/b", "tags", None)
+    assert dx.parse_registry_path("/v2/busybox/tags/list", "", True) == \
+        ("/v2/library/busybox/tags/list", "library/busybox", "tags", None)
+
+
+def test_registry_path_of_referrers_keeps_only_a_well_formed_artifact_type(dx):
+    digest = "sha256:" + "1" * 64
+    path = "/v2/a/referrers/" + digest
+    assert dx.parse_registry_path(path, "artifactType=application/vnd.example%2Bjson&n=5", False)[0] == \
+        path + "?artifactType=application%2Fvnd.example%2Bjson"
+    # A bare '+' is a space in a query, as the distribution registry reads it: no media type then.
+    assert dx.parse_registry_path(path, "artifactType=application/vnd.example+json", False)[0] == path
+
+
+def test_registry_path_of_manifests_and_blobs_carries_no_query_upstream(dx):
+    digest = "sha256:" + "2" * 64
+    assert dx.parse_registry_path("/v2/a/manifests/latest", "n=1&last=x&ns=docker.io", False)[0] == \
+        "/v2/a/manifests/latest"
+    assert dx.parse_registry_path("/v2/a/blobs/" + digest, "n=1", False)[0] == "/v2/a/blobs/" + digest
+
+
+def test_registry_path_outside_the_routes_is_404_not_found(dx):
+    for path in ("/v2/", "/v2/a", "/v2/tags/list", "/v2/a/blobs/uploads/", "/v2/a/manifests/latest/x",
+                 "/v2/_catalog", "/v2/a/tags/lists", "/v2/a/MANIFESTS/latest", "/v1/a/manifests/latest"):
+        assert unit_refusal(dx, dx.parse_registry_path, path, "", True) == (404, "NOT_FOUND", path), path
+    long_path = "/v2/" + "x" * 500
+    assert unit_refusal(dx, dx.parse_registry_path, long_path, "", True) == (404, "NOT_FOUND", long_path[:200])
+
+
+def test_registry_path_accepts_every_separator_the_name_grammar_allows(dx):
+    for name in ("a.b", "a_b", "a__b", "a-b", "a---b", "0", "a0/b-c.d/e__f/g", "x" * 255):
+        assert dx.parse_registry_path("/v2/%s/manifests/latest" % name, "", False)[1] == name
+
+
+def test_registry_path_with_an_invalid_name_is_400_name_invalid(dx):
+    for name in ("Busybox", "a//b", "a/", "_a", "a-", "a.", "a..b", "a___b", "a._b", "a%2Fb", "a b", "a:b",
+                 "x" * 256):
+        assert unit_refusal(dx, dx.parse_registry_path, "/v2/%s/manifests/latest" % name, "", False) == \
+            (400, "NAME_INVALID", name), name
+    assert unit_refusal(dx, dx.parse_registry_path, "/v2/%s/manifests/latest" % ("x" * 400), "", False) == \
+        (400, "NAME_INVALID", "x" * 300)
+
+
+def test_manifest_reference_that_is_neither_tag_nor_digest_is_404_manifest_unknown(dx):
+    for tag in ("_", "latest", "v1.2.3-rc_1", "A" * 128):
+        assert dx.parse_registry_path("/v2/a/manifests/" + tag, "", False)[3] == tag
+    for ref in ("", "-latest", ".x", "A" * 129, "sha256:abc", "SHA256:" + "0" * 64, "sha256:" + "A" * 64,
+                "latest%20", "tag+x", "t@g"):
+        assert unit_refusal(dx, dx.parse_registry_path, "/v2/a/manifests/" + ref, "", False) == \
+            (404, "MANIFEST_UNKNOWN", {"reference": ref}), ref
+
+
+def test_blob_or_referrers_reference_that_is_not_a_digest_is_400_digest_invalid(dx):
+    for kind in ("blobs", "referrers"):
+        for ref in ("", "latest", "sha256:" + "A" * 64, "sha256:" + "0" * 63, "sha256:" + "0" * 65,
+                    "sha512:" + "0" * 64, "md5:" + "0" * 32, "sha256-" + "0" * 64):
+            assert unit_refusal(dx, dx.parse_registry_path, "/v2/a/%s/%s" % (kind, ref), "", False) == \
+                (400, "DIGEST_INVALID", ref), (kind, ref)
+
+
+# -- queries, scopes and token answers
+
+def test_clean_query_keeps_the_routes_parameters_in_order_and_drops_the_rest(dx):
+    grammar = dx.QUERY_GRAMMAR["tags"]
+    assert dx.clean_query("last=b&n=2&evil=1&n=x", grammar) == "?last=b&n=2"
+    assert dx.clean_query("n=1&n=2", grammar) == "?n=1&n=2"
+    assert dx.clean_query("n=&last=", grammar) == ""
+    assert dx.clean_query("", grammar) == ""
+    assert dx.clean_query("n=1", {}) == ""
+
+
+def test_with_query_appends_encoded_pairs_with_the_right_separator(dx):
+    assert dx.with_query("https://auth/token", []) == "https://auth/token"
+    assert dx.with_query("https://auth/token", [("service", "a b"), ("scope", "repository:x/y:pull")]) == \
+        "https://auth/token?service=a+b&scope=repository%3Ax%2Fy%3Apull"
+    assert dx.with_query("https://auth/token?client=docxy", [("scope", "s")]) == \
+        "https://auth/token?client=docxy&scope=s"
+
+
+def test_split_scope_reads_repository_scopes_and_nothing_else(dx):
+    assert dx.split_scope("repository:library/busybox:pull") == ("library/busybox", "pull")
+    assert dx.split_scope("repository:localhost:5000/a:pull,push") == ("localhost:5000/a", "pull,push")
+    assert dx.split_scope("repository:a:") == ("a", "")
+    for scope in ("registry:catalog:*", "repository:a", "repository::pull", "", "pull", "Repository:a:pull"):
+        assert dx.split_scope(scope) is None, scope
+
+
+def test_pull_only_cuts_a_scope_down_to_pull_or_leaves_it_out(dx):
+    assert dx.pull_only("repository:a/b:pull,push") == "repository:a/b:pull"
+    assert dx.pull_only("repository:a/b:push,pull") == "repository:a/b:pull"
+    assert dx.pull_only("repository:a/b:pull") == "repository:a/b:pull"
+    for scope in ("repository:a:push", "repository:a:delete", "repository:a:pullx", "repository:a:",
+                  "registry:catalog:*", "junk"):
+        assert dx.pull_only(scope) is None, scope
+
+
+@pytest.mark.xfail(strict=True, reason="pull_only('repository:a:*') is None: the wildcard action grants "
+                   "pull too, so the scope is dropped and the token docxy asks for grants nothing")
+def test_pull_only_reads_the_wildcard_action_as_granting_pull(dx):
+    assert dx.pull_only("repository:library/busybox:*") == "repository:library/busybox:pull"
+
+
+def test_login_scope_is_docxys_own_pull_scope_unless_the_client_sends_credentials(dx):
+    assert dx.login_scope({"User-Agent": "docker"}, "library/busybox") == "repository:library/busybox:pull"
+    assert dx.login_scope({"Authorization": "Bearer t"}, "library/busybox") is None
 
 
 def test_token_answer_keeps_the_token_and_nothing_the_realm_adds(dx):
@@ -1368,43 +1587,563 @@ def test_token_answer_keeps_the_token_and_nothing_the_realm_adds(dx):
             dx.token_answer(bad)
 
 
-def test_request_reader_finds_a_head_and_the_body_a_thread_would_read(dx):
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        reader = dx.RequestReader(ours, 2)
-        for piece, whole in ((b"POST /auth/token HTTP/1.1\r\n", False), (b"Content-Length: 3\r\n", False),
-                             (b"\r\n", False), (b"ab", False), (b"cGET / HTTP/1.1\n\n", True)):
-            theirs.sendall(piece)
-            reader.fill(1)
-            assert reader.request_arrived() is whole, piece
-        assert reader.take_head().startswith(b"POST ") and reader.read(3) == b"abc"
-        assert reader.request_arrived() and reader.take_head() == b"GET / HTTP/1.1\n\n"
-        assert reader.pending == b""
+def test_token_answer_with_only_token_fields_is_the_realms_own_bytes(dx):
+    whole = b'{"issued_at": "2024-01-01T00:00:00Z", "expires_in": 300, "access_token": "a", "token": "t"}'
+    assert dx.token_answer(whole) is whole
+    assert dx.token_answer(b'{"expires_in": 60, "access_token": "a", "x": 1, "token": "t"}') == \
+        b'{"token": "t", "access_token": "a", "expires_in": 60}'
+    assert dx.token_answer(b'{"refresh_token": "r"}') == b"{}"
 
 
-def test_request_reader_sends_100_continue_once_when_the_client_waits_for_it(dx):
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        reader = dx.RequestReader(ours, 2)
-        theirs.sendall(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
-        reader.fill(1)
-        assert not reader.request_arrived() and not reader.request_arrived()
-        theirs.settimeout(1)
-        assert theirs.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+def test_token_answer_that_is_not_a_json_object_is_a_502_protocol_error(dx):
+    for body in (b"null", b'"token"', b"7", b"\xff\xfe{}", b"", b"{"):
+        with pytest.raises(dx.UpstreamError) as raised:
+            dx.token_answer(body)
+        error = raised.value
+        assert (error.status, error.kind, error.message) == \
+            (502, "protocol", "the token service answered something that is not a token"), body
+
+
+# -- challenges
+
+def test_parse_challenge_reads_quoted_escaped_and_bare_parameters(dx):
+    assert dx.parse_challenge('Bearer realm="https://a/t",service="x",scope="repository:a:pull"') == \
+        ("Bearer", [("realm", "https://a/t"), ("service", "x"), ("scope", "repository:a:pull")])
+    assert dx.parse_challenge('Basic realm="Corp \\"x\\" Registry"') == \
+        ("Basic", [("realm", 'Corp "x" Registry')])
+    assert dx.parse_challenge("Bearer realm=https://a/t, service=y") == \
+        ("Bearer", [("realm", "https://a/t"), ("service", "y")])
+    assert dx.parse_challenge('Bearer =x, realm="r"') == ("Bearer", [("realm", "r")])
+
+
+def test_parse_challenge_of_a_bare_scheme_junk_or_an_unterminated_quote(dx):
+    assert dx.parse_challenge("Bearer") == ("Bearer", [])
+    assert dx.parse_challenge("  Bearer   realm=\"r\"  ") == ("Bearer", [("realm", "r")])
+    assert dx.parse_challenge('Bearer realm="never closed') == ("Bearer", [("realm", "never closed")])
+    assert dx.parse_challenge('Bearer junk, realm="a,b" ,\terror = "x"') == \
+        ("Bearer", [("realm", "a,b"), ("error", "x")])
+    assert dx.parse_challenge('Bearer realm=""') == ("Bearer", [("realm", "")])
+
+
+def test_format_challenge_quotes_every_value_and_reads_back_unchanged(dx):
+    params = [("realm", "https://m.example/auth/token"), ("service", "s"), ("error_description", 'say "hi"')]
+    text = dx.format_challenge("Bearer", params)
+    assert text == 'Bearer realm="https://m.example/auth/token",service="s",error_description="say \\"hi\\""'
+    assert dx.parse_challenge(text) == ("Bearer", params)
+
+
+@pytest.mark.xfail(strict=True, reason="format_challenge escapes '\"' but not '\\\\': parse_challenge reads "
+                   "realm=\"a\\b\" back as 'ab', and a value ending in a backslash escapes its closing quote")
+def test_format_challenge_escapes_a_backslash_so_the_value_reads_back_unchanged(dx):
+    for value in ("a\\b", "ends\\"):
+        assert dx.parse_challenge(dx.format_challenge("Basic", [("realm", value), ("x", "y")])) == \
+            ("Basic", [("realm", value), ("x", "y")]), value
+
+
+# -- Accept and media types
+
+def test_manifest_accept_keeps_known_types_and_leaves_out_unparsable_or_refused_ones(dx):
+    values = [MT_INDEX + ";x, " + MT_MANIFEST, "application/x-junk", "*/*;q=0", DOCKERD_ACCEPT[0] + ";q=0.5"]
+    assert dx.manifest_accept(values) == tuple(sorted((MT_MANIFEST, DOCKERD_ACCEPT[0])))
+    assert dx.manifest_accept([]) == ()
+
+
+def test_manifest_accept_lowercases_and_merges_every_header_into_one_sorted_set(dx):
+    assert dx.manifest_accept(["Application/VND.OCI.Image.Index.v1+JSON"]) == (MT_INDEX,)
+    assert dx.manifest_accept([MT_MANIFEST + " , */*", MT_INDEX, MT_MANIFEST]) == ("*/*", MT_INDEX, MT_MANIFEST)
+    assert dx.manifest_accept(DOCKERD_ACCEPT) == tuple(sorted(DOCKERD_ACCEPT))
+    assert dx.manifest_accept([" , ,", "text/html"]) == ()
+
+
+def test_accepts_refuses_q_zero_and_parameters_that_do_not_parse(dx):
+    for parameter in ("q=1", " q = 0.5 ", "Q=0.001", "q=1.000", "charset=utf-8", "x=y"):
+        assert dx.accepts(parameter) is True, parameter
+    for parameter in ("q=0", "q=0.000", "q=-1", "q=", "q", "=x", "", "q=abc", "q=0.0001"):
+        assert dx.accepts(parameter) is False, parameter
+
+
+def test_media_type_of_takes_only_the_grammars_shape(dx):
+    assert dx.media_type_of(MT_MANIFEST + "; charset=utf-8") == MT_MANIFEST
+    for bad in (None, "", "text", "a/b\r\nSet-Cookie: x", "a/b c", "/b"):
+        assert dx.media_type_of(bad) is None, bad
+
+
+def test_media_type_of_bounds_each_half_to_127_characters(dx):
+    assert dx.media_type_of("a/" + "b" * 127) == "a/" + "b" * 127
+    assert dx.media_type_of(" \t%s/b ;q=1" % ("a" * 127)) == "a" * 127 + "/b"
+    assert dx.media_type_of("a/" + "b" * 128) is None
+    assert dx.media_type_of("a" * 128 + "/b") is None
+    assert dx.media_type_of("a/-b") is None
+
+
+# -- Host headers
+
+def test_valid_host_header_takes_names_addresses_and_ports(dx):
+    for value in ("mirror.example.com", "Mirror.Example.COM:443", "localhost", "127.0.0.1:5000", "[::1]",
+                  "[2001:db8::1]:5000", "[::ffff:10.0.0.1]", "a" * 63 + ".com", "x:65535", "x:0",
+                  ".".join(["a" * 63] * 3 + ["a" * 61]) + ":1"):
+        assert dx.valid_host_header(value) is True, value
+
+
+def test_valid_host_header_refuses_anything_that_is_not_host_and_port(dx):
+    for value in (None, "", "a" * 64 + ".com", "-a.com", "a-.com", "a..com", "a.com.", "a.com:", "a.com:65536",
+                  "a.com:123456", "user@a.com", "a.com/x", "a com", "a_b.com", "[::g]", "[1.2.3.4]", "[::1",
+                  "::1", "a.com:5000:1", "a.com\r\nX: y", ".".join(["a" * 63] * 3 + ["a" * 61]) + ":12"):
+        assert dx.valid_host_header(value) is False, value
+
+
+def test_without_port_strips_only_a_numeric_port(dx):
+    for host, bare in (("example.com:5000", "example.com"), ("example.com", "example.com"),
+                       ("[::1]:5000", "[::1]"), ("[::1]", "[::1]"), ("10.0.0.1:80", "10.0.0.1")):
+        assert dx.without_port(host) == bare, host
+
+
+# -- reading heads
+
+def test_read_headers_reads_fields_up_to_the_empty_line_and_leaves_the_body(dx):
+    source = io.BytesIO(b"Host: a\r\nX-Two:  b c \r\nx-two:d\n\r\nbody")
+    headers = dx.read_headers(source)
+    assert isinstance(headers, http.client.HTTPMessage)
+    assert headers.items() == [("Host", "a"), ("X-Two", "b c"), ("x-two", "d")]
+    assert headers.get_all("X-TWO") == ["b c", "d"] and headers["HOST"] == "a"
+    assert source.read() == b"body"
+
+
+def test_read_headers_joins_folded_lines_with_one_space(dx):
+    for strict in (False, True):
+        headers = dx.read_headers(io.BytesIO(b"X-A: one\r\n   two\r\n\tthree \r\nX-B: b\r\n\r\n"), strict=strict)
+        assert headers.items() == [("X-A", "one two three"), ("X-B", "b")], strict
+
+
+def test_read_headers_of_an_upstream_trims_names_and_leaves_out_lines_without_one(dx):
+    headers = dx.read_headers(io.BytesIO(b" X-A : 1\r\nno colon\r\n: v\r\nX-B\t:\t2\r\n\r\n"))
+    assert headers.items() == [("X-A", "1"), ("X-B", "2")]
+
+
+def test_read_headers_of_a_client_refuses_a_line_that_is_not_name_colon_value(dx):
+    for head in (b"Host: a\r\nX-A : 1", b"Host: a\r\nno colon", b"Host: a\r\n: v", b"Host: a\r\nBad Name: 1",
+                 b"Host: a\r\nX(A): 1", b"Host: a\r\nX-\xe9: 1", b" X-A: 1"):    # the last: a fold of nothing
+        with pytest.raises(dx.HeaderSyntaxError):
+            dx.read_headers(io.BytesIO(head + b"\r\n\r\n"), strict=True)
+    assert dx.read_headers(io.BytesIO(b"X-A:1\r\n\r\n"), strict=True).items() == [("X-A", "1")]
+
+
+def test_read_headers_keeps_http_clients_line_and_count_limits(dx):
+    longest = b"X: " + b"a" * (65536 - 5) + b"\r\n"
+    assert len(dx.read_headers(io.BytesIO(longest + b"\r\n"))["X"]) == 65531
+    with pytest.raises(http.client.LineTooLong):
+        dx.read_headers(io.BytesIO(b"X: a" + longest + b"\r\n"))
+    hundred = b"".join(b"X-%d: v\r\n" % n for n in range(100))
+    assert len(dx.read_headers(io.BytesIO(hundred + b"\r\n"))) == 100
+    with pytest.raises(http.client.HTTPException, match="got more than 100 headers"):
+        dx.read_headers(io.BytesIO(hundred + b"X-100: v\r\n\r\n"))
+
+
+def test_read_headers_decodes_latin_1_and_ends_with_its_input(dx):
+    assert dx.read_headers(io.BytesIO(b"X: caf\xe9")).items() == [("X", "caf\u00e9")]
+    assert dx.read_headers(io.BytesIO(b"")).items() == []
+
+
+def test_body_to_wait_for_is_the_one_content_length_a_thread_would_read(dx):
+    for head, wanted in ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", (0, False)),
+                         (b"POST /t HTTP/1.1\r\nContent-Length: 5\r\n\r\n", (5, False)),
+                         (b"POST /t HTTP/1.1\r\ncontent-LENGTH :  7 \r\n\r\n", (7, False)),
+                         (b"POST /t HTTP/1.1\nContent-Length: 65536\n\n", (65536, False)),
+                         (b"POST /content-length:5 HTTP/1.1\r\nX-Note: content-length\r\n\r\n", (0, False))):
+        assert dx.body_to_wait_for(head) == wanted, head
+
+
+def test_body_to_wait_for_is_nothing_for_chunked_repeated_signed_or_oversized_lengths(dx):
+    for fields in (b"Transfer-Encoding: chunked\r\nContent-Length: 5", b"Content-Length: 5\r\nContent-Length: 5",
+                   b"Content-Length: +5", b"Content-Length: 5 5", b"Content-Length: -1", b"Content-Length:",
+                   b"Content-Length: 65537", b"Content-Length: 0x10"):
+        assert dx.body_to_wait_for(b"POST /t HTTP/1.1\r\n" + fields + b"\r\n\r\n") == (0, False), fields
+
+
+def test_body_to_wait_for_says_the_client_waits_for_100_continue_only_with_a_body(dx):
+    head = b"POST /t HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: %d\r\n\r\n"
+    assert dx.body_to_wait_for(head % 3) == (3, True)
+    assert dx.body_to_wait_for(head % 0) == (0, False)
+    assert dx.body_to_wait_for(b"POST /t HTTP/1.1\r\nExpect: nothing\r\nContent-Length: 3\r\n\r\n") == (3, False)
+
+
+@pytest.mark.xfail(strict=True, reason="body_to_wait_for counts a folded line ' Content-Length: 5' as the "
+                   "request's length, where read_headers(strict=True) joins it to the header above: the "
+                   "connection waits for 5 bytes the handler will not read as a body")
+def test_body_to_wait_for_ignores_a_folded_line_that_names_content_length(dx):
+    head = b"POST /t HTTP/1.1\r\nX-A: a\r\n Content-Length: 5\r\n\r\n"
+    assert dx.read_headers(io.BytesIO(head.split(b"\n", 1)[1]), strict=True).items() == \
+        [("X-A", "a Content-Length: 5")]
+    assert dx.body_to_wait_for(head) == (0, False)
+
+
+def test_request_reader_finds_a_head_and_the_body_a_thread_would_read(dx, unit_pipe):
+    reader = dx.RequestReader(unit_pipe, 2)
+    for piece, whole in ((b"POST /auth/token HTTP/1.1\r\n", False), (b"Content-Length: 3\r\n", False),
+                         (b"\r\n", False), (b"ab", False), (b"cGET / HTTP/1.1\n\n", True)):
+        unit_pipe.arrive(piece)
+        assert reader.fill(1) == len(piece)
+        assert reader.request_arrived() is whole, piece
+    assert reader.take_head() == b"POST /auth/token HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+    assert reader.read(3) == b"abc"
+    assert reader.request_arrived() and reader.take_head() == b"GET / HTTP/1.1\n\n"
+    assert reader.pending == b"" and unit_pipe.sent == []
+
+
+def test_request_reader_sends_100_continue_once_when_the_client_waits_for_it(dx, unit_pipe):
+    reader = dx.RequestReader(unit_pipe, 2)
+    unit_pipe.arrive(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    reader.fill(1)
+    assert not reader.request_arrived() and not reader.request_arrived()
+    assert unit_pipe.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    unit_pipe.arrive(b"ok")
+    reader.fill(1)
+    assert reader.request_arrived() and unit_pipe.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+
+
+def test_request_reader_takes_a_tls_handshake_or_an_oversized_head_as_arrived(dx, unit_pipe):
+    reader = dx.RequestReader(unit_pipe, 2, b"\x16\x03\x01")
+    assert reader.request_arrived() is True
+    reader = dx.RequestReader(unit_pipe, 2, b"GET / HTTP/1.1\r\nX: " + b"a" * dx.MAX_REQUEST_HEAD)
+    assert reader.request_arrived() is True
+    reader = dx.RequestReader(unit_pipe, 2, b"GET / HTTP/1.1\r\nX: a\r\n")
+    assert reader.request_arrived() is False and reader.take_head() == b""
+
+
+# -- client addresses
+
+def test_forwarded_address_reads_the_port_forms_and_refuses_anything_else(dx):
+    for text, address in (("203.0.113.7", "203.0.113.7"), ("203.0.113.7:4711", "203.0.113.7"),
+                          ("2001:db8::1", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
+                          ("[2001:db8::1]:443", "2001:db8::1"), (" ::ffff:10.0.0.1 ", "10.0.0.1")):
+        assert str(dx.forwarded_address(text)) == address, text
+    for text in ("unknown", "_hidden", "[::1", "[1.2.3.4]", "1.2.3.4:", "1.2.3.4:x", "[::1]x", ""):
+        with pytest.raises(ValueError):
+            dx.forwarded_address(text)
+
+
+def test_forwarded_address_refuses_empty_ports_and_non_ascii_digits(dx):
+    for text in ("[::1]:", "[::1]:x", "1.2.3.4:\u0661", "1.2.3.4:-1", "example.com", "example.com:80"):
+        with pytest.raises(ValueError):
+            dx.forwarded_address(text)
+
+
+def test_plain_address_sees_an_ipv4_mapped_address_as_ipv4(dx):
+    assert dx.plain_address("::ffff:192.0.2.1") == ipaddress.IPv4Address("192.0.2.1")
+    assert dx.plain_address("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
+    assert dx.plain_address("10.0.0.1") == ipaddress.IPv4Address("10.0.0.1")
+    for text in ("example.com", "10.0.0.1/8", "10.0.0.256", ""):
+        with pytest.raises(ValueError):
+            dx.plain_address(text)
+
+
+def test_client_network_is_the_ipv4_address_or_the_ipv6_slash_64(dx):
+    assert dx.client_network("192.0.2.1") == ipaddress.IPv4Address("192.0.2.1")
+    assert dx.client_network("::ffff:192.0.2.1") == ipaddress.IPv4Address("192.0.2.1")
+    assert dx.client_network("2001:db8:1:2:3:4:5:6") == ipaddress.IPv6Network("2001:db8:1:2::/64")
+    assert dx.client_network("2001:db8:1:2::9") == dx.client_network("2001:db8:1:2:ffff::1")
+    assert dx.client_network("2001:db8:1:3::1") != dx.client_network("2001:db8:1:2::1")
+
+
+# -- setting values
+
+def test_parse_size_reads_binary_units_and_fractions(dx):
+    for text, size in (("100", 100), ("1024B", 1024), ("10k", 10 * KIB), ("10KiB", 10 * KIB), ("10kb", 10 * KIB),
+                       ("500M", 500 * MIB), (" 20 G ", 20 * 1024 * MIB), ("1.5G", 1536 * MIB),
+                       ("2T", 2 * 1024 ** 4), ("0.5K", 512)):
+        assert dx.parse_size(text) == size, text
+
+
+def test_parse_size_refuses_what_is_not_a_size_naming_the_setting(dx):
+    for text in ("", "G", "-1G", "1X", "1e3", "1,5G", "1 G B", "1PB", "ten"):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_size(text, "DOCXY_CACHE_MAX_SIZE")
+        assert str(raised.value) == "DOCXY_CACHE_MAX_SIZE wants a size like 500M or 20G, not %r" % text
+
+
+def test_parse_rate_is_a_burst_of_n_refilled_at_n_per_unit(dx):
+    for text, rate in (("60/min", (60, 1.0)), ("10/s", (10, 10.0)), ("3600/h", (3600, 1.0)),
+                       (" 5 / second ", (5, 5.0)), ("7/hour", (7, 7 / 3600)), ("30/m", (30, 0.5)),
+                       ("120/minute", (120, 2.0)), ("1/sec", (1, 1.0))):
+        assert dx.parse_rate(text) == rate, text
+
+
+def test_parse_rate_refuses_zero_a_missing_or_an_unknown_unit(dx):
+    for text in ("0/min", "60", "60/", "/min", "60/day", "60/mins", "-1/s", "1.5/s", "60 per min"):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_rate(text)
+        assert str(raised.value) == "--rate-limit wants N/s, N/min or N/h, not %r" % text
+
+
+def test_parse_network_takes_addresses_and_networks_and_clears_host_bits(dx):
+    assert dx.parse_network("10.0.0.0/8", "--allow") == ipaddress.ip_network("10.0.0.0/8")
+    assert dx.parse_network(" 10.1.2.3/8 ", "--allow") == ipaddress.ip_network("10.0.0.0/8")
+    assert dx.parse_network("192.0.2.7", "--allow") == ipaddress.ip_network("192.0.2.7/32")
+    assert dx.parse_network("2001:db8::1/64", "--allow") == ipaddress.ip_network("2001:db8::/64")
+    assert dx.parse_network("::1", "--allow") == ipaddress.ip_network("::1/128")
+
+
+def test_parse_network_refuses_names_and_bad_prefixes_naming_the_setting(dx):
+    for text in ("localhost", "10.0.0.0/33", "10.0.0/8", "", "::1/129"):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_network(text, "DOCXY_ALLOW")
+        assert str(raised.value) == "DOCXY_ALLOW wants an address or CIDR network, not %r" % text
+
+
+def test_parse_origin_lowercases_the_host_and_fills_in_the_default_port(dx):
+    for url, origin in (("https://Registry.Example.com", ("https", "registry.example.com", 443)),
+                        ("http://a:8080/", ("http", "a", 8080)), ("http://a", ("http", "a", 80)),
+                        (" https://[2001:DB8::1]:5000 ", ("https", "2001:db8::1", 5000)),
+                        ("https://a:443", ("https", "a", 443)), ("https://a:", ("https", "a", 443))):
+        assert dx.parse_origin(url, "--upstream") == dx.Origin(*origin), url
+
+
+def test_parse_origin_refuses_other_schemes_paths_queries_credentials_and_bad_ports(dx):
+    for url, problem in (("ftp://a", "must be an http:// or https:// URL, not"),
+                         ("registry.example.com", "must be an http:// or https:// URL, not"),
+                         ("https://", "must be an http:// or https:// URL, not"),
+                         ("https://a/v2", "must be scheme://host[:port] only, not"),
+                         ("https://a?x=1", "must be scheme://host[:port] only, not"),
+                         ("https://a#f", "must be scheme://host[:port] only, not"),
+                         ("https://u:p@a", "must be scheme://host[:port] only, not"),
+                         ("https://a:99999", "has a bad port:"), ("https://a:x", "has a bad port:")):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_origin(url, "--upstream")
+        assert str(raised.value) == "--upstream %s %r" % (problem, url), url
+
+
+@pytest.mark.xfail(strict=True, reason="parse_origin('https://a:0') gives port 443: `parts.port or default` "
+                   "takes an explicit port 0 for no port, where it should refuse it as a bad port")
+def test_parse_origin_refuses_port_zero(dx):
+    with pytest.raises(dx.ConfigError, match="has a bad port"):
+        dx.parse_origin("https://a:0", "--upstream")
+
+
+def test_origin_url_leaves_out_default_ports_and_brackets_ipv6_hosts(dx):
+    for origin, url in ((("https", "a", 443), "https://a"), (("http", "a", 80), "http://a"),
+                        (("https", "a", 80), "https://a:80"), (("http", "a", 443), "http://a:443"),
+                        (("http", "::1", 5000), "http://[::1]:5000"), (("https", "::1", 443), "https://[::1]")):
+        assert dx.origin_url(dx.Origin(*origin)) == url
+        assert dx.parse_origin(url, "x") == dx.Origin(*origin)
+
+
+def test_parse_address_reads_host_port_and_bracketed_ipv6(dx):
+    for text, address in (("0.0.0.0:5000", ("0.0.0.0", 5000)), (":5000", ("0.0.0.0", 5000)),
+                          ("[::]:443", ("::", 443)), ("[::1]:0", ("::1", 0)), (" localhost:80 ", ("localhost", 80)),
+                          ("mirror.example.com:65535", ("mirror.example.com", 65535))):
+        assert dx.parse_address(text, "--listen") == address, text
+
+
+def test_parse_address_refuses_missing_ports_and_ports_past_65535(dx):
+    for text in ("5000", "host", "[::1]", "::1:5000", "host:", "host:123456", "[]:80", "a:b:1", "[zz]:80"):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_address(text, "--listen")
+        assert str(raised.value) == "--listen wants HOST:PORT or [IPV6]:PORT, not %r" % text
+    with pytest.raises(dx.ConfigError) as raised:
+        dx.parse_address("host:65536", "--listen")
+    assert str(raised.value) == "--listen: port out of range in 'host:65536'"
+
+
+def test_parse_switch_reads_on_and_off_words_in_any_case(dx):
+    for text in ("on", "yes", "true", "1", " ON ", "True"):
+        assert dx.parse_switch(text, "x") is True, text
+    for text in ("off", "no", "false", "0", "Off\n", "NO"):
+        assert dx.parse_switch(text, "x") is False, text
+
+
+def test_parse_switch_refuses_anything_else_naming_the_setting(dx):
+    for text in ("", "maybe", "2", "enabled"):
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.parse_switch(text, "f.ini:[ghcr.io] library")
+        assert str(raised.value) == "f.ini:[ghcr.io] library must be on or off, not %r" % text
+
+
+# -- users and passwords
+
+def test_hash_password_writes_iterations_salt_and_pbkdf2_sha256_digest(dx):
+    hashed = dx.hash_password("s3cret", iterations=1000)
+    scheme, iterations, salt, digest = hashed.split("$")
+    salt, digest = base64.b64decode(salt), base64.b64decode(digest)
+    assert (scheme, iterations, len(salt)) == ("pbkdf2_sha256", "1000", 16)
+    assert digest == hashlib.pbkdf2_hmac("sha256", b"s3cret", salt, 1000)
+
+
+def test_hash_password_salts_each_hash_anew(dx):
+    first, second = dx.hash_password("pw", iterations=1000), dx.hash_password("pw", iterations=1000)
+    assert first != second
+    assert dx.password_matches("pw", first) and dx.password_matches("pw", second)
+
+
+def test_password_matches_only_the_password_that_was_hashed(dx):
+    hashed = dx.hash_password("p\u00e4ss word", iterations=1000)
+    assert dx.password_matches("p\u00e4ss word", hashed) is True
+    for wrong in ("", "P\u00e4ss word", "p\u00e4ss word ", "pass word"):
+        assert dx.password_matches(wrong, hashed) is False, wrong
+
+
+def test_password_matches_a_hash_written_by_another_tool(dx):
+    salt = b"0123456789abcdef"
+    digest = hashlib.pbkdf2_hmac("sha256", b"hunter2", salt, 2000)
+    hashed = "pbkdf2_sha256$2000$%s$%s" % (base64.b64encode(salt).decode(), base64.b64encode(digest).decode())
+    assert dx.password_matches("hunter2", hashed) is True
+    assert dx.password_matches("hunter3", hashed) is False
+
+
+def test_password_of_an_unknown_user_matches_nothing(dx):
+    assert dx.password_matches("pbkdf2_sha256", None) is False     # and no error for a missing hash
+
+
+def test_read_users_reads_name_hash_lines_and_skips_comments_and_blank_lines(dx, tmp_path):
+    alice, bob = dx.hash_password("a", iterations=1000), "pbkdf2_sha256$1$c2FsdA==$ZGlnZXN0"
+    path = tmp_path / "users"
+    path.write_text("# the mirror's users\n\n  alice:%s  \nbob:%s\n" % (alice, bob))
+    assert dx.read_users(str(path)) == {"alice": alice, "bob": bob}
+
+
+def test_read_users_refuses_a_malformed_line_naming_the_file_and_line(dx, tmp_path):
+    good = "alice:pbkdf2_sha256$1$c2FsdA==$ZGlnZXN0\n"
+    for bad in ("bob:plaintext", ":pbkdf2_sha256$1$c2FsdA==$ZGlnZXN0", "bob:pbkdf2_sha256$x$c2FsdA==$ZGln",
+                "bob:pbkdf2_sha1$1$c2FsdA==$ZGln", "bob:pbkdf2_sha256$1$c2FsdA==", "bob"):
+        path = tmp_path / "users"
+        path.write_text(good + bad + "\n")
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.read_users(str(path))
+        assert str(raised.value) == \
+            "%s line 2: want name:pbkdf2_sha256$... (see 'docxy.py hash-password')" % path, bad
+
+
+def test_read_users_refuses_a_file_without_users_or_that_cannot_be_read(dx, tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody yet\n\n")
+    with pytest.raises(dx.ConfigError) as raised:
+        dx.read_users(str(empty), "DOCXY_USERS")
+    assert str(raised.value) == "DOCXY_USERS: %s lists no users" % empty
+    with pytest.raises(dx.ConfigError) as raised:
+        dx.read_users(str(tmp_path / "missing"))
+    assert str(raised.value) == "--users: cannot read %s: No such file or directory" % (tmp_path / "missing")
+
+
+# -- rate limiter
+
+def test_rate_limiter_lets_a_burst_through_then_says_how_long_to_wait(dx, unit_clock):
+    limiter = dx.RateLimiter(3, 1.0)
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(5)] == [0, 0, 0, 1, 1]
+    slow = dx.RateLimiter(1, 1 / 60)
+    assert [slow.wait_needed("192.0.2.1") for _ in range(2)] == [0, 60]
+    unit_clock.now += 30
+    assert slow.wait_needed("192.0.2.1") == 30
+
+
+def test_rate_limiter_rounds_the_wait_up_to_whole_seconds(dx, unit_clock):
+    limiter = dx.RateLimiter(1, 0.1)
+    assert limiter.wait_needed("192.0.2.1") == 0
+    unit_clock.now += 2.5                   # a quarter token: 7.5 s to go
+    assert limiter.wait_needed("192.0.2.1") == 8
+    unit_clock.now += 7.5
+    assert limiter.wait_needed("192.0.2.1") == 0
+
+
+def test_rate_limiter_refills_at_its_rate_but_never_past_the_burst(dx, unit_clock):
+    limiter = dx.RateLimiter(3, 2.0)
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(4)] == [0, 0, 0, 1]
+    unit_clock.now += 0.5
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(2)] == [0, 1]
+    unit_clock.now += 100
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(4)] == [0, 0, 0, 1]
+
+
+def test_rate_limiter_refused_request_takes_no_token(dx, unit_clock):
+    limiter = dx.RateLimiter(1, 1.0)
+    assert limiter.wait_needed("192.0.2.1") == 0
+    unit_clock.now += 0.5
+    assert limiter.wait_needed("192.0.2.1") == 1
+    unit_clock.now += 0.5
+    assert limiter.wait_needed("192.0.2.1") == 0
+
+
+def test_rate_limiter_keeps_one_bucket_per_ipv4_address_and_per_ipv6_64(dx, unit_clock):
+    limiter = dx.RateLimiter(1, 0.001)
+    assert limiter.wait_needed("192.0.2.1") == 0 and limiter.wait_needed("192.0.2.2") == 0
+    assert limiter.wait_needed("::ffff:192.0.2.1") == 1000
+    assert limiter.wait_needed("2001:db8:0:1::1") == 0
+    assert limiter.wait_needed("2001:db8:0:1:ffff::2") == 1000
+    assert limiter.wait_needed("2001:db8:0:2::1") == 0
+
+
+def test_rate_limiter_give_back_returns_a_token_but_never_past_the_burst(dx, unit_clock):
+    limiter = dx.RateLimiter(2, 0.001)
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(2)] == [0, 0]
+    limiter.give_back("192.0.2.1")
+    assert [limiter.wait_needed("192.0.2.1") for _ in range(2)] == [0, 1000]
+    fresh = dx.RateLimiter(2, 0.001)
+    fresh.give_back("192.0.2.9")            # no bucket yet: nothing to give back
+    fresh.wait_needed("192.0.2.9")
+    for _ in range(5):
+        fresh.give_back("192.0.2.9")
+    assert [fresh.wait_needed("192.0.2.9") for _ in range(3)] == [0, 0, 1000]
+
+
+def test_rate_limiter_past_100000_clients_forgets_the_buckets_that_refilled(dx, unit_clock):
+    limiter = dx.RateLimiter(2, 1.0)
+    limiter.buckets = {ipaddress.IPv4Address(n): (2, unit_clock.now) for n in range(100001)}
+    limiter.buckets[ipaddress.IPv4Address("192.0.2.1")] = (0, unit_clock.now)
+    assert limiter.wait_needed("192.0.2.2") == 0
+    assert limiter.buckets == {ipaddress.IPv4Address("192.0.2.1"): (0, unit_clock.now),
+                               ipaddress.IPv4Address("192.0.2.2"): (1, unit_clock.now)}
+
+
+# -- expiring cache
+
+def test_expiring_cache_gives_a_value_until_its_time_is_up(dx, unit_clock):
+    cache = dx.ExpiringCache(4)
+    cache.put("token", "t1", 10)
+    unit_clock.now += 9.999
+    assert cache.get("token") == "t1" and cache.get("other") is None
+    unit_clock.now += 0.001
+    assert cache.get("token") is None and cache.items == {}
+    cache.put("token", "t2", 10)
+    cache.put("token", "t3", 20)
+    unit_clock.now += 15
+    assert cache.get("token") == "t3"
+
+
+def test_expiring_cache_when_full_drops_expired_entries_first_then_the_oldest(dx, unit_clock):
+    cache = dx.ExpiringCache(3)
+    cache.put("a", 1, 100)
+    cache.put("short", 2, 1)
+    cache.put("b", 3, 100)
+    unit_clock.now += 5
+    cache.put("c", 4, 100)                  # "short" has expired: it goes, "a" stays
+    assert [cache.get(key) for key in ("a", "short", "b", "c")] == [1, None, 3, 4]
+    cache.put("d", 5, 100)                  # nothing expired: the oldest goes
+    assert [cache.get(key) for key in ("a", "b", "c", "d")] == [None, 3, 4, 5]
+
+
+@pytest.mark.xfail(strict=True, reason="ExpiringCache.put of a key it already holds, when full, evicts the "
+                   "oldest other entry although the replacement does not grow the mapping")
+def test_expiring_cache_replacing_a_key_when_full_evicts_nothing_else(dx, unit_clock):
+    cache = dx.ExpiringCache(2)
+    cache.put("a", 1, 100)
+    cache.put("b", 2, 100)
+    cache.put("b", 3, 100)
+    assert (cache.get("a"), cache.get("b")) == (1, 3)
+
+
+# -- connection budget
+
+class UnitListener:
+    def __init__(self, refuse=()):
+        self.served, self.refuse = [], set(refuse)
+
+    def serve(self, sock, address, pending):
+        if address in self.refuse:
+            return False
+        self.served.append(address)
+        return True
 
 
 def test_connection_budget_serves_in_arrival_order_and_gives_every_place_back(dx):
-    class Listener:
-        def __init__(self):
-            self.served, self.refuse = [], set()
-
-        def serve(self, sock, address, pending):
-            if address in self.refuse:
-                return False
-            self.served.append(address)
-            return True
-    listener, budget = Listener(), dx.ConnectionBudget(2)
-    listener.refuse = {"c"}
+    listener, budget = UnitListener(refuse={"c"}), dx.ConnectionBudget(2)
     for address in "abcd":
         budget.admit(listener, None, address, b"")
     assert listener.served == ["a", "b"] and budget.serving == 2 and len(budget.queue) == 2
@@ -1413,6 +2152,205 @@ def test_connection_budget_serves_in_arrival_order_and_gives_every_place_back(dx
     budget.done()
     budget.done()
     assert budget.serving == 0
+
+
+def test_connection_budget_gives_the_place_back_when_a_connection_cannot_be_served(dx):
+    listener, budget = UnitListener(refuse={"a"}), dx.ConnectionBudget(1)
+    budget.admit(listener, None, "a", b"")
+    assert budget.serving == 0 and not budget.queue
+    budget.admit(listener, None, "b", b"")
+    assert listener.served == ["b"] and budget.serving == 1
+
+
+def test_connection_budget_with_a_full_queue_answers_503_and_closes(dx, monkeypatch):
+    monkeypatch.setattr(dx, "MAX_QUEUED", 1)
+    listener, budget = UnitListener(), dx.ConnectionBudget(1)
+    queued, refused = UnitRefusingSocket(), UnitRefusingSocket()
+    for sock, address in ((None, "a"), (queued, "b"), (refused, "c")):
+        budget.admit(listener, sock, address, b"")
+    assert listener.served == ["a"] and [entry[2] for entry in budget.queue] == ["b"]
+    assert refused.sent == [dx.plain_answer(503, "Service Unavailable", "too many requests waiting")]
+    assert refused.sent[0].startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert refused.shut and refused.closed and not queued.sent and not queued.closed
+    budget.close_queued()
+    assert queued.closed and not budget.queue and budget.serving == 1
+
+
+# -- the cache
+
+def test_cache_commits_a_verified_fill_under_its_digest_and_counts_its_size(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    assert sorted(os.listdir(str(tmp_path))) == ["objects", "tags", "tmp", "types"]
+    digest = unit_store(cache, b"layer bytes")
+    hexdigest = digest.split(":")[1]
+    path = tmp_path / "objects" / "sha256" / hexdigest[:2] / hexdigest
+    assert path.read_bytes() == b"layer bytes" and cache.path(digest) == str(path)
+    assert cache.objects == {digest: 11} and cache.size == 11 and not cache.busy and not cache.fills
+    assert os.listdir(str(tmp_path / "tmp")) == []
+    handle, size, media_type = cache.open(digest)
+    with handle:
+        assert (handle.read(), size, media_type) == (b"layer bytes", 11, None)
+    assert cache.busy == {digest: 1}
+    cache.release(digest)
+    assert not cache.busy
+
+
+def test_cache_discards_an_unverified_fill_and_counts_it(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    digest = sha256_digest(b"expected")
+    fill, first = cache.start_fill(digest, "blobs")
+    cache.write(fill, b"something else")
+    cache.finish_fill(digest, fill, False)
+    assert (fill.state, fill.written) == ("failed", 14)
+    assert cache.objects == {} and cache.size == 0 and cache.stats["discarded"] == 1
+    assert os.listdir(str(tmp_path / "tmp")) == [] and not os.path.exists(cache.path(digest))
+    assert cache.open(digest) is None and not cache.busy and not cache.fills
+
+
+def test_cache_second_fill_of_a_digest_follows_the_first(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    digest = sha256_digest(b"x")
+    fill, first = cache.start_fill(digest, "blobs")
+    assert first and cache.start_fill(digest, "blobs") == (fill, False)
+    assert cache.start_fill(digest, "manifests") == (None, False)    # a blob is no manifest
+    assert cache.busy == {digest: 2}
+    cache.write(fill, b"x")
+    cache.finish_fill(digest, fill, True)
+    assert fill.state == "done" and cache.busy == {digest: 1}
+    cache.release(digest)
+    assert not cache.busy
+
+
+def test_cache_serves_an_object_as_a_manifest_only_if_it_was_stored_as_one(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    manifest = unit_store(cache, b'{"schemaVersion": 2}', "manifests", MT_MANIFEST)
+    blob = unit_store(cache, b'{"schemaVersion": 2, "blob": true}')
+    assert (tmp_path / "types" / "sha256" / manifest.split(":")[1]).read_text() == MT_MANIFEST
+    assert cache.types == {manifest: MT_MANIFEST}
+    handle, size, media_type = cache.open(manifest, "manifests")
+    handle.close()
+    cache.release(manifest)
+    assert (size, media_type) == (20, MT_MANIFEST)
+    assert cache.open(blob, "manifests") is None and not cache.busy
+    handle, size, media_type = cache.open(blob, "blobs")
+    handle.close()
+    cache.release(blob)
+    assert (size, media_type) == (34, None)
+
+
+def test_cache_open_adopts_an_object_another_process_committed(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    digest = sha256_digest(b"prefetched")
+    assert cache.open(digest) is None
+    os.makedirs(os.path.dirname(cache.path(digest)))
+    with open(cache.path(digest), "wb") as handle:
+        handle.write(b"prefetched")
+    handle, size, media_type = cache.open(digest)
+    handle.close()
+    cache.release(digest)
+    assert (size, media_type) == (10, None) and cache.objects == {digest: 10} and cache.size == 10
+
+
+def test_cache_open_forgets_an_object_whose_file_is_gone(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    digest = unit_store(cache, b"manifest", "manifests", MT_MANIFEST)
+    os.unlink(cache.path(digest))
+    assert cache.open(digest, "manifests") is None
+    assert cache.objects == {} and cache.types == {} and cache.size == 0 and not cache.busy
+
+
+def test_cache_evicts_least_recently_used_first_down_to_90_percent_of_the_cap(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 1000, 300)
+    first, second = unit_store(cache, b"a" * 400), unit_store(cache, b"b" * 400)
+    handle = cache.open(first)[0]           # used: now the most recent
+    handle.close()
+    cache.release(first)
+    third = unit_store(cache, b"c" * 400)   # 1200 > 1000: down to 900 at most
+    assert list(cache.objects) == [first, third] and cache.size == 800
+    assert cache.stats["evictions"] == 1 and not os.path.exists(cache.path(second))
+    fourth = unit_store(cache, b"d" * 100)  # 900: under the cap, nothing goes
+    assert list(cache.objects) == [first, third, fourth] and cache.size == 900
+    fifth = unit_store(cache, b"e" * 300)   # 1200: one object is enough to get down to 900
+    assert list(cache.objects) == [third, fourth, fifth] and cache.size == 800
+    assert cache.stats["evictions"] == 2
+
+
+def test_cache_evicts_down_to_90_percent_of_the_cap_and_no_further(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 1000, 300)
+    first, second, third = (unit_store(cache, data) for data in (b"a" * 200, b"b" * 400, b"c" * 300))
+    assert cache.size == 900 and cache.stats["evictions"] == 0
+    fourth = unit_store(cache, b"d" * 200)  # 1100: the oldest goes, and 900 is low enough
+    assert list(cache.objects) == [second, third, fourth] and cache.size == 900
+    assert cache.stats["evictions"] == 1 and not os.path.exists(cache.path(first))
+
+
+def test_cache_eviction_passes_over_objects_being_read(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 1000, 300)
+    first, second = unit_store(cache, b"a" * 400), unit_store(cache, b"b" * 400)
+    reading = cache.open(first)[0]
+    handle = cache.open(second)[0]
+    handle.close()
+    cache.release(second)                   # first is the least recently used, and busy
+    third = unit_store(cache, b"c" * 400)
+    reading.close()
+    assert list(cache.objects) == [first, third] and cache.size == 800
+    assert os.path.exists(cache.path(first)) and not os.path.exists(cache.path(second))
+
+
+def test_cache_eviction_removes_a_manifests_type_record_too(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 100, 300)
+    manifest = unit_store(cache, b"m" * 60, "manifests", MT_INDEX)
+    unit_store(cache, b"b" * 60)
+    assert manifest not in cache.objects and cache.types == {}
+    assert not os.path.exists(cache.type_path(manifest)) and not os.path.exists(cache.path(manifest))
+
+
+def test_cache_load_rebuilds_the_index_from_disk_oldest_first(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    a, b, c = (unit_store(cache, data) for data in (b"a" * 100, b"b" * 100, b"c" * 100))
+    manifest = unit_store(cache, b"m" * 50, "manifests", MT_INDEX)
+    for when, digest in ((3000, a), (4000, b), (1000, c), (2000, manifest)):
+        os.utime(cache.path(digest), (when, when))
+    reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    assert list(reopened.objects.items()) == [(c, 100), (manifest, 50), (a, 100), (b, 100)]
+    assert reopened.size == 350 and reopened.types == {manifest: MT_INDEX}
+    small = dx.Cache(str(tmp_path), 250, 300)     # over the cap at start: the oldest go, down to 225
+    assert list(small.objects) == [a, b] and small.size == 200 and small.types == {}
+    assert not os.path.exists(cache.type_path(manifest))
+
+
+def test_cache_load_removes_leftovers_of_dead_processes_orphan_types_and_strays(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    kept = unit_store(cache, b"kept", "manifests", MT_MANIFEST)
+    orphan = sha256_digest(b"evicted long ago")
+    cache.write_file(cache.type_path(orphan), MT_MANIFEST.encode())
+    alive = "%d-download" % os.getpid()
+    for name in (alive, "999999999-download", "no-pid"):
+        (tmp_path / "tmp" / name).write_bytes(b"partial")
+    stray = tmp_path / "objects" / "sha256" / "notes.txt"
+    stray.write_text("not an object")
+    reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    assert os.listdir(str(tmp_path / "tmp")) == [alive]
+    assert reopened.objects == {kept: 4} and reopened.types == {kept: MT_MANIFEST}
+    assert not os.path.exists(cache.type_path(orphan)) and stray.exists()
+
+
+def test_cache_load_keeps_tag_records_and_removes_foreign_or_outdated_files(dx, tmp_path, unit_clock):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    key = ("docker.io", "library/busybox", "latest", MT_INDEX)
+    record = cache.remember_tag(key, "sha256:" + "0" * 64, MT_INDEX, "1234")
+    assert record == {"version": dx.TAG_RECORD_VERSION, "key": key, "digest": "sha256:" + "0" * 64,
+                      "type": MT_INDEX, "length": "1234", "checked": unit_clock.now}
+    tags = tmp_path / "tags"
+    old = dict(record, version=1, key=["docker.io", "library/x", "1", ""])
+    (tags / dx.tag_file(old["key"])).write_text(json.dumps(old))
+    misnamed = dict(record, key=["docker.io", "library/y", "1", ""])
+    (tags / ("0" * 64 + ".json")).write_text(json.dumps(misnamed))
+    (tags / "junk.json").write_text("{not json")
+    reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    assert os.listdir(str(tags)) == [dx.tag_file(key)]
+    assert reopened.tag(key) == json.loads(json.dumps(record))
+    assert reopened.size == cache.size == os.path.getsize(str(tags / dx.tag_file(key)))
 
 
 def test_cache_keeps_few_tag_records_per_tag_and_counts_them_in_its_size(dx, tmp_path):
@@ -1427,6 +2365,95 @@ def test_cache_keeps_few_tag_records_per_tag_and_counts_them_in_its_size(dx, tmp
     assert set(reopened.tags) == set(cache.tags) and reopened.size == cache.size
 
 
+def unit_record(media_type, checked):
+    return {"type": media_type, "checked": checked, "digest": "sha256:" + "%064x" % checked}
+
+
+def test_add_tag_past_the_records_per_tag_drops_the_one_checked_longest_ago(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    for accept, checked in (("a", 30), ("b", 10), ("c", 40), ("d", 20), ("e", 50)):
+        cache.add_tag(("docker.io", "x", "1", accept), unit_record(MT_INDEX, checked), 10)
+    assert [key[3] for key in cache.tag_keys[("docker.io", "x", "1")]] == ["a", "c", "d", "e"]
+    assert cache.tag_bytes == cache.size == 40
+    cache.add_tag(("docker.io", "x", "2", "a"), unit_record(MT_INDEX, 1), 10)   # another tag: its own four
+    assert len(cache.tags) == 5
+
+
+def test_tag_for_any_client_prefers_an_index_then_the_record_checked_last(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    tag = ("docker.io", "library/busybox", "latest")
+    index, newer_index = unit_record(MT_INDEX, 10), unit_record(DOCKERD_ACCEPT[1], 20)
+    manifest = unit_record(MT_MANIFEST, 30)
+    for accept, record in (("i", index), ("m", manifest), ("l", newer_index)):
+        cache.add_tag(tag + (accept,), record, 10)
+    key = tag + ("other",)
+    assert cache.tag_for_any_client(key, tuple(DOCKERD_ACCEPT)) is newer_index
+    assert cache.tag_for_any_client(key, (MT_INDEX, MT_MANIFEST)) is index
+    assert cache.tag_for_any_client(key, ()) is newer_index          # no Accept: any type
+    assert cache.tag_for_any_client(key, ("*/*",)) is newer_index
+    assert cache.tag_for_any_client(("docker.io", "library/busybox", "1.36", "x"), ("*/*",)) is None
+
+
+def test_tag_for_any_client_offers_only_a_type_the_client_accepts(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    tag = ("ghcr.io", "o/i", "v1")
+    manifest = unit_record(MT_MANIFEST, 5)
+    cache.add_tag(tag + ("a",), unit_record(MT_INDEX, 9), 10)
+    cache.add_tag(tag + ("b",), manifest, 10)
+    assert cache.tag_for_any_client(tag + ("c",), (MT_MANIFEST,)) is manifest
+    assert cache.tag_for_any_client(tag + ("c",), (DOCKERD_ACCEPT[0],)) is None
+
+
+def test_cache_tag_records_stay_within_their_share_of_the_cap_least_recently_used_first(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 1000, 300)    # tag records: 100 bytes at most
+    keys = [("docker.io", name, "latest", "") for name in ("a", "b", "c")]
+    cache.add_tag(keys[0], unit_record(MT_INDEX, 1), 40)
+    cache.add_tag(keys[1], unit_record(MT_INDEX, 2), 40)
+    assert cache.tag(keys[0])["checked"] == 1      # read: now the most recently used
+    cache.add_tag(keys[2], unit_record(MT_INDEX, 3), 40)
+    assert list(cache.tag_files) == [keys[0], keys[2]] and keys[1] not in cache.tags
+    assert cache.tag_bytes == cache.size == 80
+
+
+def test_cache_tag_records_stay_within_tag_records_max(dx, tmp_path, monkeypatch):
+    monkeypatch.setattr(dx, "TAG_RECORDS_MAX", 2)
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    keys = [("docker.io", name, "latest", "") for name in ("a", "b", "c")]
+    for n, key in enumerate(keys):
+        cache.add_tag(key, unit_record(MT_INDEX, n), 10)
+    assert list(cache.tags) == keys[1:] and cache.tag_bytes == 20 and ("docker.io", "a", "latest") not in cache.tag_keys
+
+
+def test_cache_replacing_a_tag_record_counts_only_its_new_size(dx, tmp_path):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    key = ("docker.io", "x", "latest", "")
+    cache.add_tag(key, unit_record(MT_INDEX, 1), 40)
+    newer = unit_record(MT_MANIFEST, 2)
+    cache.add_tag(list(key), newer, 30)            # as load() gives it: a list
+    assert cache.tags == {key: newer} and cache.tag_keys[key[:3]] == [key]
+    assert cache.tag_bytes == cache.size == 30
+
+
+def test_drop_tag_forgets_the_record_its_file_and_its_bytes(dx, tmp_path, unit_clock):
+    cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+    key = ("docker.io", "x", "latest", "")
+    cache.remember_tag(key, "sha256:" + "1" * 64, MT_INDEX, "")
+    assert cache.size > 0 and os.listdir(str(tmp_path / "tags")) == [dx.tag_file(key)]
+    cache.drop_tag(key)
+    cache.drop_tag(key)                             # a second time: nothing left to drop
+    assert cache.tags == {} and cache.tag_keys == {} and cache.tag_files == {}
+    assert cache.tag_bytes == cache.size == 0 and os.listdir(str(tmp_path / "tags")) == []
+    assert cache.tag(key) is None
+
+
+def test_tag_file_is_a_hash_of_the_key_never_its_text(dx):
+    key = ("docker.io", "../../etc", "latest", MT_INDEX)
+    assert dx.tag_file(key) == hashlib.sha256("\n".join(key).encode()).hexdigest() + ".json"
+    assert dx.tag_file(list(key)) == dx.tag_file(key) != dx.tag_file(key[:3] + ("",))
+
+
+# -- configuration
+
 def test_problems_are_collected_and_raised_together(dx):
     problems = dx.Problems()
 
@@ -1437,6 +2464,236 @@ def test_problems_are_collected_and_raised_together(dx):
     with pytest.raises(dx.ConfigError) as raised:
         problems.raise_any("json")
     assert str(raised.value) == "one\ntwo" and raised.value.log_format == "json"
+    dx.Problems().raise_any()                      # no problem: nothing raised
+
+
+def test_build_parser_leaves_every_setting_unset_so_that_sources_can_layer(dx):
+    settings = vars(dx.build_parser().parse_args([]))
+    assert set(settings) >= set(dx.DEFAULTS) | set(dx.REPEATABLE) | set(dx.SWITCHES)
+    assert [name for name, value in settings.items() if value is not None] == []
+    with pytest.raises(dx.ConfigError) as raised:
+        dx.build_parser().parse_args(["--max-connections", "x"])
+    assert str(raised.value) == "--max-connections: invalid int value: 'x'"
+
+
+def test_read_config_without_flags_environment_or_file_has_the_defaults(dx):
+    config = dx.read_config([], {"HOME": "/root", "PATH": "/bin"})
+    for name, value in dx.DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    assert config.listen == [("0.0.0.0", 5000)] and config.allow == [] and config.trusted_proxy == []
+    assert config.metrics_allow == [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    assert list(config.registries) == list(dx.PRESETS) and config.default_registry == "docker.io"
+    assert config.registries["docker.io"].library is True and config.tls is None
+    assert config.sources == {} and config.kubernetes_variables == []
+
+
+def test_read_config_takes_the_command_line_over_the_environment_over_the_file(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nupstream-timeout = 5\nclient_timeout = 6\ndrain-seconds = 7\n")
+    environ = {"DOCXY_UPSTREAM_TIMEOUT": "15", "DOCXY_CLIENT_TIMEOUT": "16"}
+    config = dx.read_config(["--config", str(ini), "--upstream-timeout", "25"], environ)
+    assert (config.upstream_timeout, config.client_timeout, config.drain_seconds, config.cert_check_interval) == \
+        (25.0, 16.0, 7.0, 60.0)
+    assert config.sources == {"client_timeout": "DOCXY_CLIENT_TIMEOUT",
+                              "drain_seconds": "%s:[docxy] drain-seconds" % ini}
+    assert dx.source(config, "upstream_timeout") == "--upstream-timeout"
+
+
+def test_read_config_reads_the_file_named_by_the_environment(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\ntag-ttl = 60\nconfig = %s\n" % (tmp_path / "other.ini"))
+    config = dx.read_config([], {"DOCXY_CONFIG": str(ini)})
+    assert (config.config, config.tag_ttl) == (str(ini), 60.0)
+    assert config.sources == {"config": "DOCXY_CONFIG", "tag_ttl": "%s:[docxy] tag-ttl" % ini}
+
+
+def test_read_config_takes_a_repeatable_setting_whole_from_one_source(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nallow = 10.0.0.0/8\n")
+    environ = {"DOCXY_LISTEN": "127.0.0.1:5001, [::1]:5002", "DOCXY_ALLOW": "192.0.2.0/24 198.51.100.0/24"}
+    config = dx.read_config(["--config", str(ini)], environ)
+    assert config.listen == [("127.0.0.1", 5001), ("::1", 5002)]
+    assert config.allow == [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.0/24")]
+    config = dx.read_config(["--listen", "127.0.0.1:9"], environ)
+    assert config.listen == [("127.0.0.1", 9)]
+
+
+def test_read_config_takes_switches_and_aliases_from_the_environment(dx, tmp_path):
+    config = dx.read_config([], {"DOCXY_IPV4_ONLY": "yes", "DOCXY_I_UNDERSTAND_CREDENTIALS_ARE_SHARED": "off"})
+    assert config.ipv4_only is True and config.i_understand_credentials_are_shared is None
+    message, _ = unit_config_error(dx, [], {"DOCXY_CERT_PATH": str(tmp_path / "c.pem")})
+    assert message == "DOCXY_CERT_PATH and --key go together"
+
+
+@pytest.mark.xfail(strict=True, reason="DOCXY_IPV4_ONLY=off is dropped (setting_arguments gives no flag for "
+                   "'off'), so [docxy] ipv4-only = on in the file wins over the environment")
+def test_read_config_environment_switch_off_wins_over_the_files_on(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nipv4-only = on\n")
+    config = dx.read_config(["--config", str(ini)], {"DOCXY_IPV4_ONLY": "off"})
+    assert not config.ipv4_only
+
+
+def test_environment_settings_are_docxy_variables_less_kubernetes_service_ones(dx):
+    environ = {"HOME": "/root", "DOCXY_UPSTREAM": "https://u", "DOCXY_CERT_PATH": "/c.pem",
+               "DOCXY_PORT": "tcp://10.0.0.1:5000", "DOCXY_SERVICE_HOST": "10.0.0.1",
+               "DOCXY_SERVICE_PORT": "5000", "DOCXY_PORT_5000_TCP_ADDR": "10.0.0.1",
+               "DOCXY_WEB_SERVICE_PORT_HTTP": "80", "docxy_upstream": "lower case is no setting"}
+    assert dx.environment_settings(environ) == (
+        [("DOCXY_CERT_PATH", "cert", "/c.pem"), ("DOCXY_UPSTREAM", "upstream", "https://u")],
+        ["DOCXY_PORT", "DOCXY_PORT_5000_TCP_ADDR", "DOCXY_SERVICE_HOST", "DOCXY_SERVICE_PORT",
+         "DOCXY_WEB_SERVICE_PORT_HTTP"])
+
+
+def test_kubernetes_variable_takes_docxy_port_only_with_a_service_url(dx):
+    for name, value in (("DOCXY_PORT", "tcp://10.0.0.1:5000"), ("DOCXY_WEB_PORT", "udp://[fd00::1]:53"),
+                        ("DOCXY_SERVICE_PORT_HTTPS", "443"), ("DOCXY_PORT_5000_TCP_PROTO", "tcp"),
+                        ("DOCXY_PORT_53_SCTP", "sctp://10.0.0.1:53"), ("DOCXY_WEB_SERVICE_HOST", "10.0.0.2")):
+        assert dx.kubernetes_variable(name, value) is True, name
+    for name, value in (("DOCXY_PORT", "5000"), ("DOCXY_PORT", "http://10.0.0.1:5000"),
+                        ("DOCXY_UPSTREAM", "tcp://10.0.0.1:5000"), ("DOCXY_PORT_5000", "tcp://x")):
+        assert dx.kubernetes_variable(name, value) is False, name
+
+
+def test_read_config_lists_kubernetes_variables_without_taking_them_for_settings(dx):
+    config = dx.read_config([], {"DOCXY_PORT": "tcp://10.0.0.1:5000", "DOCXY_SERVICE_HOST": "10.0.0.1"})
+    assert config.kubernetes_variables == ["DOCXY_PORT", "DOCXY_SERVICE_HOST"] and config.listen == [("0.0.0.0", 5000)]
+    message, _ = unit_config_error(dx, [], {"DOCXY_PORT": "5000"})
+    assert message == "DOCXY_PORT is not a docxy setting (docxy.py --help lists them)"
+
+
+def test_read_config_reports_every_problem_of_every_source_at_once(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nbogus = 1\nmax-connections = many\n")
+    argv = ["--config", str(ini), "--upstream-timeout", "0", "--tag-ttl", "-1", "--rate-limit", "0/min"]
+    environ = {"DOCXY_FOO": "1", "DOCXY_CLIENT_TIMEOUT": "abc", "DOCXY_IPV4_ONLY": "maybe"}
+    message, log_format = unit_config_error(dx, argv, environ)
+    assert message.splitlines() == [
+        "DOCXY_CLIENT_TIMEOUT: invalid float value: 'abc'",
+        "DOCXY_FOO is not a docxy setting (docxy.py --help lists them)",
+        "DOCXY_IPV4_ONLY: must be on or off, not 'maybe'",
+        "%s:[docxy] bogus is not a docxy setting (docxy.py --help lists them)" % ini,
+        "%s:[docxy] max-connections: invalid int value: 'many'" % ini,
+        "--upstream-timeout must be positive",
+        "--tag-ttl must not be negative",
+        "--rate-limit wants N/s, N/min or N/h, not '0/min'",
+    ]
+    assert log_format == "text"
+
+
+def test_check_config_names_each_setting_by_the_source_that_gave_it(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nmax-connections = 0\nlisten = 5000\n")
+    environ = {"DOCXY_DRAIN_SECONDS": "0", "DOCXY_CACHE_MAX_SIZE": "lots", "DOCXY_TRUSTED_PROXY": "proxy.local"}
+    message, _ = unit_config_error(dx, ["--config", str(ini), "--http-redirect", ":80"], environ)
+    assert message.splitlines() == [
+        "%s:[docxy] listen wants HOST:PORT or [IPV6]:PORT, not '5000'" % ini,
+        "--http-redirect needs --cert and --key (it redirects to HTTPS)",
+        "DOCXY_DRAIN_SECONDS must be positive",
+        "%s:[docxy] max-connections must be at least 1" % ini,
+        "DOCXY_CACHE_MAX_SIZE wants a size like 500M or 20G, not 'lots'",
+        "DOCXY_TRUSTED_PROXY wants an address or CIDR network, not 'proxy.local'",
+    ]
+
+
+def test_check_config_normalises_urls_sizes_rates_and_networks(dx):
+    config = dx.read_config(["--public-url", "HTTPS://Mirror.Example.com:443/", "--cache-max-size", "2G",
+                             "--rate-limit", "120/min", "--allow", "10.1.2.3/8", "--listen", "[::]:5000"], {})
+    assert config.public_url == "https://mirror.example.com" and config.cache_max_size == 2048 * MIB
+    assert config.rate_limit == (120, 2.0) and config.allow == [ipaddress.ip_network("10.0.0.0/8")]
+    assert config.listen == [("::", 5000)]
+
+
+@pytest.mark.xfail(strict=True, reason="--cache-max-size 0 is taken as a cap of 0 bytes: every object is "
+                   "evicted as soon as it is committed, and the start-up line calls the cap '80% of the free "
+                   "space' (open_cache tests the value for truth); every other size or count must be positive")
+def test_check_config_refuses_a_cache_cap_of_zero(dx):
+    with pytest.raises(dx.ConfigError, match="--cache-max-size"):
+        dx.read_config(["--cache-max-size", "0"], {})
+
+
+def test_read_config_error_on_the_command_line_carries_the_log_format_asked_for(dx):
+    assert unit_config_error(dx, ["--max-connections", "x"], {}) == \
+        ("--max-connections: invalid int value: 'x'", "text")
+    assert unit_config_error(dx, ["--log-format", "json", "--bogus"], {}) == ("unrecognized arguments: --bogus", "json")
+    assert unit_config_error(dx, ["--bogus"], {"DOCXY_LOG_FORMAT": " json "}) == \
+        ("unrecognized arguments: --bogus", "json")
+    assert unit_config_error(dx, ["--bogus"], {"DOCXY_LOG_FORMAT": "xml"})[1] == "text"
+
+
+def test_read_config_error_from_the_environment_carries_the_log_format_of_the_settings(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[docxy]\nlog-format = json\n")
+    assert unit_config_error(dx, ["--config", str(ini)], {"DOCXY_TAG_TTL": "x"}) == \
+        ("DOCXY_TAG_TTL: invalid float value: 'x'", "json")
+    assert unit_config_error(dx, ["--config", str(tmp_path / "none.ini")], {})[0] == \
+        "--config: cannot read %s: No such file or directory" % (tmp_path / "none.ini")
+
+
+def test_read_config_builds_registries_from_the_files_sections(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[internal.local]\nupstream = http://127.0.0.1:9000\nhosts = Mirror.Internal, other.example\n"
+                   "library = on\n[ghcr.io]\nusername = bot\npassword_env = GHCR_TOKEN\n")
+    config = dx.read_config(["--config", str(ini), "--allow", "10.0.0.0/8", "--registries", "internal.local,ghcr.io"],
+                            {"GHCR_TOKEN": " t0ken \n"})
+    internal, ghcr = config.registries["internal.local"], config.registries["ghcr.io"]
+    assert list(config.registries) == ["internal.local", "ghcr.io"] and config.default_registry == "internal.local"
+    assert internal.upstream == dx.Origin("http", "127.0.0.1", 9000) and internal.library is True
+    assert internal.names == {"internal.local", "127.0.0.1:9000"}
+    assert internal.hosts == {"internal.local", "mirror.internal", "other.example"}
+    assert (ghcr.username, str(ghcr.secret), repr(ghcr.secret)) == ("bot", "t0ken", "Secret('***')")
+    assert ghcr.names == {"ghcr.io", "ghcr.io:443"} and ghcr.short == "ghcr"
+
+
+def test_read_config_names_every_problem_of_a_registry_section_by_file_section_and_key(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[internal.local]\nupstream = http://127.0.0.1:9000\nhosts = ok.example, bad host\n"
+                   "colour = blue\npassword_env = X\n[nourl]\n[Bad_Name]\nupstream = http://x\n")
+    message, _ = unit_config_error(dx, ["--config", str(ini)], {})
+    assert message.splitlines() == [
+        "%s:[Bad_Name] is not a valid registry name" % ini,
+        "%s:[internal.local] colour is not a registry setting "
+        "(known: upstream, hosts, library, username, password_file, password_env)" % ini,
+        "%s:[internal.local] hosts: 'bad host' is not a host name" % ini,
+        "%s:[internal.local] password_env without a username" % ini,
+        "[nourl] needs an upstream = URL",
+    ]
+    ini.write_text("[internal.local]\nupstream = http://127.0.0.1:9000\nhosts = mirror.local:5000\n")
+    assert unit_config_error(dx, ["--config", str(ini)], {})[0] == \
+        "%s:[internal.local] hosts: 'mirror.local:5000' is not a host name" % ini
+
+
+def test_read_config_refuses_upstream_credentials_that_anyone_could_use(dx, tmp_path):
+    ini = tmp_path / "docxy.ini"
+    ini.write_text("[ghcr.io]\nusername = bot\npassword_env = GHCR_TOKEN\n")
+    environ = {"GHCR_TOKEN": "t"}
+    assert unit_config_error(dx, ["--config", str(ini)], environ)[0] == (
+        "upstream credentials for ghcr.io would serve anyone who reaches this mirror: add --allow or "
+        "--users, or pass --i-understand-credentials-are-shared")
+    for flag in (["--allow", "10.0.0.0/8"], ["--i-understand-credentials-are-shared"]):
+        assert dx.read_config(["--config", str(ini)] + flag, environ).registries["ghcr.io"].username == "bot"
+    assert unit_config_error(dx, ["--config", str(ini), "--allow", "10.0.0.0/8"], {})[0] == \
+        "%s:[ghcr.io] password_env GHCR_TOKEN is not set" % ini
+
+
+def test_read_config_refuses_registries_it_does_not_know(dx):
+    message, _ = unit_config_error(dx, ["--registries", "docker.io,nope,Bad_Name"], {})
+    assert message.splitlines() == [
+        "--registries: unknown registry nope: not a preset (%s) and no [nope] section" % ", ".join(dx.PRESETS),
+        "--registries: 'bad_name' is not a valid registry name",
+    ]
+    assert unit_config_error(dx, [], {"DOCXY_REGISTRIES": " , "})[0] == "DOCXY_REGISTRIES: no registry enabled"
+    config = dx.read_config(["--registries", "ghcr.io, QUAY.IO"], {})
+    assert list(config.registries) == ["ghcr.io", "quay.io"] and config.default_registry == "ghcr.io"
+    assert dx.read_config(["--registries", "ghcr.io,docker.io"], {}).default_registry == "docker.io"
+
+
+def test_read_config_library_prefix_follows_the_docker_io_upstream_unless_set(dx):
+    assert dx.read_config(["--upstream", "https://registry-1.docker.io"], {}).registries["docker.io"].library is True
+    assert dx.read_config(["--upstream", "http://127.0.0.1:9"], {}).registries["docker.io"].library is False
+    config = dx.read_config(["--upstream", "http://127.0.0.1:9"], {"DOCXY_LIBRARY_PREFIX": "on"})
+    assert config.registries["docker.io"].library is True
+    assert dx.read_config(["--library-prefix", "off"], {}).registries["docker.io"].library is False
 
 
 def fake_answer(dx, body, length, step):
