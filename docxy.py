@@ -235,8 +235,6 @@ def setting_arguments(name, value):
     flag, value = "--" + name.replace("_", "-"), value.strip()
     if not value:
         return []
-    if name in SWITCHES:
-        return [flag] if parse_switch(value, "this switch") else []
     if name in REPEATABLE:
         return [part for item in re.split(r"[\s,]+", value) for part in (flag, item)]
     return [flag, value]
@@ -289,7 +287,11 @@ def apply_settings(parser, config, settings, problems):
             problems.append("%s is not a docxy setting (docxy.py --help lists them)" % where)
             continue
         try:
-            parser.parse_args(setting_arguments(name, value), namespace=layer)
+            if name in SWITCHES and value.strip():
+                # "off" is a value too: a source below must not turn the switch on again.
+                setattr(layer, name, parse_switch(value, "this switch"))
+            else:
+                parser.parse_args(setting_arguments(name, value), namespace=layer)
         except ConfigError as error:
             reason = re.sub(r"^(--[\w-]+|this switch):? ", "", str(error))
             problems.append("%s: %s" % (where, reason))
@@ -335,6 +337,8 @@ def read_config(argv, environ):
     for name, value in DEFAULTS.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
+    for name in SWITCHES:       # on, or off whether it was said so or not
+        setattr(config, name, bool(getattr(config, name)))
     config = problems.check(check_config, config, sections, environ) or config
     problems.raise_any(config.log_format)
     return config
@@ -429,6 +433,8 @@ def check_limits(config, problems):
     if config.cache_max_size:
         config.cache_max_size = problems.check(parse_size, config.cache_max_size,
                                                source(config, "cache_max_size"))
+        if config.cache_max_size == 0:
+            problems.append("%s must be positive" % source(config, "cache_max_size"))
 
 
 def check_certificate(config):
@@ -601,9 +607,12 @@ def parse_origin(url, what):
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ConfigError("%s must be scheme://host[:port] only, not %r" % (what, url))
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:       # out of range, or 0: no port a connection can reach
         raise ConfigError("%s has a bad port: %r" % (what, url))
+    port = port or (443 if parts.scheme == "https" else 80)
     return Origin(parts.scheme, parts.hostname.lower(), port)
 
 
@@ -804,9 +813,10 @@ def login_scope(headers, name):
 
 
 def pull_only(scope):
-    """A repository scope cut down to pull; None for a scope that grants no pull."""
+    """A repository scope cut down to pull; None for a scope that grants no pull ("*" grants
+    every action, pull among them)."""
     named = split_scope(scope)
-    if not named or "pull" not in named[1].split(","):
+    if not named or not {"pull", "*"} & set(named[1].split(",")):
         return None
     return "repository:%s:pull" % named[0]
 
@@ -1429,7 +1439,10 @@ def parse_challenge(value):
 
 
 def format_challenge(scheme, params):
-    return "%s %s" % (scheme, ",".join('%s="%s"' % (k, v.replace('"', '\\"')) for k, v in params))
+    """A challenge header; each value a quoted-string (RFC 9110 5.6.4), its backslashes and
+    quotes escaped, so that parse_challenge reads back what was written."""
+    return "%s %s" % (scheme, ",".join('%s="%s"' % (k, v.replace("\\", "\\\\").replace('"', '\\"'))
+                                       for k, v in params))
 
 
 def basic_authorization(registry):
@@ -2229,7 +2242,7 @@ class ExpiringCache:
 
     def put(self, key, value, seconds):
         with self.lock:
-            if len(self.items) >= self.size:
+            if key not in self.items and len(self.items) >= self.size:
                 now = time.monotonic()
                 self.items = {k: v for k, v in self.items.items() if v[1] > now}
                 while len(self.items) >= self.size:
@@ -2691,6 +2704,8 @@ def body_to_wait_for(head):
         return 0, False     # most requests: no body, and a search says so
     lengths, expect, chunked = [], False, False
     for line in head.split(b"\n")[1:]:
+        if line[:1] in (b" ", b"\t"):     # a folded line: read_headers joins it to the one above
+            continue
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"content-length":
