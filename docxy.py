@@ -907,7 +907,8 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
     """http.client.parse_headers without the email package's feed parser, the largest cost
     of a small request in a profile. Same limits, same result type.
     `strict` (a client's request): a line that is not NAME: VALUE, whitespace before the colon
-    included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server. Else (an
+    included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server, and so does a
+    value with a NUL or a bare CR in it, which docxy would pass on upstream. Else (an
     upstream's answer) whitespace around the name is removed, as it requires of a proxy, and
     a line with no name is left out."""
     fields = []     # (name, value), in order
@@ -924,7 +925,8 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
             fields[-1] = (fields[-1][0], fields[-1][1] + " " + text.strip())
             continue
         name, colon, value = text.partition(":")
-        if strict and not (colon and FIELD_NAME.fullmatch(name)):
+        if strict and (not colon or not FIELD_NAME.fullmatch(name)
+                       or "\0" in value or "\r" in value):   # RFC 9112 5.1, RFC 9110 5.5
             raise HeaderSyntaxError("not a header line: %r" % text[:100])
         name = name.strip(" \t")
         if colon and name:
@@ -1605,13 +1607,15 @@ class RegistryClient:
         with self.lock:
             return self.down_until.get(registry.name, 0) > time.monotonic()
 
-    def mark_down(self, registry):
-        """Count the registry as down for OUTAGE_MEMORY; True if it was not already."""
+    def mark_down(self, registry, error, asked):
+        """Count the registry as down for OUTAGE_MEMORY after `error`, met when `asked` for
+        what the log names; logged once an outage."""
         with self.lock:
             if self.down_until.get(registry.name, 0) > time.monotonic():
-                return False
+                return
             self.down_until[registry.name] = time.monotonic() + OUTAGE_MEMORY
-            return True
+        log("upstream %s failed (%s): serving cached tags stale for %gs, %s first"
+            % (registry.name, error.message, OUTAGE_MEMORY, asked))
 
     def mark_up(self, registry):
         if registry.name not in self.down_until:    # the usual case, every answer: no lock
@@ -3561,9 +3565,7 @@ class CacheRoutes:
             if not fallback:
                 raise
             # A silent upstream costs each request --upstream-timeout: wait once per half minute.
-            if upstream.mark_down(registry):
-                log("upstream %s failed (%s): serving cached tags stale for %gs, %s/%s:%s first"
-                    % (registry.name, error.message, OUTAGE_MEMORY, registry.name, name, tag))
+            upstream.mark_down(registry, error, "%s/%s:%s" % (registry.name, name, tag))
             return fallback
         digest = answer.header("Docker-Content-Digest", "")
         media_type = media_type_of(answer.header("Content-Type"))
@@ -3897,14 +3899,16 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
         if cache and upstream.answered_lately(registry):
             self.record.cache = "hit"
             return self.send_ping(registry)
+        if cache and upstream.is_down(registry):    # failed moments ago: not asked again
+            self.record.cache = "stale"
+            return self.send_ping(registry)
         try:
             self.relay(registry, self.command, origin_url(registry.upstream) + "/v2/",
                        self.forward_headers())
         except UpstreamError as error:
             if not cache:
                 raise
-            log("upstream %s unreachable, answering /v2/ from memory: %s"
-                % (registry.name, error.message))
+            upstream.mark_down(registry, error, "/v2/")
             self.record.cache = "stale"
             return self.send_ping(registry)
         if cache and self.status in (200, 401):

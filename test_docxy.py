@@ -2820,8 +2820,7 @@ def test_routing_refuses_a_registry_this_mirror_does_not_serve(dx, routing):
 def test_registry_client_remembers_an_outage_once_until_the_registry_answers(dx, routing):
     upstream, hub = routing.upstream, routing.registries["docker.io"]
     assert not upstream.is_down(hub) and not upstream.answered_lately(hub)
-    assert upstream.mark_down(hub) is True
-    assert upstream.mark_down(hub) is False     # logged once per outage
+    upstream.mark_down(hub, dx.UpstreamError(502, "upstream unreachable"), "/v2/")
     assert upstream.is_down(hub)
     upstream.mark_up(hub)
     assert not upstream.is_down(hub)
@@ -4737,6 +4736,18 @@ def test_a_header_line_that_is_not_name_colon_value_is_refused(line, docxy, regi
     assert registry.reqs(path="/v2/library/smuggled/manifests/latest") == []
 
 
+@pytest.mark.parametrize("line", [b"User-Agent: a\x00b", b"User-Agent: a\rb", b"Accept: \x00"])
+def test_a_header_value_with_a_nul_or_a_bare_cr_is_refused_never_passed_upstream(line, docxy, registry):
+    """RFC 9110 5.5: such a value is invalid and dangerous; a recipient rejects it (400) or
+    replaces it, and docxy passes User-Agent and Accept on to the upstream."""
+    path = b"/v2/library/nul-in-a-header/manifests/latest"
+    reply = exchange(docxy.port, b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % (path, line))
+    assert responses(reply) == [b"400"], reply
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["errors"][0]["message"] == \
+        "malformed header line"
+    assert registry.reqs(path=path.decode()) == []
+
+
 @pytest.mark.parametrize("head, status", [
     (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b", b"400"),
     (b"GET /health HTTP/1.1", b"400"),
@@ -6502,8 +6513,8 @@ def test_upstream_down_already_pulled_image_pulls_by_tag_and_digest_stale(start_
         r = call(d.port, "GET", "/v2/library/busybox/%s/%s" % (kind_of(content, digest), digest),
                  [("Accept", MT_INDEX), ("Accept", MT_MANIFEST)])
         assert r.status == 200 and sha256_digest(r.body) == digest
-    assert re.search(r"upstream docker\.io failed .*: serving cached tags stale .* docker\.io/library/busybox:latest",
-                     d.log())
+    # The version check met the outage first (the tag was served stale without asking again).
+    assert re.search(r"upstream docker\.io failed .*: serving cached tags stale .* /v2/ first", d.log())
     # The outage was noticed once and remembered, not met again by every request.
     assert len(re.findall(r"upstream docker\.io failed", log_so_far(d))) == 1, d.log()
 
@@ -6876,6 +6887,31 @@ def test_a_silent_upstream_costs_one_timeout_not_one_per_request(start_docxy, re
         # after its timeout, with the new connection accepted long before.
         assert len(hole.conns) == 1
         assert r.headers["Docker-Content-Digest"] == content.index_digest
+        # So is the version check a pull starts with: answered from memory, not asked again.
+        r = call(d.port, "GET", "/v2/")
+        assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
+        assert len(hole.conns) == 1
+    finally:
+        hole.close()
+
+
+def test_a_silent_upstream_met_at_the_version_check_is_remembered_for_tags(start_docxy, registry,
+                                                                           content, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = cached_docxy(start_docxy, registry, cache_dir)
+    pull_like_dockerd(first.port)
+    first.stop()
+    hole = Blackhole()
+    try:
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
+                        "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0")
+        r = call(d.port, "GET", "/v2/")
+        assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
+        assert len(hole.conns) == 1     # it asked, and waited for the timeout
+        r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest",
+                 [("Accept", a) for a in DOCKERD_ACCEPT])
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        assert len(hole.conns) == 1     # the outage was remembered, not met again
     finally:
         hole.close()
 
