@@ -9292,7 +9292,7 @@ def parse_exposition(text):
 
 def split_directive(rest):
     """'name the rest' -> ('name', 'the rest')."""
-    parts = re.split(r"[ \t]+", rest or "", 1)
+    parts = re.split(r"[ \t]+", rest or "", maxsplit=1)
     return parts[0], parts[1] if len(parts) > 1 else ""
 
 
