@@ -908,7 +908,8 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
     of a small request in a profile. Same limits, same result type.
     `strict` (a client's request): a line that is not NAME: VALUE, whitespace before the colon
     included, raises HeaderSyntaxError, as RFC 9112 5.1 requires of a server, and so does a
-    value with a NUL or a bare CR in it, which docxy would pass on upstream. Else (an
+    value with a NUL or a bare CR in it, which docxy would pass on upstream, and a folded
+    line (RFC 9112 5.2). Else (an
     upstream's answer) whitespace around the name is removed, as it requires of a proxy, and
     a line with no name is left out."""
     fields = []     # (name, value), in order
@@ -920,8 +921,14 @@ def read_headers(fp, _class=http.client.HTTPMessage, strict=False):
             break
         if len(fields) >= MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
-        text = line.decode("iso-8859-1").rstrip("\r\n")
+        text = line.decode("iso-8859-1")
+        if strict:      # the line's end exactly: a CR before it is a bare CR of the value
+            text = text[:-2] if text.endswith("\r\n") else text.rstrip("\n")
+        else:
+            text = text.rstrip("\r\n")
         if text[:1] in (" ", "\t") and fields:    # an obsolete folded continuation line
+            if strict:  # RFC 9112 5.2 lets a server refuse it; no client docxy serves folds
+                raise HeaderSyntaxError("obsolete line folding: %r" % text[:100])
             fields[-1] = (fields[-1][0], fields[-1][1] + " " + text.strip())
             continue
         name, colon, value = text.partition(":")
@@ -1386,6 +1393,16 @@ def fetch(pool, method, url, headers, body=None, home=None):
                         "more than %d hops" % MAX_REDIRECTS)
 
 
+def answer_fault(answer, ranged):
+    """What makes an upstream answer unfit to relay, or None: a redirect fetch() could not
+    follow, or a part of a body (206) when no part was asked for, whose bytes no digest checks."""
+    if answer.status in REDIRECTS:
+        return "upstream redirect without a usable Location"
+    if answer.status == 206 and not ranged:
+        return "upstream sent part of a body nobody asked a part of"
+    return None
+
+
 def redirect_target(url, location):
     """Where a redirect leads, if docxy may follow it: http(s) only, never from https to http."""
     try:
@@ -1458,10 +1475,10 @@ class RegistryClient:
     (anonymously, or with the operator's credentials); and each registry's health: when its
     /v2/ last answered, and until when it counts as down after a failure.
 
-    `lock` guards `pings` and `down_until`. `challenges` maps a registry's name to a dict
-    that is replaced whole, never changed, so it is read without the lock; `tokens` has its
-    own. Every exchange is counted in the Metrics given (errors, the upstream's rate limit)
-    and in the request's AccessRecord."""
+    `lock` guards `pings`, `down_until`, and the writing of `registries` and `challenges`;
+    `challenges` maps a registry's name to a dict that is replaced whole, never changed, so it
+    is read without the lock. `tokens` has its own. Every exchange is counted in the Metrics
+    given (errors, the upstream's rate limit) and in the request's AccessRecord."""
 
     def __init__(self, config, metrics):
         self.tls = ssl.create_default_context()     # the system's store; honours SSL_CERT_FILE
@@ -1476,12 +1493,13 @@ class RegistryClient:
 
     def configure(self, config):
         """Take a configuration's registries: a challenge is kept while its upstream stays."""
-        old, new = self.registries, config.registries
-        self.challenges = {
-            name: challenge for name, challenge in self.challenges.items()
-            if name in old and name in new and old[name].upstream == new[name].upstream}
-        self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy obtained
-        self.registries = new
+        with self.lock:
+            old, new = self.registries, config.registries
+            self.challenges = {
+                name: challenge for name, challenge in self.challenges.items()
+                if name in old and name in new and old[name].upstream == new[name].upstream}
+            self.tokens = ExpiringCache(4096)   # (registry, scope) -> Authorization docxy got
+            self.registries = new
 
     # -- challenges and tokens
 
@@ -1494,8 +1512,9 @@ class RegistryClient:
                 and not (registry.upstream.scheme == "https" and parts.scheme == "http"):
             # Only what holds for every repository: a scope or error belongs to one request.
             learned = {k: params[k] for k in ("realm", "service") if k in params}
-            # A new mapping, never a change to the one a reload may be reading.
-            self.challenges = dict(self.challenges, **{registry.name: learned})
+            with self.lock:     # a reload may have replaced the registry meanwhile
+                if self.registries.get(registry.name) == registry:
+                    self.challenges = dict(self.challenges, **{registry.name: learned})
             return params
         return None
 
@@ -1609,7 +1628,11 @@ class RegistryClient:
 
     def mark_down(self, registry, error, asked):
         """Count the registry as down for OUTAGE_MEMORY after `error`, met when `asked` for
-        what the log names; logged once an outage."""
+        what the log names; logged once each time. Only a registry that could not be reached
+        (connect) or did not answer in time is down: an answer a request's own headers may have
+        provoked (a reset, a malformed answer) is no outage for every other client."""
+        if error.kind not in ("connect", "timeout"):
+            return
         with self.lock:
             if self.down_until.get(registry.name, 0) > time.monotonic():
                 return
@@ -2708,8 +2731,8 @@ def body_to_wait_for(head):
         return 0, False     # most requests: no body, and a search says so
     lengths, expect, chunked = [], False, False
     for line in head.split(b"\n")[1:]:
-        if line[:1] in (b" ", b"\t"):     # a folded line: read_headers joins it to the one above
-            continue
+        if line[:1] in (b" ", b"\t"):     # a folded line: the thread refuses the request
+            return 0, False
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"content-length":
@@ -3263,15 +3286,19 @@ class UpstreamRelay:
         """Fetch url upstream and stream the answer to the client."""
         answer = self.mirror.upstream.fetch(registry, method, url, headers, self.record, body,
                                             scope)
-        self.send_upstream(registry, method, answer, verify, rewrite_challenge)
+        self.send_upstream(registry, method, answer, verify, rewrite_challenge,
+                           ranged="Range" in headers)
 
     def send_upstream(self, registry, method, answer, verify=None,
-                      rewrite_challenge=True, fill=None, media_type=None):
+                      rewrite_challenge=True, fill=None, media_type=None, ranged=False):
         """Stream an upstream answer to the client, and into a cache fill when given one.
-        Returns True when the body arrived whole and verified."""
+        `ranged`: the request asked for a range. Returns True when the body arrived whole and
+        verified."""
         try:
-            if answer.status in REDIRECTS:
-                raise UpstreamError(502, "upstream redirect without a usable Location")
+            fault = answer_fault(answer, ranged)
+            if fault:
+                self.mirror.upstream.count_error(registry.name, "protocol")
+                raise UpstreamError(502, fault)
             headers = self.response_headers(registry, answer, rewrite_challenge)
             if media_type:
                 headers = [(k, media_type if k.lower() == "content-type" else v)
