@@ -30,7 +30,6 @@ import io
 import ipaddress
 import json
 import os
-import pty
 import re
 import resource
 import select
@@ -7338,15 +7337,19 @@ def hash_password_on_a_terminal(answers):
     """Run hash-password on a pseudo-terminal, writing the next of `answers` at each prompt;
     returns (exit status, everything the terminal showed)."""
     try:
-        pid, fd = pty.fork()
+        fd, terminal = os.openpty()
     except OSError as exc:
         pytest.skip("no pseudo-terminal: %s" % exc)
-    if pid == 0:  # the child: docxy on its own controlling terminal
-        try:
-            os.chdir(HERE)
-            os.execve(sys.executable, [sys.executable, DOCXY, "hash-password"], clean_env())
-        finally:
-            os._exit(127)
+    # docxy on its own controlling terminal: a new session, which the terminal then controls.
+    # (A fork of this threaded process, as pty.fork does, may deadlock in the child.)
+    take_terminal = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", take_terminal, DOCXY, "hash-password"], stdin=terminal,
+            stdout=terminal, stderr=terminal, cwd=HERE, env=clean_env(), start_new_session=True)
+    finally:
+        os.close(terminal)
     output, answers = b"", list(answers)
     try:
         while True:
@@ -7362,20 +7365,17 @@ def hash_password_on_a_terminal(answers):
                 # getpass turned echo off before it wrote the prompt; the answer goes once docxy
                 # waits in its read (the only place it sleeps after a prompt): a Ctrl-C's SIGINT
                 # that came just before the read would only be handled once input came.
-                wait_until(lambda: waits_in_a_read(pid), 10, "hash-password to wait for its answer")
+                wait_until(lambda: waits_in_a_read(child.pid), 10,
+                           "hash-password to wait for its answer")
                 os.write(fd, answers.pop(0))
     finally:
         os.close(fd)
-        deadline = time.monotonic() + 10
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
-    return code, output.decode("utf-8", "replace")
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode, output.decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="module")
