@@ -8127,6 +8127,24 @@ class TestNetworks:
 CACHE_HIT_LINE = r'^docxy: 127\.0\.0\.1 "GET /v2/library/busybox/%s/%s" 200 \d+B .* cache=(\S+)$'
 
 
+@pytest.fixture
+def silent_upstream_docxy(start_docxy, registry, tmp_path):
+    """(docxy, the upstream it asks): a cache that holds the pulled image, and an upstream that
+    accepts connections and never answers (--upstream-timeout 2, tags always revalidated)."""
+    cache_dir = tmp_path / "cache"
+    first = cached_docxy(start_docxy, registry, cache_dir)
+    pull_like_dockerd(first.port)
+    first.stop()
+    hole = Blackhole()
+    try:
+        yield start_docxy(
+            "--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
+            "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0",
+        ), hole
+    finally:
+        hole.close()
+
+
 def cached_docxy(start_docxy, registry, cache_dir, *extra, **kwargs):
     """A docxy in front of the fake Docker Hub with its cache in `cache_dir`."""
     return start_docxy(
@@ -8991,86 +9009,44 @@ class TestPullThroughCache:
         assert registry.reqs() == [] and cdn.reqs() == []
 
     def test_a_silent_upstream_costs_one_timeout_not_one_per_request(
-        self, start_docxy, registry, content, tmp_path
+        self, silent_upstream_docxy, content
     ):
-        cache_dir = tmp_path / "cache"
-        first = cached_docxy(start_docxy, registry, cache_dir)
-        pull_like_dockerd(first.port)
-        first.stop()
-        hole = Blackhole()
-        try:
-            d = start_docxy(
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                hole.url,
-                "--library-prefix",
-                "on",
-                "--upstream-timeout",
-                "2",
-                "--cache-dir",
-                str(cache_dir),
-                "--tag-ttl",
-                "0",
-            )
-            accept = [("Accept", a) for a in DOCKERD_ACCEPT]
-            r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
-            assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-            # It did ask, and waited for the timeout.
-            assert len(hole.conns) == 1
-            d.wait_for(
-                r"upstream docker\.io failed \(upstream did not answer in time\): "
-                r"serving cached tags stale"
-            )
-            r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
-            assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-            # It remembered the outage instead of asking again: asking, it would have answered only
-            # after its timeout, with the new connection accepted long before.
-            assert len(hole.conns) == 1
-            assert r.headers["Docker-Content-Digest"] == content.index_digest
-            # So is the version check a pull starts with: answered from memory, not asked again.
-            r = call(d.port, "GET", "/v2/")
-            assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
-            assert len(hole.conns) == 1
-        finally:
-            hole.close()
+        d, hole = silent_upstream_docxy
+        accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+        r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        # It did ask, and waited for the timeout.
+        assert len(hole.conns) == 1
+        d.wait_for(
+            r"upstream docker\.io failed \(upstream did not answer in time\): "
+            r"serving cached tags stale"
+        )
+        r = call(d.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        # It remembered the outage instead of asking again: asking, it would have answered only
+        # after its timeout, with the new connection accepted long before.
+        assert len(hole.conns) == 1
+        assert r.headers["Docker-Content-Digest"] == content.index_digest
+        # So is the version check a pull starts with: answered from memory, not asked again.
+        r = call(d.port, "GET", "/v2/")
+        assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
+        assert len(hole.conns) == 1
 
     def test_a_silent_upstream_met_at_the_version_check_is_remembered_for_tags(
-        self, start_docxy, registry, content, tmp_path
+        self, silent_upstream_docxy
     ):
-        cache_dir = tmp_path / "cache"
-        first = cached_docxy(start_docxy, registry, cache_dir)
-        pull_like_dockerd(first.port)
-        first.stop()
-        hole = Blackhole()
-        try:
-            d = start_docxy(
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                hole.url,
-                "--library-prefix",
-                "on",
-                "--upstream-timeout",
-                "2",
-                "--cache-dir",
-                str(cache_dir),
-                "--tag-ttl",
-                "0",
-            )
-            r = call(d.port, "GET", "/v2/")
-            assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
-            assert len(hole.conns) == 1  # it asked, and waited for the timeout
-            r = call(
-                d.port,
-                "HEAD",
-                "/v2/library/busybox/manifests/latest",
-                [("Accept", a) for a in DOCKERD_ACCEPT],
-            )
-            assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
-            assert len(hole.conns) == 1  # the outage was remembered, not met again
-        finally:
-            hole.close()
+        d, hole = silent_upstream_docxy
+        r = call(d.port, "GET", "/v2/")
+        assert r.status in (200, 401) and r.headers["X-Docxy-Cache"] == "stale", r
+        assert len(hole.conns) == 1  # it asked, and waited for the timeout
+        r = call(
+            d.port,
+            "HEAD",
+            "/v2/library/busybox/manifests/latest",
+            [("Accept", a) for a in DOCKERD_ACCEPT],
+        )
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        assert len(hole.conns) == 1  # the outage was remembered, not met again
 
     def test_reload_keeps_the_learned_challenge_of_an_unchanged_registry(
         self, start_docxy, registry, tmp_path
