@@ -99,6 +99,7 @@ DEFAULTS = {
     "tag_ttl": 300.0,
     "log_format": "text",
     "cert_check_interval": 60.0,
+    "workers": 1,
 }
 REPEATABLE = ("listen", "allow", "trusted_proxy", "metrics_allow")
 SWITCHES = ("ipv4_only", "i_understand_credentials_are_shared", "check")
@@ -110,6 +111,7 @@ PBKDF2_ITERATIONS = 300000
 PASSWORD_HASH = re.compile(r"pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+")
 LOGIN_HASHERS, LOGIN_QUEUE = 2, 8       # logins hashed at once, and waiting to be
 LOGIN_FAILURES = (10, 10 / 60)          # failed logins per client network: burst, then per second
+MAX_WORKERS = 256                       # --workers: past that, surely a typo
 # The original docxy's variable names, kept so existing deployments carry over.
 ENV_ALIASES = {"DOCXY_CERT_PATH": "cert", "DOCXY_KEY_PATH": "key"}
 Origin = namedtuple("Origin", "scheme host port")
@@ -225,6 +227,10 @@ def build_parser(**options):
         help="client connections served at once; more wait in the backlog (default 512)")
     add("--drain-seconds", type=float, metavar="SECONDS",
         help="on SIGTERM, time given to transfers in flight (default 30)")
+    add("--workers", metavar="N|auto",
+        help="processes serving the listeners together, each with its threads; the rate limit, "
+             "--max-connections and /metrics count for all of them (default 1; auto: one per "
+             "CPU this process may run on)")
     add("--version", action="version", version="docxy " + __version__)
     return parser
 
@@ -425,6 +431,7 @@ def check_limits(config, problems):
             problems.append("%s must be positive" % source(config, name))
     if config.max_connections < 1:
         problems.append("%s must be at least 1" % source(config, "max_connections"))
+    config.workers = problems.check(parse_workers, config.workers, source(config, "workers"))
     if config.tag_ttl < 0:
         problems.append("%s must not be negative" % source(config, "tag_ttl"))
     if config.rate_limit:
@@ -440,6 +447,8 @@ def check_limits(config, problems):
 def check_certificate(config):
     if bool(config.cert) != bool(config.key):
         raise ConfigError("%s and %s go together" % (source(config, "cert"), source(config, "key")))
+    # Taken before the files are read: a change while they are read is seen at the next look.
+    config.tls_stamp = certificate_stamp(config.cert, config.key) if config.cert else None
     try:
         return server_tls_context(config.cert, config.key) if config.cert else None
     except ConfigError as error:
@@ -572,6 +581,25 @@ def parse_rate(text, what="--rate-limit"):
     return int(match.group(1)), int(match.group(1)) / seconds
 
 
+def parse_workers(text, what="--workers"):
+    """'auto' -> the CPUs this process may run on; else a whole number from 1 to MAX_WORKERS."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):    # not Linux
+            count = os.cpu_count() or 1
+    elif re.fullmatch(r"\d{1,6}", text):
+        count = int(text)
+    else:
+        raise ConfigError("%s wants a number of processes or auto, not %r" % (what, text))
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError("%s must be from 1 to %d, not %d" % (what, MAX_WORKERS, count))
+    if count > 1 and not hasattr(os, "fork"):
+        raise ConfigError("%s: more than one worker needs fork(), which this system lacks" % what)
+    return count
+
+
 def parse_size(text, what="--cache-max-size"):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
     if not match:
@@ -633,6 +661,15 @@ def parse_address(text, what):
     if port > 65535:
         raise ConfigError("%s: port out of range in %r" % (what, text))
     return host, port
+
+
+def certificate_stamp(cert, key):
+    """What tells that the certificate or key changed on disk: their times and sizes, or None
+    while one cannot be read."""
+    try:
+        return [(os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in (cert, key)]
+    except OSError:
+        return None
 
 
 def server_tls_context(cert, key):
@@ -1910,6 +1947,11 @@ class Cache:
             os.makedirs(os.path.join(root, folder), exist_ok=True)
         self.load()
 
+    def after_fork(self):
+        """In a worker, right after its fork: this process's own lock and transfers."""
+        self.lock = threading.Lock()
+        self.fills, self.busy = {}, collections.Counter()
+
     def load(self):
         for name in os.listdir(os.path.join(self.root, "tmp")):
             if not process_alive(name.split("-")[0]):   # a crash's leftovers: never verified
@@ -2277,53 +2319,303 @@ class ExpiringCache:
             self.items[key] = (value, time.monotonic() + seconds)
 
 
+class ProcessLock:
+    """A lock for every thread of every process of one server. Within a process, a
+    threading.Lock; across the workers (across_processes), also a POSIX record lock (lockf) on
+    an unlinked temporary file, which the kernel lets go when its holder dies, even by
+    kill -9: a worker's death never leaves it held. Both are needed, as a POSIX lock excludes
+    other processes, never the threads of its own. A forked process calls after_fork before
+    it takes the lock."""
+
+    def __init__(self, across_processes=False):
+        self.threads, self.file = threading.Lock(), None
+        if across_processes:
+            import fcntl        # Unix only, as fork() is
+            self.fcntl, self.file = fcntl, tempfile.TemporaryFile(prefix="docxy-lock-")
+
+    def __enter__(self):
+        self.threads.acquire()
+        if self.file is not None:
+            try:
+                self.fcntl.lockf(self.file, self.fcntl.LOCK_EX)
+            except BaseException:
+                self.threads.release()
+                raise
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.file is not None:
+            self.fcntl.lockf(self.file, self.fcntl.LOCK_UN)
+        self.threads.release()
+
+    def after_fork(self):
+        self.threads = threading.Lock()
+
+
+BUCKET = struct.Struct("<Qdd")  # a client network's keyed hash (0: a free place), tokens, when
+BUCKETS = 65536                 # token buckets in a table: pages are taken as they are first used
+BUCKET_PROBES = 8               # places a network's bucket may take, from its hash's on
+
+
+class BucketTable:
+    """Token buckets by client network in a fixed table, in memory every worker shares (see
+    WorkerShare). A network's bucket is in one of BUCKET_PROBES places from where its hash
+    points; the hash is keyed with a secret drawn at the server's start, so no client can
+    choose addresses whose buckets crowd out another's. When all its places are taken, a new
+    bucket takes the place of one that has refilled (as good as none), else of the one counted
+    longest ago. time.monotonic() is the system's, the same in every process. `lock`, the
+    share's, guards the memory."""
+
+    def __init__(self, memory, offset, count, lock, key):
+        self.memory, self.offset, self.count, self.lock, self.key = memory, offset, count, lock, key
+
+    @classmethod
+    def private(cls, count=BUCKETS):
+        """A table for one process alone."""
+        return cls(mmap.mmap(-1, count * BUCKET.size), 0, count, threading.Lock(), os.urandom(16))
+
+    def hashed(self, network):
+        digest = hashlib.blake2b(str(network).encode(), key=self.key, digest_size=8).digest()
+        return int.from_bytes(digest, "little") or 1
+
+    def place(self, wanted, burst, rate, now):
+        """(where, found, tokens, since): the bucket of the network hashed `wanted`, or the place
+        a new one takes, given full (the lock held)."""
+        start, choice = wanted % self.count, None
+        for probe in range(BUCKET_PROBES):
+            where = self.offset + (start + probe) % self.count * BUCKET.size
+            key, tokens, since = BUCKET.unpack_from(self.memory, where)
+            if key == wanted:
+                return where, True, tokens, since
+            refilled = tokens + (now - since) * rate >= burst
+            rank = (0, 0.0) if key == 0 else (1, 0.0) if refilled else (2, since)
+            if choice is None or rank < choice[0]:
+                choice = (rank, where)
+        return choice[1], False, burst, now
+
+    def take(self, network, burst, rate):
+        """0 if a token was taken, else the whole seconds until one will be there."""
+        wanted, now = self.hashed(network), time.monotonic()
+        with self.lock:
+            where, _, tokens, since = self.place(wanted, burst, rate, now)
+            tokens = min(burst, tokens + (now - since) * rate)
+            taken = tokens >= 1
+            BUCKET.pack_into(self.memory, where, wanted, tokens - 1 if taken else tokens, now)
+        return 0 if taken else max(1, int((1 - tokens) / rate + 0.999))
+
+    def give_back(self, network, burst):
+        wanted = self.hashed(network)
+        with self.lock:
+            where, found, tokens, since = self.place(wanted, burst, 0.0, time.monotonic())
+            if found:
+                BUCKET.pack_into(self.memory, where, wanted, min(burst, tokens + 1), since)
+
+
 class RateLimiter:
     """A token bucket per client network (an IPv4 address, an IPv6 /64): `burst` requests
-    at once, refilled at `rate` per second. `lock` guards `buckets`."""
+    at once, refilled at `rate` per second, whichever worker a client reaches. The buckets are
+    in a BucketTable, which guards itself: the workers' shared one, or one of this limiter's
+    own. Nothing else changes after it is made."""
 
-    def __init__(self, burst, rate):
-        self.burst, self.rate, self.buckets, self.lock = burst, rate, {}, threading.Lock()
+    def __init__(self, burst, rate, table=None):
+        self.burst, self.rate, self.table = burst, rate, table or BucketTable.private()
         self.rate_limit = (burst, rate)
 
     def wait_needed(self, address):
         """0 if the client may go on now (and it takes a token), else the seconds until it may."""
-        key = client_network(address)
-        now = time.monotonic()
-        with self.lock:
-            if len(self.buckets) > 100000:   # forget clients whose bucket has refilled
-                self.buckets = {k: v for k, v in self.buckets.items()
-                                if v[0] + (now - v[1]) * self.rate < self.burst}
-            tokens, since = self.buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - since) * self.rate)
-            if tokens >= 1:
-                self.buckets[key] = (tokens - 1, now)
-                return 0
-            self.buckets[key] = (tokens, now)
-            return max(1, int((1 - tokens) / self.rate + 0.999))
+        return self.table.take(client_network(address), self.burst, self.rate)
 
     def give_back(self, address):
         """Return the token wait_needed took: what it was taken for turned out well."""
-        key = client_network(address)
+        self.table.give_back(client_network(address), self.burst)
+
+
+# A worker's slot: its pid (0: none), the places it holds of each connection budget, and the
+# length of its last published figures, which follow (JSON, at most FIGURES_BYTES).
+SLOT = struct.Struct("<qqqq")
+SLOT_PID, SLOT_FIGURES = 0, 3
+PLACES = {"mirror": 1, "redirect": 2}   # a budget's field in the slot
+FIGURES_BYTES = 256 << 10
+PUBLISH_EVERY = 0.5     # seconds between a worker's publications of its figures
+
+
+class WorkerShare:
+    """What the processes of one server share: one anonymous shared mapping (MAP_SHARED, made
+    by the supervisor before it forks, so every worker sees the others' writes, and it outlives
+    any of them) holding a slot per worker (see SLOT: its pid, its places in the connection
+    budgets, its last published figures) and two BucketTables, for --rate-limit and for failed
+    logins. `lock`, a ProcessLock, guards the mapping; `slot`, this process's (the first, until
+    after_fork names another), changes only right after a fork. With one worker the same, with
+    one slot, and a lock for threads only."""
+
+    def __init__(self, workers=1):
+        self.workers, self.slot = workers, 0
+        try:
+            self.lock = ProcessLock(across_processes=workers > 1)
+        except OSError as error:
+            raise ConfigError("--workers: cannot make the workers' lock file in %s: %s"
+                              % (tempfile.gettempdir(), error.strerror or error))
+        self.slot_bytes, table_bytes = SLOT.size + FIGURES_BYTES, BUCKETS * BUCKET.size
+        slots = workers * self.slot_bytes
+        self.memory = mmap.mmap(-1, slots + 2 * table_bytes)
+        key = os.urandom(16)    # one for the server, drawn before any fork
+        self.rate_buckets = BucketTable(self.memory, slots, BUCKETS, self.lock, key)
+        self.login_buckets = BucketTable(self.memory, slots + table_bytes, BUCKETS, self.lock, key)
+        if workers == 1:
+            self.set_field(0, SLOT_PID, os.getpid())
+
+    def after_fork(self, slot):
+        self.lock.after_fork()
+        self.slot = slot
+
+    def field(self, slot, field):
+        return SLOT.unpack_from(self.memory, slot * self.slot_bytes)[field]
+
+    def set_field(self, slot, field, value):
+        at = slot * self.slot_bytes + field * 8
+        self.memory[at:at + 8] = struct.pack("<q", value)
+
+    def take_place(self, budget, capacity):
+        """Take a place of a budget (a PLACES field) for this process, if the places all workers
+        hold leave one."""
         with self.lock:
-            if key in self.buckets:
-                tokens, since = self.buckets[key]
-                self.buckets[key] = (min(self.burst, tokens + 1), since)
+            if sum(self.field(slot, budget) for slot in range(self.workers)) >= capacity:
+                return False
+            self.set_field(self.slot, budget, self.field(self.slot, budget) + 1)
+            return True
+
+    def release_place(self, budget):
+        with self.lock:
+            self.set_field(self.slot, budget, self.field(self.slot, budget) - 1)
+
+    def places(self, budget, slot=None):
+        with self.lock:
+            return self.field(self.slot if slot is None else slot, budget)
+
+    def started(self, slot, pid):
+        """The supervisor forked the slot's worker."""
+        with self.lock:
+            self.set_field(slot, SLOT_PID, pid)
+
+    def worker_gone(self, slot):
+        """The supervisor reaped the slot's worker: its connections died with it, so its places
+        are free, and its gauges are no more; its counters stay, for its successor to carry on
+        from (Metrics.after_fork)."""
+        with self.lock:
+            figures = self.read_figures(slot)
+            for field in (SLOT_PID,) + tuple(PLACES.values()):
+                self.set_field(slot, field, 0)
+            if figures:
+                figures.update(gauges={}, levels={})
+                self.write_figures(slot, encode_figures(figures))
+
+    def inherited(self, slot):
+        """The figures the slot's last worker published, or None."""
+        with self.lock:
+            return self.read_figures(slot)
+
+    def publish(self, figures):
+        """This process's figures into its slot; False when they do not fit (the last ones that
+        did stay)."""
+        data = encode_figures(figures)
+        with self.lock:
+            return self.write_figures(self.slot, data)
+
+    def gather(self, figures):
+        """Publish this process's figures; then every worker's, these first, and how many
+        workers there are now. Under one hold of the lock, so that a sum of them never goes
+        back: each slot only grows, and this one is never shown above what it published."""
+        data = encode_figures(figures)
+        with self.lock:
+            published = self.write_figures(self.slot, data)
+            others = [self.figures_data(slot) for slot in range(self.workers) if slot != self.slot]
+            alive = sum(1 for slot in range(self.workers) if self.field(slot, SLOT_PID))
+        return [figures] + [decode_figures(data) for data in others if data], alive, published
+
+    def figures_data(self, slot):
+        at = slot * self.slot_bytes + SLOT.size
+        return bytes(self.memory[at:at + self.field(slot, SLOT_FIGURES)])
+
+    def read_figures(self, slot):
+        data = self.figures_data(slot)
+        return decode_figures(data) if data else None
+
+    def write_figures(self, slot, data):
+        if len(data) > FIGURES_BYTES:
+            return False
+        at = slot * self.slot_bytes + SLOT.size
+        self.memory[at:at + len(data)] = data
+        self.set_field(slot, SLOT_FIGURES, len(data))
+        return True
+
+
+def encode_figures(figures):
+    """Metrics.figures as JSON, for a slot: keys of (name, labels) become lists."""
+    counters = figures["counters"].items()
+    return json.dumps({
+        "counters": [[name, labels, value] for (name, labels), value in counters],
+        "durations": figures["durations"],
+        "gauges": [[name, labels, value, at]
+                   for (name, labels), (value, at) in figures["gauges"].items()],
+        "levels": figures["levels"], "started": figures["started"]},
+        separators=(",", ":")).encode()
+
+
+def decode_figures(data):
+    document = json.loads(data.decode())
+    labelled = lambda labels: tuple(tuple(pair) for pair in labels)
+    return {"counters": {(name, labelled(labels)): value
+                         for name, labels, value in document["counters"]},
+            "durations": document["durations"],
+            "gauges": {(name, labelled(labels)): (value, at)
+                       for name, labels, value, at in document["gauges"]},
+            "levels": document["levels"], "started": document["started"]}
+
+
+def merge_figures(everyone):
+    """The whole server's figures from each worker's: counters, histograms and levels (requests
+    in flight, open connections, fills) add up; a gauge that is a last report (an upstream's
+    rate limit left) is the latest any worker had. The start is the server's, every worker's."""
+    merged = {"counters": collections.Counter(), "durations": {}, "gauges": {},
+              "levels": collections.Counter(), "started": everyone[0]["started"]}
+    for figures in everyone:
+        merged["counters"].update(figures["counters"])
+        merged["levels"].update(figures["levels"])
+        for route, cells in figures["durations"].items():
+            total = merged["durations"].setdefault(route, [0] * len(cells))
+            merged["durations"][route] = [a + b for a, b in zip(total, cells)]
+        for key, (value, at) in figures["gauges"].items():
+            if key not in merged["gauges"] or at > merged["gauges"][key][1]:
+                merged["gauges"][key] = (value, at)
+    return merged
 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class Metrics:
-    """Counters, gauges and request durations, for /metrics (in the Prometheus text format)
-    and the status page. `lock` guards all of them; readers take copies under it."""
+    """Counters, gauges and request durations of this process, for /metrics (in the Prometheus
+    text format) and the status page, which show them summed with the other workers' (see
+    WorkerShare.gather). `lock` guards all of them; readers take copies under it. `started` is
+    the server's start, kept by every worker."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.counters = collections.Counter()       # (name, labels) -> value
         self.durations = {}                         # route -> [bucket counts..., sum, count]
-        self.gauges = {}                            # (name, labels) -> value
+        self.gauges = {}                            # (name, labels) -> (value, when it was set)
         self.started = time.time()
         self.inflight = 0                           # requests being answered now
+
+    def after_fork(self, inherited=None):
+        """A worker's own figures, from its slot's last worker's counters and histograms
+        (`inherited`, Metrics.figures of it), so that none goes back when a worker is replaced;
+        not from its gauges, which died with it."""
+        self.lock = threading.Lock()
+        self.counters, self.durations, self.gauges, self.inflight = collections.Counter(), {}, {}, 0
+        if inherited:
+            self.counters.update(inherited["counters"])
+            self.durations = {route: list(cells) for route, cells in inherited["durations"].items()}
 
     def add(self, name, labels=(), value=1):
         with self.lock:
@@ -2331,11 +2623,11 @@ class Metrics:
 
     def set(self, name, labels, value):
         with self.lock:
-            self.gauges[(name, tuple(labels))] = value
+            self.gauges[(name, tuple(labels))] = (value, time.monotonic())
 
     def gauge(self, name, labels=()):
         with self.lock:
-            return self.gauges.get((name, tuple(labels)))
+            return self.gauges.get((name, tuple(labels)), (None, 0))[0]
 
     def request_started(self):
         with self.lock:
@@ -2365,35 +2657,70 @@ class Metrics:
 
     def total(self, name, **match):
         with self.lock:
-            return sum(v for (n, labels), v in self.counters.items()
-                       if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+            return counter_total(self.counters, name, **match)
+
+    def figures(self, cache_figures=None):
+        """This process's figures, copied under the lock, as a worker publishes them: with the
+        cache's events (Cache.figures) as counters, and its fills in flight as a level."""
+        with self.lock:
+            counters, gauges = collections.Counter(self.counters), dict(self.gauges)
+            durations = {route: list(cells) for route, cells in self.durations.items()}
+            levels = {"docxy_inflight_requests": self.inflight}
+        if cache_figures:
+            for event, value in cache_figures["events"].items():
+                counters[cache_event_counter(event)] += value
+            levels["docxy_cache_fills_in_flight"] = cache_figures.get("fills", 0)
+        return {"counters": counters, "durations": durations, "gauges": gauges,
+                "levels": levels, "started": self.started}
 
     def exposition(self, cache_figures=None):
-        """The Prometheus text exposition format, version 0.0.4; with the cache's figures
-        (Cache.figures) when there is a cache."""
-        with self.lock:
-            counters, gauges = dict(self.counters), dict(self.gauges)
-            durations = {route: list(cells) for route, cells in self.durations.items()}
-            inflight = self.inflight
-        gauges[("docxy_inflight_requests", ())] = inflight
-        gauges[("docxy_uptime_seconds", ())] = round(time.time() - self.started, 3)
-        if cache_figures:
-            gauges[("docxy_cache_size_bytes", ())] = cache_figures["size"]
-            gauges[("docxy_cache_max_size_bytes", ())] = cache_figures["max_size"]
-            gauges[("docxy_cache_objects", ())] = cache_figures["objects"]
-            for event, value in cache_figures["events"].items():
-                if event == "bytes_served":
-                    counters[("docxy_cache_served_bytes_total", ())] = value
-                else:
-                    counters[("docxy_cache_events_total", (("event", event),))] = value
-        lines = []
-        for kind, table in (("counter", counters), ("gauge", gauges)):
-            for name in sorted({n for n, _ in table}):
-                lines += ["# HELP %s %s" % (name, METRIC_HELP.get(name, name.replace("_", " "))),
-                          "# TYPE %s %s" % (name, kind)]
-                lines += ["%s%s %s" % (name, prometheus_labels(labels), number(value))
-                          for (n, labels), value in sorted(table.items()) if n == name]
-        return "\n".join(lines + histogram_lines(durations)) + "\n"
+        """This process's figures alone in the exposition format (see exposition)."""
+        return exposition(self.figures(cache_figures), cache_figures)
+
+
+def cache_event_counter(event):
+    """The counter a cache event (Cache.figures' events) is shown as."""
+    if event == "bytes_served":
+        return ("docxy_cache_served_bytes_total", ())
+    return ("docxy_cache_events_total", (("event", event),))
+
+
+def cache_events(counters):
+    """The cache's events from counters (the reverse of cache_event_counter)."""
+    events = {}
+    for (name, labels), value in counters.items():
+        if name == "docxy_cache_served_bytes_total":
+            events["bytes_served"] = value
+        elif name == "docxy_cache_events_total":
+            events[dict(labels)["event"]] = value
+    return events
+
+
+def counter_total(counters, name, **match):
+    return sum(v for (n, labels), v in counters.items()
+               if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+
+
+def exposition(figures, cache_figures=None):
+    """Figures (Metrics.figures, or merge_figures of every worker's) in the Prometheus text
+    exposition format, version 0.0.4; with the cache's size figures (Cache.figures, which are
+    the whole cache directory's already) when there is a cache."""
+    counters = dict(figures["counters"])
+    gauges = {key: value for key, (value, _) in figures["gauges"].items()}
+    gauges.update(((name, ()), value) for name, value in figures["levels"].items())
+    gauges[("docxy_uptime_seconds", ())] = round(time.time() - figures["started"], 3)
+    if cache_figures:
+        gauges[("docxy_cache_size_bytes", ())] = cache_figures["size"]
+        gauges[("docxy_cache_max_size_bytes", ())] = cache_figures["max_size"]
+        gauges[("docxy_cache_objects", ())] = cache_figures["objects"]
+    lines = []
+    for kind, table in (("counter", counters), ("gauge", gauges)):
+        for name in sorted({n for n, _ in table}):
+            lines += ["# HELP %s %s" % (name, METRIC_HELP.get(name, name.replace("_", " "))),
+                      "# TYPE %s %s" % (name, kind)]
+            lines += ["%s%s %s" % (name, prometheus_labels(labels), number(value))
+                      for (n, labels), value in sorted(table.items()) if n == name]
+    return "\n".join(lines + histogram_lines(figures["durations"])) + "\n"
 
 
 def histogram_lines(durations):
@@ -2420,10 +2747,14 @@ METRIC_HELP = {
     "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, "
                                           "by registry.",
     "docxy_inflight_requests": "Requests being answered now.",
+    "docxy_open_connections": "Client connections open now: served, or waiting for their "
+                               "request or for a place (--max-connections).",
+    "docxy_workers": "Worker processes serving now (--workers).",
     "docxy_uptime_seconds": "Seconds since docxy started.",
     "docxy_cache_size_bytes": "Bytes held in the cache.",
     "docxy_cache_max_size_bytes": "The cache's size cap.",
     "docxy_cache_objects": "Objects held in the cache.",
+    "docxy_cache_fills_in_flight": "Objects being downloaded into the cache now.",
     "docxy_cache_events_total": "Cache events: hits, misses, coalesced waits, tag hits, "
                                 "revalidations and stale serves, evictions, discards, "
                                 "write errors.",
@@ -2450,14 +2781,20 @@ class Mirror:
       whole by configure() on a reload, never changed in place, so read without a lock;
     - upstream: the RegistryClient (pool, challenges, tokens, upstream health), its own locks;
     - cache (None without --cache-dir) and metrics: each guards itself with its own lock;
+    - share (WorkerShare): what the workers share, the rate limiters' buckets, the budgets'
+      places and the figures, under its own lock; worker: this process's number (1 to
+      --workers), None when it is the only one or the supervisor;
     - logins (verified Basic logins) and failed_logins: an ExpiringCache and a RateLimiter,
       each locked inside; password_checks and login_queue: semaphores that bound PBKDF2 work;
     - budget (ConnectionBudget) and waiting (WaitingConnections): the connection lifecycle;
     - `lock` guards `connections` (socket -> handler, to close idle ones when draining);
-    - date: (second, its Date header), a tuple replaced whole (see date_time_string)."""
+    - date: (second, its Date header), a tuple replaced whole (see date_time_string).
+    Made before the workers are forked; each calls after_fork first."""
 
     def __init__(self, config):
-        self.limiter = None
+        self.limiter, self.worker = None, None
+        self.share = WorkerShare(config.workers)
+        self.figures_fit = True     # whether this process's figures fitted its slot last time
         self.metrics = Metrics()
         self.upstream = RegistryClient(config, self.metrics)
         self.configure(config)
@@ -2465,10 +2802,10 @@ class Mirror:
         # client network that failed too often is answered at once (see check_login).
         self.password_checks = threading.BoundedSemaphore(LOGIN_HASHERS)
         self.login_queue = threading.BoundedSemaphore(LOGIN_HASHERS + LOGIN_QUEUE)
-        self.failed_logins = RateLimiter(*LOGIN_FAILURES)
+        self.failed_logins = RateLimiter(*LOGIN_FAILURES, table=self.share.login_buckets)
         self.cache = open_cache(config) if config.cache_dir else None
         self.https_port = 443               # where --http-redirect sends clients
-        self.budget = ConnectionBudget(config.max_connections)
+        self.budget = ConnectionBudget(config.max_connections, self.share)
         self.draining = threading.Event()
         self.connections = {}
         self.waiting = None                 # WaitingConnections, once there are listeners
@@ -2489,12 +2826,63 @@ class Mirror:
             if public_host and registry.short:
                 by_host["%s.%s" % (registry.short, public_host)] = registry
         if not (self.limiter and self.limiter.rate_limit == config.rate_limit):
-            self.limiter = RateLimiter(*config.rate_limit) if config.rate_limit else None
+            self.limiter = config.rate_limit and RateLimiter(*config.rate_limit,
+                                                             table=self.share.rate_buckets)
         self.upstream.configure(config)
         self.by_name, self.by_host, self.registries = by_name, by_host, config.registries
         self.default = config.registries[config.default_registry]
         self.logins = ExpiringCache(1024)   # digest of a client's Authorization -> user or ""
         self.config = config
+
+    def after_fork(self, worker):
+        """In a worker, right after its fork from the supervisor (which serves nothing, and
+        runs no thread that could hold a lock at the fork): this process's own locks, figures
+        and connections, and its slot of the share."""
+        self.worker = worker
+        self.share.after_fork(worker - 1)
+        self.metrics.after_fork(self.share.inherited(worker - 1))
+        self.lock, self.connections, self.draining = threading.Lock(), {}, threading.Event()
+        self.logins = ExpiringCache(1024)
+        self.password_checks = threading.BoundedSemaphore(LOGIN_HASHERS)
+        self.login_queue = threading.BoundedSemaphore(LOGIN_HASHERS + LOGIN_QUEUE)
+        if self.cache:
+            self.cache.after_fork()
+        self.publish_figures()      # at once: its slot shows no dead worker's gauges meanwhile
+
+    def open_connections(self):
+        """Client connections of this process: served, waiting for a place, or waiting (in
+        WaitingConnections) for their request."""
+        with self.lock:
+            served = len(self.connections)
+        queued = len(self.budget.queue)
+        return served + queued + (self.waiting.count() if self.waiting else 0)
+
+    def process_figures(self):
+        """This process's figures (Metrics.figures) and the cache's (Cache.figures)."""
+        cache = self.cache and self.cache.figures()
+        figures = self.metrics.figures(cache)
+        figures["levels"]["docxy_open_connections"] = self.open_connections()
+        return figures, cache
+
+    def publish_figures(self):
+        """This process's figures into its slot, for the other workers' /metrics."""
+        self.figures_published(self.share.publish(self.process_figures()[0]))
+
+    def server_figures(self):
+        """The whole server's figures (merge_figures) and the cache's: this process's live ones,
+        published as they are shown, with every other worker's last published ones."""
+        figures, cache = self.process_figures()
+        everyone, workers, published = self.share.gather(figures)
+        self.figures_published(published)
+        figures = merge_figures(everyone)
+        figures["levels"]["docxy_workers"] = workers
+        return figures, cache
+
+    def figures_published(self, published):
+        if self.figures_fit and not published:
+            log("this worker's figures outgrew their %d KiB: /metrics shows their last ones that "
+                "fitted" % (FIGURES_BYTES >> 10), logging.WARNING)
+        self.figures_fit = published
 
     def registry_for(self, ns, host, path):
         """Which registry a request is for, and its path without a registry prefix: ?ns=,
@@ -2589,33 +2977,38 @@ def log(message, level=logging.INFO):
         write_log_line(log_line(message, level, False))
 
 
-def log_line(message, level, json_lines, created=None):
-    """A log or report line: 'docxy: [WARNING: |error: ]message', or a JSON object."""
+def log_line(message, level, json_lines, created=None, worker=None):
+    """A log or report line: 'docxy: [WARNING: |error: ][worker N: ]message', or a JSON object
+    (with "worker": N). The worker is named in a worker process of --workers N."""
     if json_lines:
-        return json.dumps({"time": round(time.time() if created is None else created, 3),
-                           "level": LEVEL_NAMES.get(level, "info"), "message": message},
-                          separators=(",", ":")) + "\n"
-    return "docxy: %s%s\n" % (TEXT_PREFIXES.get(level, ""), UNPRINTABLE.sub("?", message))
+        fields = {"time": round(time.time() if created is None else created, 3),
+                  "level": LEVEL_NAMES.get(level, "info"), "message": message}
+        if worker:
+            fields["worker"] = worker
+        return json.dumps(fields, separators=(",", ":")) + "\n"
+    named = "worker %d: " % worker if worker else ""
+    return "docxy: %s%s%s\n" % (TEXT_PREFIXES.get(level, ""), named, UNPRINTABLE.sub("?", message))
 
 
 class LogLines(logging.Handler):
     """The 'docxy' logger's one handler: each record as one line on stderr, one write(2).
     logging's own lock serialises emit(); write_log_line's LOG_LOCK the lines of all."""
 
-    def __init__(self, json_lines):
+    def __init__(self, json_lines, worker=None):
         super().__init__()
-        self.json_lines = json_lines
+        self.json_lines, self.worker = json_lines, worker
 
     def emit(self, record):
-        line = log_line(record.getMessage(), record.levelno, self.json_lines, record.created)
+        line = log_line(record.getMessage(), record.levelno, self.json_lines, record.created,
+                        self.worker)
         write_log_line(line)
 
 
-def configure_logging(log_format):
+def configure_logging(log_format, worker=None):
     logger = logging.getLogger("docxy")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    logger.addHandler(LogLines(log_format == "json"))
+    logger.addHandler(LogLines(log_format == "json", worker))
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
@@ -3803,32 +4196,35 @@ class TokenRoutes:
 
 
 class OperatorPages:
-    """Handler mixin: /metrics (Prometheus) and the status page (HTML or JSON), from figures
-    that Metrics and Cache hand over as copies taken under their own locks."""
+    """Handler mixin: /metrics (Prometheus) and the status page (HTML or JSON), from the whole
+    server's figures (Mirror.server_figures), copies taken under their owners' locks."""
 
     def send_metrics(self):
         if not in_networks(plain_address(self.client), self.mirror.config.metrics_allow):
             raise RegistryError(403, "DENIED",
                                 "metrics are not served to your address (--metrics-allow)")
-        cache = self.mirror.cache
-        body = self.mirror.metrics.exposition(cache and cache.figures()).encode()
+        body = exposition(*self.mirror.server_figures()).encode()
         self.send_body(200, "text/plain; version=0.0.4; charset=utf-8", body)
 
     def status_figures(self):
         """What the status page shows: live figures, nothing secret or internal."""
-        metrics, cache = self.mirror.metrics, self.mirror.cache
+        figures, cache = self.mirror.server_figures()
+        counters, gauges = figures["counters"], figures["gauges"]
+        if cache:
+            cache = status_cache_figures(dict(cache, events=cache_events(counters)))
         return {
             "version": __version__,
-            "uptime_seconds": int(time.time() - metrics.started),
-            "requests": metrics.total("docxy_requests_total"),
-            "bytes_sent": metrics.total("docxy_sent_bytes_total"),
+            "uptime_seconds": int(time.time() - figures["started"]),
+            "workers": figures["levels"]["docxy_workers"],
+            "requests": counter_total(counters, "docxy_requests_total"),
+            "bytes_sent": counter_total(counters, "docxy_sent_bytes_total"),
             "registries": [{
                 "name": r.name, "upstream": public_upstream(r),
-                "ratelimit_remaining": metrics.gauge("docxy_upstream_ratelimit_remaining",
-                                                     (("registry", r.name),)),
+                "ratelimit_remaining": gauges.get(("docxy_upstream_ratelimit_remaining",
+                                                   (("registry", r.name),)), (None,))[0],
             } for r in self.mirror.registries.values()],
             "login_required": bool(self.mirror.config.users),
-            "cache": cache and status_cache_figures(cache.figures()),
+            "cache": cache,
         }
 
     def send_status(self):
@@ -4198,6 +4594,7 @@ class RedirectHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHead,
 PARK_AFTER = 0.5    # seconds of silence before a keep-alive connection gives up its thread
 REDIRECT_CONNECTIONS = 16   # the --http-redirect listener's own budget of connections at once
 MAX_QUEUED = 4096           # whole requests waiting for a thread; past that, 503 at once
+QUEUE_POLL = 0.02           # seconds between looks for a place another worker let go
 WAITING_BYTES = 64 << 20    # what all waiting connections may hold of their requests together
 
 
@@ -4276,10 +4673,19 @@ class WaitingConnections:
 
     def __init__(self, timeout, capacity):
         self.timeout, self.capacity = timeout, capacity
-        self.selector = selectors.DefaultSelector()
+        self.selector = None
         self.lock = threading.Lock()
         self.held = 0           # bytes of requests the waiting connections hold
+
+    def start(self):
+        """Wait in the process that serves: a worker's selector must be its own, never one
+        inherited from the supervisor (an epoll set survives a fork, shared)."""
+        self.selector = selectors.DefaultSelector()
         threading.Thread(target=self.run, name="waiting", daemon=True).start()
+
+    def count(self):
+        with self.lock:
+            return len(self.selector.get_map()) if self.selector else 0
 
     def add(self, listener, sock, address, quiet_since=None, pending=b"", continued=False):
         """A new connection, or (with quiet_since) a keep-alive one that went quiet, with what
@@ -4466,20 +4872,30 @@ class WaitingConnections:
 
 class ConnectionBudget:
     """Connections served at once, each by a thread (--max-connections, or the redirect
-    listener's own), and the ones whose request arrived whole while all places were taken,
-    first come first served. The lock guards `serving` and `queue`."""
+    listener's own), whole-server: each worker holds its places in its slot of the WorkerShare
+    (`share`, `places` naming which budget), and takes one when the places of all leave one.
+    A connection whose request arrived whole while all were taken waits in this worker's
+    queue, first come first served; while it is not empty, with other workers, a place one of
+    them let go is looked for every QUEUE_POLL seconds (they cannot wake this process). The
+    lock guards `queue` and `poller`."""
 
-    def __init__(self, capacity):
-        self.capacity, self.serving = capacity, 0
+    def __init__(self, capacity, share=None, places="mirror"):
+        self.capacity, self.share, self.places = capacity, share or WorkerShare(), PLACES[places]
         self.queue, self.lock = collections.deque(), threading.Lock()
+        self.queued = threading.Event()     # the queue has connections: look for places
+        self.poller = None
+
+    @property
+    def serving(self):
+        """Places this process holds."""
+        return self.share.places(self.places)
 
     def admit(self, listener, sock, address, pending):
         with self.lock:
-            place = self.serving < self.capacity
-            if place:
-                self.serving += 1
-            elif len(self.queue) < MAX_QUEUED:
+            place = not self.queue and self.share.take_place(self.places, self.capacity)
+            if not place and len(self.queue) < MAX_QUEUED:
                 self.queue.append((listener, sock, address, pending))
+                self.look_for_places()
                 return
         if not place:
             answer_and_close(sock, plain_answer(503, "Service Unavailable",
@@ -4493,11 +4909,42 @@ class ConnectionBudget:
         while True:
             with self.lock:
                 if not self.queue:
-                    self.serving -= 1
+                    self.share.release_place(self.places)
                     return
                 listener, sock, address, pending = self.queue.popleft()
             if listener.serve(sock, address, pending):
                 return
+
+    def look_for_places(self):
+        """The queue has connections (the lock held): with other workers, whose connections
+        may end first, look for places they let go."""
+        if self.share.workers > 1:
+            self.queued.set()
+            if self.poller is None:
+                self.poller = threading.Thread(target=self.poll, name="budget", daemon=True)
+                self.poller.start()
+
+    def poll(self):
+        while True:
+            self.queued.wait()
+            time.sleep(QUEUE_POLL)
+            try:
+                self.serve_queued()
+            except Exception as error:     # a defect here must not stop the queue for good
+                log("connection queue: %r" % (error,), logging.ERROR)
+
+    def serve_queued(self):
+        """Queued connections take the places that are free, first come first served."""
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.queued.clear()
+                    return
+                if not self.share.take_place(self.places, self.capacity):
+                    return
+                listener, sock, address, pending = self.queue.popleft()
+            if not listener.serve(sock, address, pending):
+                self.done()
 
     def close_queued(self):
         with self.lock:
@@ -4525,6 +4972,9 @@ class Listener(http.server.ThreadingHTTPServer):
         self.pending = {}       # socket -> the bytes of its request, until its thread takes them
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
+        # Workers accept on one socket: the ones that lose the race for a connection get
+        # EAGAIN, which socketserver ignores, instead of blocking inside accept().
+        self.socket.setblocking(False)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -4610,8 +5060,8 @@ def open_listeners(mirror):
                  for host, port in config.listen]
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
-        listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror,
-                                   budget=ConnectionBudget(REDIRECT_CONNECTIONS)))
+        budget = ConnectionBudget(REDIRECT_CONNECTIONS, mirror.share, "redirect")
+        listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror, budget=budget))
     mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     return listeners
 
@@ -4752,10 +5202,11 @@ def prefetch_command(argv):
         if not config.cache_dir:
             raise ConfigError("prefetch needs --cache-dir (or DOCXY_CACHE_DIR)")
         # This client is docxy itself.
-        config.users, config.allow, config.rate_limit = None, [], None
+        config.users, config.allow, config.rate_limit, config.workers = None, [], None, 1
         mirror = Mirror(config)
         listener = listen_on(("127.0.0.1", 0), MirrorHandler, mirror)
         mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
+        mirror.waiting.start()
     except ConfigError as error:
         return log_errors(error, config.log_format, 2)
     except ListenError as error:
@@ -4864,7 +5315,7 @@ def hash_password_failed(reason, new_line=False):
 
 # What a reload cannot change in a running process; a changed value is reported, not applied.
 NEEDS_RESTART = ("listen", "http_redirect", "cache_dir", "cache_max_size", "max_connections",
-                 "ipv4_only", "upstream_timeout", "cert_check_interval")
+                 "ipv4_only", "upstream_timeout", "cert_check_interval", "workers")
 
 
 def reload(mirror, listeners, argv):
@@ -4885,14 +5336,14 @@ def reload(mirror, listeners, argv):
             setattr(config, name, getattr(mirror.config, name))
     if bool(config.tls) != bool(mirror.config.tls):
         log("reload: switching TLS on or off takes a restart")
-        config.tls = mirror.config.tls
+        config.tls, config.tls_stamp = mirror.config.tls, mirror.config.tls_stamp
     for listener in listeners:
         if listener.tls_context and config.tls:
             listener.tls_context = config.tls    # new connections only; open ones keep theirs
     mirror.configure(config)
     if mirror.cache:
         mirror.cache.tag_ttl = config.tag_ttl
-    configure_logging(config.log_format)
+    configure_logging(config.log_format, mirror.worker)
     log("reloaded configuration%s" % (" and certificate" if config.tls else ""))
     return True
 
@@ -4900,28 +5351,25 @@ def reload(mirror, listeners, argv):
 def watch_certificate(mirror, listeners, stop, interval):
     """Reload the certificate when its files change on disk, so acme.sh and certbot renewals
     apply without a restart. A half-written pair fails to load; writing its other half
-    changes the files again, and then it loads."""
-    def stamp():
-        try:
-            return [(os.stat(p).st_mtime_ns, os.stat(p).st_size)
-                    for p in (mirror.config.cert, mirror.config.key)]
-        except OSError:
-            return None
-    seen = stamp()
+    changes the files again, and then it loads. The files are compared with the ones the
+    running certificate was loaded from, so a worker forked after they changed loads them
+    too."""
+    tried = None
     while not stop.wait(interval):
-        now = stamp()
-        if now == seen or now is None:
+        config = mirror.config
+        now = certificate_stamp(config.cert, config.key)
+        if now is None or now == config.tls_stamp or now == tried:
             continue
-        seen = now
+        tried = now
         try:
-            context = server_tls_context(mirror.config.cert, mirror.config.key)
+            context = server_tls_context(config.cert, config.key)
         except ConfigError as error:
             log("certificate changed on disk but does not load; keeping the old one: %s" % error)
             continue
         for listener in listeners:
             if listener.tls_context:
                 listener.tls_context = context
-        mirror.config.tls = context
+        config.tls, config.tls_stamp = context, now
         log("certificate changed on disk: reloaded")
 
 
@@ -4975,21 +5423,23 @@ def main(argv=None):
         return log_errors(error, config.log_format, 2)
     except ListenError as error:
         return log_errors(error, config.log_format, 1)
-
+    if config.workers > 1:
+        announce(mirror, listeners)
+        return Supervisor(mirror, listeners, argv).run()
     stop, reload_asked = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if hasattr(signal, "SIGHUP"):   # systemd's ExecReload
-        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
-    if config.tls:
-        threading.Thread(target=watch_certificate, name="certificate", daemon=True,
-                         args=(mirror, listeners, stop, config.cert_check_interval)).start()
+    handle_signals(stop, reload_asked)
+    start_serving(mirror, listeners, stop)
+    announce(mirror, listeners)
+    return serve_until_stopped(mirror, listeners, argv, stop, reload_asked)
 
+
+def announce(mirror, listeners):
+    """The start-up lines: version, who may use the mirror, where it listens, what clients
+    need."""
     log("docxy %s" % __version__)
-    for level, line in access_summary(config, listeners):
+    for level, line in access_summary(mirror.config, listeners):
         log(line, level)
     for listener in listeners:
-        threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
         if listener.RequestHandlerClass is RedirectHandler:
             log("redirecting %s to https" % listener.url())
         else:
@@ -4997,14 +5447,197 @@ def main(argv=None):
     for line in client_snippet(mirror, listeners):
         log(line)
 
+
+def handle_signals(stop, reload_asked):
+    """SIGTERM and SIGINT stop, SIGHUP (systemd's ExecReload) reloads: each sets its event,
+    for the main thread's loop (serve_until_stopped) to act on."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
+
+
+def start_serving(mirror, listeners, stop):
+    """Start the threads that serve, in the process that serves: the waiting connections, the
+    accept loops, the certificate watcher; and, in a worker, the publisher of its figures."""
+    mirror.waiting.start()
+    if mirror.config.tls:
+        threading.Thread(target=watch_certificate, name="certificate", daemon=True,
+                         args=(mirror, listeners, stop, mirror.config.cert_check_interval)).start()
+    for listener in listeners:
+        threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
+    if mirror.worker:
+        threading.Thread(target=publish_figures, name="figures", daemon=True,
+                         args=(mirror, stop)).start()
+
+
+def publish_figures(mirror, stop):
+    """A worker's figures into its slot every PUBLISH_EVERY seconds, for the /metrics and status
+    pages the other workers answer."""
+    while not stop.wait(PUBLISH_EVERY):
+        try:
+            mirror.publish_figures()
+        except Exception as error:     # the next try may do better; serving goes on anyway
+            log("publishing this worker's figures failed: %r" % (error,), logging.ERROR)
+
+
+def serve_until_stopped(mirror, listeners, argv, stop, reload_asked, supervisor=None):
+    """Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain. A worker also stops
+    when its supervisor (that pid) is gone: it would never be told to stop, nor replaced."""
     while not stop.wait(0.2):
         if reload_asked.is_set():
             reload_asked.clear()
             reload(mirror, listeners, argv)
-    log("stopping: draining transfers for up to %gs" % config.drain_seconds)
+        if supervisor and os.getppid() != supervisor:
+            log("the supervisor (pid %d) is gone" % supervisor, logging.ERROR)
+            break
+    log("stopping: draining transfers for up to %gs" % mirror.config.drain_seconds)
     clean = drain(mirror, listeners)
     log("stopped" if clean else "stopped with transfers still running")
     return 0
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + (
+    (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+STEADY_AFTER = 10           # seconds a worker lives before its death no longer counts as a crash
+RESTART_PAUSE_MAX = 30      # seconds: the longest pause before a crashing worker's replacement
+
+
+class Supervisor:
+    """The process that --workers N starts in: it read the configuration, made the Mirror and
+    bound the listeners, and now forks the N workers that serve them, serving nothing itself.
+    It replaces a worker that dies: at once, but after a pause that doubles while replacements
+    keep dying right after their start. On SIGHUP it reloads its own configuration (which the
+    workers it forks later start with) and passes the signal on to each worker; SIGTERM and
+    SIGINT it passes on too, then stops replacing workers and exits once the last has exited.
+    One thread: the signal handlers only note the signal, for run()'s loop to act on; no lock."""
+
+    def __init__(self, mirror, listeners, argv):
+        self.mirror, self.listeners, self.argv = mirror, listeners, argv
+        self.pids = {}          # slot -> pid of the worker running in it
+        self.started = {}       # slot -> when its worker was forked (time.monotonic)
+        self.crashes = collections.Counter()    # slot -> its workers' deaths right after start
+        self.due = {}           # slot -> when to fork a worker for it
+        self.signals = []       # signals received, for the loop
+        self.stopping = False
+
+    def run(self):
+        for number in FORWARDED_SIGNALS:
+            signal.signal(number, lambda number, _: self.signals.append(number))
+        for slot in range(self.mirror.share.workers):
+            self.start(slot)
+        log("%d workers serving" % len(self.pids))
+        while self.pids or not self.stopping:
+            while self.signals:
+                self.act_on(self.signals.pop(0))
+            self.reap()
+            now = time.monotonic()
+            for slot, when in sorted(self.due.items()):
+                if when <= now and not self.stopping:
+                    self.start(slot)
+            time.sleep(0.1)
+        log("stopped: every worker has exited")
+        return 0
+
+    def act_on(self, number):
+        if number == getattr(signal, "SIGHUP", None):
+            reload(self.mirror, self.listeners, self.argv)
+        elif not self.stopping:
+            self.stopping = True
+            log("stopping: %d workers drain their transfers for up to %gs"
+                % (len(self.pids), self.mirror.config.drain_seconds))
+            for listener in self.listeners:     # the workers close theirs as they drain
+                listener.server_close()
+        for pid in self.pids.values():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:      # dead already: reaped at the next turn
+                pass
+
+    def start(self, slot):
+        """Fork the slot's worker. Signals wait until the worker has its own handlers."""
+        supervisor = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            log("cannot start worker %d: %s; trying again in 1s"
+                % (slot + 1, error.strerror or error), logging.ERROR)
+            self.due[slot] = time.monotonic() + 1
+            return
+        finally:
+            if os.getpid() == supervisor:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        if pid == 0:
+            os._exit(run_worker(self.mirror, self.listeners, self.argv, slot + 1, supervisor))
+        self.pids[slot], self.started[slot] = pid, time.monotonic()
+        self.due.pop(slot, None)
+        self.mirror.share.started(slot, pid)
+        log("worker %d (pid %d) started" % (slot + 1, pid))
+
+    def reap(self):
+        """Note the workers that exited; plan the replacement of those that died."""
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((slot for slot, known in self.pids.items() if known == pid), None)
+            if slot is None:
+                continue
+            del self.pids[slot]
+            self.mirror.share.worker_gone(slot)
+            self.ended(slot, pid, status)
+
+    def ended(self, slot, pid, status):
+        name, how = "worker %d (pid %d)" % (slot + 1, pid), exit_description(status)
+        if self.stopping:
+            if how != "exited":
+                log("%s %s" % (name, how), logging.WARNING)
+            return
+        if time.monotonic() - self.started[slot] < STEADY_AFTER:
+            self.crashes[slot] += 1
+        else:
+            self.crashes[slot] = 1
+        pause = 0 if self.crashes[slot] < 2 else min(RESTART_PAUSE_MAX,
+                                                       2 ** (self.crashes[slot] - 2))
+        what = "died: %s" % how if how != "exited" else "exited, though not told to"
+        if pause:
+            log("%s %s, %d times in a row right after its start; starting a new one in %ds"
+                % (name, what, self.crashes[slot], pause), logging.ERROR)
+        else:
+            log("%s %s; starting a new one" % (name, what), logging.ERROR)
+        self.due[slot] = time.monotonic() + pause
+
+
+def exit_description(status):
+    """How a process ended, from its wait status: 'killed by signal 9', 'exited with status
+    1', or 'exited' (status 0)."""
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    code = os.WEXITSTATUS(status)
+    return "exited with status %d" % code if code else "exited"
+
+
+def run_worker(mirror, listeners, argv, worker, supervisor):
+    """A worker's life, in the child of the supervisor's fork, to its exit status: it makes its
+    own what the fork copied, serves as a lone docxy would, and drains on SIGTERM or when its
+    supervisor is gone."""
+    try:
+        configure_logging(mirror.config.log_format, worker)
+        mirror.after_fork(worker)
+        stop, reload_asked = threading.Event(), threading.Event()
+        handle_signals(stop, reload_asked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        start_serving(mirror, listeners, stop)
+        return serve_until_stopped(mirror, listeners, argv, stop, reload_asked, supervisor)
+    except BaseException as error:     # whatever it is: said, and the supervisor replaces it
+        log("failed: %r" % (error,), logging.ERROR)
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1795,6 +1795,42 @@ class TestConfiguration:
                 dx.parse_rate(text)
             assert str(raised.value) == "--rate-limit wants N/s, N/min or N/h, not %r" % text
 
+    def test_parse_workers_takes_a_count_or_auto_for_the_cpus_this_process_may_use(
+        self, dx, monkeypatch
+    ):
+        assert [dx.parse_workers(text) for text in ("1", " 4 ", 1, "256")] == [1, 4, 1, 256]
+        monkeypatch.setattr(dx.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+        assert dx.parse_workers("auto") == dx.parse_workers("AUTO") == 3
+        monkeypatch.delattr(dx.os, "sched_getaffinity")
+        monkeypatch.setattr(dx.os, "cpu_count", lambda: 5)
+        assert dx.parse_workers("auto") == 5
+
+    def test_parse_workers_refuses_zero_negative_too_many_and_garbage(self, dx):
+        for text, message in (
+            ("0", "--workers must be from 1 to 256, not 0"),
+            ("257", "--workers must be from 1 to 256, not 257"),
+            ("-1", "--workers wants a number of processes or auto, not '-1'"),
+            ("two", "--workers wants a number of processes or auto, not 'two'"),
+            ("1.5", "--workers wants a number of processes or auto, not '1.5'"),
+            ("", "--workers wants a number of processes or auto, not ''"),
+        ):
+            with pytest.raises(dx.ConfigError) as raised:
+                dx.parse_workers(text)
+            assert str(raised.value) == message, text
+
+    def test_workers_come_from_the_flag_the_environment_or_the_file_like_every_setting(
+        self, dx, tmp_path
+    ):
+        ini = tmp_path / "docxy.ini"
+        ini.write_text("[docxy]\nworkers = 3\n")
+        assert dx.read_config([], {}).workers == 1
+        assert dx.read_config(["--config", str(ini)], {}).workers == 3
+        assert dx.read_config(["--config", str(ini)], {"DOCXY_WORKERS": "2"}).workers == 2
+        assert dx.read_config(["--workers", "4"], {"DOCXY_WORKERS": "2"}).workers == 4
+        with pytest.raises(dx.ConfigError) as raised:
+            dx.read_config([], {"DOCXY_WORKERS": "0"})
+        assert str(raised.value) == "DOCXY_WORKERS must be from 1 to 256, not 0"
+
     def test_parse_network_takes_addresses_and_networks_and_clears_host_bits(self, dx):
         assert dx.parse_network("10.0.0.0/8", "--allow") == ipaddress.ip_network("10.0.0.0/8")
         assert dx.parse_network(" 10.1.2.3/8 ", "--allow") == ipaddress.ip_network("10.0.0.0/8")
@@ -3398,17 +3434,140 @@ class TestSharedState:
             fresh.give_back("192.0.2.9")
         assert [fresh.wait_needed("192.0.2.9") for _ in range(3)] == [0, 0, 1000]
 
-    def test_rate_limiter_past_100000_clients_forgets_the_buckets_that_refilled(
+    def test_rate_limiters_of_two_workers_over_one_shared_table_count_one_bucket(
         self, dx, unit_clock
     ):
-        limiter = dx.RateLimiter(2, 1.0)
-        limiter.buckets = {ipaddress.IPv4Address(n): (2, unit_clock.now) for n in range(100001)}
-        limiter.buckets[ipaddress.IPv4Address("192.0.2.1")] = (0, unit_clock.now)
-        assert limiter.wait_needed("192.0.2.2") == 0
-        assert limiter.buckets == {
-            ipaddress.IPv4Address("192.0.2.1"): (0, unit_clock.now),
-            ipaddress.IPv4Address("192.0.2.2"): (1, unit_clock.now),
-        }
+        share = dx.WorkerShare(2)
+        first, second = (dx.RateLimiter(3, 1.0, table=share.rate_buckets) for _ in range(2))
+        taken = [limiter.wait_needed("192.0.2.1") for limiter in (first, second, first, second)]
+        assert taken == [0, 0, 0, 1]
+        second.give_back("192.0.2.1")
+        assert first.wait_needed("192.0.2.1") == 0 and second.wait_needed("192.0.2.1") == 1
+        assert first.wait_needed("192.0.2.2") == 0  # another network, its own bucket
+        failed_logins = dx.RateLimiter(1, 1.0, table=share.login_buckets)
+        assert failed_logins.wait_needed("192.0.2.1") == 0  # another table altogether
+
+    def test_bucket_table_when_full_evicts_a_refilled_bucket_else_the_one_counted_longest_ago(
+        self, dx, unit_clock
+    ):
+        table = dx.BucketTable.private(count=dx.BUCKET_PROBES)  # every network: every place
+        limiter = dx.RateLimiter(2, 1 / 3600, table=table)
+        networks = ["192.0.2.%d" % n for n in range(dx.BUCKET_PROBES + 2)]
+        for network in networks[: dx.BUCKET_PROBES]:  # one token each, a second apart
+            assert limiter.wait_needed(network) == 0
+            unit_clock.now += 1
+        limiter.give_back(networks[3])  # full again: as good as no bucket
+        assert limiter.wait_needed(networks[-2]) == 0  # takes networks[3]'s place
+        assert limiter.wait_needed(networks[-1]) == 0  # none refilled: takes the oldest's
+        assert [limiter.wait_needed(networks[0]) for _ in range(3)] == [0, 0, 3600]
+        assert [limiter.wait_needed(networks[1]) for _ in range(2)][1] == 0  # evicted meanwhile
+        for network in networks[4 : dx.BUCKET_PROBES]:  # the others kept their one token
+            assert [limiter.wait_needed(network) > 3000 for _ in range(2)] == [False, True]
+
+    def test_bucket_tables_hash_networks_with_a_key_of_their_own(self, dx):
+        one, other = dx.BucketTable.private(count=64), dx.BucketTable.private(count=64)
+        assert one.hashed("192.0.2.1") == one.hashed("192.0.2.1")
+        assert one.hashed("192.0.2.1") != other.hashed("192.0.2.1")
+        share = dx.WorkerShare(2)
+        assert share.rate_buckets.key == share.login_buckets.key != one.key
+
+    def test_connection_places_are_counted_over_every_workers_slot(self, dx):
+        share, mirror = dx.WorkerShare(3), dx.PLACES["mirror"]
+        taken = []
+        for slot in (0, 1, 1, 2):
+            share.after_fork(slot)
+            taken.append(share.take_place(mirror, 3))
+        assert taken == [True, True, True, False]
+        assert [share.places(mirror, slot) for slot in range(3)] == [1, 2, 0]
+        assert share.take_place(dx.PLACES["redirect"], 1)  # another budget, its own places
+        share.after_fork(1)
+        share.release_place(mirror)
+        share.after_fork(2)
+        assert share.take_place(mirror, 3) and not share.take_place(mirror, 3)
+        share.worker_gone(0)  # its connections died with it
+        assert [share.places(mirror, slot) for slot in range(3)] == [0, 1, 1]
+        assert share.take_place(mirror, 3)
+
+    def test_figures_of_every_worker_add_up_and_a_last_report_gauge_is_the_latest(
+        self, dx, unit_clock
+    ):
+        first, second = dx.Metrics(), dx.Metrics()
+        first.request_done("manifest", 200, 100, 0.02)
+        second.request_done("manifest", 200, 50, 2)
+        second.request_done("blob", 404, 0, 0.001)
+        first.set("docxy_upstream_ratelimit_remaining", (("registry", "docker.io"),), 80)
+        unit_clock.now += 1
+        second.set("docxy_upstream_ratelimit_remaining", (("registry", "docker.io"),), 76)
+        first.request_started()
+        cache = {"size": 10, "max_size": 100, "objects": 2, "events": {"hits": 3}, "fills": 1}
+        merged = dx.merge_figures([first.figures(cache), second.figures(cache)])
+        page = parse_exposition(dx.exposition(merged, cache))
+        assert page.get("docxy_requests_total", route="manifest", status="200") == 2
+        assert page.get("docxy_requests_total", route="blob", status="404") == 1
+        assert page.get("docxy_sent_bytes_total", route="manifest") == 150
+        assert page.get("docxy_request_duration_seconds_count", route="manifest") == 2
+        assert page.get("docxy_request_duration_seconds_bucket", route="manifest", le="1") == 1
+        assert page.get("docxy_request_duration_seconds_sum", route="manifest") == 2.02
+        assert page.get("docxy_upstream_ratelimit_remaining", registry="docker.io") == 76
+        assert page.get("docxy_inflight_requests") == 1
+        assert page.get("docxy_cache_events_total", event="hits") == 6  # each worker's own
+        assert page.get("docxy_cache_fills_in_flight") == 2
+        assert page.get("docxy_cache_objects") == 2  # the directory's: not added up
+        assert page.get("docxy_cache_size_bytes") == 10
+
+    def test_a_worker_shows_its_live_figures_with_the_others_last_published(self, dx):
+        share, metrics = dx.WorkerShare(2), [dx.Metrics(), dx.Metrics()]
+        share.started(0, 101)
+        share.started(1, 102)
+        share.after_fork(1)
+        metrics[1].request_done("health", 200, 16, 0.001)
+        assert share.publish(metrics[1].figures())
+        metrics[1].request_done("health", 200, 16, 0.001)  # not published yet
+        share.after_fork(0)
+        metrics[0].request_done("blob", 200, 1000, 0.1)
+        everyone, workers, published = share.gather(metrics[0].figures())
+        merged = dx.merge_figures(everyone)
+        assert (workers, published) == (2, True)
+        assert dx.counter_total(merged["counters"], "docxy_requests_total") == 2
+        assert dx.counter_total(merged["counters"], "docxy_sent_bytes_total") == 1016
+        share.worker_gone(1)
+        assert share.gather(metrics[0].figures())[1] == 1
+
+    def test_a_replaced_worker_carries_on_from_the_dead_ones_counters_but_not_its_gauges(
+        self, dx
+    ):
+        share, dead = dx.WorkerShare(2), dx.Metrics()
+        share.after_fork(1)
+        dead.request_done("manifest", 200, 10, 0.01)
+        dead.add("docxy_failed_logins_total")
+        dead.set("docxy_upstream_ratelimit_remaining", (("registry", "docker.io"),), 5)
+        dead.request_started()
+        cache = {"size": 0, "max_size": 1, "objects": 0, "events": {"misses": 2}, "fills": 1}
+        assert share.publish(dead.figures(cache))
+        share.worker_gone(1)
+        successor = dx.Metrics()
+        successor.after_fork(share.inherited(1))
+        successor.request_done("manifest", 200, 10, 0.01)
+        figures = successor.figures({"size": 0, "max_size": 1, "objects": 0, "events": {}})
+        assert figures["counters"][("docxy_requests_total", (("route", "manifest"),
+                                                             ("status", "200")))] == 2
+        assert figures["counters"][("docxy_failed_logins_total", ())] == 1
+        assert figures["counters"][("docxy_cache_events_total", (("event", "misses"),))] == 2
+        assert figures["durations"]["manifest"][-1] == 2
+        assert figures["gauges"] == {} and figures["levels"]["docxy_inflight_requests"] == 0
+        assert share.inherited(1)["levels"] == {} and share.inherited(1)["gauges"] == {}
+
+    def test_figures_too_large_for_a_slot_are_not_published_and_the_last_ones_stay(
+        self, dx, monkeypatch
+    ):
+        share, metrics = dx.WorkerShare(1), dx.Metrics()
+        metrics.request_done("health", 200, 16, 0.001)
+        assert share.publish(metrics.figures())
+        monkeypatch.setattr(dx, "FIGURES_BYTES", 100)
+        metrics.request_done("health", 200, 16, 0.001)
+        assert not share.publish(metrics.figures())
+        monkeypatch.undo()
+        assert dx.counter_total(share.inherited(0)["counters"], "docxy_requests_total") == 1
 
     def test_expiring_cache_gives_a_value_until_its_time_is_up(self, dx, unit_clock):
         cache = dx.ExpiringCache(4)
