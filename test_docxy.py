@@ -6100,6 +6100,338 @@ def responses(reply):
     return re.findall(rb"^HTTP/1\.1 (\d{3}) ", reply, re.M)
 
 
+# --------------------------------------------------------------------------
+# Several worker processes (--workers)
+# --------------------------------------------------------------------------
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+WORKER_STARTED_RE = re.compile(r"^docxy: worker (\d+) \(pid (\d+)\) started$")
+
+
+def started_workers(d):
+    """{worker number: pid} of the workers the supervisor said it started, the latest of each."""
+    workers = {}
+    for line in d.log().splitlines():
+        match = WORKER_STARTED_RE.match(line)
+        if match:
+            workers[int(match.group(1))] = int(match.group(2))
+    return workers
+
+
+def child_pids(pid):
+    pids = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            pids += [int(child) for child in f.read().split()]
+    return sorted(pids)
+
+
+def process_gone(pid):
+    """True once pid has exited (a zombie that nobody reaped counts as exited)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def docxy_with_workers(start_docxy, *args, workers=2, **kwargs):
+    """docxy with --workers, once the supervisor has started them all: (docxy, their pids)."""
+    d = start_docxy(*(("--workers", str(workers)) + args), **kwargs)
+    d.wait_for(r"^docxy: %d workers serving$" % workers)
+    pids = sorted(started_workers(d).values())
+    assert len(pids) == workers and child_pids(d.proc.pid) == pids, d.log()
+    return d, pids
+
+
+def socket_inode(port, client):
+    """The inode of docxy's side of a loopback connection (from /proc/net/tcp)."""
+    local = "0100007F:%04X" % port
+    remote = "0100007F:%04X" % client.getsockname()[1]
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                return fields[9]
+    return None
+
+
+def serving_pid(port, client, pids):
+    """Which of these processes holds docxy's side of the client's connection, or None."""
+    inode = socket_inode(port, client)
+    for pid in pids:
+        try:
+            names = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, name)) == "socket:[%s]" % inode:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def connect_to_each_worker(port, pids, tries=80):
+    """{pid: a kept-alive connection that this worker answered}: new connections until each
+    worker has answered one (the others are closed at the end)."""
+    held, extra = {}, []
+    try:
+        for _ in range(tries):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+            resp, _ = send_and_read(sock, HEALTH)
+            assert resp.status == 200
+            pid = serving_pid(port, sock, pids)
+            if pid is None or pid in held:
+                extra.append(sock)
+            else:
+                held[pid] = sock
+            if len(held) == len(pids):
+                return held
+    finally:
+        for sock in extra:
+            sock.close()
+    for sock in held.values():
+        sock.close()
+    pytest.fail("not every worker of %s answered in %d connections" % (pids, tries))
+
+
+def health_answers(sock):
+    """docxy_requests_total of /health, from /metrics on this connection."""
+    page = requests_total(sock)[1]
+    return page.get("docxy_requests_total", 0, route="health", status="200")
+
+
+def requests_total(sock):
+    """docxy_requests_total over every route and status, from /metrics on this connection."""
+    resp, body = send_and_read(sock, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert resp.status == 200
+    page = parse_exposition(body.decode())
+    return sum(page.series("docxy_requests_total").values()), page
+
+
+@pytest.mark.system
+class TestWorkers:
+    """Several worker processes (--workers): a supervisor forks them, they serve its listeners
+    together, the rate limit, --max-connections and /metrics are whole-server, a dead worker
+    is replaced, and signals reach every worker."""
+
+    def test_two_workers_both_serve_and_one_worker_forks_nothing(self, start_docxy, registry):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url)
+        held = connect_to_each_worker(d.port, pids)
+        try:
+            assert sorted(held) == pids and d.proc.pid not in pids
+        finally:
+            for sock in held.values():
+                sock.close()
+        single = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                             "--workers", "1")
+        assert call(single.port, "GET", "/health").status == 200
+        assert child_pids(single.proc.pid) == []
+        assert "workers serving" not in single.log() and "worker 1" not in single.log()
+
+    def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(
+        self, start_docxy, registry
+    ):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url)
+        held = connect_to_each_worker(d.port, pids)
+        victim, survivor = pids
+        try:
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while True:  # the survivor answers all along, on its connection and on new ones
+                resp, body = send_and_read(held[survivor], HEALTH)
+                assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+                assert call(d.port, "GET", "/health").status == 200
+                workers = child_pids(d.proc.pid)
+                if len(workers) == 2 and victim not in workers:
+                    break
+                assert time.monotonic() < deadline, "worker %d was not replaced" % victim
+            d.wait_for(r"^docxy: error: worker \d \(pid %d\) died: killed by signal 9; "
+                       r"starting a new one$" % victim)
+            successor = (set(workers) - {survivor}).pop()
+            d.wait_for(r"^docxy: worker \d \(pid %d\) started$" % successor)
+            assert started_workers(d) == dict(
+                (number, successor if pid == victim else pid)
+                for number, pid in enumerate(pids, 1)
+            )
+            fresh = connect_to_each_worker(d.port, workers)  # the successor serves too
+            for sock in fresh.values():
+                sock.close()
+        finally:
+            for sock in held.values():
+                sock.close()
+
+    def test_sighup_reaches_every_worker(self, start_docxy, registry, tmp_path):
+        cfg = tmp_path / "docxy.ini"
+        cfg.write_text("[docxy]\nmetrics-allow = 127.0.0.2/32\n")
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url, "--config", str(cfg))
+        held = connect_to_each_worker(d.port, pids)
+        metrics = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        try:
+            for sock in held.values():
+                assert send_and_read(sock, metrics)[0].status == 403
+            cfg.write_text("[docxy]\nmetrics-allow = 127.0.0.1/32\n")
+            d.proc.send_signal(signal.SIGHUP)
+            d.wait_for(r"^docxy: reloaded configuration$")
+            for number in (1, 2):
+                d.wait_for(r"^docxy: worker %d: reloaded configuration$" % number)
+            for pid, sock in held.items():  # whichever worker answers
+                assert send_and_read(sock, metrics)[0].status == 200, pid
+        finally:
+            for sock in held.values():
+                sock.close()
+
+    def test_sigterm_drains_every_worker_then_the_supervisor_exits_zero(
+        self, start_docxy, registry, content
+    ):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url, "--library-prefix", "on",
+                                     "--drain-seconds", "20")
+        token = get_token(d.port, "repository:library/busybox:pull")
+        digest, data = content.special["slow"]
+        content.slow_halfway.clear()
+        content.slow_gate.clear()
+        download = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+        try:
+            download.sendall((
+                "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                "Connection: close\r\n\r\n" % (digest, token)).encode())
+            assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+            d.proc.send_signal(signal.SIGTERM)
+            for number in (1, 2):
+                d.wait_for(r"^docxy: worker %d: stopping: draining" % number)
+            wait_until(lambda: not_served(d.port), 10, "docxy to stop accepting")
+            wait_until(lambda: sum(map(process_gone, pids)) == 1, 10, "the idle worker to exit")
+            assert d.proc.poll() is None, "the supervisor exited with a transfer in flight"
+            content.slow_gate.set()
+            reply = read_until_eof(download)
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(data)
+        finally:
+            content.slow_gate.set()
+            download.close()
+        assert d.proc.wait(25) == 0
+        assert all(process_gone(pid) for pid in pids)
+        d.wait_for(r"^docxy: stopped: every worker has exited$")
+        assert "died" not in d.log()
+
+    def test_workers_exit_when_the_supervisor_is_killed(self, start_docxy, registry):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url)
+        supervisor = d.proc.pid
+        d.proc.kill()
+        d.proc.wait(10)
+        wait_until(lambda: all(process_gone(pid) for pid in pids), 10, "the workers to exit")
+        for number in (1, 2):
+            d.wait_for(r"^docxy: error: worker %d: the supervisor \(pid %d\) is gone$"
+                       % (number, supervisor))
+        assert not_served(d.port)
+
+    def test_metrics_add_up_over_the_workers_whichever_answers(self, start_docxy, registry):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url)
+        held = connect_to_each_worker(d.port, pids)
+        try:
+            requests = 2 * 20
+            for _ in range(20):
+                for sock in held.values():
+                    assert send_and_read(sock, HEALTH)[0].status == 200
+            seen = {}
+            for pid, sock in held.items():  # once published, every answer counts them all
+                wait_until(lambda: health_answers(sock) >= requests, 10, "whole figures")
+                total, page = requests_total(sock)
+                assert page.get("docxy_workers") == 2
+                assert page.get("docxy_open_connections") >= 2
+                assert page.types["docxy_open_connections"] == "gauge"
+                seen[pid] = total
+            # A worker killed and replaced: no counter goes back, whoever answers.
+            os.kill(pids[0], signal.SIGKILL)
+            wait_until(lambda: len(set(child_pids(d.proc.pid)) - set(pids)) == 1, 10,
+                       "a new worker")
+            workers = child_pids(d.proc.pid)
+            fresh = connect_to_each_worker(d.port, workers)
+            try:
+                for sock in fresh.values():
+                    total, page = requests_total(sock)
+                    assert total >= max(seen.values()) and page.get("docxy_workers") == 2
+                    assert page.get("docxy_requests_total", route="health", status="200") >= (
+                        requests
+                    )
+            finally:
+                for sock in fresh.values():
+                    sock.close()
+        finally:
+            for sock in held.values():
+                sock.close()
+
+    def test_rate_limit_holds_for_the_whole_server(self, start_docxy, registry, content):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url, "--library-prefix", "on",
+                                     "--rate-limit", "3/min")
+        token = get_token(d.port, "repository:library/busybox:pull")
+        request = ("GET /v2/busybox/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   "Authorization: Bearer %s\r\nAccept: %s\r\n\r\n" % (token, MT_INDEX)).encode()
+        held = connect_to_each_worker(d.port, pids)
+        try:
+            answers = {pid: [] for pid in pids}
+            for _ in range(4):  # each worker asked as often: 8 manifests, a burst of 3
+                for pid, sock in held.items():
+                    answers[pid].append(send_and_read(sock, request)[0].status)
+            statuses = sum(answers.values(), [])
+            assert statuses.count(200) == 3 and statuses.count(429) == 5, answers
+        finally:
+            for sock in held.values():
+                sock.close()
+
+    def test_max_connections_holds_for_the_whole_server(self, start_docxy, registry, content):
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url, "--library-prefix", "on",
+                                     "--max-connections", "2", "--client-timeout", "30")
+        token = get_token(d.port, "repository:library/busybox:pull")
+        digest, data = content.special["slow"]
+        content.slow_halfway.clear()
+        content.slow_gate.clear()
+        request = ("GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                   "Connection: close\r\n\r\n" % (digest, token)).encode()
+        downloads = [socket.create_connection(("127.0.0.1", d.port), timeout=20) for _ in range(2)]
+        waiting = []
+        try:
+            for sock in downloads:  # both held half-way by the upstream: the 2 places
+                sock.sendall(request)
+            wait_until(
+                lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2,
+                15, "both downloads to reach the upstream",
+            )
+            holders = set()
+            while holders != set(pids):  # a whole request waiting at each worker
+                assert len(waiting) < 40, "no connection reached one of the workers"
+                sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close"
+                             b"\r\n\r\n")
+                waiting.append(sock)
+                wait_until(lambda: serving_pid(d.port, sock, pids), 10, "docxy to accept")
+                holders.add(serving_pid(d.port, sock, pids))
+            for sock in waiting:
+                sock.settimeout(1.5)
+                with pytest.raises(socket.timeout):
+                    sock.recv(1)
+            content.slow_gate.set()
+            for sock in downloads:
+                reply = read_until_eof(sock)
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(data)
+            for sock in waiting:  # then each is answered, whichever worker holds it
+                sock.settimeout(15)
+                assert read_until_eof(sock).startswith(b"HTTP/1.1 200 ")
+        finally:
+            content.slow_gate.set()
+            for sock in downloads + waiting:
+                sock.close()
+
+
 @pytest.mark.system
 class TestRequestFraming:
     """Request framing (RFC 9112) and slow clients."""
