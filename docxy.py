@@ -4966,21 +4966,61 @@ class Listener(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024   # the default 5 left most of a 500-connection burst unanswered
 
-    def __init__(self, address, handler, mirror, tls_context=None, v6only=False, budget=None):
+    def __init__(self, address, handler, mirror, tls_context=None, v6only=False, budget=None,
+                 workers=1):
         self.mirror, self.tls_context, self.v6only = mirror, tls_context, v6only
         self.budget = budget or mirror.budget
         self.pending = {}       # socket -> the bytes of its request, until its thread takes them
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.reuse_port = workers > 1 and hasattr(socket, "SO_REUSEPORT")
         super().__init__(address, handler)
-        # Workers accept on one socket: the ones that lose the race for a connection get
-        # EAGAIN, which socketserver ignores, instead of blocking inside accept().
+        # Accepting only when the selector says a connection is there, it never blocks; and
+        # a socket a worker inherited may have had its connection taken (see sockets).
         self.socket.setblocking(False)
+        # With workers, one listening socket each, all bound to the address with SO_REUSEPORT:
+        # the kernel spreads new connections evenly over them. On one socket shared by all,
+        # the worker that woke first took most of them (see the README's Performance).
+        # Without SO_REUSEPORT, they share the one: those that lose the race for a connection
+        # get EAGAIN, which socketserver ignores.
+        self.sockets = [self.socket] + [self.bound_socket() if self.reuse_port else self.socket
+                                        for _ in range(workers - 1)]
 
     def server_bind(self):
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self.v6only))
+        self.prepare(self.socket)
         socketserver.TCPServer.server_bind(self)   # HTTPServer's would do a slow reverse DNS lookup
         self.server_name, self.server_port = self.server_address[:2]
+
+    def prepare(self, sock):
+        if self.address_family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self.v6only))
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def bound_socket(self):
+        """Another listening socket on this one's address (a worker's, with SO_REUSEPORT)."""
+        sock = socket.socket(self.address_family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.prepare(sock)
+            sock.bind(self.server_address[:2])
+            sock.listen(self.request_queue_size)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def take_socket(self, slot):
+        """In a worker, right after its fork: accept on its own socket, and close the others,
+        so that a connection the kernel gave one of them never waits on this worker."""
+        self.socket = self.sockets[slot]
+        for sock in self.sockets:
+            if sock is not self.socket:
+                sock.close()
+
+    def close_sockets(self):
+        for sock in self.sockets:
+            sock.close()
 
     def url(self):
         host = self.server_address[0]
@@ -5056,12 +5096,13 @@ def open_listeners(mirror):
     config = mirror.config
     ipv4_ports = {port for host, port in config.listen if ":" not in host}
     listeners = [listen_on((host, port), MirrorHandler, mirror, config.tls,
-                           v6only=port in ipv4_ports)
+                           v6only=port in ipv4_ports, workers=config.workers)
                  for host, port in config.listen]
     if config.http_redirect:
         mirror.https_port = listeners[0].server_address[1]
         budget = ConnectionBudget(REDIRECT_CONNECTIONS, mirror.share, "redirect")
-        listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror, budget=budget))
+        listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror, budget=budget,
+                                   workers=config.workers))
     mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
     return listeners
 
@@ -5547,7 +5588,7 @@ class Supervisor:
             log("stopping: %d workers drain their transfers for up to %gs"
                 % (len(self.pids), self.mirror.config.drain_seconds))
             for listener in self.listeners:     # the workers close theirs as they drain
-                listener.server_close()
+                listener.close_sockets()
         for pid in self.pids.values():
             try:
                 os.kill(pid, number)
@@ -5627,6 +5668,8 @@ def run_worker(mirror, listeners, argv, worker, supervisor):
     supervisor is gone."""
     try:
         configure_logging(mirror.config.log_format, worker)
+        for listener in listeners:
+            listener.take_socket(worker - 1)
         mirror.after_fork(worker)
         stop, reload_asked = threading.Event(), threading.Event()
         handle_signals(stop, reload_asked)
