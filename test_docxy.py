@@ -2633,8 +2633,10 @@ class TestRegistryProtocol:
                 dx.token_answer(bad)
 
     def test_token_answer_with_only_token_fields_is_the_realms_own_bytes(self, dx):
-        whole = (b'{"issued_at": "2024-01-01T00:00:00Z", "expires_in": 300, '
-                 b'"access_token": "a", "token": "t"}')
+        whole = (
+            b'{"issued_at": "2024-01-01T00:00:00Z", "expires_in": 300, '
+            b'"access_token": "a", "token": "t"}'
+        )
         assert dx.token_answer(whole) is whole
         assert (
             dx.token_answer(b'{"expires_in": 60, "access_token": "a", "x": 1, "token": "t"}')
@@ -2959,9 +2961,8 @@ class TestUpstream:
         ]
         text = dx.format_challenge("Bearer", params)
         assert (
-            text
-            == 'Bearer realm="https://m.example/auth/token",'
-               'service="s",error_description="say \\"hi\\""'
+            text == 'Bearer realm="https://m.example/auth/token",'
+            'service="s",error_description="say \\"hi\\""'
         )
         assert dx.parse_challenge(text) == ("Bearer", params)
 
@@ -3009,16 +3010,17 @@ class TestUpstream:
 
     def test_a_challenge_learned_for_a_registry_a_reload_replaced_is_not_kept(self, dx, routing):
         hub = routing.registries["docker.io"]
-        config = dx.read_config(["--registries", "docker.io,ghcr.io",
-                                 "--upstream", "https://elsewhere.example"], {})
-        routing.configure(config)   # docker.io now has another upstream
+        config = dx.read_config(
+            ["--registries", "docker.io,ghcr.io", "--upstream", "https://elsewhere.example"], {}
+        )
+        routing.configure(config)  # docker.io now has another upstream
         routing.upstream.learn_challenge(hub, 'Bearer realm="https://old.example/token"')
         assert routing.upstream.challenges == {}
 
     def test_only_a_registry_that_cannot_be_reached_or_is_silent_counts_as_down(self, dx, routing):
         upstream, hub = routing.upstream, routing.registries["docker.io"]
         upstream.mark_down(hub, dx.UpstreamError(502, "upstream failed", kind="protocol"), "/v2/")
-        assert not upstream.is_down(hub)    # an answer a client's own request may have provoked
+        assert not upstream.is_down(hub)  # an answer a client's own request may have provoked
         upstream.mark_down(hub, dx.UpstreamError(504, "upstream did not answer in time"), "/v2/")
         assert upstream.is_down(hub)
 
@@ -3395,9 +3397,13 @@ class TestCache:
             unit_clock.now = checked
             cache.remember_tag(("docker.io", "x", "1", accept), "sha256:" + "0" * 64, MT_INDEX, "")
         kept = sorted(record["key"][3] for record in cache.tag_records(("docker.io", "x", "1", "")))
-        assert kept == ["a", "c", "d", "e"] == sorted([
-            json.loads(p.read_text())["key"][3] for p in (tmp_path / "tags").rglob("*.json")
-        ])
+        assert (
+            kept
+            == ["a", "c", "d", "e"]
+            == sorted(
+                [json.loads(p.read_text())["key"][3] for p in (tmp_path / "tags").rglob("*.json")]
+            )
+        )
         assert cache.usage.read()[0] == sum(
             p.stat().st_size for p in (tmp_path / "tags").rglob("*.json")
         )
@@ -3410,7 +3416,9 @@ class TestCache:
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         tag = ("docker.io", "library/busybox", "latest")
         for accept, media_type, checked in (
-            ("i", MT_INDEX, 10), ("m", MT_MANIFEST, 30), ("l", DOCKERD_ACCEPT[1], 20)
+            ("i", MT_INDEX, 10),
+            ("m", MT_MANIFEST, 30),
+            ("l", DOCKERD_ACCEPT[1], 20),
         ):
             unit_clock.now = checked
             cache.remember_tag(tag + (accept,), "sha256:" + "%064x" % checked, media_type, "")
@@ -3452,9 +3460,7 @@ class TestCache:
         key = ("docker.io", "../../etc", "latest", MT_INDEX)
         folder, name = os.path.split(cache.tag_path(key))
         assert os.path.dirname(folder) == str(tmp_path / "tags")
-        assert os.path.basename(folder) == hashlib.sha256(
-            "\n".join(key[:3]).encode()
-        ).hexdigest()
+        assert os.path.basename(folder) == hashlib.sha256("\n".join(key[:3]).encode()).hexdigest()
         assert re.fullmatch(r"[0-9a-f]{32}\.json", name)
         assert cache.tag_path(list(key)) == cache.tag_path(key) != cache.tag_path(key[:3] + ("",))
 
@@ -3702,8 +3708,11 @@ class TestRequestHandling:
         ) == (3, False)
 
     def test_a_request_with_a_folded_line_waits_for_no_body_and_is_refused(self, dx):
-        for fold in (b"X-A: a\r\n Content-Length: 5", b"Content-Length: 5\r\n 0",
-                     b"Content-Length: 5\r\nExpect:\r\n 100-continue"):
+        for fold in (
+            b"X-A: a\r\n Content-Length: 5",
+            b"Content-Length: 5\r\n 0",
+            b"Content-Length: 5\r\nExpect:\r\n 100-continue",
+        ):
             head = b"POST /t HTTP/1.1\r\n%s\r\n\r\n" % fold
             # The selector hands it to a thread at once, and the thread refuses it (400):
             # both read the folded line the same way, as RFC 9112 5.2 lets a server.
@@ -6088,12 +6097,13 @@ class TestRequestFraming:
         d = start_docxy(
             "--config", multi_config, "--trusted-proxy", "127.0.0.1/32", "--allow", "10.0.0.0/8"
         )
-        inner = (b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\n"
-                 b"Host: x\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n")
+        inner = (
+            b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\n"
+            b"Host: x\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n"
+        )
         outer = (
             b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n"
-            b"Content-Length: %d\r\n\r\n"
-            % len(inner)
+            b"Content-Length: %d\r\n\r\n" % len(inner)
         )
         reply = exchange(d.port, outer + inner, timeout=2)
         assert responses(reply) == [b"403"], reply
@@ -6216,8 +6226,14 @@ class TestRequestFraming:
 
     @pytest.mark.parametrize(
         "line",
-        [b"User-Agent: a\x00b", b"User-Agent: a\rb", b"Accept: \x00",
-         b"User-Agent: a\r\n \x00b", b"User-Agent: a\r\n b\rc", b"User-Agent: a\r\n b"],
+        [
+            b"User-Agent: a\x00b",
+            b"User-Agent: a\rb",
+            b"Accept: \x00",
+            b"User-Agent: a\r\n \x00b",
+            b"User-Agent: a\r\n b\rc",
+            b"User-Agent: a\r\n b",
+        ],
     )
     def test_a_header_value_with_a_nul_or_a_bare_cr_or_a_fold_is_refused_never_passed_upstream(
         self, line, docxy, registry
@@ -7468,12 +7484,20 @@ def hash_password_on_a_terminal(answers):
         pytest.skip("no pseudo-terminal: %s" % exc)
     # docxy on its own controlling terminal: a new session, which the terminal then controls.
     # (A fork of this threaded process, as pty.fork does, may deadlock in the child.)
-    take_terminal = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    take_terminal = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", take_terminal, DOCXY, "hash-password"], stdin=terminal,
-            stdout=terminal, stderr=terminal, cwd=HERE, env=clean_env(), start_new_session=True)
+            [sys.executable, "-c", take_terminal, DOCXY, "hash-password"],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            cwd=HERE,
+            env=clean_env(),
+            start_new_session=True,
+        )
     finally:
         os.close(terminal)
     output, answers = b"", list(answers)
@@ -7491,8 +7515,9 @@ def hash_password_on_a_terminal(answers):
                 # getpass turned echo off before it wrote the prompt; the answer goes once docxy
                 # waits in its read (the only place it sleeps after a prompt): a Ctrl-C's SIGINT
                 # that came just before the read would only be handled once input came.
-                wait_until(lambda: waits_in_a_read(child.pid), 10,
-                           "hash-password to wait for its answer")
+                wait_until(
+                    lambda: waits_in_a_read(child.pid), 10, "hash-password to wait for its answer"
+                )
                 os.write(fd, answers.pop(0))
     finally:
         os.close(fd)
@@ -8264,8 +8289,18 @@ def silent_upstream_docxy(start_docxy, registry, tmp_path):
     hole = Blackhole()
     try:
         yield start_docxy(
-            "--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
-            "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            hole.url,
+            "--library-prefix",
+            "on",
+            "--upstream-timeout",
+            "2",
+            "--cache-dir",
+            str(cache_dir),
+            "--tag-ttl",
+            "0",
         ), hole
     finally:
         hole.close()
@@ -8329,8 +8364,11 @@ def wait_cached(cache_dir, digests, timeout=5):
 
 def tmp_files(cache_dir):
     """Downloads in progress (fills/) and small files being written (tmp/)."""
-    return [name for folder in ("fills", "tmp")
-            for name in os.listdir(os.path.join(str(cache_dir), folder))]
+    return [
+        name
+        for folder in ("fills", "tmp")
+        for name in os.listdir(os.path.join(str(cache_dir), folder))
+    ]
 
 
 def authorized(requests):
@@ -9817,8 +9855,18 @@ class TestSharedCache:
         try:
             running = cached_docxy(start_docxy, own, cache_dir)
             code, out, err = run_to_exit(
-                ["prefetch", "busybox:latest", "--platform", "linux/amd64", "--cache-dir",
-                 str(cache_dir), "--upstream", own.url, "--library-prefix", "on"],
+                [
+                    "prefetch",
+                    "busybox:latest",
+                    "--platform",
+                    "linux/amd64",
+                    "--cache-dir",
+                    str(cache_dir),
+                    "--upstream",
+                    own.url,
+                    "--library-prefix",
+                    "on",
+                ],
                 timeout=30,
             )
             assert code == 0, err
@@ -9837,9 +9885,7 @@ class TestSharedCache:
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
         assert r.headers["Warning"] == '110 - "Response is Stale"'
         index_digest, fetched = pull_like_dockerd(running.port)
-        assert index_digest == content.index_digest and set(fetched) == set(
-            amd64_digests(content)
-        )
+        assert index_digest == content.index_digest and set(fetched) == set(amd64_digests(content))
 
     def test_the_size_cap_holds_for_the_directory_least_recently_used_by_any_process_first(
         self, start_docxy, registry, content, tmp_path
@@ -9864,8 +9910,10 @@ class TestSharedCache:
         fetch(first, blobs[3], "miss")  # 2 MiB: at the cap, not over it
         assert set(cached_objects(cache_dir)) == set(blobs[:4])
         fetch(second, blobs[4], "miss")  # over it: down to 90%, the least recently used first
-        wait_until(lambda: set(cached_objects(cache_dir)) == {blobs[0], blobs[3], blobs[4]},
-                   what="eviction of the two blobs used longest ago")
+        wait_until(
+            lambda: set(cached_objects(cache_dir)) == {blobs[0], blobs[3], blobs[4]},
+            what="eviction of the two blobs used longest ago",
+        )
         for d in (first, second):
             m = scrape(d.port)
             assert m.get("docxy_cache_size_bytes") == 3 * 512 * KIB
