@@ -3882,24 +3882,21 @@ class CacheRoutes:
         before it began otherwise (content docxy's own login may not read), fetch it as this
         client."""
         cache = self.mirror.cache
-        cache.count("coalesced")
-        self.record.cache = "coalesced"
         timeout = self.mirror.config.upstream_timeout
         try:
             try:
                 handle = fill.reader()
             except OSError:
-                self.record.cache = "-"
                 return AGAIN
             with handle:
                 _, state, length = fill.wait(lambda f: f.described, timeout)
                 if fill.abandoned:
-                    self.record.cache = "-"
                     return AGAIN
                 unusable = length is None or kind == "manifests" and not fill.media_type
                 if state == "failed" or unusable:
-                    self.record.cache = "-"
                     return pass_through()
+                cache.count("coalesced")
+                self.record.cache = "coalesced"
                 self.send_object_headers(200, digest, kind, fill.media_type, length)
                 self.send_growing_file(fill, handle, digest, length, timeout)
         except OSError as error:
