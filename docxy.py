@@ -1845,6 +1845,8 @@ def reset_connection(sock):
 
 TAG_RECORD_VERSION = 3      # 1 keyed records by the raw Accept list; 2 had no folder per tag
 TAG_RECORDS_PER_TAG = 4     # one tag, answered for that many Accept sets at most
+RECENCY_GRAIN = 10          # seconds: a file used again this soon is not touched again (a write)
+MEMO_SIZE = 10000           # what a process remembers of tag records and manifests' types
 TAG_SHARE = 0.1             # tag records take at most this share of the cache's cap
 STALE_WARNING = '110 - "Response is Stale"'
 
@@ -2061,6 +2063,9 @@ class Cache:
         self.stats = collections.Counter()
         self.paused_until = 0.0
         self.usage.lock, self.usage.pid = threading.Lock(), None
+        # What was read from disk, each entry replaced whole (see MEMO_SIZE): digest -> media
+        # type; tag record path -> (the file's identity, the record).
+        self.types, self.records = {}, {}
 
     # --- where things are -------------------------------------------------------------------
 
@@ -2082,12 +2087,16 @@ class Cache:
                             hashlib.sha256(accepted.encode()).hexdigest()[:32] + ".json")
 
     def read_type(self, digest):
-        """The media type recorded for a manifest, or None."""
-        try:
-            with open(self.type_path(digest), encoding="ascii") as handle:
-                return media_type_of(handle.read(256))
-        except (OSError, ValueError):
-            return None
+        """The media type recorded for a manifest, or None. Remembered: the bytes a digest
+        names never change, nor what they were fetched as."""
+        media_type = self.types.get(digest)
+        if media_type is None:
+            try:
+                media_type = media_type_of(read_small(self.type_path(digest))[0].decode("ascii"))
+            except (OSError, ValueError):
+                return None
+            remember(self.types, digest, media_type)
+        return media_type
 
     def unlink(self, path):
         try:
@@ -2115,7 +2124,8 @@ class Cache:
             if status.st_nlink == 0:        # evicted between the open and the lock
                 handle.close()
                 return None
-            touch(handle.fileno())          # recency, for every process and after a restart
+            if time.time() - status.st_mtime >= RECENCY_GRAIN:
+                touch(handle.fileno())      # recency, for every process and after a restart
         except OSError:
             handle.close()
             return None
@@ -2281,8 +2291,18 @@ class Cache:
         """The record of a tag for one Accept set, as the last process that checked it left
         it; its use makes it recent."""
         path = self.tag_path(key)
-        record = read_tag_record(path, key)
-        if record:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        identity = (status.st_ino, status.st_ctime_ns)     # a new record is a new file
+        known = self.records.get(path)
+        if known and known[0] == identity:
+            record = known[1]
+        else:
+            record = read_tag_record(path, key)
+            remember(self.records, path, (identity, record))
+        if record and time.time() - status.st_mtime >= RECENCY_GRAIN:
             try:
                 os.utime(path, ns=(time.time_ns(),) * 2)
             except OSError:
@@ -2509,14 +2529,30 @@ class Cache:
 def read_tag_record(path, key=None):
     """A tag record from its file: this version's, and of `key` when given; else None."""
     try:
-        with open(path, "rb") as handle:
-            record = json.loads(handle.read(65536).decode("utf-8"))
+        record = json.loads(read_small(path)[0].decode("utf-8"))
         if record.get("version") == TAG_RECORD_VERSION and \
                 (key is None or record["key"] == list(key)) and DIGEST.fullmatch(record["digest"]):
             return record
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass
     return None
+
+
+def read_small(path, limit=65536):
+    """A small file's bytes, and its status."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(descriptor, limit), os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remember(memo, key, value):
+    """Put an entry in a bounded memo, emptied whole when full (a dict's item assignment and
+    clear are each atomic, so threads share it without a lock)."""
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
 
 
 def touch(descriptor):

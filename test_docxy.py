@@ -3272,37 +3272,59 @@ class TestCache:
     ):
         cache, other = dx.Cache(str(tmp_path), 1000, 300), dx.Cache(str(tmp_path), 1000, 300)
         first = unit_store(cache, b"a" * 400)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         second = unit_store(cache, b"b" * 400)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         handle = other.open(first)[0]  # used by the other process: now the most recent
         handle.close()
         other.release(first)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         third = unit_store(other, b"c" * 400)  # 1200 > 1000: down to 900 at most
         assert unit_present(cache, first, second, third) == [first, third]
         assert cache.usage.read() == (800, 2) and other.stats["evictions"] == 1
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         fourth = unit_store(cache, b"d" * 100)  # 900: under the cap, nothing goes
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         fifth = unit_store(cache, b"e" * 300)  # 1200: one object is enough to get to 900
         assert unit_present(cache, first, third, fourth, fifth) == [third, fourth, fifth]
         assert cache.usage.read() == (800, 3) and cache.stats["evictions"] == 1
+
+    def test_a_use_soon_after_the_last_writes_no_recency_and_a_later_one_does(
+        self, dx, tmp_path, unit_clock
+    ):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
+        digest = unit_store(cache, b"hot")
+        key = ("docker.io", "x", "latest", "")
+        cache.remember_tag(key, digest, MT_INDEX, "3")
+        committed = unit_clock.now
+        mtimes = lambda: (
+            os.stat(cache.path(digest)).st_mtime,
+            os.stat(cache.tag_path(key)).st_mtime,
+        )
+        for step in (1, dx.RECENCY_GRAIN - 2):
+            unit_clock.now += step
+            cache.open(digest)[0].close()
+            assert cache.tag(key)["digest"] == digest
+            assert mtimes() == (committed, committed)  # hot files are not written each use
+        unit_clock.now += 1
+        cache.open(digest)[0].close()
+        assert cache.tag(key)["digest"] == digest
+        assert mtimes() == (unit_clock.now, unit_clock.now)
 
     def test_cache_eviction_passes_over_objects_any_process_is_reading(
         self, dx, tmp_path, unit_clock
     ):
         cache, other = dx.Cache(str(tmp_path), 1000, 300), dx.Cache(str(tmp_path), 1000, 300)
         first = unit_store(cache, b"a" * 300)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         second = unit_store(cache, b"b" * 300)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         reading = other.open(first)[0]  # another process serves it: its lock
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         mine = cache.open(second)[0]  # this one serves it: busy
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         third = unit_store(cache, b"c" * 300)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         fourth = unit_store(cache, b"d" * 300)  # 1200: nothing may go but the newest two
         assert unit_present(cache, first, second, third, fourth) == [first, second, fourth]
         reading.close()
@@ -3311,7 +3333,7 @@ class TestCache:
     def test_cache_eviction_removes_a_manifests_type_record_too(self, dx, tmp_path, unit_clock):
         cache = dx.Cache(str(tmp_path), 100, 300)
         manifest = unit_store(cache, b"m" * 60, "manifests", MT_INDEX)
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         unit_store(cache, b"b" * 60)
         assert not os.path.exists(cache.type_path(manifest)) and not os.path.exists(
             cache.path(manifest)
@@ -3437,13 +3459,13 @@ class TestCache:
         cache = dx.Cache(str(tmp_path), MIB, 300)
         keys = [("docker.io", name, "latest", "") for name in ("a", "b", "c")]
         for key in keys[:2]:
-            unit_clock.now += 1
+            unit_clock.now += dx.RECENCY_GRAIN
             cache.remember_tag(key, "sha256:" + "0" * 64, MT_INDEX, "")
         size = os.path.getsize(cache.tag_path(keys[0]))
         cache.max_size = int(2.5 * size / dx.TAG_SHARE)  # room for two records, not three
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         assert cache.tag(keys[0])  # read: now the most recently used
-        unit_clock.now += 1
+        unit_clock.now += dx.RECENCY_GRAIN
         cache.usage.add(cache.max_size)  # over the cap: eviction looks at the records' share
         cache.remember_tag(keys[2], "sha256:" + "0" * 64, MT_INDEX, "")
         assert [bool(cache.tag(key)) for key in keys] == [True, False, True]
