@@ -8378,6 +8378,18 @@ def wait_until(predicate, timeout=5, what="condition"):
         time.sleep(0.02)
 
 
+def age_in_order(cache_dir, digests):
+    """Make cached objects look used minutes ago, one after the other in this order: docxy
+    writes a file's recency (its mtime) at most once per RECENCY_GRAIN, so uses a moment
+    apart would not be told apart."""
+    now = time.time()
+    for n, digest in enumerate(digests):
+        algorithm, hexdigest = digest.split(":")
+        path = os.path.join(str(cache_dir), "objects", algorithm, hexdigest[:2], hexdigest)
+        when = now - 60 * (len(digests) - n)
+        os.utime(path, (when, when))
+
+
 def wait_cached(cache_dir, digests, timeout=5):
     wait_until(
         lambda: set(digests) <= set(cached_objects(cache_dir)), timeout, "%s in the cache" % digests
@@ -8898,6 +8910,7 @@ class TestPullThroughCache:
         for digest in (b1, b2, b3):
             assert get_blob(d.port, digest).status == 200
             wait_cached(cache_dir, [digest])
+        age_in_order(cache_dir, [b1, b2, b3])
         assert get_blob(d.port, b1).headers["X-Docxy-Cache"] == "hit"
         for digest in (b4, b5):  # 2.5 MiB: over the cap
             assert get_blob(d.port, digest).status == 200
@@ -9928,6 +9941,7 @@ class TestSharedCache:
 
         for digest in blobs[:3]:
             fetch(first, digest, "miss")
+        age_in_order(cache_dir, blobs[:3])
         fetch(second, blobs[0], "hit")  # the other process used it: now the most recent
         fetch(first, blobs[3], "miss")  # 2 MiB: at the cap, not over it
         assert set(cached_objects(cache_dir)) == set(blobs[:4])
