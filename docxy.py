@@ -34,6 +34,7 @@ import base64
 import collections
 import configparser
 import errno
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -1875,37 +1876,43 @@ def reset_connection(sock):
 # Cache
 #
 # Content-addressed objects verified before they are committed, fills that other clients
-# follow while they download, tag records per Accept set, eviction under a size cap.
+# follow while they download, tag records per Accept set, eviction under a size cap: all of
+# it on disk, shared by every process that uses the directory, coordinated by file locks.
 # ================================================================================================
 
-TAG_RECORD_VERSION = 2      # version 1 keyed records by the client's raw Accept list
+TAG_RECORD_VERSION = 3      # 1 keyed records by the raw Accept list; 2 had no folder per tag
 TAG_RECORDS_PER_TAG = 4     # one tag, answered for that many Accept sets at most
-TAG_RECORDS_MAX = 100000    # in memory and on disk, whatever the cap: each is held in memory
+RECENCY_GRAIN = 10          # seconds: a file used again this soon is not touched again (a write)
+MEMO_SIZE = 10000           # what a process remembers of tag records and manifests' types
 TAG_SHARE = 0.1             # tag records take at most this share of the cache's cap
 STALE_WARNING = '110 - "Response is Stale"'
 
 
 class Fill:
-    """An object being downloaded into the cache. Other clients asking for it read the
-    growing file instead of asking upstream again; the last byte only once it is verified.
-    `changed`, a Condition, guards `written`, `length` and `state` and wakes the followers;
-    `descriptor` and `media_type` are the downloading thread's."""
+    """An object this process downloads into the cache (Cache.start_fill). Clients of this
+    process follow it through `changed`; other processes through the file system (see
+    ForeignFill). `changed`, a Condition, guards `written`, `length`, `described` and `state`
+    and wakes the followers; `descriptor` and `media_type` are the downloading thread's. The
+    descriptor holds the fill file's flock for as long as the download lasts: that lock is
+    how other processes, on this host or another, know that its owner is alive."""
 
     def __init__(self, path, descriptor, kind):
         # Written with os.write, unbuffered: `written` must count bytes that readers can see.
         self.path, self.descriptor, self.kind = path, descriptor, kind
         self.length = None          # the upstream's Content-Length, once its headers arrived
         self.media_type = None      # a manifest's, from the upstream's Content-Type
+        self.described = False      # the upstream's headers arrived
         self.written = 0
         self.state = "filling"      # then "done" (verified and committed) or "failed"
+        self.abandoned = False      # a local fill never is: its owner is this process
         self.changed = threading.Condition()
 
-    def update(self, written=None, state=None, length=None):
+    def update(self, written=None, state=None, length=None, described=False):
         with self.changed:
             if written is not None:
                 self.written = written
-            if length is not None:
-                self.length = length
+            if described:
+                self.length, self.described = length, True
             if state:
                 self.state = state
             self.changed.notify_all()
@@ -1915,83 +1922,189 @@ class Fill:
             self.changed.wait_for(lambda: condition(self) or self.state != "filling", timeout)
             return self.written, self.state, self.length
 
+    def reader(self):
+        """The growing file, opened for a follower (OSError once committed or discarded)."""
+        return open(self.path, "rb")
+
+    def close(self):
+        """A follower is done with the fill: nothing of its own to let go of."""
+
+
+class ForeignFill:
+    """A fill that another process owns, followed through the file system: the file's size
+    is what its owner wrote; its head file (Cache.describe) gives the upstream's length and
+    media type; it is done when the object's path names this very file (the owner renamed it
+    there, verified); it failed when its lock is free and it was not (the owner gave up, or
+    it died: then `abandoned`, as the file is still there). Used by one follower thread."""
+
+    POLL_FIRST, POLL_MOST = 0.002, 0.05     # seconds between looks, doubling while idle
+
+    def __init__(self, cache, digest, descriptor, kind):
+        self.cache, self.digest, self.descriptor, self.kind = cache, digest, descriptor, kind
+        status = os.fstat(descriptor)
+        self.identity = (status.st_dev, status.st_ino)
+        self.length = self.media_type = None
+        self.described = self.abandoned = False
+        self.written, self.state = 0, "filling"
+
+    def wait(self, condition, timeout):
+        deadline, pause = time.monotonic() + timeout, self.POLL_FIRST
+        while True:
+            written = self.written
+            self.look()
+            if condition(self) or self.state != "filling":
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            pause = self.POLL_FIRST if self.written > written else min(pause * 2, self.POLL_MOST)
+            time.sleep(min(pause, left))
+        return self.written, self.state, self.length
+
+    def look(self):
+        if not self.described:
+            head = self.cache.read_head(self.digest, self.identity)
+            if head:
+                self.length, self.media_type, self.described = head + (True,)
+        self.written = os.fstat(self.descriptor).st_size
+        if self.cache.committed(self.digest, self.identity):
+            self.done()
+        elif not owner_alive(self.descriptor):
+            # The owner let go of the file: it committed it a moment ago, or never will.
+            if self.cache.committed(self.digest, self.identity):
+                self.done()     # the shared lock stays, as long as this is served
+            else:
+                self.state = "failed"
+                self.abandoned = os.fstat(self.descriptor).st_nlink > 0
+                fcntl.flock(self.descriptor, fcntl.LOCK_UN)     # the next owner's to take
+
+    def done(self):
+        """Committed: whole, verified, and described by the object itself, should its head
+        file have gone before this follower read it."""
+        self.state = "done"
+        if not self.described:
+            self.length, self.described = self.written, True
+            if self.kind == "manifests":
+                self.media_type = self.cache.read_type(self.digest)
+
+    def reader(self):
+        return os.fdopen(os.dup(self.descriptor), "rb")
+
+    def close(self):
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+
+def owner_alive(descriptor):
+    """Whether another open file holds this file's exclusive lock: a fill's owner, or a
+    writer of a temporary file. When none does, this one now holds a shared lock, so that
+    an evicting process leaves the file alone until it is closed."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+
+
+class CacheUsage:
+    """The bytes and objects the cache directory holds, counted for every process that uses
+    it (workers, other docxy processes, prefetch, on this host or on others that share the
+    directory): one small file, read and changed under its flock. The count is kept honest
+    by each process's scan at start and by every eviction, which counts the files anew.
+    `lock` serialises this process's threads, which flock alone would not (they share the
+    descriptor); the descriptor is opened per process, as a forked child must not share
+    its parent's."""
+
+    def __init__(self, path):
+        self.path, self.lock = path, threading.Lock()
+        self.descriptor, self.pid = None, None
+
+    def file(self):
+        if self.pid != os.getpid():
+            self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.pid = os.getpid()
+        return self.descriptor
+
+    def read(self, shared=True):
+        with self.lock:
+            fcntl.flock(self.file(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            try:
+                return self.parse()
+            finally:
+                fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+
+    def parse(self):
+        try:
+            size, objects = os.pread(self.descriptor, 64, 0).split()[:2]
+            return max(0, int(size)), max(0, int(objects))
+        except ValueError:
+            return 0, 0
+
+    def add(self, size, objects=0):
+        """Change the count by this much; the new (size, objects)."""
+        with self.lock:
+            fcntl.flock(self.file(), fcntl.LOCK_EX)
+            try:
+                now = self.parse()
+                return self.write(now[0] + size, now[1] + objects)
+            finally:
+                fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+
+    def write(self, size, objects):
+        size, objects = max(0, size), max(0, objects)
+        os.pwrite(self.descriptor, b"%20d %20d\n" % (size, objects), 0)
+        return size, objects
+
 
 class Cache:
     """Blobs and manifests by digest, content-addressed on disk and verified before they are
     committed, evicted least-recently-used under a size cap; plus tag -> digest records.
+    The directory is the truth: any number of processes (workers, other docxy processes,
+    prefetch) on this host or others may share it, on a file system where flock, rename and
+    O_EXCL work (see check_locks).
 
-    Layout: objects/<algorithm>/<first two hex>/<hex>, tags/<hash of the key>.json, tmp/, and
-    types/<algorithm>/<hex> holding the media type of each object that was fetched as a
-    manifest: only those are ever served as manifests, with the type the upstream gave them
-    (never one read from the object's own bytes, which any blob could choose).
-    There is no database: the index is rebuilt from the directory at start-up.
+    Layout: objects/<algorithm>/<first two hex>/<hex>; types/<algorithm>/<hex> holding the
+    media type of each object that was fetched as a manifest: only those are ever served as
+    manifests, with the type the upstream gave them (never one read from the object's own
+    bytes, which any blob could choose); tags/<hash of the tag>/<hash of the Accept set>.json;
+    fills/<algorithm>-<hex> (a download in progress, locked by its owner) and its .head;
+    tmp/ (small files being written, locked by their writer); usage (CacheUsage); evicting
+    (whose lock one evicting process holds). Recency is a file's mtime, set on every use.
 
-    `lock` guards the index (objects, size, busy, fills, types, the tag records) and `stats`;
-    file system work happens outside it. `paused_until` is a number replaced whole."""
+    `lock` guards `fills` (this process's downloads), `busy` (transfers of this process
+    reading or writing an object: on a file system that emulates flock with POSIX locks,
+    locks do not tell threads of one process apart) and `stats`; file system work happens
+    outside it, but for claiming a fill. `paused_until` is a number replaced whole."""
+
+    SWEEP_AGE = 60          # seconds: an unlocked temporary file older than this is litter
 
     def __init__(self, root, max_size, tag_ttl):
         self.root, self.max_size, self.tag_ttl = root, max_size, tag_ttl
-        self.lock = threading.Lock()
-        self.objects = collections.OrderedDict()    # digest -> size, least recently used first
-        self.size = 0
-        self.busy = collections.Counter()           # digest -> transfers reading or writing it
-        self.fills = {}                             # digest -> Fill in progress
-        self.types = {}                             # digest -> media type, of manifests
-        # Tag records: key (registry, name, tag, Accept set) -> record; the keys of each tag;
-        # each record's file size, least recently used first. Their bytes count in `size`.
-        self.tags, self.tag_keys = {}, collections.defaultdict(list)
-        self.tag_files, self.tag_bytes = collections.OrderedDict(), 0
-        self.paused_until = 0.0
-        self.stats = collections.Counter()
-        for folder in ("objects", "tags", "tmp", "types"):
+        for folder in ("objects", "tags", "tmp", "types", "fills"):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
-        self.load()
+        self.usage = CacheUsage(os.path.join(root, "usage"))
+        self.after_fork()
+        self.usage.file()
+        check_locks(self.usage.path)
+        self.drop_old_tag_records()
+        self.sweep()
+        self.recount()
+        self.evict()
 
     def after_fork(self):
-        """In a worker, right after its fork: this process's own lock and transfers."""
+        """A new process's own state: none of its parent's downloads or locks."""
         self.lock = threading.Lock()
-        self.fills, self.busy = {}, collections.Counter()
+        self.fills = {}                             # digest -> Fill this process downloads
+        self.busy = collections.Counter()           # digest -> transfers reading or writing it
+        self.stats = collections.Counter()
+        self.paused_until = 0.0
+        self.usage.lock, self.usage.pid = threading.Lock(), None
+        # What was read from disk, each entry replaced whole (see MEMO_SIZE): digest -> media
+        # type; tag record path -> (the file's identity, the record).
+        self.types, self.records = {}, {}
 
-    def load(self):
-        for name in os.listdir(os.path.join(self.root, "tmp")):
-            if not process_alive(name.split("-")[0]):   # a crash's leftovers: never verified
-                os.unlink(os.path.join(self.root, "tmp", name))
-        found = []
-        for folder, _, names in os.walk(os.path.join(self.root, "objects")):
-            algorithm = os.path.basename(os.path.dirname(folder))
-            for name in names:
-                digest = "%s:%s" % (algorithm, name)
-                if DIGEST.fullmatch(digest):
-                    status = os.stat(os.path.join(folder, name))
-                    found.append((status.st_mtime, digest, status.st_size))
-        for _, digest, size in sorted(found):
-            self.objects[digest] = size
-            self.size += size
-        for folder, _, names in os.walk(os.path.join(self.root, "types")):
-            for name in names:
-                digest = "%s:%s" % (os.path.basename(folder), name)
-                media_type = self.read_type(digest) if digest in self.objects else None
-                if media_type:
-                    self.types[digest] = media_type
-                else:       # its object was evicted or never committed
-                    self.unlink(self.type_path(digest))
-        records = []
-        for name in os.listdir(os.path.join(self.root, "tags")):
-            path = os.path.join(self.root, "tags", name)
-            try:
-                with open(path, "rb") as handle:
-                    data = handle.read(65536)
-                record = json.loads(data.decode("utf-8"))
-                if record.get("version") == TAG_RECORD_VERSION and tag_file(record["key"]) == name:
-                    records.append((record["checked"], record["key"], record, len(data)))
-                    continue
-            except (OSError, ValueError, KeyError, AttributeError, TypeError):
-                pass
-            self.unlink(path)       # an older version's, or not one of ours
-        with self.lock:
-            for _, key, record, size in sorted(records):
-                self.add_tag(key, record, size)
-        self.evict()
+    # --- where things are -------------------------------------------------------------------
 
     def path(self, digest):
         algorithm, hexdigest = digest.split(":")
@@ -2001,57 +2114,70 @@ class Cache:
         algorithm, hexdigest = digest.split(":")
         return os.path.join(self.root, "types", algorithm, hexdigest)
 
+    def fill_path(self, digest):
+        return os.path.join(self.root, "fills", digest.replace(":", "-"))
+
+    def tag_path(self, key):
+        """A tag record's file: the key has names and media types, not a file name's shape."""
+        tag, accepted = "\n".join(key[:3]), key[3]
+        return os.path.join(self.root, "tags", hashlib.sha256(tag.encode()).hexdigest(),
+                            hashlib.sha256(accepted.encode()).hexdigest()[:32] + ".json")
+
     def read_type(self, digest):
-        """The media type recorded for a manifest (by this process or another), or None."""
-        try:
-            with open(self.type_path(digest), encoding="ascii") as handle:
-                return media_type_of(handle.read(256))
-        except (OSError, ValueError):
-            return None
+        """The media type recorded for a manifest, or None. Remembered: the bytes a digest
+        names never change, nor what they were fetched as."""
+        media_type = self.types.get(digest)
+        if media_type is None:
+            try:
+                media_type = media_type_of(read_small(self.type_path(digest))[0].decode("ascii"))
+            except (OSError, ValueError):
+                return None
+            remember(self.types, digest, media_type)
+        return media_type
 
     def unlink(self, path):
         try:
             os.unlink(path)
+            return True
         except OSError:
-            pass
+            return False
+
+    # --- objects ------------------------------------------------------------------------------
 
     def open(self, digest, kind="blobs"):
         """On a hit, (the open file, its size, its media type), marked busy until release();
-        else None. A manifest is a hit only if it was stored as one."""
-        with self.lock:
-            size = self.objects.get(digest)
-            if size is None:
-                size = self.adopt(digest)
-            if size is None:
-                return None
-            media_type = self.types.get(digest)
-            if kind == "manifests" and not media_type:
-                media_type = self.types[digest] = self.read_type(digest)
-                if not media_type:
-                    del self.types[digest]
-                    return None
-            try:
-                handle = open(self.path(digest), "rb")
-            except OSError:
-                self.forget(digest)
-                return None
-            self.objects.move_to_end(digest)
-            self.busy[digest] += 1
+        else None. A manifest is a hit only if it was stored as one. The file is held with a
+        shared lock, so that no process evicts it while it is served."""
+        media_type = self.read_type(digest) if kind == "manifests" else None
+        if kind == "manifests" and not media_type:
+            return None
         try:
-            os.utime(handle.fileno())   # recency that survives a restart
-        except OSError:
-            pass
-        return handle, size, media_type
-
-    def adopt(self, digest):
-        """An object another docxy process (prefetch) verified and committed meanwhile."""
-        try:
-            size = os.stat(self.path(digest)).st_size
+            handle = open(self.path(digest), "rb")
         except OSError:
             return None
-        self.objects[digest] = size
-        self.size += size
-        return size
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)    # waits only while one is removed
+            status = os.fstat(handle.fileno())
+            if status.st_nlink == 0:        # evicted between the open and the lock
+                handle.close()
+                return None
+            if time.time() - status.st_mtime >= RECENCY_GRAIN:
+                touch(handle.fileno())      # recency, for every process and after a restart
+        except OSError:
+            handle.close()
+            return None
+        with self.lock:
+            self.busy[digest] += 1
+        return handle, status.st_size, media_type
+
+    def committed(self, digest, identity):
+        """Whether the object's path names the file `identity` (st_dev, st_ino): a fill's
+        owner renamed it there once it was verified."""
+        try:
+            status = os.stat(self.path(digest))
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == identity
 
     def release(self, digest):
         with self.lock:
@@ -2059,71 +2185,88 @@ class Cache:
             if self.busy[digest] <= 0:
                 del self.busy[digest]
 
-    def forget(self, digest):
-        self.size -= self.objects.pop(digest, 0)
-        self.types.pop(digest, None)
+    # --- fills: one download per object, whichever process asks -------------------------------
 
     def start_fill(self, digest, kind):
-        """(fill, True): download it; (fill, False): follow the download in progress;
-        (None, False): caching is paused, or a blob is downloading where a manifest is
-        asked for: pass the request through."""
+        """("lead", fill): download it; ("follow", fill): follow the download in progress,
+        this process's (Fill) or another's (ForeignFill); ("again", None): it was committed
+        meanwhile, look again; ("pass", None): caching is paused, or a blob is downloading
+        where a manifest is asked for: pass the request through."""
         with self.lock:
-            if digest in self.fills:
-                if kind == "manifests" and self.fills[digest].kind != kind:
-                    return None, False
+            local = self.fills.get(digest)
+            if local:
+                if kind == "manifests" and local.kind != kind:
+                    return "pass", None
                 self.busy[digest] += 1
-                return self.fills[digest], False
+                return "follow", local
             if time.monotonic() < self.paused_until:
-                return None, False
+                return "pass", None
             try:
-                descriptor, path = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"),
-                                                    prefix="%d-" % os.getpid())
+                claim, fill = self.claim_fill(digest, kind)
             except OSError as error:
                 failure = error
             else:
-                fill = self.fills[digest] = Fill(path, descriptor, kind)
-                self.busy[digest] += 1
-                return fill, True
+                if claim == "lead":
+                    self.fills[digest] = fill
+                if claim in ("lead", "follow"):
+                    self.busy[digest] += 1
+                return claim, fill
         self.pause(failure)     # outside the lock, which pause takes too (it is not reentrant)
-        return None, False
+        return "pass", None
 
-    def finish_fill(self, digest, fill, verified):
-        """Commit a verified download (fsync, atomic rename) or discard it."""
-        committed = verified and fill.descriptor is not None
-        media_type = fill.media_type if fill.kind == "manifests" else None
+    def claim_fill(self, digest, kind):
+        """Become the owner of the fill file (its exclusive lock), or follow its owner. A file
+        left by an owner that died is taken over: removed, and a new one started, so that its
+        followers see it fail and nobody ever reads on in bytes nobody will verify."""
+        path = self.fill_path(digest)
+        for _ in range(3):
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "follow", ForeignFill(self, digest, descriptor, kind)
+            status = os.fstat(descriptor)
+            if not same_file(status, path):     # removed or replaced before the lock came
+                os.close(descriptor)
+                continue
+            if status.st_size or os.path.exists(path + ".head"):
+                log("cache: taking over the download of %s, whose process stopped" % digest)
+                self.stats["fills_taken_over"] += 1
+                self.unlink(path + ".head")
+                self.unlink(path)
+                os.close(descriptor)
+                continue
+            if os.path.exists(self.path(digest)):   # committed between the miss and now
+                self.unlink(path)
+                os.close(descriptor)
+                return "again", None
+            return "lead", Fill(path, descriptor, kind)
+        return "pass", None
+
+    def describe(self, fill, length, media_type):
+        """The upstream's headers arrived: followers in other processes learn the length and
+        media type from the fill's head file, which names the file it describes."""
+        fill.media_type = media_type
+        if fill.descriptor is not None:
+            status = os.fstat(fill.descriptor)
+            head = {"file": [status.st_dev, status.st_ino], "length": length,
+                    "type": media_type}
+            try:
+                self.write_file(fill.path + ".head", json.dumps(head).encode())
+            except OSError as error:
+                self.stop_writing(fill, error)
+        fill.update(length=length, described=True)
+
+    def read_head(self, digest, identity):
+        """(length, media type) of another process's fill of this file, once described."""
         try:
-            if committed:
-                os.fsync(fill.descriptor)
-                if media_type:      # before the object: whoever finds the object finds its type
-                    self.write_file(self.type_path(digest), media_type.encode())
-                os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
-                os.rename(fill.path, self.path(digest))
-        except OSError as error:
-            committed = False
-            self.pause(error)
-        finally:
-            if fill.descriptor is not None:
-                os.close(fill.descriptor)
-                fill.descriptor = None
-            if not committed:
-                try:
-                    os.unlink(fill.path)
-                except OSError:
-                    pass
-        with self.lock:
-            del self.fills[digest]
-            if committed:
-                self.forget(digest)
-                self.objects[digest] = fill.written
-                self.size += fill.written
-                if media_type:
-                    self.types[digest] = media_type
-            elif fill.written:
-                self.stats["discarded"] += 1      # bytes came, but not the ones the digest names
-        self.release(digest)
-        fill.update(state="done" if committed else "failed")
-        if committed:
-            self.evict()
+            with open(self.fill_path(digest) + ".head", "rb") as handle:
+                head = json.loads(handle.read(4096).decode("utf-8"))
+            if tuple(head["file"]) == identity:
+                return head["length"], head["type"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
 
     def write(self, fill, data):
         """Append to a download; a full or read-only disk pauses caching, never the transfer."""
@@ -2135,49 +2278,73 @@ class Cache:
                 done += os.write(fill.descriptor, data[done:])
             fill.update(written=fill.written + done)
         except OSError as error:
+            self.stop_writing(fill, error)
+
+    def stop_writing(self, fill, error):
+        self.pause(error)
+        os.close(fill.descriptor)
+        fill.descriptor = None
+        self.unlink(fill.path + ".head")
+        self.unlink(fill.path)
+        fill.update(state="failed")
+
+    def finish_fill(self, digest, fill, verified):
+        """Commit a verified download (fsync, its type, an atomic rename; then the lock goes)
+        or discard it."""
+        committed = verified and fill.descriptor is not None
+        media_type = fill.media_type if fill.kind == "manifests" else None
+        try:
+            if committed:
+                os.fsync(fill.descriptor)
+                touch(fill.descriptor)
+                if media_type:      # before the object: whoever finds the object finds its type
+                    self.write_file(self.type_path(digest), media_type.encode())
+                os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
+                os.rename(fill.path, self.path(digest))
+        except OSError as error:
+            committed = False
             self.pause(error)
-            os.close(fill.descriptor)
-            fill.descriptor = None
-            fill.update(state="failed")
-
-    def count(self, event, amount=1):
+        finally:
+            self.unlink(fill.path + ".head")
+            if not committed:
+                self.unlink(fill.path)
+            if fill.descriptor is not None:
+                os.close(fill.descriptor)
+                fill.descriptor = None
+        if committed:
+            self.usage.add(fill.written, 1)
         with self.lock:
-            self.stats[event] += amount
+            del self.fills[digest]
+            if not committed and fill.written:
+                self.stats["discarded"] += 1      # bytes came, but not the ones the digest names
+        self.release(digest)
+        fill.update(state="done" if committed else "failed")
+        if committed:
+            self.evict()
 
-    def figures(self):
-        """The cache's figures, taken together under its lock: for /metrics and the status
-        page, which never read the cache's state themselves."""
-        with self.lock:
-            return {"size": self.size, "max_size": self.max_size, "objects": len(self.objects),
-                    "events": dict(self.stats)}
-
-    def pause(self, error):
-        if time.monotonic() >= self.paused_until:
-            log("cache paused for 60s, transfers go on uncached: %s" % (error.strerror or error))
-        self.paused_until = time.monotonic() + 60
-        self.count("write_errors")
-
-    def evict(self):
-        """Down to 90% of the cap once over it, so eviction is not a per-request cost.
-        Objects being read or written are never evicted."""
-        with self.lock:
-            if self.size <= self.max_size:
-                return
-            for digest in list(self.objects):
-                if self.size <= self.max_size * 0.9:
-                    break
-                if self.busy.get(digest):
-                    continue
-                self.forget(digest)
-                self.stats["evictions"] += 1
-                self.unlink(self.path(digest))
-                self.unlink(self.type_path(digest))
+    # --- tags ---------------------------------------------------------------------------------
 
     def tag(self, key):
-        with self.lock:
-            if key in self.tag_files:
-                self.tag_files.move_to_end(key)
-            return self.tags.get(key)
+        """The record of a tag for one Accept set, as the last process that checked it left
+        it; its use makes it recent."""
+        path = self.tag_path(key)
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        identity = (status.st_ino, status.st_ctime_ns)     # a new record is a new file
+        known = self.records.get(path)
+        if known and known[0] == identity:
+            record = known[1]
+        else:
+            record = read_tag_record(path, key)
+            remember(self.records, path, (identity, record))
+        if record and time.time() - status.st_mtime >= RECENCY_GRAIN:
+            try:
+                os.utime(path, ns=(time.time_ns(),) * 2)
+            except OSError:
+                pass
+        return record
 
     def tag_for_any_client(self, key, accepted):
         """A record of this tag made for another Accept set, of a type this client accepts:
@@ -2185,64 +2352,210 @@ class Cache:
         beats one platform's manifest, which might not be this client's platform; then the
         most recently checked record beats older ones."""
         types = set(accepted)
-        with self.lock:
-            records = [self.tags[other] for other in self.tag_keys.get(key[:3], ())]
-        fits = [record for record in records
+        fits = [record for record in self.tag_records(key)
                 if record["type"] in types or not accepted or "*/*" in types]
         return max(fits, key=lambda record: (record["type"] in INDEX_TYPES, record["checked"]),
                    default=None)
 
-    def remember_tag(self, key, digest, media_type, length):
-        record = {"version": TAG_RECORD_VERSION, "key": key, "digest": digest, "type": media_type,
-                  "length": length, "checked": time.time()}
-        data = json.dumps(record).encode()
+    def tag_records(self, key):
+        """Every record of a tag, whatever the Accept set it was made for."""
+        folder = os.path.dirname(self.tag_path(key))
         try:
-            self.write_file(os.path.join(self.root, "tags", tag_file(key)), data)
+            names = os.listdir(folder)
+        except OSError:
+            return []
+        records = (read_tag_record(os.path.join(folder, name)) for name in names)
+        return [record for record in records if record and record["key"][:3] == list(key[:3])]
+
+    def remember_tag(self, key, digest, media_type, length):
+        record = {"version": TAG_RECORD_VERSION, "key": list(key), "digest": digest,
+                  "type": media_type, "length": length, "checked": time.time()}
+        data = json.dumps(record).encode()
+        path = self.tag_path(key)
+        try:
+            replaced = file_size(path)
+            self.write_file(path, data)
         except OSError as error:
             self.pause(error)
             return record
-        with self.lock:
-            self.add_tag(key, record, len(data))
+        self.usage.add(len(data) - replaced)
+        self.drop_extra_records(key)
+        if self.usage.read()[0] > self.max_size:
+            self.evict()
         return record
 
-    def add_tag(self, key, record, size):
-        """Index a record whose file is written; drop the oldest of its tag past
-        TAG_RECORDS_PER_TAG, and the least recently used of all past the tags' share."""
-        key = tuple(key)
-        replaced = self.tag_files.pop(key, 0)
-        self.tags[key], self.tag_files[key] = record, size
-        self.tag_bytes += size - replaced
-        self.size += size - replaced
-        siblings = self.tag_keys[key[:3]]
-        if key not in siblings:
-            siblings.append(key)
-        if len(siblings) > TAG_RECORDS_PER_TAG:
-            self.drop_tag(min(siblings, key=lambda other: self.tags[other]["checked"]))
-        while self.tag_files and (len(self.tag_files) > TAG_RECORDS_MAX
-                                  or self.tag_bytes > self.max_size * TAG_SHARE):
-            self.drop_tag(next(iter(self.tag_files)))
+    def drop_extra_records(self, key):
+        """One tag is kept for TAG_RECORDS_PER_TAG Accept sets at most: the least recently
+        checked go."""
+        records = self.tag_records(key)
+        records.sort(key=lambda record: record["checked"])
+        for record in records[:max(0, len(records) - TAG_RECORDS_PER_TAG)]:
+            path = self.tag_path(record["key"])
+            size = file_size(path)
+            if self.unlink(path):
+                self.usage.add(-size)
 
-    def drop_tag(self, key):
-        if key not in self.tags:
+    def drop_old_tag_records(self):
+        """Records of an older layout (files directly under tags/): never read again."""
+        folder = os.path.join(self.root, "tags")
+        for name in os.listdir(folder):
+            if name.endswith(".json"):
+                self.unlink(os.path.join(folder, name))
+
+    # --- the size cap, and litter -------------------------------------------------------------
+
+    def count(self, event, amount=1):
+        with self.lock:
+            self.stats[event] += amount
+
+    def figures(self):
+        """The cache's figures for /metrics and the status page: the directory's size and
+        objects (every process's), this process's events and downloads in progress."""
+        size, objects = self.usage.read()
+        with self.lock:
+            return {"size": size, "max_size": self.max_size, "objects": objects,
+                    "events": dict(self.stats), "fills": len(self.fills)}
+
+    def pause(self, error):
+        if time.monotonic() >= self.paused_until:
+            log("cache paused for 60s, transfers go on uncached: %s"
+                % (getattr(error, "strerror", None) or error))
+        self.paused_until = time.monotonic() + 60
+        self.count("write_errors")
+
+    def scan(self):
+        """Every object and tag record on disk: (mtime, path, size, is an object), the least
+        recently used first."""
+        found = []
+        for top in ("objects", "tags"):
+            for folder, _, names in os.walk(os.path.join(self.root, top)):
+                for name in names:
+                    path = os.path.join(folder, name)
+                    try:
+                        status = os.stat(path)
+                    except OSError:
+                        continue        # evicted meanwhile
+                    found.append((status.st_mtime_ns, path, status.st_size, top == "objects"))
+        found.sort()
+        return found
+
+    def recount(self):
+        """Count the directory anew: at start, what crashes left uncounted."""
+        before = self.usage.read()
+        found = self.scan()
+        self.usage.add(sum(entry[2] for entry in found) - before[0],
+                       sum(1 for entry in found if entry[3]) - before[1])
+
+    def evict(self):
+        """Down to 90% of the cap once over it, so eviction is not a per-request cost; tag
+        records also down to their share of it. One process evicts at a time (the others
+        go on; the next commit looks again); the least recently used go first, whichever
+        process used them, and never an object that any process is reading or writing."""
+        if self.usage.read()[0] <= self.max_size:
             return
-        del self.tags[key]
-        size = self.tag_files.pop(key)
-        self.tag_bytes -= size
-        self.size -= size
-        siblings = self.tag_keys[key[:3]]
-        siblings.remove(key)
-        if not siblings:
-            del self.tag_keys[key[:3]]
-        self.unlink(os.path.join(self.root, "tags", tag_file(key)))
+        try:
+            guard = os.open(os.path.join(self.root, "evicting"),
+                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(guard)
+            return
+        try:
+            self.evict_locked()
+        finally:
+            os.close(guard)
+
+    def evict_locked(self):
+        before = self.usage.read()
+        found = self.scan()
+        size = sum(entry[2] for entry in found)
+        objects = sum(1 for entry in found if entry[3])
+        tag_bytes = size - sum(entry[2] for entry in found if entry[3])
+        removed_size = removed = 0
+        for _, path, length, is_object in found:
+            over_cap = size - removed_size > self.max_size * 0.9
+            if not over_cap and tag_bytes <= self.max_size * TAG_SHARE:
+                break
+            if not over_cap and is_object:
+                continue        # only the tag records are over their share
+            if not (self.remove_object(path) if is_object else self.unlink(path)):
+                continue
+            removed_size += length
+            if is_object:
+                removed += 1
+            else:
+                tag_bytes -= length
+        with self.lock:
+            self.stats["evictions"] += removed
+        # The count becomes what is left, plus what other processes changed meanwhile.
+        self.usage.add(size - removed_size - before[0], objects - removed - before[1])
+
+    def remove_object(self, path):
+        """Evict an object unless a transfer anywhere holds it (its lock), or one of this
+        process does (busy)."""
+        hexdigest = os.path.basename(path)
+        digest = "%s:%s" % (os.path.basename(os.path.dirname(os.path.dirname(path))), hexdigest)
+        with self.lock:
+            if self.busy.get(digest):
+                return False
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)   # NFS: LOCK_EX needs write
+        except OSError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not self.unlink(path):
+                return False
+            if DIGEST.fullmatch(digest):
+                self.unlink(self.type_path(digest))
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(descriptor)
+
+    def sweep(self):
+        """Remove what processes that stopped left behind: fill files and temporary files
+        whose lock nobody holds, and heads of fills that are gone. Runs at start and every
+        SWEEP_AGE seconds (sweep_every)."""
+        removed = 0
+        old = time.time() - self.SWEEP_AGE
+        for folder in ("fills", "tmp"):
+            top = os.path.join(self.root, folder)
+            for name in os.listdir(top):
+                path = os.path.join(top, name)
+                if name.endswith(".head"):
+                    if not os.path.exists(path[:-5]) and file_mtime(path) < old:
+                        removed += self.unlink(path)
+                elif (folder == "fills" or file_mtime(path) < old) and abandoned_file(path):
+                    self.unlink(path + ".head")
+                    removed += self.unlink(path)
+        if removed:
+            log("cache: removed %d files left by processes that stopped" % removed)
+        return removed
+
+    def sweep_every(self, stop):
+        """The sweep, every SWEEP_AGE seconds until `stop` is set (a thread of each process)."""
+        while not stop.wait(self.SWEEP_AGE):
+            try:
+                self.sweep()
+            except OSError as error:
+                log("cache: sweeping failed: %s" % error, logging.WARNING)
 
     def write_file(self, path, data):
         """Write a whole small file under its final name, or nothing (another process or a
-        crash sees the old file or the new one)."""
-        descriptor, temporary = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"),
-                                                 prefix="%d-" % os.getpid())
+        crash sees the old file or the new one). Locked while written, so that no sweep
+        takes it for litter."""
+        descriptor, temporary = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
         try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                touch(descriptor)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.rename(temporary, path)
         except OSError:
@@ -2250,23 +2563,99 @@ class Cache:
             raise
 
 
-def tag_file(key):
-    """A tag record's file name: the key has names and media types, not a file name's shape."""
-    return hashlib.sha256("\n".join(key).encode()).hexdigest() + ".json"
+def read_tag_record(path, key=None):
+    """A tag record from its file: this version's, and of `key` when given; else None."""
+    try:
+        record = json.loads(read_small(path)[0].decode("utf-8"))
+        if record.get("version") == TAG_RECORD_VERSION and \
+                (key is None or record["key"] == list(key)) and DIGEST.fullmatch(record["digest"]):
+            return record
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass
+    return None
 
 
-def process_alive(pid):
-    """Whether a temporary file's owner (its name starts with the PID) still runs: a
-    `prefetch` next to a running docxy must not delete the server's downloads."""
-    if not pid.isdigit():
+def read_small(path, limit=65536):
+    """A small file's bytes, and its status."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(descriptor, limit), os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remember(memo, key, value):
+    """Put an entry in a bounded memo, emptied whole when full (a dict's item assignment and
+    clear are each atomic, so threads share it without a lock)."""
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+
+
+def touch(descriptor):
+    """Make a file the most recently used. The time is given, not left to the kernel, whose
+    clock for file times is coarse: uses a moment apart must not tie."""
+    now = time.time_ns()
+    os.utime(descriptor, ns=(now, now))
+
+
+def same_file(status, path):
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino)
+
+
+def file_size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def file_mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return float("inf")
+
+
+def abandoned_file(path):
+    """Whether nobody holds a file's lock (its writer stopped); the test takes none."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
-        os.kill(int(pid), 0)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except ProcessLookupError:
+    except BlockingIOError:
         return False
-    except OSError:
-        return True
+    finally:
+        os.close(descriptor)
+
+
+def check_locks(path):
+    """Refuse a cache directory whose file system has no working flock: processes sharing it
+    could not tell a download in progress from an abandoned one, nor keep an object being
+    served from eviction. (A network file system that keeps flock to each host, such as NFS
+    mounted with local_lock=flock, cannot be told apart from here: the README says so.)"""
+    first = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    second = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return          # the second open file waits for the first: locks work
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(first)
+        os.close(second)
+    raise OSError(errno.ENOLCK, "its file system has no working locks (flock), which sharing "
+                  "a cache directory between processes needs")
 
 
 def open_cache(config):
@@ -2279,8 +2668,9 @@ def open_cache(config):
     except OSError as error:
         raise ConfigError("cannot use --cache-dir %s: %s"
                           % (config.cache_dir, error.strerror or error))
+    figures = cache.figures()
     log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
-        config.cache_dir, cache.size / 1048576, len(cache.objects), max_size / 1048576,
+        config.cache_dir, figures["size"] / 1048576, figures["objects"], max_size / 1048576,
         "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
     return cache
 
@@ -3716,8 +4106,8 @@ class UpstreamRelay:
             elif unframed:      # an HTTP/1.0 client: the connection's end ends the body
                 self.close_connection = self.close_delimited = True
             if fill:
-                fill.media_type = media_type or media_type_of(answer.header("Content-Type"))
-                fill.update(length=answer.remaining)
+                media_type = media_type or media_type_of(answer.header("Content-Type"))
+                self.mirror.cache.describe(fill, answer.remaining, media_type)
             self.send_response(answer.status)
             for name, value in headers + self.cache_headers():
                 self.send_header(name, value)
@@ -3852,6 +4242,9 @@ class UpstreamRelay:
             pass
 
 
+AGAIN = "again"     # a fill that ended before it was followed: look in the cache again
+
+
 class CacheRoutes:
     """Handler mixin: answers blobs and manifests from the Cache (--cache-dir): by digest
     from disk, from a download in progress (a Fill), or downloaded once while it streams to
@@ -3859,32 +4252,40 @@ class CacheRoutes:
     --tag-ttl and served stale when the upstream fails."""
 
     def serve_object(self, registry, url, name, kind, digest, headers, media_type=None):
-        """A blob or a manifest by digest: from the cache, from a download in progress, or
-        downloaded once while it streams to the client and into the cache."""
+        """A blob or a manifest by digest: from the cache, from a download in progress (in
+        this process or another), or downloaded once while it streams to the client and into
+        the cache."""
         cache = self.mirror.cache
-        hit = cache.open(digest, kind)
-        if hit:
-            return self.send_cached(hit, digest, kind, "hit")
 
         def pass_through():     # uncached, as the core proxy does
             return self.relay(registry, self.command, url, headers, verify=digest,
                               scope=login_scope(headers, name))
 
-        if self.command == "HEAD" or "Range" in headers:
-            return pass_through()
-        fill, leader = cache.start_fill(digest, kind)
-        if fill is None:
-            return pass_through()
-        if not leader:
-            return self.follow_fill(fill, digest, kind, pass_through)
+        for _ in range(3):      # again: committed, or its owner stopped, while this looked
+            hit = cache.open(digest, kind)
+            if hit:
+                return self.send_cached(hit, digest, kind, "hit")
+            if self.command == "HEAD" or "Range" in headers:
+                return pass_through()
+            claim, fill = cache.start_fill(digest, kind)
+            if claim == "pass":
+                return pass_through()
+            if claim == "follow":
+                if self.follow_fill(fill, digest, kind, pass_through) is not AGAIN:
+                    return None
+            elif claim == "lead":
+                return self.lead_fill(fill, registry, url, name, digest, headers, media_type)
+        return pass_through()
+
+    def lead_fill(self, fill, registry, url, name, digest, headers, media_type):
         verified = False
         try:
-            cache.count("misses")
+            self.mirror.cache.count("misses")
             self.record.cache = "miss"
             verified = self.fill_from_upstream(fill, registry, url, name, digest, headers,
                                                media_type)
         finally:
-            cache.finish_fill(digest, fill, verified)
+            self.mirror.cache.finish_fill(digest, fill, verified)
 
     def fill_from_upstream(self, fill, registry, url, name, digest, headers, media_type):
         """Download into the cache with docxy's own upstream login, so that what is cached is
@@ -3905,45 +4306,80 @@ class CacheRoutes:
                                   media_type=media_type)
 
     def follow_fill(self, fill, digest, kind, pass_through):
-        """Serve a download another client started, from the file as it grows. If it fails
-        before it began (content docxy's own login may not read), fetch it as this client."""
+        """Serve a download in progress, this process's or another's, from the file as it
+        grows. AGAIN when there is nothing to follow before anything was sent: committed a
+        moment ago, or its owner stopped (then the next look takes it over). If it fails
+        before it began otherwise (content docxy's own login may not read), fetch it as this
+        client."""
         cache = self.mirror.cache
-        cache.count("coalesced")
-        self.record.cache = "coalesced"
         timeout = self.mirror.config.upstream_timeout
         try:
-            handle = open(fill.path, "rb")
-        except OSError:     # committed (renamed) a moment ago, or discarded
-            cache.release(digest)
-            hit = cache.open(digest, kind)
-            if not hit:
-                raise UpstreamError(502, "the upstream download this request waited for failed",
-                                    digest)
-            return self.send_cached(hit, digest, kind, "hit")
-        try:
+            try:
+                handle = fill.reader()
+            except OSError:
+                return AGAIN
             with handle:
-                _, state, length = fill.wait(lambda f: f.length is not None, timeout)
+                _, state, length = fill.wait(lambda f: f.described, timeout)
+                if fill.abandoned:
+                    return AGAIN
                 unusable = length is None or kind == "manifests" and not fill.media_type
                 if state == "failed" or unusable:
-                    self.record.cache = "-"
                     return pass_through()
+                cache.count("coalesced")
+                self.record.cache = "coalesced"
                 self.send_object_headers(200, digest, kind, fill.media_type, length)
-                sent = 0
-                while sent < length:
-                    # The last byte waits for verification, as on the downloading connection.
-                    written, state, _ = fill.wait(
-                        lambda f: min(f.written, f.length - 1) > sent, timeout)
-                    ready = written if state == "done" else min(written, length - 1)
-                    if state == "failed" or ready <= sent:
-                        failure = UpstreamError(502, "coalesced download failed", digest)
-                        return self.abort_transfer(failure)
-                    self.send_file(handle, sent, ready - sent)
-                    cache.count("bytes_served", ready - sent)
-                    sent = ready
+                self.send_growing_file(fill, handle, digest, length, timeout)
         except OSError as error:
             self.abort_transfer(error)
         finally:
+            fill.close()
             cache.release(digest)
+        return None
+
+    def send_growing_file(self, fill, handle, digest, length, timeout):
+        """The body of a fill as it is written. The last byte waits for verification, as on
+        the downloading connection. What another process wrote is checked here as well, its
+        last byte sent only if the whole matches: a network file system may show one host
+        another's writes late or out of order."""
+        check = hashlib.new(digest.split(":")[0]) if isinstance(fill, ForeignFill) else None
+        sent = 0
+        while sent < length:
+            written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
+            ready = written if state == "done" else min(written, length - 1)
+            if state == "failed" or ready <= sent:
+                why = " (the process downloading it stopped)" if fill.abandoned else ""
+                return self.abort_transfer(
+                    UpstreamError(502, "coalesced download failed" + why, digest))
+            if check is None:
+                self.send_file(handle, sent, ready - sent)
+            elif not self.send_checked(handle, sent, ready - sent, check, digest, length):
+                return self.abort_transfer(
+                    UpstreamError(502, "another process's download does not match", digest))
+            self.mirror.cache.count("bytes_served", ready - sent)
+            sent = ready
+        return None
+
+    def send_checked(self, handle, offset, count, check, digest, length):
+        """Send part of a file, hashing it; the object's last byte only if the hash of the
+        whole is the digest. False when it is not."""
+        handle.seek(offset)
+        buffer = transfer_buffer(count, self.mirror.metrics.in_flight())
+        view = memoryview(buffer)
+        try:
+            while count > 0:
+                n = handle.readinto(view[:min(count, len(buffer))])
+                if not n:
+                    raise OSError("cached object shorter than expected")
+                check.update(view[:n])
+                offset, count = offset + n, count - n
+                if offset == length and check.hexdigest() != digest.split(":")[1]:
+                    return False
+                self.wfile.write(view[:n])
+                self.record.sent += n
+            return True
+        finally:
+            view.release()
+            release_buffer(buffer)
 
     def serve_tag(self, registry, url, name, tag, headers):
         """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
@@ -5506,13 +5942,17 @@ def handle_signals(stop, reload_asked):
 
 def start_serving(mirror, listeners, stop):
     """Start the threads that serve, in the process that serves: the waiting connections, the
-    accept loops, the certificate watcher; and, in a worker, the publisher of its figures."""
+    accept loops, the certificate watcher, the cache's sweep; and, in a worker, the publisher
+    of its figures."""
     mirror.waiting.start()
     if mirror.config.tls:
         threading.Thread(target=watch_certificate, name="certificate", daemon=True,
                          args=(mirror, listeners, stop, mirror.config.cert_check_interval)).start()
     for listener in listeners:
         threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
+    if mirror.cache:
+        threading.Thread(target=mirror.cache.sweep_every, name="cache-sweep", daemon=True,
+                         args=(stop,)).start()
     if mirror.worker:
         threading.Thread(target=publish_figures, name="figures", daemon=True,
                          args=(mirror, stop)).start()

@@ -20,6 +20,8 @@ Only pytest and the standard library are used.  Addresses are loopback only
 """
 
 import base64
+import errno
+import fcntl
 import gzip
 import hashlib
 import html
@@ -397,6 +399,30 @@ class QuietHTTPServer(http.server.ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout, ssl.SSLError)):
             super().handle_error(request, client_address)
 
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self):
+        """A server that goes away ends its keep-alive connections too."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def server_activate(self):
+        self.connections, self.connections_lock = set(), threading.Lock()
+        super().server_activate()
+
 
 class FakeServer:
     """A ThreadingHTTPServer in a daemon thread; keyword attributes are shared with the handler."""
@@ -446,6 +472,7 @@ class FakeServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.close_connections()
         if self in ALL_FAKES:
             ALL_FAKES.remove(self)
 
@@ -1600,6 +1627,12 @@ class UnitClock:
     def time(self):
         return self.now
 
+    def time_ns(self):
+        return int(self.now * 1e9)
+
+    def sleep(self, seconds):
+        self.now += seconds
+
 
 @pytest.fixture
 def unit_clock(dx, monkeypatch):
@@ -1658,12 +1691,17 @@ class UnitRefusingSocket:
 def unit_store(cache, data, kind="blobs", media_type=None):
     """Put data into the cache as a verified download would; returns its digest."""
     digest = sha256_digest(data)
-    fill, first = cache.start_fill(digest, kind)
-    assert first
-    fill.media_type = media_type
+    claim, fill = cache.start_fill(digest, kind)
+    assert claim == "lead"
+    cache.describe(fill, len(data), media_type)
     cache.write(fill, data)
     cache.finish_fill(digest, fill, True)
     return digest
+
+
+def unit_present(cache, *digests):
+    """Those of the digests whose objects are in the cache's directory, in the order given."""
+    return [digest for digest in digests if os.path.exists(cache.path(digest))]
 
 
 def unit_refusal(dx, call, *arguments):
@@ -2631,8 +2669,10 @@ class TestRegistryProtocol:
                 dx.token_answer(bad)
 
     def test_token_answer_with_only_token_fields_is_the_realms_own_bytes(self, dx):
-        whole = (b'{"issued_at": "2024-01-01T00:00:00Z", "expires_in": 300, '
-                 b'"access_token": "a", "token": "t"}')
+        whole = (
+            b'{"issued_at": "2024-01-01T00:00:00Z", "expires_in": 300, '
+            b'"access_token": "a", "token": "t"}'
+        )
         assert dx.token_answer(whole) is whole
         assert (
             dx.token_answer(b'{"expires_in": 60, "access_token": "a", "x": 1, "token": "t"}')
@@ -2957,9 +2997,8 @@ class TestUpstream:
         ]
         text = dx.format_challenge("Bearer", params)
         assert (
-            text
-            == 'Bearer realm="https://m.example/auth/token",'
-               'service="s",error_description="say \\"hi\\""'
+            text == 'Bearer realm="https://m.example/auth/token",'
+            'service="s",error_description="say \\"hi\\""'
         )
         assert dx.parse_challenge(text) == ("Bearer", params)
 
@@ -3007,16 +3046,17 @@ class TestUpstream:
 
     def test_a_challenge_learned_for_a_registry_a_reload_replaced_is_not_kept(self, dx, routing):
         hub = routing.registries["docker.io"]
-        config = dx.read_config(["--registries", "docker.io,ghcr.io",
-                                 "--upstream", "https://elsewhere.example"], {})
-        routing.configure(config)   # docker.io now has another upstream
+        config = dx.read_config(
+            ["--registries", "docker.io,ghcr.io", "--upstream", "https://elsewhere.example"], {}
+        )
+        routing.configure(config)  # docker.io now has another upstream
         routing.upstream.learn_challenge(hub, 'Bearer realm="https://old.example/token"')
         assert routing.upstream.challenges == {}
 
     def test_only_a_registry_that_cannot_be_reached_or_is_silent_counts_as_down(self, dx, routing):
         upstream, hub = routing.upstream, routing.registries["docker.io"]
         upstream.mark_down(hub, dx.UpstreamError(502, "upstream failed", kind="protocol"), "/v2/")
-        assert not upstream.is_down(hub)    # an answer a client's own request may have provoked
+        assert not upstream.is_down(hub)  # an answer a client's own request may have provoked
         upstream.mark_down(hub, dx.UpstreamError(504, "upstream did not answer in time"), "/v2/")
         assert upstream.is_down(hub)
 
@@ -3090,46 +3130,48 @@ class TestBodyTransfer:
 
 
 class TestCache:
-    """In process, no sockets: the pieces of docxy.py's section "Cache"."""
+    """In process, no sockets: the pieces of docxy.py's section "Cache". Two Cache objects on
+    one directory stand for two processes: flock tells their open files apart as it tells
+    processes apart."""
 
-    def test_cache_commits_a_verified_fill_under_its_digest_and_counts_its_size(self, dx, tmp_path):
+    def test_cache_commits_a_verified_fill_under_its_digest_and_counts_it_for_the_directory(
+        self, dx, tmp_path
+    ):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        assert sorted(os.listdir(str(tmp_path))) == ["objects", "tags", "tmp", "types"]
+        assert set(os.listdir(str(tmp_path))) >= {"objects", "tags", "tmp", "types", "fills"}
         digest = unit_store(cache, b"layer bytes")
         hexdigest = digest.split(":")[1]
         path = tmp_path / "objects" / "sha256" / hexdigest[:2] / hexdigest
         assert path.read_bytes() == b"layer bytes" and cache.path(digest) == str(path)
-        assert (
-            cache.objects == {digest: 11}
-            and cache.size == 11
-            and not cache.busy
-            and not cache.fills
-        )
-        assert os.listdir(str(tmp_path / "tmp")) == []
-        handle, size, media_type = cache.open(digest)
+        assert cache.usage.read() == (11, 1) and not cache.busy and not cache.fills
+        assert os.listdir(str(tmp_path / "tmp")) == os.listdir(str(tmp_path / "fills")) == []
+        other = dx.Cache(str(tmp_path), 10 * MIB, 300)  # another process sees the same figures
+        assert other.figures()["size"] == 11 and other.figures()["objects"] == 1
+        handle, size, media_type = other.open(digest)
         with handle:
             assert (handle.read(), size, media_type) == (b"layer bytes", 11, None)
-        assert cache.busy == {digest: 1}
-        cache.release(digest)
-        assert not cache.busy
+        assert other.busy == {digest: 1}
+        other.release(digest)
+        assert not other.busy
 
     def test_cache_discards_an_unverified_fill_and_counts_it(self, dx, tmp_path):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         digest = sha256_digest(b"expected")
-        fill, first = cache.start_fill(digest, "blobs")
+        claim, fill = cache.start_fill(digest, "blobs")
+        cache.describe(fill, 14, None)
         cache.write(fill, b"something else")
         cache.finish_fill(digest, fill, False)
-        assert (fill.state, fill.written) == ("failed", 14)
-        assert cache.objects == {} and cache.size == 0 and cache.stats["discarded"] == 1
-        assert os.listdir(str(tmp_path / "tmp")) == [] and not os.path.exists(cache.path(digest))
+        assert (claim, fill.state, fill.written) == ("lead", "failed", 14)
+        assert cache.usage.read() == (0, 0) and cache.stats["discarded"] == 1
+        assert os.listdir(str(tmp_path / "fills")) == [] and not os.path.exists(cache.path(digest))
         assert cache.open(digest) is None and not cache.busy and not cache.fills
 
-    def test_cache_second_fill_of_a_digest_follows_the_first(self, dx, tmp_path):
+    def test_cache_second_fill_of_a_digest_in_one_process_follows_the_first(self, dx, tmp_path):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         digest = sha256_digest(b"x")
-        fill, first = cache.start_fill(digest, "blobs")
-        assert first and cache.start_fill(digest, "blobs") == (fill, False)
-        assert cache.start_fill(digest, "manifests") == (None, False)  # a blob is no manifest
+        claim, fill = cache.start_fill(digest, "blobs")
+        assert claim == "lead" and cache.start_fill(digest, "blobs") == ("follow", fill)
+        assert cache.start_fill(digest, "manifests") == ("pass", None)  # a blob is no manifest
         assert cache.busy == {digest: 2}
         cache.write(fill, b"x")
         cache.finish_fill(digest, fill, True)
@@ -3137,12 +3179,106 @@ class TestCache:
         cache.release(digest)
         assert not cache.busy
 
+    def test_a_fill_another_process_owns_is_followed_through_the_file_system(
+        self, dx, tmp_path, unit_clock
+    ):
+        owner, other = dx.Cache(str(tmp_path), 10 * MIB, 300), dx.Cache(str(tmp_path), MIB, 300)
+        data = b"0123456789"
+        digest = sha256_digest(data)
+        claim, fill = owner.start_fill(digest, "manifests")
+        assert claim == "lead"
+        claim, follower = other.start_fill(digest, "manifests")
+        assert claim == "follow" and isinstance(follower, dx.ForeignFill)
+        assert follower.wait(lambda f: f.described, 1) == (0, "filling", None)
+        assert unit_clock.now >= 1001  # it waited the whole second, looking now and then
+        owner.describe(fill, len(data), MT_MANIFEST)
+        owner.write(fill, data[:4])
+        assert follower.wait(lambda f: f.described, 1) == (4, "filling", 10)
+        assert follower.media_type == MT_MANIFEST
+        with follower.reader() as handle:
+            assert handle.read() == b"0123"
+        owner.write(fill, data[4:])
+        owner.finish_fill(digest, fill, True)
+        assert follower.wait(lambda f: False, 1) == (10, "done", 10) and not follower.abandoned
+        follower.close()
+        other.release(digest)
+        assert not other.busy and other.open(digest, "manifests")[1:] == (10, MT_MANIFEST)
+
+    def test_a_followed_fill_that_its_owner_discards_fails_and_is_not_abandoned(
+        self, dx, tmp_path, unit_clock
+    ):
+        owner, other = dx.Cache(str(tmp_path), MIB, 300), dx.Cache(str(tmp_path), MIB, 300)
+        digest = sha256_digest(b"expected")
+        fill = owner.start_fill(digest, "blobs")[1]
+        follower = other.start_fill(digest, "blobs")[1]
+        owner.write(fill, b"wrong")
+        owner.finish_fill(digest, fill, False)
+        assert follower.wait(lambda f: False, 5)[1] == "failed" and not follower.abandoned
+        assert unit_clock.now < 1001  # seen at the first look, not after the timeout
+
+    def test_a_fill_whose_owner_died_is_abandoned_then_taken_over_by_a_new_file(
+        self, dx, tmp_path, unit_clock, capfd
+    ):
+        owner, other = dx.Cache(str(tmp_path), MIB, 300), dx.Cache(str(tmp_path), MIB, 300)
+        data = b"layer"
+        digest = sha256_digest(data)
+        fill = owner.start_fill(digest, "blobs")[1]
+        owner.describe(fill, 5, None)
+        owner.write(fill, data[:2])
+        follower = other.start_fill(digest, "blobs")[1]
+        assert follower.wait(lambda f: f.written == 2, 1)[:2] == (2, "filling")
+        os.close(fill.descriptor)  # what the kernel does when its process is killed
+        assert follower.wait(lambda f: False, 5)[1] == "failed" and follower.abandoned
+        follower.close()
+        other.release(digest)
+        third = other  # (a new process's start-up would sweep the file away before it asks)
+        claim, taken = third.start_fill(digest, "blobs")
+        assert claim == "lead" and third.stats["fills_taken_over"] == 1
+        assert "taking over the download of " + digest in capfd.readouterr().err
+        assert os.fstat(taken.descriptor).st_size == 0  # a new file: nobody reads on stale bytes
+        assert not os.path.exists(taken.path + ".head")
+        third.write(taken, data)
+        third.finish_fill(digest, taken, True)
+        assert third.open(digest)[1] == 5
+
+    def test_a_fill_committed_before_its_follower_looked_is_described_by_the_object(
+        self, dx, tmp_path
+    ):
+        owner, other = dx.Cache(str(tmp_path), MIB, 300), dx.Cache(str(tmp_path), MIB, 300)
+        data = b'{"schemaVersion": 2}'
+        digest = sha256_digest(data)
+        fill = owner.start_fill(digest, "manifests")[1]
+        follower = other.start_fill(digest, "manifests")[1]
+        owner.describe(fill, len(data), MT_MANIFEST)
+        owner.write(fill, data)
+        owner.finish_fill(digest, fill, True)  # its head file goes with it
+        assert follower.wait(lambda f: f.described, 1) == (len(data), "done", len(data))
+        assert follower.media_type == MT_MANIFEST
+        follower.close()
+
+    def test_open_cache_refuses_a_directory_without_working_locks_naming_it(
+        self, dx, tmp_path, monkeypatch
+    ):
+        monkeypatch.setattr(dx.fcntl, "flock", lambda descriptor, operation: None)
+        config = dx.read_config(["--cache-dir", str(tmp_path / "cache")], {})
+        with pytest.raises(dx.ConfigError) as refused:
+            dx.open_cache(config)
+        assert str(refused.value) == (
+            "cannot use --cache-dir %s: its file system has no working locks (flock), which "
+            "sharing a cache directory between processes needs" % (tmp_path / "cache")
+        )
+
+    def test_a_fill_committed_while_another_process_looked_is_looked_up_again(self, dx, tmp_path):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
+        digest = unit_store(cache, b"done already")
+        assert cache.start_fill(digest, "blobs") == ("again", None)
+        assert os.listdir(str(tmp_path / "fills")) == [] and not cache.busy and not cache.fills
+
     def test_cache_serves_an_object_as_a_manifest_only_if_it_was_stored_as_one(self, dx, tmp_path):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         manifest = unit_store(cache, b'{"schemaVersion": 2}', "manifests", MT_MANIFEST)
         blob = unit_store(cache, b'{"schemaVersion": 2, "blob": true}')
         assert (tmp_path / "types" / "sha256" / manifest.split(":")[1]).read_text() == MT_MANIFEST
-        assert cache.types == {manifest: MT_MANIFEST}
         handle, size, media_type = cache.open(manifest, "manifests")
         handle.close()
         cache.release(manifest)
@@ -3153,230 +3289,248 @@ class TestCache:
         cache.release(blob)
         assert (size, media_type) == (34, None)
 
-    def test_cache_open_adopts_an_object_another_process_committed(self, dx, tmp_path):
+    def test_cache_open_finds_what_another_process_committed_and_misses_what_is_gone(
+        self, dx, tmp_path
+    ):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         digest = sha256_digest(b"prefetched")
         assert cache.open(digest) is None
-        os.makedirs(os.path.dirname(cache.path(digest)))
-        with open(cache.path(digest), "wb") as handle:
-            handle.write(b"prefetched")
+        unit_store(dx.Cache(str(tmp_path), 10 * MIB, 300), b"prefetched")
         handle, size, media_type = cache.open(digest)
         handle.close()
         cache.release(digest)
-        assert (
-            (size, media_type) == (10, None) and cache.objects == {digest: 10} and cache.size == 10
-        )
-
-    def test_cache_open_forgets_an_object_whose_file_is_gone(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        digest = unit_store(cache, b"manifest", "manifests", MT_MANIFEST)
+        assert (size, media_type) == (10, None)
         os.unlink(cache.path(digest))
-        assert cache.open(digest, "manifests") is None
-        assert cache.objects == {} and cache.types == {} and cache.size == 0 and not cache.busy
+        assert cache.open(digest) is None and not cache.busy
 
-    def test_cache_evicts_least_recently_used_first_down_to_90_percent_of_the_cap(
-        self, dx, tmp_path
+    def test_cache_evicts_least_recently_used_first_whichever_process_used_it(
+        self, dx, tmp_path, unit_clock
     ):
-        cache = dx.Cache(str(tmp_path), 1000, 300)
-        first, second = unit_store(cache, b"a" * 400), unit_store(cache, b"b" * 400)
-        handle = cache.open(first)[0]  # used: now the most recent
+        cache, other = dx.Cache(str(tmp_path), 1000, 300), dx.Cache(str(tmp_path), 1000, 300)
+        first = unit_store(cache, b"a" * 400)
+        unit_clock.now += dx.RECENCY_GRAIN
+        second = unit_store(cache, b"b" * 400)
+        unit_clock.now += dx.RECENCY_GRAIN
+        handle = other.open(first)[0]  # used by the other process: now the most recent
         handle.close()
-        cache.release(first)
-        third = unit_store(cache, b"c" * 400)  # 1200 > 1000: down to 900 at most
-        assert list(cache.objects) == [first, third] and cache.size == 800
-        assert cache.stats["evictions"] == 1 and not os.path.exists(cache.path(second))
+        other.release(first)
+        unit_clock.now += dx.RECENCY_GRAIN
+        third = unit_store(other, b"c" * 400)  # 1200 > 1000: down to 900 at most
+        assert unit_present(cache, first, second, third) == [first, third]
+        assert cache.usage.read() == (800, 2) and other.stats["evictions"] == 1
+        unit_clock.now += dx.RECENCY_GRAIN
         fourth = unit_store(cache, b"d" * 100)  # 900: under the cap, nothing goes
-        assert list(cache.objects) == [first, third, fourth] and cache.size == 900
-        fifth = unit_store(cache, b"e" * 300)  # 1200: one object is enough to get down to 900
-        assert list(cache.objects) == [third, fourth, fifth] and cache.size == 800
-        assert cache.stats["evictions"] == 2
+        unit_clock.now += dx.RECENCY_GRAIN
+        fifth = unit_store(cache, b"e" * 300)  # 1200: one object is enough to get to 900
+        assert unit_present(cache, first, third, fourth, fifth) == [third, fourth, fifth]
+        assert cache.usage.read() == (800, 3) and cache.stats["evictions"] == 1
 
-    def test_cache_evicts_down_to_90_percent_of_the_cap_and_no_further(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 1000, 300)
-        first, second, third = (
-            unit_store(cache, data) for data in (b"a" * 200, b"b" * 400, b"c" * 300)
+    def test_a_use_soon_after_the_last_writes_no_recency_and_a_later_one_does(
+        self, dx, tmp_path, unit_clock
+    ):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
+        digest = unit_store(cache, b"hot")
+        key = ("docker.io", "x", "latest", "")
+        cache.remember_tag(key, digest, MT_INDEX, "3")
+        committed = unit_clock.now
+        mtimes = lambda: (
+            os.stat(cache.path(digest)).st_mtime,
+            os.stat(cache.tag_path(key)).st_mtime,
         )
-        assert cache.size == 900 and cache.stats["evictions"] == 0
-        fourth = unit_store(cache, b"d" * 200)  # 1100: the oldest goes, and 900 is low enough
-        assert list(cache.objects) == [second, third, fourth] and cache.size == 900
-        assert cache.stats["evictions"] == 1 and not os.path.exists(cache.path(first))
+        for step in (1, dx.RECENCY_GRAIN - 2):
+            unit_clock.now += step
+            cache.open(digest)[0].close()
+            assert cache.tag(key)["digest"] == digest
+            assert mtimes() == (committed, committed)  # hot files are not written each use
+        unit_clock.now += 1
+        cache.open(digest)[0].close()
+        assert cache.tag(key)["digest"] == digest
+        assert mtimes() == (unit_clock.now, unit_clock.now)
 
-    def test_cache_eviction_passes_over_objects_being_read(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 1000, 300)
-        first, second = unit_store(cache, b"a" * 400), unit_store(cache, b"b" * 400)
-        reading = cache.open(first)[0]
-        handle = cache.open(second)[0]
-        handle.close()
-        cache.release(second)  # first is the least recently used, and busy
-        third = unit_store(cache, b"c" * 400)
+    def test_cache_eviction_passes_over_objects_any_process_is_reading(
+        self, dx, tmp_path, unit_clock
+    ):
+        cache, other = dx.Cache(str(tmp_path), 1000, 300), dx.Cache(str(tmp_path), 1000, 300)
+        first = unit_store(cache, b"a" * 300)
+        unit_clock.now += dx.RECENCY_GRAIN
+        second = unit_store(cache, b"b" * 300)
+        unit_clock.now += dx.RECENCY_GRAIN
+        reading = other.open(first)[0]  # another process serves it: its lock
+        unit_clock.now += dx.RECENCY_GRAIN
+        mine = cache.open(second)[0]  # this one serves it: busy
+        unit_clock.now += dx.RECENCY_GRAIN
+        third = unit_store(cache, b"c" * 300)
+        unit_clock.now += dx.RECENCY_GRAIN
+        fourth = unit_store(cache, b"d" * 300)  # 1200: nothing may go but the newest two
+        assert unit_present(cache, first, second, third, fourth) == [first, second, fourth]
         reading.close()
-        assert list(cache.objects) == [first, third] and cache.size == 800
-        assert os.path.exists(cache.path(first)) and not os.path.exists(cache.path(second))
+        mine.close()
 
-    def test_cache_eviction_removes_a_manifests_type_record_too(self, dx, tmp_path):
+    def test_cache_eviction_removes_a_manifests_type_record_too(self, dx, tmp_path, unit_clock):
         cache = dx.Cache(str(tmp_path), 100, 300)
         manifest = unit_store(cache, b"m" * 60, "manifests", MT_INDEX)
+        unit_clock.now += dx.RECENCY_GRAIN
         unit_store(cache, b"b" * 60)
-        assert manifest not in cache.objects and cache.types == {}
         assert not os.path.exists(cache.type_path(manifest)) and not os.path.exists(
             cache.path(manifest)
         )
 
-    def test_cache_load_rebuilds_the_index_from_disk_oldest_first(self, dx, tmp_path):
+    def test_cache_counts_the_directory_anew_at_start_and_evicts_down_to_the_cap(
+        self, dx, tmp_path
+    ):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         a, b, c = (unit_store(cache, data) for data in (b"a" * 100, b"b" * 100, b"c" * 100))
         manifest = unit_store(cache, b"m" * 50, "manifests", MT_INDEX)
         for when, digest in ((3000, a), (4000, b), (1000, c), (2000, manifest)):
             os.utime(cache.path(digest), (when, when))
-        reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        assert list(reopened.objects.items()) == [(c, 100), (manifest, 50), (a, 100), (b, 100)]
-        assert reopened.size == 350 and reopened.types == {manifest: MT_INDEX}
-        small = dx.Cache(
-            str(tmp_path), 250, 300
-        )  # over the cap at start: the oldest go, down to 225
-        assert list(small.objects) == [a, b] and small.size == 200 and small.types == {}
-        assert not os.path.exists(cache.type_path(manifest))
+        cache.usage.add(12345, 7)  # what a process killed mid-way may leave
+        assert dx.Cache(str(tmp_path), 10 * MIB, 300).usage.read() == (350, 4)
+        small = dx.Cache(str(tmp_path), 250, 300)  # over the cap at start: down to 225
+        assert unit_present(small, a, b, c, manifest) == [a, b]
+        assert small.usage.read() == (200, 2) and not os.path.exists(cache.type_path(manifest))
 
-    def test_cache_load_removes_leftovers_of_dead_processes_orphan_types_and_strays(
-        self, dx, tmp_path
-    ):
+    def test_cache_sweep_removes_only_files_that_nobody_holds(self, dx, tmp_path, capfd):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        kept = unit_store(cache, b"kept", "manifests", MT_MANIFEST)
-        orphan = sha256_digest(b"evicted long ago")
-        cache.write_file(cache.type_path(orphan), MT_MANIFEST.encode())
-        alive = "%d-download" % os.getpid()
-        for name in (alive, "999999999-download", "no-pid"):
-            (tmp_path / "tmp" / name).write_bytes(b"partial")
-        stray = tmp_path / "objects" / "sha256" / "notes.txt"
-        stray.write_text("not an object")
-        reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        assert os.listdir(str(tmp_path / "tmp")) == [alive]
-        assert reopened.objects == {kept: 4} and reopened.types == {kept: MT_MANIFEST}
-        assert not os.path.exists(cache.type_path(orphan)) and stray.exists()
+        live = cache.start_fill(sha256_digest(b"live"), "blobs")[1]
+        cache.describe(live, 4, None)
+        dead = tmp_path / "fills" / ("sha256-" + "d" * 64)
+        dead.write_bytes(b"partial")
+        (tmp_path / "fills" / (dead.name + ".head")).write_text("{}")
+        orphan_head = tmp_path / "fills" / ("sha256-" + "e" * 64 + ".head")
+        orphan_head.write_text("{}")
+        fresh, old = tmp_path / "tmp" / "tmpfresh", tmp_path / "tmp" / "tmpold"
+        fresh.write_bytes(b"being written")
+        old.write_bytes(b"left behind")
+        long_ago = time.time() - 2 * dx.Cache.SWEEP_AGE
+        for path in (orphan_head, old):
+            os.utime(str(path), (long_ago, long_ago))
+        assert cache.sweep() == 3
+        assert sorted(os.listdir(str(tmp_path / "fills"))) == sorted(
+            [os.path.basename(live.path), os.path.basename(live.path) + ".head"]
+        )
+        assert os.listdir(str(tmp_path / "tmp")) == ["tmpfresh"]
+        assert "removed 3 files left by processes that stopped" in capfd.readouterr().err
+        cache.finish_fill(sha256_digest(b"live"), live, False)
 
-    def test_cache_load_keeps_tag_records_and_removes_foreign_or_outdated_files(
+    def test_cache_refuses_a_directory_whose_file_system_has_no_working_locks(
+        self, dx, tmp_path, monkeypatch
+    ):
+        def no_locks(descriptor, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(dx.fcntl, "flock", no_locks)
+        with pytest.raises(OSError, match="no working locks"):
+            dx.Cache(str(tmp_path), MIB, 300)
+        monkeypatch.setattr(dx.fcntl, "flock", lambda descriptor, operation: None)  # ignored
+        with pytest.raises(OSError, match="no working locks"):
+            dx.Cache(str(tmp_path), MIB, 300)
+
+    def test_a_tag_record_one_process_writes_is_what_every_process_reads(
         self, dx, tmp_path, unit_clock
     ):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+        cache, other = dx.Cache(str(tmp_path), 10 * MIB, 300), dx.Cache(str(tmp_path), MIB, 300)
         key = ("docker.io", "library/busybox", "latest", MT_INDEX)
+        assert other.tag(key) is None
         record = cache.remember_tag(key, "sha256:" + "0" * 64, MT_INDEX, "1234")
         assert record == {
             "version": dx.TAG_RECORD_VERSION,
-            "key": key,
+            "key": list(key),
             "digest": "sha256:" + "0" * 64,
             "type": MT_INDEX,
             "length": "1234",
             "checked": unit_clock.now,
         }
-        tags = tmp_path / "tags"
-        old = dict(record, version=1, key=["docker.io", "library/x", "1", ""])
-        (tags / dx.tag_file(old["key"])).write_text(json.dumps(old))
-        misnamed = dict(record, key=["docker.io", "library/y", "1", ""])
-        (tags / ("0" * 64 + ".json")).write_text(json.dumps(misnamed))
-        (tags / "junk.json").write_text("{not json")
-        reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        assert os.listdir(str(tags)) == [dx.tag_file(key)]
-        assert reopened.tag(key) == json.loads(json.dumps(record))
-        assert reopened.size == cache.size == os.path.getsize(str(tags / dx.tag_file(key)))
+        assert other.tag(key) == record
+        unit_clock.now += 10
+        newer = other.remember_tag(key, "sha256:" + "1" * 64, MT_INDEX, "99")
+        assert cache.tag(key) == newer
+        path = cache.tag_path(key)
+        assert cache.usage.read() == (os.path.getsize(path), 0)
 
-    def test_cache_keeps_few_tag_records_per_tag_and_counts_them_in_its_size(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        for accept in ("a", "b", "c", "d", "e", "f"):
-            cache.remember_tag(
-                ("docker.io", "library/x", "latest", accept), "sha256:" + "0" * 64, MT_INDEX, "1"
-            )
-        files = os.listdir(str(tmp_path / "tags"))
-        assert len(files) == dx.TAG_RECORDS_PER_TAG == len(cache.tags)
-        assert cache.size == sum(os.path.getsize(str(tmp_path / "tags" / name)) for name in files)
-        assert cache.tag(("docker.io", "library/x", "latest", "a")) is None  # the oldest went first
-        reopened = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        assert set(reopened.tags) == set(cache.tags) and reopened.size == cache.size
-
-    def test_add_tag_past_the_records_per_tag_drops_the_one_checked_longest_ago(self, dx, tmp_path):
+    def test_cache_keeps_few_tag_records_per_tag_dropping_the_one_checked_longest_ago(
+        self, dx, tmp_path, unit_clock
+    ):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         for accept, checked in (("a", 30), ("b", 10), ("c", 40), ("d", 20), ("e", 50)):
-            cache.add_tag(("docker.io", "x", "1", accept), unit_record(MT_INDEX, checked), 10)
-        assert [key[3] for key in cache.tag_keys[("docker.io", "x", "1")]] == ["a", "c", "d", "e"]
-        assert cache.tag_bytes == cache.size == 40
-        cache.add_tag(
-            ("docker.io", "x", "2", "a"), unit_record(MT_INDEX, 1), 10
-        )  # another tag: its own four
-        assert len(cache.tags) == 5
+            unit_clock.now = checked
+            cache.remember_tag(("docker.io", "x", "1", accept), "sha256:" + "0" * 64, MT_INDEX, "")
+        kept = sorted(record["key"][3] for record in cache.tag_records(("docker.io", "x", "1", "")))
+        assert (
+            kept
+            == ["a", "c", "d", "e"]
+            == sorted(
+                [json.loads(p.read_text())["key"][3] for p in (tmp_path / "tags").rglob("*.json")]
+            )
+        )
+        assert cache.usage.read()[0] == sum(
+            p.stat().st_size for p in (tmp_path / "tags").rglob("*.json")
+        )
+        cache.remember_tag(("docker.io", "x", "2", "a"), "sha256:" + "0" * 64, MT_INDEX, "")
+        assert len(list((tmp_path / "tags").rglob("*.json"))) == 5  # another tag: its own four
 
-    def test_tag_for_any_client_prefers_an_index_then_the_record_checked_last(self, dx, tmp_path):
+    def test_tag_for_any_client_prefers_an_index_then_the_record_checked_last(
+        self, dx, tmp_path, unit_clock
+    ):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         tag = ("docker.io", "library/busybox", "latest")
-        index, newer_index = unit_record(MT_INDEX, 10), unit_record(DOCKERD_ACCEPT[1], 20)
-        manifest = unit_record(MT_MANIFEST, 30)
-        for accept, record in (("i", index), ("m", manifest), ("l", newer_index)):
-            cache.add_tag(tag + (accept,), record, 10)
+        for accept, media_type, checked in (
+            ("i", MT_INDEX, 10),
+            ("m", MT_MANIFEST, 30),
+            ("l", DOCKERD_ACCEPT[1], 20),
+        ):
+            unit_clock.now = checked
+            cache.remember_tag(tag + (accept,), "sha256:" + "%064x" % checked, media_type, "")
         key = tag + ("other",)
-        assert cache.tag_for_any_client(key, tuple(DOCKERD_ACCEPT)) is newer_index
-        assert cache.tag_for_any_client(key, (MT_INDEX, MT_MANIFEST)) is index
-        assert cache.tag_for_any_client(key, ()) is newer_index  # no Accept: any type
-        assert cache.tag_for_any_client(key, ("*/*",)) is newer_index
-        assert (
-            cache.tag_for_any_client(("docker.io", "library/busybox", "1.36", "x"), ("*/*",))
-            is None
-        )
-
-    def test_tag_for_any_client_offers_only_a_type_the_client_accepts(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        tag = ("ghcr.io", "o/i", "v1")
-        manifest = unit_record(MT_MANIFEST, 5)
-        cache.add_tag(tag + ("a",), unit_record(MT_INDEX, 9), 10)
-        cache.add_tag(tag + ("b",), manifest, 10)
-        assert cache.tag_for_any_client(tag + ("c",), (MT_MANIFEST,)) is manifest
-        assert cache.tag_for_any_client(tag + ("c",), (DOCKERD_ACCEPT[0],)) is None
+        checked = lambda accepted: (cache.tag_for_any_client(key, accepted) or {}).get("checked")
+        assert checked(tuple(DOCKERD_ACCEPT)) == 20
+        assert checked((MT_INDEX, MT_MANIFEST)) == 10
+        assert checked(()) == checked(("*/*",)) == 20  # no Accept, or any: any type
+        assert checked((MT_MANIFEST,)) == 30
+        assert checked((DOCKERD_ACCEPT[0] + "-unknown",)) is None
+        assert cache.tag_for_any_client(("docker.io", "library/busybox", "1.36", "x"), ()) is None
 
     def test_cache_tag_records_stay_within_their_share_of_the_cap_least_recently_used_first(
-        self, dx, tmp_path
+        self, dx, tmp_path, unit_clock
     ):
-        cache = dx.Cache(str(tmp_path), 1000, 300)  # tag records: 100 bytes at most
+        cache = dx.Cache(str(tmp_path), MIB, 300)
         keys = [("docker.io", name, "latest", "") for name in ("a", "b", "c")]
-        cache.add_tag(keys[0], unit_record(MT_INDEX, 1), 40)
-        cache.add_tag(keys[1], unit_record(MT_INDEX, 2), 40)
-        assert cache.tag(keys[0])["checked"] == 1  # read: now the most recently used
-        cache.add_tag(keys[2], unit_record(MT_INDEX, 3), 40)
-        assert list(cache.tag_files) == [keys[0], keys[2]] and keys[1] not in cache.tags
-        assert cache.tag_bytes == cache.size == 80
+        for key in keys[:2]:
+            unit_clock.now += dx.RECENCY_GRAIN
+            cache.remember_tag(key, "sha256:" + "0" * 64, MT_INDEX, "")
+        size = os.path.getsize(cache.tag_path(keys[0]))
+        cache.max_size = int(2.5 * size / dx.TAG_SHARE)  # room for two records, not three
+        unit_clock.now += dx.RECENCY_GRAIN
+        assert cache.tag(keys[0])  # read: now the most recently used
+        unit_clock.now += dx.RECENCY_GRAIN
+        cache.usage.add(cache.max_size)  # over the cap: eviction looks at the records' share
+        cache.remember_tag(keys[2], "sha256:" + "0" * 64, MT_INDEX, "")
+        assert [bool(cache.tag(key)) for key in keys] == [True, False, True]
+        assert cache.usage.read() == (2 * size, 0)
 
-    def test_cache_tag_records_stay_within_tag_records_max(self, dx, tmp_path, monkeypatch):
-        monkeypatch.setattr(dx, "TAG_RECORDS_MAX", 2)
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        keys = [("docker.io", name, "latest", "") for name in ("a", "b", "c")]
-        for n, key in enumerate(keys):
-            cache.add_tag(key, unit_record(MT_INDEX, n), 10)
-        assert (
-            list(cache.tags) == keys[1:]
-            and cache.tag_bytes == 20
-            and ("docker.io", "a", "latest") not in cache.tag_keys
-        )
+    def test_cache_removes_tag_records_of_an_older_layout_at_start(self, dx, tmp_path):
+        (tmp_path / "tags").mkdir()
+        (tmp_path / "tags" / ("0" * 64 + ".json")).write_text('{"version": 2}')
+        dx.Cache(str(tmp_path), MIB, 300)
+        assert os.listdir(str(tmp_path / "tags")) == []
 
-    def test_cache_replacing_a_tag_record_counts_only_its_new_size(self, dx, tmp_path):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        key = ("docker.io", "x", "latest", "")
-        cache.add_tag(key, unit_record(MT_INDEX, 1), 40)
-        newer = unit_record(MT_MANIFEST, 2)
-        cache.add_tag(list(key), newer, 30)  # as load() gives it: a list
-        assert cache.tags == {key: newer} and cache.tag_keys[key[:3]] == [key]
-        assert cache.tag_bytes == cache.size == 30
-
-    def test_drop_tag_forgets_the_record_its_file_and_its_bytes(self, dx, tmp_path, unit_clock):
-        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
-        key = ("docker.io", "x", "latest", "")
-        cache.remember_tag(key, "sha256:" + "1" * 64, MT_INDEX, "")
-        assert cache.size > 0 and os.listdir(str(tmp_path / "tags")) == [dx.tag_file(key)]
-        cache.drop_tag(key)
-        cache.drop_tag(key)  # a second time: nothing left to drop
-        assert cache.tags == {} and cache.tag_keys == {} and cache.tag_files == {}
-        assert cache.tag_bytes == cache.size == 0 and os.listdir(str(tmp_path / "tags")) == []
-        assert cache.tag(key) is None
-
-    def test_tag_file_is_a_hash_of_the_key_never_its_text(self, dx):
+    def test_a_tag_records_path_is_a_hash_of_the_key_never_its_text(self, dx, tmp_path):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
         key = ("docker.io", "../../etc", "latest", MT_INDEX)
-        assert dx.tag_file(key) == hashlib.sha256("\n".join(key).encode()).hexdigest() + ".json"
-        assert dx.tag_file(list(key)) == dx.tag_file(key) != dx.tag_file(key[:3] + ("",))
+        folder, name = os.path.split(cache.tag_path(key))
+        assert os.path.dirname(folder) == str(tmp_path / "tags")
+        assert os.path.basename(folder) == hashlib.sha256("\n".join(key[:3]).encode()).hexdigest()
+        assert re.fullmatch(r"[0-9a-f]{32}\.json", name)
+        assert cache.tag_path(list(key)) == cache.tag_path(key) != cache.tag_path(key[:3] + ("",))
+
+    def test_a_record_in_a_tags_folder_that_is_not_that_tags_is_not_served(self, dx, tmp_path):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
+        key = ("docker.io", "x", "latest", "")
+        cache.remember_tag(key, "sha256:" + "0" * 64, MT_INDEX, "")
+        path = cache.tag_path(key)
+        record = json.loads(open(path).read())
+        with open(path, "w") as handle:
+            json.dump(dict(record, key=["docker.io", "y", "latest", ""]), handle)
+        assert cache.tag(key) is None and cache.tag_records(key) == []
 
 
 class TestSharedState:
@@ -3735,8 +3889,11 @@ class TestRequestHandling:
         ) == (3, False)
 
     def test_a_request_with_a_folded_line_waits_for_no_body_and_is_refused(self, dx):
-        for fold in (b"X-A: a\r\n Content-Length: 5", b"Content-Length: 5\r\n 0",
-                     b"Content-Length: 5\r\nExpect:\r\n 100-continue"):
+        for fold in (
+            b"X-A: a\r\n Content-Length: 5",
+            b"Content-Length: 5\r\n 0",
+            b"Content-Length: 5\r\nExpect:\r\n 100-continue",
+        ):
             head = b"POST /t HTTP/1.1\r\n%s\r\n\r\n" % fold
             # The selector hands it to a thread at once, and the thread refuses it (400):
             # both read the folded line the same way, as RFC 9112 5.2 lets a server.
@@ -6453,12 +6610,13 @@ class TestRequestFraming:
         d = start_docxy(
             "--config", multi_config, "--trusted-proxy", "127.0.0.1/32", "--allow", "10.0.0.0/8"
         )
-        inner = (b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\n"
-                 b"Host: x\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n")
+        inner = (
+            b"GET /v2/library/smuggled/manifests/latest HTTP/1.1\r\n"
+            b"Host: x\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n"
+        )
         outer = (
             b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n"
-            b"Content-Length: %d\r\n\r\n"
-            % len(inner)
+            b"Content-Length: %d\r\n\r\n" % len(inner)
         )
         reply = exchange(d.port, outer + inner, timeout=2)
         assert responses(reply) == [b"403"], reply
@@ -6581,8 +6739,14 @@ class TestRequestFraming:
 
     @pytest.mark.parametrize(
         "line",
-        [b"User-Agent: a\x00b", b"User-Agent: a\rb", b"Accept: \x00",
-         b"User-Agent: a\r\n \x00b", b"User-Agent: a\r\n b\rc", b"User-Agent: a\r\n b"],
+        [
+            b"User-Agent: a\x00b",
+            b"User-Agent: a\rb",
+            b"Accept: \x00",
+            b"User-Agent: a\r\n \x00b",
+            b"User-Agent: a\r\n b\rc",
+            b"User-Agent: a\r\n b",
+        ],
     )
     def test_a_header_value_with_a_nul_or_a_bare_cr_or_a_fold_is_refused_never_passed_upstream(
         self, line, docxy, registry
@@ -7833,12 +7997,20 @@ def hash_password_on_a_terminal(answers):
         pytest.skip("no pseudo-terminal: %s" % exc)
     # docxy on its own controlling terminal: a new session, which the terminal then controls.
     # (A fork of this threaded process, as pty.fork does, may deadlock in the child.)
-    take_terminal = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    take_terminal = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", take_terminal, DOCXY, "hash-password"], stdin=terminal,
-            stdout=terminal, stderr=terminal, cwd=HERE, env=clean_env(), start_new_session=True)
+            [sys.executable, "-c", take_terminal, DOCXY, "hash-password"],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            cwd=HERE,
+            env=clean_env(),
+            start_new_session=True,
+        )
     finally:
         os.close(terminal)
     output, answers = b"", list(answers)
@@ -7856,8 +8028,9 @@ def hash_password_on_a_terminal(answers):
                 # getpass turned echo off before it wrote the prompt; the answer goes once docxy
                 # waits in its read (the only place it sleeps after a prompt): a Ctrl-C's SIGINT
                 # that came just before the read would only be handled once input came.
-                wait_until(lambda: waits_in_a_read(child.pid), 10,
-                           "hash-password to wait for its answer")
+                wait_until(
+                    lambda: waits_in_a_read(child.pid), 10, "hash-password to wait for its answer"
+                )
                 os.write(fd, answers.pop(0))
     finally:
         os.close(fd)
@@ -8629,8 +8802,18 @@ def silent_upstream_docxy(start_docxy, registry, tmp_path):
     hole = Blackhole()
     try:
         yield start_docxy(
-            "--listen", "127.0.0.1:0", "--upstream", hole.url, "--library-prefix", "on",
-            "--upstream-timeout", "2", "--cache-dir", str(cache_dir), "--tag-ttl", "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            hole.url,
+            "--library-prefix",
+            "on",
+            "--upstream-timeout",
+            "2",
+            "--cache-dir",
+            str(cache_dir),
+            "--tag-ttl",
+            "0",
         ), hole
     finally:
         hole.close()
@@ -8686,6 +8869,18 @@ def wait_until(predicate, timeout=5, what="condition"):
         time.sleep(0.02)
 
 
+def age_in_order(cache_dir, digests):
+    """Make cached objects look used minutes ago, one after the other in this order: docxy
+    writes a file's recency (its mtime) at most once per RECENCY_GRAIN, so uses a moment
+    apart would not be told apart."""
+    now = time.time()
+    for n, digest in enumerate(digests):
+        algorithm, hexdigest = digest.split(":")
+        path = os.path.join(str(cache_dir), "objects", algorithm, hexdigest[:2], hexdigest)
+        when = now - 60 * (len(digests) - n)
+        os.utime(path, (when, when))
+
+
 def wait_cached(cache_dir, digests, timeout=5):
     wait_until(
         lambda: set(digests) <= set(cached_objects(cache_dir)), timeout, "%s in the cache" % digests
@@ -8693,7 +8888,12 @@ def wait_cached(cache_dir, digests, timeout=5):
 
 
 def tmp_files(cache_dir):
-    return os.listdir(os.path.join(str(cache_dir), "tmp"))
+    """Downloads in progress (fills/) and small files being written (tmp/)."""
+    return [
+        name
+        for folder in ("fills", "tmp")
+        for name in os.listdir(os.path.join(str(cache_dir), folder))
+    ]
 
 
 def authorized(requests):
@@ -9201,6 +9401,7 @@ class TestPullThroughCache:
         for digest in (b1, b2, b3):
             assert get_blob(d.port, digest).status == 200
             wait_cached(cache_dir, [digest])
+        age_in_order(cache_dir, [b1, b2, b3])
         assert get_blob(d.port, b1).headers["X-Docxy-Cache"] == "hit"
         for digest in (b4, b5):  # 2.5 MiB: over the cap
             assert get_blob(d.port, digest).status == 200
@@ -9411,11 +9612,12 @@ class TestPullThroughCache:
     def test_a_download_file_that_cannot_be_created_pauses_caching_and_the_request_passes(
         self, start_docxy, registry, content, tmp_path
     ):
-        """mkstemp failing (here: tmp/ removed; a read-only disk alike) used to hang every cache
-        request: start_fill held the cache lock while pause() took it again."""
+        """Creating the download's file failing (here: fills/ removed; a read-only disk alike)
+        used to hang every cache request: start_fill held the cache lock while pause() took it
+        again."""
         cache_dir = tmp_path / "cache"
         d = cached_docxy(start_docxy, registry, cache_dir)
-        shutil.rmtree(str(cache_dir / "tmp"))
+        shutil.rmtree(str(cache_dir / "fills"))
         for _ in range(2):
             r = get_blob(d.port, content.big_digest)
             assert r.status == 200 and sha256_digest(r.body) == content.big_digest
@@ -9479,14 +9681,17 @@ class TestPullThroughCache:
         self, start_docxy, registry, cdn, content, tmp_path
     ):
         # A `prefetch` (or a second docxy) beside a running one: what it verified is the running
-        # one's hit,
-        # and its start-up does not delete the running one's downloads in tmp/.
+        # one's hit, and its start-up deletes no download in progress (its owner holds its
+        # lock; here this test does), only one nobody holds.
         cache_dir = tmp_path / "cache"
         running = cached_docxy(start_docxy, registry, cache_dir)
-        live = os.path.join(str(cache_dir), "tmp", "%d-download" % running.proc.pid)
-        open(live, "wb").close()
-        other = cached_docxy(start_docxy, registry, cache_dir)
-        assert os.path.exists(live)
+        live = os.path.join(str(cache_dir), "fills", "sha256-" + "1" * 64)
+        dead = os.path.join(str(cache_dir), "fills", "sha256-" + "2" * 64)
+        open(dead, "wb").close()
+        with open(live, "wb") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            other = cached_docxy(start_docxy, registry, cache_dir)
+            assert os.path.exists(live) and not os.path.exists(dead)
         digest = content.platform["amd64"]["layers"][0]
         assert get_blob(other.port, digest).status == 200
         wait_cached(cache_dir, [digest])
@@ -9991,6 +10196,255 @@ window.onload = function () {
   }).join(";");
 };
 </script></body></html>"""
+
+
+def coalesced(d):
+    """How many of a docxy's clients followed a download in progress."""
+    return scrape(d.port).get("docxy_cache_events_total", 0, event="coalesced")
+
+
+def start_raw_get(port, path):
+    """A raw client's GET; returns its socket and what came until the head and some body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    received = b""
+    while b"\r\n\r\n" not in received or len(received.split(b"\r\n\r\n", 1)[1]) == 0:
+        chunk = sock.recv(65536)
+        assert chunk, received[:300]
+        received += chunk
+    return sock, received
+
+
+def read_to_end(sock, received):
+    """The rest of a raw response: its whole body, or what came until the connection ended
+    (a reset counts as an end). (head, body, Content-Length)."""
+    head = received.split(b"\r\n\r\n", 1)[0]
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    try:
+        while len(received) - len(head) - 4 < length:
+            chunk = sock.recv(1 * MIB)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return head, received.split(b"\r\n\r\n", 1)[1], length
+
+
+@pytest.mark.system
+class TestSharedCache:
+    """Several docxy processes on one cache directory (servers, prefetch): one upstream fetch
+    per object whichever process a client asks, downloads followed and taken over across
+    processes, tag records and the size cap shared through the directory."""
+
+    def test_clients_of_two_processes_on_one_directory_cause_one_upstream_fetch(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        digest, data = content.special["slow"]
+        cache_dir = tmp_path / "cache"
+        first, second = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
+        content.slow_halfway.clear()
+        content.slow_gate.clear()
+        clear_fakes()
+        results = []
+
+        def fetch(port):
+            results.append(read_blob(port, digest, timeout=30))
+
+        threads = [threading.Thread(target=fetch, args=(first.port,), daemon=True)]
+        threads[0].start()
+        try:
+            assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+            for port in [first.port] * 3 + [second.port] * 4:
+                threads.append(threading.Thread(target=fetch, args=(port,), daemon=True))
+                threads[-1].start()
+            wait_until(
+                lambda: (coalesced(first), coalesced(second)) == (3, 4),
+                timeout=15,
+                what="3 clients of the first process and 4 of the second following",
+            )
+        finally:
+            content.slow_gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(r[1] for r in results) == ["coalesced"] * 7 + ["miss"]
+        assert [(r[0], r[2] == data, r[3]) for r in results] == [(200, True, None)] * 8
+        assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 1
+        wait_cached(cache_dir, [digest])
+        assert tmp_files(cache_dir) == []
+
+    def test_eight_clients_pulling_one_uncached_image_through_two_processes_fetch_each_once(
+        self, start_docxy, registry, cdn, content, tmp_path
+    ):
+        cache_dir = tmp_path / "cache"
+        first, second = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
+        clear_fakes()
+        pulls = []
+        threads = [
+            threading.Thread(target=lambda port=port: pulls.append(pull_like_dockerd(port)))
+            for port in [first.port, second.port] * 4
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(pulls) == 8  # each verified every digest it fetched
+        amd = content.platform["amd64"]
+        for digest in [amd["config"]] + amd["layers"]:
+            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+        for digest in (content.index_digest, amd["manifest"]):
+            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+        assert_cache_verified(cache_dir)
+
+    def test_kill_9_of_the_process_filling_a_blob_ends_its_followers_cleanly_and_is_taken_over(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        digest, data = content.special["slow"]
+        cache_dir = tmp_path / "cache"
+        owner, other = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
+        clear_fakes()
+        path = "/v2/busybox/blobs/" + digest
+        try:
+            start_slow_miss(owner.port, digest, content).close()
+            follower, received = start_raw_get(other.port, path)
+            assert b"X-Docxy-Cache: coalesced" in received, received[:300]
+            owner.proc.kill()
+            owner.proc.wait(10)
+            head, body, length = read_to_end(follower, received)  # ends, it does not hang
+        finally:
+            content.slow_gate.set()
+        assert head.startswith(b"HTTP/1.1 200 ") and 0 < len(body) < length == len(data)
+        assert body == data[: len(body)]
+        other.wait_for(r"coalesced download failed \(the process downloading it stopped\)")
+        r = get_blob(other.port, digest)
+        assert r.status == 200 and r.body == data and r.headers["X-Docxy-Cache"] == "miss"
+        other.wait_for(r"cache: taking over the download of %s, whose process stopped" % digest)
+        assert len(authorized(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest))) == 2
+        wait_cached(cache_dir, [digest])
+        assert tmp_files(cache_dir) == []
+        assert_cache_verified(cache_dir)
+
+    def test_a_follower_checks_what_another_process_wrote_and_never_sends_a_wrong_last_byte(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        """A network file system may show a follower another host's writes late or out of
+        order: here the test writes into the download's file what no upstream sent."""
+        digest, data = content.special["slow"]
+        cache_dir = tmp_path / "cache"
+        owner, other = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
+        fill_file = cache_dir / "fills" / digest.replace(":", "-")
+        try:
+            start_slow_miss(owner.port, digest, content).close()
+            follower, received = start_raw_get(other.port, "/v2/busybox/blobs/" + digest)
+            half = fill_file.stat().st_size
+            with open(str(fill_file), "r+b") as handle:
+                handle.seek(half)
+                handle.write(b"\0" * 64 * KIB)
+            while len(received.split(b"\r\n\r\n", 1)[1]) < half + 64 * KIB:
+                received += follower.recv(1 * MIB)
+        finally:
+            content.slow_gate.set()
+        head, body, length = read_to_end(follower, received)
+        assert length == len(data) and len(body) < length
+        other.wait_for(r"another process's download does not match")
+        wait_cached(cache_dir, [digest])
+        assert_cache_verified(cache_dir)  # the owner's own bytes were checked, and written over
+
+    def test_a_tag_one_process_fetched_is_fresh_for_another(
+        self, start_docxy, registry, cdn, content, tmp_path
+    ):
+        cache_dir = tmp_path / "cache"
+        first, second = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
+        pull_like_dockerd(first.port)
+        clear_fakes()
+        accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+        r = call(second.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "hit"
+        pull_like_dockerd(second.port)
+        assert registry.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
+
+    def test_a_prefetched_image_is_served_by_a_running_docxy_at_once_and_during_an_outage(
+        self, start_docxy, content, cdn, tokens, store, tmp_path
+    ):
+        own = FakeServer(
+            RegistryHandler,
+            content=content,
+            cdn=cdn,
+            store=store,
+            token_url=tokens.url + "/token",
+            auth=True,
+        )
+        cache_dir = tmp_path / "cache"
+        try:
+            running = cached_docxy(start_docxy, own, cache_dir)
+            code, out, err = run_to_exit(
+                [
+                    "prefetch",
+                    "busybox:latest",
+                    "--platform",
+                    "linux/amd64",
+                    "--cache-dir",
+                    str(cache_dir),
+                    "--upstream",
+                    own.url,
+                    "--library-prefix",
+                    "on",
+                ],
+                timeout=30,
+            )
+            assert code == 0, err
+            clear_fakes()
+            accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+            r = call(running.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+            assert r.status == 200 and r.headers["X-Docxy-Cache"] == "hit"
+            pull_like_dockerd(running.port)
+            assert own.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
+        finally:
+            own.close()  # the upstream is gone
+        for record in (cache_dir / "tags").rglob("*.json"):  # and the tags are old
+            old = json.loads(record.read_text())
+            record.write_text(json.dumps(dict(old, checked=old["checked"] - 86400)))
+        r = call(running.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
+        assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
+        assert r.headers["Warning"] == '110 - "Response is Stale"'
+        index_digest, fetched = pull_like_dockerd(running.port)
+        assert index_digest == content.index_digest and set(fetched) == set(amd64_digests(content))
+
+    def test_the_size_cap_holds_for_the_directory_least_recently_used_by_any_process_first(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        busybox = content.repos["library/busybox"]
+        blobs = [content.add_blob(busybox, os.urandom(512 * KIB))["digest"] for _ in range(5)]
+        cache_dir = tmp_path / "cache"
+        first, second = (
+            cached_docxy(start_docxy, registry, cache_dir, "--cache-max-size", "2M")
+            for _ in range(2)
+        )
+
+        def fetch(d, digest, status):
+            r = get_blob(d.port, digest)
+            assert r.status == 200 and sha256_digest(r.body) == digest
+            assert r.headers["X-Docxy-Cache"] == status
+            wait_cached(cache_dir, [digest])  # committed: its recency is set
+
+        for digest in blobs[:3]:
+            fetch(first, digest, "miss")
+        age_in_order(cache_dir, blobs[:3])
+        fetch(second, blobs[0], "hit")  # the other process used it: now the most recent
+        fetch(first, blobs[3], "miss")  # 2 MiB: at the cap, not over it
+        assert set(cached_objects(cache_dir)) == set(blobs[:4])
+        fetch(second, blobs[4], "miss")  # over it: down to 90%, the least recently used first
+        wait_until(
+            lambda: set(cached_objects(cache_dir)) == {blobs[0], blobs[3], blobs[4]},
+            what="eviction of the two blobs used longest ago",
+        )
+        for d in (first, second):
+            m = scrape(d.port)
+            assert m.get("docxy_cache_size_bytes") == 3 * 512 * KIB
+            assert m.get("docxy_cache_objects") == 3
 
 
 @pytest.mark.system
@@ -10613,7 +11067,7 @@ class TestOperations:
             content.blobs[layer]
         )
         tag_records = sum(
-            f.stat().st_size for f in (cache_dir / "tags").iterdir()
+            f.stat().st_size for f in (cache_dir / "tags").rglob("*.json")
         )  # they count in the cap
         assert (
             tag_records
