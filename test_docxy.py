@@ -3687,9 +3687,7 @@ class TestSharedState:
         share.worker_gone(1)
         assert share.gather(metrics[0].figures())[1] == 1
 
-    def test_a_replaced_worker_carries_on_from_the_dead_ones_counters_but_not_its_gauges(
-        self, dx
-    ):
+    def test_a_replaced_worker_carries_on_from_the_dead_ones_counters_but_not_its_gauges(self, dx):
         share, dead = dx.WorkerShare(2), dx.Metrics()
         share.after_fork(1)
         dead.request_done("manifest", 200, 10, 0.01)
@@ -3703,8 +3701,12 @@ class TestSharedState:
         successor.after_fork(share.inherited(1))
         successor.request_done("manifest", 200, 10, 0.01)
         figures = successor.figures({"size": 0, "max_size": 1, "objects": 0, "events": {}})
-        assert figures["counters"][("docxy_requests_total", (("route", "manifest"),
-                                                             ("status", "200")))] == 2
+        assert (
+            figures["counters"][
+                ("docxy_requests_total", (("route", "manifest"), ("status", "200")))
+            ]
+            == 2
+        )
         assert figures["counters"][("docxy_failed_logins_total", ())] == 1
         assert figures["counters"][("docxy_cache_events_total", (("event", "misses"),))] == 2
         assert figures["durations"]["manifest"][-1] == 2
@@ -6278,8 +6280,11 @@ def started_workers(d):
 def child_pids(pid):
     pids = []
     for task in os.listdir("/proc/%d/task" % pid):
-        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
-            pids += [int(child) for child in f.read().split()]
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                pids += [int(child) for child in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return sorted(pids)
 
 
@@ -6375,16 +6380,18 @@ class TestWorkers:
     is replaced, and signals reach every worker."""
 
     def test_two_workers_both_serve_and_one_worker_forks_nothing(self, start_docxy, registry):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url)
+        d, pids = docxy_with_workers(
+            start_docxy, "--listen", "127.0.0.1:0", "--upstream", registry.url
+        )
         held = connect_to_each_worker(d.port, pids)
         try:
             assert sorted(held) == pids and d.proc.pid not in pids
         finally:
             for sock in held.values():
                 sock.close()
-        single = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
-                             "--workers", "1")
+        single = start_docxy(
+            "--listen", "127.0.0.1:0", "--upstream", registry.url, "--workers", "1"
+        )
         assert call(single.port, "GET", "/health").status == 200
         assert child_pids(single.proc.pid) == []
         assert "workers serving" not in single.log() and "worker 1" not in single.log()
@@ -6392,8 +6399,9 @@ class TestWorkers:
     def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(
         self, start_docxy, registry
     ):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url)
+        d, pids = docxy_with_workers(
+            start_docxy, "--listen", "127.0.0.1:0", "--upstream", registry.url
+        )
         held = connect_to_each_worker(d.port, pids)
         victim, survivor = pids
         try:
@@ -6407,13 +6415,14 @@ class TestWorkers:
                 if len(workers) == 2 and victim not in workers:
                     break
                 assert time.monotonic() < deadline, "worker %d was not replaced" % victim
-            d.wait_for(r"^docxy: error: worker \d \(pid %d\) died: killed by signal 9; "
-                       r"starting a new one$" % victim)
+            d.wait_for(
+                r"^docxy: error: worker \d \(pid %d\) died: killed by signal 9; "
+                r"starting a new one$" % victim
+            )
             successor = (set(workers) - {survivor}).pop()
             d.wait_for(r"^docxy: worker \d \(pid %d\) started$" % successor)
             assert started_workers(d) == dict(
-                (number, successor if pid == victim else pid)
-                for number, pid in enumerate(pids, 1)
+                (number, successor if pid == victim else pid) for number, pid in enumerate(pids, 1)
             )
             fresh = connect_to_each_worker(d.port, workers)  # the successor serves too
             for sock in fresh.values():
@@ -6425,8 +6434,9 @@ class TestWorkers:
     def test_sighup_reaches_every_worker(self, start_docxy, registry, tmp_path):
         cfg = tmp_path / "docxy.ini"
         cfg.write_text("[docxy]\nmetrics-allow = 127.0.0.2/32\n")
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--config", str(cfg))
+        d, pids = docxy_with_workers(
+            start_docxy, "--listen", "127.0.0.1:0", "--upstream", registry.url, "--config", str(cfg)
+        )
         held = connect_to_each_worker(d.port, pids)
         metrics = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         try:
@@ -6446,18 +6456,29 @@ class TestWorkers:
     def test_sigterm_drains_every_worker_then_the_supervisor_exits_zero(
         self, start_docxy, registry, content
     ):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--library-prefix", "on",
-                                     "--drain-seconds", "20")
+        d, pids = docxy_with_workers(
+            start_docxy,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--library-prefix",
+            "on",
+            "--drain-seconds",
+            "20",
+        )
         token = get_token(d.port, "repository:library/busybox:pull")
         digest, data = content.special["slow"]
         content.slow_halfway.clear()
         content.slow_gate.clear()
         download = socket.create_connection(("127.0.0.1", d.port), timeout=30)
         try:
-            download.sendall((
-                "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                "Connection: close\r\n\r\n" % (digest, token)).encode())
+            download.sendall(
+                (
+                    "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                    "Connection: close\r\n\r\n" % (digest, token)
+                ).encode()
+            )
             assert content.slow_halfway.wait(15), "the fake registry never got half-way"
             d.proc.send_signal(signal.SIGTERM)
             for number in (1, 2):
@@ -6477,20 +6498,24 @@ class TestWorkers:
         assert "died" not in d.log()
 
     def test_workers_exit_when_the_supervisor_is_killed(self, start_docxy, registry):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url)
+        d, pids = docxy_with_workers(
+            start_docxy, "--listen", "127.0.0.1:0", "--upstream", registry.url
+        )
         supervisor = d.proc.pid
         d.proc.kill()
         d.proc.wait(10)
         wait_until(lambda: all(process_gone(pid) for pid in pids), 10, "the workers to exit")
         for number in (1, 2):
-            d.wait_for(r"^docxy: error: worker %d: the supervisor \(pid %d\) is gone$"
-                       % (number, supervisor))
+            d.wait_for(
+                r"^docxy: error: worker %d: the supervisor \(pid %d\) is gone$"
+                % (number, supervisor)
+            )
         assert not_served(d.port)
 
     def test_metrics_add_up_over_the_workers_whichever_answers(self, start_docxy, registry):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url)
+        d, pids = docxy_with_workers(
+            start_docxy, "--listen", "127.0.0.1:0", "--upstream", registry.url
+        )
         held = connect_to_each_worker(d.port, pids)
         try:
             requests = 2 * 20
@@ -6507,8 +6532,9 @@ class TestWorkers:
                 seen[pid] = total
             # A worker killed and replaced: no counter goes back, whoever answers.
             os.kill(pids[0], signal.SIGKILL)
-            wait_until(lambda: len(set(child_pids(d.proc.pid)) - set(pids)) == 1, 10,
-                       "a new worker")
+            wait_until(
+                lambda: len(set(child_pids(d.proc.pid)) - set(pids)) == 1, 10, "a new worker"
+            )
             workers = child_pids(d.proc.pid)
             fresh = connect_to_each_worker(d.port, workers)
             try:
@@ -6526,12 +6552,22 @@ class TestWorkers:
                 sock.close()
 
     def test_rate_limit_holds_for_the_whole_server(self, start_docxy, registry, content):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--library-prefix", "on",
-                                     "--rate-limit", "3/min")
+        d, pids = docxy_with_workers(
+            start_docxy,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--library-prefix",
+            "on",
+            "--rate-limit",
+            "3/min",
+        )
         token = get_token(d.port, "repository:library/busybox:pull")
-        request = ("GET /v2/busybox/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                   "Authorization: Bearer %s\r\nAccept: %s\r\n\r\n" % (token, MT_INDEX)).encode()
+        request = (
+            "GET /v2/busybox/manifests/latest HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Authorization: Bearer %s\r\nAccept: %s\r\n\r\n" % (token, MT_INDEX)
+        ).encode()
         held = connect_to_each_worker(d.port, pids)
         try:
             answers = {pid: [] for pid in pids}
@@ -6545,15 +6581,27 @@ class TestWorkers:
                 sock.close()
 
     def test_max_connections_holds_for_the_whole_server(self, start_docxy, registry, content):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--library-prefix", "on",
-                                     "--max-connections", "2", "--client-timeout", "30")
+        d, pids = docxy_with_workers(
+            start_docxy,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--library-prefix",
+            "on",
+            "--max-connections",
+            "2",
+            "--client-timeout",
+            "30",
+        )
         token = get_token(d.port, "repository:library/busybox:pull")
         digest, data = content.special["slow"]
         content.slow_halfway.clear()
         content.slow_gate.clear()
-        request = ("GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                   "Connection: close\r\n\r\n" % (digest, token)).encode()
+        request = (
+            "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Connection: close\r\n\r\n" % (digest, token)
+        ).encode()
         downloads = [socket.create_connection(("127.0.0.1", d.port), timeout=20) for _ in range(2)]
         waiting = []
         try:
@@ -6561,14 +6609,16 @@ class TestWorkers:
                 sock.sendall(request)
             wait_until(
                 lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2,
-                15, "both downloads to reach the upstream",
+                15,
+                "both downloads to reach the upstream",
             )
             holders = set()
             while holders != set(pids):  # a whole request waiting at each worker
                 assert len(waiting) < 40, "no connection reached one of the workers"
                 sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close"
-                             b"\r\n\r\n")
+                sock.sendall(
+                    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close" b"\r\n\r\n"
+                )
                 waiting.append(sock)
                 wait_until(lambda: serving_pid(d.port, sock, pids), 10, "docxy to accept")
                 holders.add(serving_pid(d.port, sock, pids))
@@ -10232,6 +10282,18 @@ def read_to_end(sock, received):
     return head, received.split(b"\r\n\r\n", 1)[1], length
 
 
+def fill_owner(cache_dir, digest):
+    """The PID of the process holding the lock of a digest's download, from /proc/locks."""
+    path = os.path.join(str(cache_dir), "fills", digest.replace(":", "-"))
+    inode = str(os.stat(path).st_ino)
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF
+            if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5].split(":")[-1] == inode:
+                return int(fields[4])
+    raise AssertionError("nobody holds the lock of " + path)
+
+
 @pytest.mark.system
 class TestSharedCache:
     """Several docxy processes on one cache directory (servers, prefetch): one upstream fetch
@@ -10352,6 +10414,77 @@ class TestSharedCache:
         other.wait_for(r"another process's download does not match")
         wait_cached(cache_dir, [digest])
         assert_cache_verified(cache_dir)  # the owner's own bytes were checked, and written over
+
+    def test_eight_clients_on_two_workers_and_a_second_process_fetch_each_object_once(
+        self, start_docxy, registry, cdn, content, tmp_path
+    ):
+        cache_dir = tmp_path / "cache"
+        workers = cached_docxy(start_docxy, registry, cache_dir, "--workers", "2")
+        workers.wait_for(r"^docxy: 2 workers serving$")
+        single = cached_docxy(start_docxy, registry, cache_dir)
+        clear_fakes()
+        pulls = []
+        threads = [
+            threading.Thread(target=lambda port=port: pulls.append(pull_like_dockerd(port)))
+            for port in [workers.port] * 8 + [single.port] * 2
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(pulls) == 10  # each verified every digest it fetched
+        amd = content.platform["amd64"]
+        for digest in [amd["config"]] + amd["layers"]:
+            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+        for digest in (content.index_digest, amd["manifest"]):
+            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+        assert_cache_verified(cache_dir)
+
+    def test_kill_9_of_the_worker_filling_a_blob_leaves_clients_whole_or_cut_and_next_pull_done(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        digest, data = content.special["slow"]
+        cache_dir = tmp_path / "cache"
+        d = cached_docxy(start_docxy, registry, cache_dir, "--workers", "2")
+        d.wait_for(r"^docxy: 2 workers serving$")
+        clear_fakes()
+        results = []
+
+        def fetch():
+            results.append(read_blob(d.port, digest, timeout=30))
+
+        threads = [threading.Thread(target=fetch, daemon=True) for _ in range(6)]
+        content.slow_halfway.clear()
+        content.slow_gate.clear()
+        try:
+            threads[0].start()
+            assert content.slow_halfway.wait(15), "the fake registry never got half-way"
+            for thread in threads[1:]:
+                thread.start()
+            wait_until(
+                lambda: scrape(d.port).get("docxy_cache_events_total", 0, event="coalesced") >= 5,
+                timeout=15,
+                what="5 clients following the download",
+            )
+            owner = fill_owner(cache_dir, digest)
+            assert owner in started_workers(d).values(), (owner, d.log())
+            os.kill(owner, signal.SIGKILL)
+        finally:
+            content.slow_gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert len(results) == 6
+        for status, _, body, error in results:
+            # Whole and verified, or cut short: never a complete answer with other bytes.
+            assert status in (200, None) and (body == data or len(body) < len(data)), error
+        assert any(len(body) < len(data) for _, _, body, _ in results)  # the kill did land
+        r = get_blob(d.port, digest)
+        assert r.status == 200 and r.body == data
+        wait_cached(cache_dir, [digest])
+        wait_until(lambda: tmp_files(cache_dir) == [], what="no download left in fills/")
+        assert_cache_verified(cache_dir)
 
     def test_a_tag_one_process_fetched_is_fresh_for_another(
         self, start_docxy, registry, cdn, content, tmp_path
