@@ -3245,6 +3245,13 @@ class Mirror:
             self.cache.after_fork()
         self.publish_figures()      # at once: its slot shows no dead worker's gauges meanwhile
 
+    def transfers(self):
+        """Transfers under way in the whole server, as this process can tell without asking
+        the others: its own, times the workers (their connections spread evenly). The buffers'
+        budget and the cores that hashing beside a copy may take are the machine's, whatever
+        the number of workers."""
+        return self.metrics.in_flight() * self.share.workers
+
     def open_connections(self):
         """Client connections of this process: served, waiting for a place, or waiting (in
         WaitingConnections) for their request."""
@@ -4162,7 +4169,7 @@ class UpstreamRelay:
         With a cache fill, the download does not depend on this client: when it hangs up,
         the body is still read, verified and committed, for the clients following the fill
         and for the cache, only no longer sent here (see fill_goes_on)."""
-        copy = BodyCopy(answer, verify, self.mirror.metrics.in_flight())
+        copy = BodyCopy(answer, verify, self.mirror.transfers())
         keep = fill and functools.partial(self.mirror.cache.write, fill)
         writer = ChunkedWriter(self.wfile.write) if chunked else None
         write = writer.write if writer else self.wfile.write
@@ -4363,7 +4370,7 @@ class CacheRoutes:
         """Send part of a file, hashing it; the object's last byte only if the hash of the
         whole is the digest. False when it is not."""
         handle.seek(offset)
-        buffer = transfer_buffer(count, self.mirror.metrics.in_flight())
+        buffer = transfer_buffer(count, self.mirror.transfers())
         view = memoryview(buffer)
         try:
             while count > 0:
@@ -4485,7 +4492,7 @@ class CacheRoutes:
             self.wfile.flush()
             return self.send_file_zero_copy(handle, offset, count)
         handle.seek(offset)
-        buffer = transfer_buffer(count, self.mirror.metrics.in_flight())
+        buffer = transfer_buffer(count, self.mirror.transfers())
         view = memoryview(buffer)
         try:
             while count > 0:

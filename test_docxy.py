@@ -3536,6 +3536,15 @@ class TestCache:
 class TestSharedState:
     """In process, no sockets: the pieces of docxy.py's section "Shared state"."""
 
+    def test_transfers_under_way_count_for_the_whole_server_whatever_the_workers(self, dx):
+        """The buffers' budget and the cores for hashing are the machine's: a worker sizes
+        its share as if the others were as busy as it is."""
+        for workers, expected in (("1", 2), ("2", 4)):
+            mirror = dx.Mirror(dx.read_config(["--workers", workers], {}))
+            mirror.metrics.request_started()
+            mirror.metrics.request_started()
+            assert mirror.transfers() == expected
+
     def test_rate_limiter_lets_a_burst_through_then_says_how_long_to_wait(self, dx, unit_clock):
         limiter = dx.RateLimiter(3, 1.0)
         assert [limiter.wait_needed("192.0.2.1") for _ in range(5)] == [0, 0, 0, 1, 1]
