@@ -55,7 +55,8 @@ SCHEMA = 1      # the layout of the --json document; raise it when a field chang
 # The targets, in the order of every table. `server` is the process that serves the target
 # (None: no server), `script` which docxy.py runs it ("docxy": --docxy, "baseline":
 # --baseline-docxy), `stateful` targets are measured empty (miss, cold) and then filled (hit,
-# warm), `twin` names the target a baseline target is the older version of.
+# warm), `twin` names the target a baseline target is the older version of, `workers` is the
+# docxy's --workers, `measures` the measures a target takes part in (default: all).
 TARGETS = (
     dict(name="direct", server="direct",
          about="The upstream itself: nginx serving the blobs and manifests from disk at their "
@@ -72,6 +73,12 @@ TARGETS = (
     dict(name="docxy", server="docxy", script="docxy", range=True,
          about="`docxy.py --upstream` pointing at `direct`, plain HTTP (the file under test, "
                "`--docxy`)."),
+    dict(name="docxy-workers", server="docxy", script="docxy", workers=2,
+         measures=("blob", "concurrent", "manifest", "idle"),
+         about="The same docxy with `--workers 2`: a supervisor that serves nothing forks two "
+               "workers, which accept on the listener it bound (the kernel hands each new "
+               "connection to whichever accepts first). Its CPU and RSS are the sums over the "
+               "supervisor and both workers."),
     dict(name="docxy-https", server="docxy", script="docxy", tls=True,
          about="The same docxy with TLS to the client."),
     dict(name="docxy-cache", server="docxy", script="docxy", cache=True, stateful=True,
@@ -102,6 +109,7 @@ FIGURES = {
     "p99": ("ms", 2, "p99 ms", "lower"),
     "rss_idle": ("MiB", 1, "RSS MiB with idle", "lower"),
     "rss_before": ("MiB", 1, "RSS MiB before", "lower"),
+    "pss_idle": ("MiB", 1, "PSS MiB with idle", "lower"),
     "new_client": ("ms", 1, "new client ms (median)", "lower"),
     "new_client_worst": ("ms", 1, "new client ms (worst)", "lower"),
     "wall": ("s", 3, "wall s", "lower"),
@@ -109,6 +117,8 @@ FIGURES = {
     "upstream_requests": ("requests", 0, "requests at direct", "lower"),
     "docxy_upstream": ("requests", 0, "upstream= in docxy log", "lower"),
     "server_cpu_s": ("CPU s", 2, "server CPU s", "lower"),
+    "idle_busiest": ("connections", 0, "idle on the busiest worker", None),
+    "idle_quietest": ("connections", 0, "idle on the quietest worker", None),
 }
 
 # Cases in table order; manifest cases ("HEAD c=16") sort after these, by method and count.
@@ -170,6 +180,8 @@ MEASURES = {
             "With more transfers than cores docxy hashes inline, and the aggregate rate is "
             "the cores divided by the CPU seconds all processes spend per GiB: compare the "
             "server CPU s/GiB column.",
+            "`docxy-workers`' peak RSS and CPU are summed over its supervisor and workers; the "
+            "goal is at least 1.3x `docxy`.",
         )),
     "manifest": dict(
         number=3, title="Manifest requests by tag over keep-alive connections", main="rps",
@@ -189,18 +201,29 @@ MEASURES = {
             "once a second. "
             "Compare `x registry` (the goal: at least 5x at 16 connections) and p99 at 64 "
             "connections (the goal: at most 60 ms).",
+            "`docxy-workers` runs two processes, each with a GIL of its own: the goal is at "
+            "least 1.6x `docxy` for GET at 16 connections. The load client and the upstream "
+            "use the same cores.",
         )),
     "idle": dict(
         number=4, title="Idle keep-alive connections", main="rss_idle",
         default_case="idle", group="target",
-        columns=("rss_idle", "rss_before", "x:nginx", "x:before", "new_client",
-                 "new_client_worst"),
+        columns=("rss_idle", "rss_before", "pss_idle", "x:nginx", "x:before", "new_client",
+                 "new_client_worst", "idle_busiest", "idle_quietest"),
         setup="{idle} connections, each after one GET /v2/, left open; then a new client's "
               "GET /v2/ (5 probes), and every 20th idle connection is used once more.",
         about=(
             "docxy parks a connection that has been quiet for 0.5 s in one selector, with no "
             "thread, and gives it a thread again when its next request arrives: idle "
             "connections cost memory, not threads, and a new client does not wait for them.",
+            "RSS is the sum over all of a server's processes: nginx's master and workers, "
+            "docxy-workers' supervisor and workers (pages a fork shares are counted in each "
+            "process that maps them; PSS counts a page shared by n processes 1/n in each, so "
+            "its sum counts every page once). The last two columns count the idle connections "
+            "each worker holds: the server ends of the benchmark's connections (found in "
+            "/proc/net/tcp) among the worker's file descriptors. The kernel gives a new "
+            "connection to whichever worker accepts it first; only these columns show how the "
+            "connections were spread.",
         )),
     "pull": dict(
         number=5, title="Whole-image pull by a dockerd-like client", main="wall",
@@ -220,8 +243,10 @@ MEASURES = {
 MEASURE_ORDER = ("blob", "concurrent", "manifest", "idle", "pull")
 
 # The headline ratios and goals. A row with `versus` is a ratio of two targets' figures,
-# computed within each round; one without is the figure itself. `goal` is (operator, bound),
-# issue 6's where it set one; a row without a goal is reported, not judged.
+# computed within each round; one with `minus` is a difference, the target's figure less that
+# target's, divided by `per` (default 1), within each round; one with neither is the figure
+# itself. `goal` is (operator, bound), issue 6's or 13's where it set one; a row without a
+# goal is reported, not judged.
 HEADLINES = (
     dict(what="Large blob, plain HTTP: docxy / nginx", measure="blob", target="docxy",
          figure="throughput", versus="nginx", goal=(">=", 1.0), stretch=(">=", 1.3)),
@@ -233,6 +258,10 @@ HEADLINES = (
          case="range", figure="throughput", versus="nginx"),
     dict(what="32 concurrent GETs: docxy / nginx", measure="concurrent", target="docxy",
          figure="throughput", versus="nginx", goal=(">=", 0.95)),
+    dict(what="32 concurrent GETs: docxy-workers / docxy", measure="concurrent",
+         target="docxy-workers", figure="throughput", versus="docxy", goal=(">=", 1.3)),
+    dict(what="32 concurrent GETs: docxy-workers / nginx", measure="concurrent",
+         target="docxy-workers", figure="throughput", versus="nginx"),
     dict(what="Cache hit, large blob: docxy-cache / direct", measure="blob",
          target="docxy-cache", case="hit", figure="throughput", versus="direct",
          goal=(">=", 0.8)),
@@ -247,6 +276,9 @@ HEADLINES = (
          target="docxy", case="HEAD c=16", figure="rps", versus="registry", goal=(">=", 5.0)),
     dict(what="Manifests, GET, 16 connections: docxy / registry", measure="manifest",
          target="docxy", case="GET c=16", figure="rps", versus="registry", goal=(">=", 5.0)),
+    dict(what="Manifest GET, 16 connections: docxy-workers / docxy", measure="manifest",
+         target="docxy-workers", case="GET c=16", figure="rps", versus="docxy",
+         goal=(">=", 1.6)),
     dict(what="Manifests, HEAD, 16 connections: docxy-cache / registry", measure="manifest",
          target="docxy-cache", case="HEAD c=16", figure="rps", versus="registry",
          goal=(">=", 5.0)),
@@ -263,6 +295,11 @@ HEADLINES = (
          figure="rss_idle", goal=("<=", 64)),
     dict(what="Idle connections: docxy-https's RSS", measure="idle", target="docxy-https",
          figure="rss_idle", goal=("<=", 64)),
+    dict(what="Idle connections: RSS per extra worker (docxy-workers less docxy)",
+         measure="idle", target="docxy-workers", figure="rss_idle", minus="docxy", per=1,
+         goal=("<=", 25)),
+    dict(what="Idle connections: PSS per extra worker (docxy-workers less docxy)",
+         measure="idle", target="docxy-workers", figure="pss_idle", minus="docxy", per=1),
     dict(what="Idle connections: a new client answered by docxy", measure="idle",
          target="docxy", figure="new_client", goal=("<", 50)),
     dict(what="Idle connections: a new client answered by docxy-https", measure="idle",
@@ -489,6 +526,67 @@ def status_kib(pid, field):
 
 def rss_mib(pids):
     return sum(status_kib(pid, "VmRSS") for pid in pids) / 1024.0
+
+
+def pss_mib(pids):
+    """Summed PSS: each page shared by n processes counts 1/n in each (what forked workers
+    cost together, where the RSS sum counts the pages they share once per process)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1024.0
+
+
+def serving_pids(pids):
+    """The processes of a tree (process_tree: the root first) that serve connections: the
+    root's descendants when it has any (nginx's workers, docxy --workers' workers), else the
+    root itself."""
+    return pids[1:] if len(pids) > 1 else pids
+
+
+def established_inodes(port, peers):
+    """Socket inodes of the established TCP connections whose local port is `port` and whose
+    remote port is one of `peers`: the server's ends of these clients' connections."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    if (len(fields) > 9 and fields[3] == "01"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port
+                            and int(fields[2].rsplit(":", 1)[1], 16) in peers):
+                        inodes.add(fields[9])
+        except (OSError, ValueError):
+            pass
+    return inodes
+
+
+def connections_held(pids, port, peers):
+    """How many of the connections to `port` from the local ports `peers` each process holds
+    (by its file descriptors): [count per pid], in the order of pids."""
+    wanted = {"socket:[%s]" % inode for inode in established_inodes(port, peers)}
+    counts = []
+    for pid in pids:
+        held = 0
+        try:
+            for fd in os.listdir("/proc/%d/fd" % pid):
+                try:
+                    held += os.readlink("/proc/%d/fd/%s" % (pid, fd)) in wanted
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        counts.append(held)
+    return counts
 
 
 def reset_peak(pids):
@@ -952,10 +1050,10 @@ class Docxy(Server):
 
     stores_manifests = True
 
-    def __init__(self, work, script, direct_port, name, certs=None, cache=False):
+    def __init__(self, work, script, direct_port, name, certs=None, cache=False, workers=None):
         super().__init__(work)
         self.script, self.direct_port, self.name = script, direct_port, name
-        self.certs, self.cache = certs, cache
+        self.certs, self.cache, self.workers = certs, cache, workers
         self.port, self.generation, self.cache_dir = free_port(), 0, None
 
     def start(self):
@@ -968,10 +1066,24 @@ class Docxy(Server):
         if self.cache:
             self.cache_dir = os.path.join(self.work, "%s-%d" % (self.name, self.generation))
             argv += ["--cache-dir", self.cache_dir, "--cache-max-size", "8G"]
+        if self.workers:
+            argv += ["--workers", str(self.workers)]
         self.log = os.path.join(self.work, "%s.log" % self.name)
         self.proc = PROCESSES.spawn(argv, self.log, env=clean_env())
         wait_ready(self.proc, self.port, self.name, self.log, bool(self.certs),
                    self.certs and self.certs["ca"])
+        if self.workers and self.workers > 1:
+            # One worker answering /v2/ is not all of them: wait until every worker runs
+            # its serving threads (the accept loop and the waiting connections' selector).
+            wait_until(lambda: self.proc.poll() is not None or self.workers_serving(), 30,
+                       "%s's %d workers" % (self.name, self.workers))
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited at start-up:\n%s" % (self.name, tail(self.log)))
+
+    def workers_serving(self):
+        workers = serving_pids(self.pids())
+        return len(workers) == self.workers and all(
+            status_kib(pid, "Threads") >= 3 for pid in workers)
 
     def fresh(self):
         if not self.cache:
@@ -1047,6 +1159,8 @@ class Lab:
             return "no --baseline-docxy given"
         if spec.get("cache") and "--cache-dir" not in self.help(script):
             return "this docxy has no --cache-dir"
+        if spec.get("workers") and "--workers" not in self.help(script):
+            return "this docxy has no --workers"
         return None
 
     def help(self, script):
@@ -1073,7 +1187,7 @@ class Lab:
             return Target(spec, self.registry, self.registry.port)
         server = self.launch(Docxy(self.work, self.scripts[spec["script"]], self.direct.port,
                                    spec["name"], self.certs if tls else None,
-                                   bool(spec.get("cache"))))
+                                   bool(spec.get("cache")), spec.get("workers")))
         return Target(spec, server, server.port, tls, ca)
 
     def launch(self, server):
@@ -1540,6 +1654,13 @@ def per_round_ratio(mine, ref):
             if r in ref and mine[r] is not None and ref[r]}
 
 
+def per_round_difference(mine, ref, per=1):
+    """(mine - ref) / per of two {round: value} series, for the rounds in which both were
+    measured."""
+    return {r: (mine[r] - ref[r]) / per for r in mine
+            if r in ref and mine[r] is not None and ref[r] is not None}
+
+
 def meets(value, goal):
     operator, bound = goal
     return {">=": value >= bound, ">": value > bound, "<=": value <= bound,
@@ -1866,7 +1987,13 @@ class IdleMeasure:
                     connections.append(connection)
                     self.use(connection, len(connections))
                 time.sleep(0.3 if runner.quick else 1.0)
-                during = rss_mib(target.pids())
+                pids = target.pids()
+                during = rss_mib(pids)
+                pss = pss_mib(pids)
+                peers = {connection.sock.getsockname()[1] for connection in connections
+                         if connection.sock}
+                held = connections_held(serving_pids(pids), target.port, peers)
+                each = [status_kib(pid, "VmRSS") / 1024.0 for pid in pids]
                 probes = []
                 for _ in range(5):
                     started = time.perf_counter()
@@ -1883,9 +2010,20 @@ class IdleMeasure:
                     connection.close()
             new = statistics.median(probes)
             runner.results.put(self.name, target.name, "idle", rnd, rss_idle=during,
-                               rss_before=before, new_client=new, new_client_worst=max(probes))
+                               rss_before=before, pss_idle=pss, new_client=new,
+                               new_client_worst=max(probes), idle_busiest=max(held),
+                               idle_quietest=min(held))
             say("  idle %-18s RSS %6.1f MiB (before %5.1f) with %d idle; new client %.1f ms "
                 "(worst %.1f)" % (target.name, during, before, count, new, max(probes)))
+            if len(pids) > 1:
+                say("       %d processes, RSS %s MiB, PSS %s MiB; idle connections held by "
+                    "each worker: %s" % (len(pids), " + ".join("%.1f" % x for x in each),
+                                         "–" if pss is None else "%.1f" % pss,
+                                         ", ".join(str(x) for x in held)))
+            if sum(held) < count:
+                runner.results.note(self.name, target.name, "idle", rnd,
+                                    "only %d of %d idle connections found in the workers' "
+                                    "descriptors" % (sum(held), count))
         runner.attempt(self.name, target.name, "idle", rnd, run)
         time.sleep(0.2 if runner.quick else 0.5)
 
@@ -2310,6 +2448,17 @@ class Report:
         mine = self.results.series(measure, target, case, figure)
         return per_round_ratio(mine, self.results.series(measure, ref, ref_case, figure))
 
+    def difference(self, measure, figure, target, case, ref, per=1):
+        """{round: (target's figure - ref's figure) / per}, or None when there is no ref."""
+        if not ref or ref == target:
+            return None
+        ref_case = self.ref_case(measure, ref, case)
+        if ref_case is None:
+            return None
+        mine = self.results.series(measure, target, case, figure)
+        return per_round_difference(mine, self.results.series(measure, ref, ref_case, figure),
+                                    per)
+
     def position(self, target):
         return self.order.index(target) if target in self.order else len(self.order)
 
@@ -2358,6 +2507,9 @@ class Headlines:
     def value(self, line, target, case):
         if line.get("versus"):
             return self.report.ratio(line["measure"], line["figure"], target, case, line["versus"])
+        if line.get("minus"):
+            return self.report.difference(line["measure"], line["figure"], target, case,
+                                          line["minus"], line.get("per", 1))
         return self.report.results.series(line["measure"], target, case, line["figure"])
 
     def headers(self, ratios):
@@ -2571,8 +2723,8 @@ def render_markdown(report, source):
         "a shared machine. Compare the ratios of one run, not figures across runs.", ""]
     out += ["## Headline ratios", "",
             "Each ratio is the first target's figure divided by the second's, in the same "
-            "round. Goals are those issue 6 set; a row without a goal is reported, not "
-            "judged. \"Better\" says which way is better for the figure compared."]
+            "round. Goals are those issues 6 and 13 set; a row without a goal is reported, "
+            "not judged. \"Better\" says which way is better for the figure compared."]
     if report.before:
         out[-1] += (" \"Before\" is the same ratio for the docxy given with "
                     "`--baseline-docxy`; \"new ÷ before\" divides the two docxy's own figures, "
