@@ -6440,6 +6440,33 @@ class TestWorkers:
             for sock in held.values():
                 sock.close()
 
+    def test_a_worker_started_after_the_certificate_changed_on_disk_serves_the_new_one(
+        self, start_docxy, registry, certs, tmp_path
+    ):
+        """The supervisor loaded the old certificate and watches none: a worker it forks later
+        compares the files with what was loaded, not with what is there when it starts."""
+        install_pair(tmp_path, certs, "rsa-chain.pem", "rsa.key")
+        d = reloading_tls_docxy(
+            start_docxy, registry, tmp_path, "--cert-check-interval", "1", "--workers", "2"
+        )
+        d.wait_for(r"^docxy: 2 workers serving$")
+        new = certificate_der(certs, "ec.crt")
+        install_pair(tmp_path, certs, "ec-chain.pem", "ec.key")
+        number, victim = sorted(started_workers(d).items())[0]
+        os.kill(victim, signal.SIGKILL)
+        started = d.wait_for(r"^docxy: worker %d \(pid (\d+)\) started$" % number, 2)[1]
+        assert int(started.group(1)) != victim
+
+        def replacement_reloaded():
+            lines = d.log().splitlines()
+            after = lines[lines.index(started.group(0)) + 1 :]
+            return "docxy: worker %d: certificate changed on disk: reloaded" % number in after
+
+        wait_until(replacement_reloaded, timeout=15, what="the new worker's reload")
+        wait_served(d.port, certs, new, 15)
+        for _ in range(8):  # whichever worker answers
+            assert served_certificate(d.port, certs) == new
+
     def test_sighup_reaches_every_worker(self, start_docxy, registry, tmp_path):
         cfg = tmp_path / "docxy.ini"
         cfg.write_text("[docxy]\nmetrics-allow = 127.0.0.2/32\n")
