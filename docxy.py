@@ -1971,16 +1971,26 @@ class ForeignFill:
             self.done()
         elif not owner_alive(self.descriptor):
             # The owner let go of the file: it committed it a moment ago, or never will.
-            if self.cache.committed(self.digest, self.identity):
-                self.done()     # the shared lock stays, as long as this is served
+            if self.cache.committed(self.digest, self.identity) or self.complete():
+                self.done()
             else:
                 self.state = "failed"
                 self.abandoned = os.fstat(self.descriptor).st_nlink > 0
                 fcntl.flock(self.descriptor, fcntl.LOCK_UN)     # the next owner's to take
 
+    def complete(self):
+        """Every byte is there, though the object's path does not (yet) name the file: a
+        network file system may show this host a name as missing for a while after another
+        created it. The follower's own hash (send_growing_file) decides whether it is sent."""
+        return self.described and self.length is not None and self.written == self.length
+
     def done(self):
-        """Committed: whole, verified, and described by the object itself, should its head
-        file have gone before this follower read it."""
+        """Committed (or complete): whole, and described by the object itself, should its
+        head file have gone before this follower read it. The file is held with a shared
+        lock from now on, as a cache hit is, so that no process evicts it while it is sent
+        (its owner lets go of it right after the rename: the wait is short)."""
+        if self.state != "done":
+            fcntl.flock(self.descriptor, fcntl.LOCK_SH)
         self.state = "done"
         if not self.described:
             self.length, self.described = self.written, True
@@ -2070,12 +2080,13 @@ class Cache:
     bytes, which any blob could choose); tags/<hash of the tag>/<hash of the Accept set>.json;
     fills/<algorithm>-<hex> (a download in progress, locked by its owner) and its .head;
     tmp/ (small files being written, locked by their writer); usage (CacheUsage); evicting
-    (whose lock one evicting process holds). Recency is a file's mtime, set on every use.
+    (whose lock one evicting process holds). Recency is a file's mtime, which a use sets, at
+    most once per RECENCY_GRAIN.
 
     `lock` guards `fills` (this process's downloads), `busy` (transfers of this process
-    reading or writing an object: on a file system that emulates flock with POSIX locks,
-    locks do not tell threads of one process apart) and `stats`; file system work happens
-    outside it, but for claiming a fill. `paused_until` is a number replaced whole."""
+    reading or writing an object, which its eviction passes over before it even opens the
+    file; the locks guard them from every other process) and `stats`; file system work
+    happens outside it, but for claiming a fill. `paused_until` is a number replaced whole."""
 
     SWEEP_AGE = 60          # seconds: an unlocked temporary file older than this is litter
 
@@ -2136,11 +2147,7 @@ class Cache:
         return media_type
 
     def unlink(self, path):
-        try:
-            os.unlink(path)
-            return True
-        except OSError:
-            return False
+        return unlink_quietly(path)
 
     # --- objects ------------------------------------------------------------------------------
 
@@ -2156,16 +2163,20 @@ class Cache:
         except OSError:
             return None
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)    # waits only while one is removed
+            # Waits only while a process evicts it, or its download's owner lets go of it.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
             status = os.fstat(handle.fileno())
             if status.st_nlink == 0:        # evicted between the open and the lock
                 handle.close()
                 return None
-            if time.time() - status.st_mtime >= RECENCY_GRAIN:
-                touch(handle.fileno())      # recency, for every process and after a restart
         except OSError:
             handle.close()
             return None
+        if time.time() - status.st_mtime >= RECENCY_GRAIN:
+            try:
+                touch(handle.fileno())      # recency, for every process and after a restart
+            except OSError:                 # another user's file: served all the same
+                pass
         with self.lock:
             self.busy[digest] += 1
         return handle, status.st_size, media_type
@@ -2225,6 +2236,9 @@ class Cache:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return "follow", ForeignFill(self, digest, descriptor, kind)
+            except OSError:
+                os.close(descriptor)
+                raise
             status = os.fstat(descriptor)
             if not same_file(status, path):     # removed or replaced before the lock came
                 os.close(descriptor)
@@ -2281,46 +2295,66 @@ class Cache:
             self.stop_writing(fill, error)
 
     def stop_writing(self, fill, error):
+        """Caching this download failed (a full disk): its files go, while its lock is held,
+        and the transfer goes on uncached."""
         self.pause(error)
-        os.close(fill.descriptor)
-        fill.descriptor = None
-        self.unlink(fill.path + ".head")
-        self.unlink(fill.path)
+        self.discard_fill_files(fill)
         fill.update(state="failed")
+
+    def discard_fill_files(self, fill):
+        """Remove a fill's file and head, then let go of its lock. Only the lock's holder ever
+        removes or renames a fill file, and only while the path still names its own file:
+        after the lock goes, the path may be another process's download."""
+        if fill.descriptor is None:
+            return
+        try:
+            if same_file(os.fstat(fill.descriptor), fill.path):
+                self.unlink(fill.path + ".head")
+                self.unlink(fill.path)
+        finally:
+            close_quietly(fill.descriptor)
+            fill.descriptor = None
 
     def finish_fill(self, digest, fill, verified):
         """Commit a verified download (fsync, its type, an atomic rename; then the lock goes)
-        or discard it."""
-        committed = verified and fill.descriptor is not None
-        media_type = fill.media_type if fill.kind == "manifests" else None
+        or discard it. Whatever fails, the fill ends: its followers and this process's next
+        request must not wait for it."""
+        committed = False
         try:
-            if committed:
-                os.fsync(fill.descriptor)
-                touch(fill.descriptor)
-                if media_type:      # before the object: whoever finds the object finds its type
-                    self.write_file(self.type_path(digest), media_type.encode())
-                os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
-                os.rename(fill.path, self.path(digest))
-        except OSError as error:
-            committed = False
-            self.pause(error)
+            committed = verified and self.commit(digest, fill)
         finally:
-            self.unlink(fill.path + ".head")
-            if not committed:
-                self.unlink(fill.path)
-            if fill.descriptor is not None:
-                os.close(fill.descriptor)
-                fill.descriptor = None
+            self.discard_fill_files(fill)   # a committed fill's path is gone: only the lock goes
+            with self.lock:
+                del self.fills[digest]
+                if not committed and fill.written:
+                    self.stats["discarded"] += 1  # bytes came, but not the ones the digest names
+            self.release(digest)
+            fill.update(state="done" if committed else "failed")
         if committed:
             self.usage.add(fill.written, 1)
-        with self.lock:
-            del self.fills[digest]
-            if not committed and fill.written:
-                self.stats["discarded"] += 1      # bytes came, but not the ones the digest names
-        self.release(digest)
-        fill.update(state="done" if committed else "failed")
-        if committed:
             self.evict()
+
+    def commit(self, digest, fill):
+        """Rename a verified fill's file into objects/, if it is still this fill's (see
+        discard_fill_files): True when it is there."""
+        media_type = fill.media_type if fill.kind == "manifests" else None
+        descriptor = fill.descriptor
+        try:
+            if descriptor is None or not same_file(os.fstat(descriptor), fill.path):
+                return False
+            os.fsync(descriptor)
+            touch(descriptor)
+            if media_type:      # before the object: whoever finds the object finds its type
+                self.write_file(self.type_path(digest), media_type.encode())
+            os.makedirs(os.path.dirname(self.path(digest)), exist_ok=True)
+            self.unlink(fill.path + ".head")
+            os.rename(fill.path, self.path(digest))
+            return True
+        except OSError as error:
+            self.pause(error)
+            if media_type and not os.path.exists(self.path(digest)):
+                self.unlink(self.type_path(digest))
+            return False
 
     # --- tags ---------------------------------------------------------------------------------
 
@@ -2392,7 +2426,7 @@ class Cache:
         for record in records[:max(0, len(records) - TAG_RECORDS_PER_TAG)]:
             path = self.tag_path(record["key"])
             size = file_size(path)
-            if self.unlink(path):
+            if remove_record(path):
                 self.usage.add(-size)
 
     def drop_old_tag_records(self):
@@ -2440,11 +2474,31 @@ class Cache:
         return found
 
     def recount(self):
-        """Count the directory anew: at start, what crashes left uncounted."""
-        before = self.usage.read()
-        found = self.scan()
-        self.usage.add(sum(entry[2] for entry in found) - before[0],
-                       sum(1 for entry in found if entry[3]) - before[1])
+        """Count the directory anew: at start, what crashes left uncounted. Under the evicting
+        lock, waited for: an eviction meanwhile would make the count's change wrong."""
+        guard = self.evicting_lock(wait=True)
+        try:
+            before = self.usage.read()
+            found = self.scan()
+            self.usage.add(sum(entry[2] for entry in found) - before[0],
+                           sum(1 for entry in found if entry[3]) - before[1])
+        finally:
+            os.close(guard)
+
+    def evicting_lock(self, wait):
+        """The lock of the `evicting` file, which one process at a time holds to count the
+        directory or evict: its descriptor, or None when another holds it and this one does
+        not wait."""
+        guard = os.open(os.path.join(self.root, "evicting"),
+                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return guard
+        except OSError:
+            os.close(guard)
+            if wait:
+                raise
+            return None
 
     def evict(self):
         """Down to 90% of the cap once over it, so eviction is not a per-request cost; tag
@@ -2454,14 +2508,10 @@ class Cache:
         if self.usage.read()[0] <= self.max_size:
             return
         try:
-            guard = os.open(os.path.join(self.root, "evicting"),
-                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            guard = self.evicting_lock(wait=False)
         except OSError:
             return
-        try:
-            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(guard)
+        if guard is None:
             return
         try:
             self.evict_locked()
@@ -2481,7 +2531,7 @@ class Cache:
                 break
             if not over_cap and is_object:
                 continue        # only the tag records are over their share
-            if not (self.remove_object(path) if is_object else self.unlink(path)):
+            if not (self.remove_object(path) if is_object else remove_record(path)):
                 continue
             removed_size += length
             if is_object:
@@ -2507,12 +2557,12 @@ class Cache:
             return False
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not self.unlink(path):
-                return False
-            if DIGEST.fullmatch(digest):
+            if DIGEST.fullmatch(digest):    # first: an object is never found without its type
                 self.unlink(self.type_path(digest))
-            return True
-        except BlockingIOError:
+            # A process may have fetched it again meanwhile (its type written anew, then the
+            # object renamed over this one): that one stays.
+            return same_file(os.fstat(descriptor), path) and self.unlink(path)
+        except OSError:     # held (BlockingIOError), or the lock failed
             return False
         finally:
             os.close(descriptor)
@@ -2530,9 +2580,8 @@ class Cache:
                 if name.endswith(".head"):
                     if not os.path.exists(path[:-5]) and file_mtime(path) < old:
                         removed += self.unlink(path)
-                elif (folder == "fills" or file_mtime(path) < old) and abandoned_file(path):
-                    self.unlink(path + ".head")
-                    removed += self.unlink(path)
+                elif folder == "fills" or file_mtime(path) < old:
+                    removed += remove_if_abandoned(path)
         if removed:
             log("cache: removed %d files left by processes that stopped" % removed)
         return removed
@@ -2551,13 +2600,18 @@ class Cache:
         takes it for litter."""
         descriptor, temporary = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
             with os.fdopen(descriptor, "wb") as handle:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                os.fchmod(descriptor, 0o644)    # as objects are: other docxy users read it too
                 handle.write(data)
                 handle.flush()
                 touch(descriptor)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.rename(temporary, path)
+            try:
+                os.rename(temporary, path)
+            except FileNotFoundError:   # its folder went meanwhile (a tag's last record did)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.rename(temporary, path)
         except OSError:
             self.unlink(temporary)
             raise
@@ -2621,19 +2675,52 @@ def file_mtime(path):
         return float("inf")
 
 
-def abandoned_file(path):
-    """Whether nobody holds a file's lock (its writer stopped); the test takes none."""
+def remove_if_abandoned(path):
+    """Remove a file (and its head) whose lock nobody holds: its writer stopped. Removed
+    while this holds the lock, and only if the path still names the file locked: else a new
+    download, started meanwhile under the same name, would go."""
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)   # NFS: LOCK_EX needs write
     except OSError:
         return False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
+        if not same_file(os.fstat(descriptor), path):
+            return False
+        unlink_quietly(path + ".head")
+        return unlink_quietly(path)
+    except OSError:         # held (BlockingIOError), or the lock failed
         return False
     finally:
         os.close(descriptor)
+
+
+def remove_record(path):
+    """Remove a tag record, and its tag's folder once it holds none."""
+    if not unlink_quietly(path):
+        return False
+    try:
+        os.rmdir(os.path.dirname(path))
+    except OSError:         # other records of the tag are there
+        pass
+    return True
+
+
+def unlink_quietly(path):
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def close_quietly(descriptor):
+    """Close a descriptor; a network file system may report a late write error here, which
+    changes nothing for a file being discarded or already committed."""
+    try:
+        os.close(descriptor)
+    except OSError:
+        pass
 
 
 def check_locks(path):
@@ -4357,6 +4444,8 @@ class CacheRoutes:
                 why = " (the process downloading it stopped)" if fill.abandoned else ""
                 return self.abort_transfer(
                     UpstreamError(502, "coalesced download failed" + why, digest))
+            if state == "done":     # as a hit is held: no process evicts it while it is sent
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
             if check is None:
                 self.send_file(handle, sent, ready - sent)
             elif not self.send_checked(handle, sent, ready - sent, check, digest, length):

@@ -3274,6 +3274,175 @@ class TestCache:
         assert cache.start_fill(digest, "blobs") == ("again", None)
         assert os.listdir(str(tmp_path / "fills")) == [] and not cache.busy and not cache.fills
 
+    def test_a_download_that_stopped_caching_never_removes_or_commits_another_ones_file(
+        self, dx, tmp_path
+    ):
+        """A full disk stops one process's caching while its transfer goes on; when that
+        transfer ends, the path it had may be another process's download."""
+        first, second, third = (dx.Cache(str(tmp_path), 1 << 30, 300) for _ in range(3))
+        data = b"0123456789" * 1000
+        digest = sha256_digest(data)
+        stopped = first.start_fill(digest, "blobs")[1]
+        first.describe(stopped, len(data), None)
+        first.write(stopped, data[:100])
+        first.stop_writing(stopped, OSError(errno.ENOSPC, "No space left on device"))
+        claim, live = second.start_fill(digest, "blobs")
+        assert claim == "lead"
+        second.describe(live, len(data), None)
+        second.write(live, data[:5000])
+        first.finish_fill(digest, stopped, False)  # its uncached transfer ended
+        assert os.fstat(live.descriptor).st_nlink == 1 and os.path.exists(live.path + ".head")
+        assert third.start_fill(digest, "blobs")[0] == "follow"  # the live one, not a new one
+        second.write(live, data[5000:])
+        second.finish_fill(digest, live, True)
+        handle, size, _ = third.open(digest)
+        with handle:
+            assert size == len(data) and handle.read() == data
+
+    def test_a_commit_refuses_a_path_that_no_longer_names_its_file(self, dx, tmp_path):
+        cache = dx.Cache(str(tmp_path), 1 << 30, 300)
+        data = b"verified"
+        digest = sha256_digest(data)
+        fill = cache.start_fill(digest, "blobs")[1]
+        cache.write(fill, data)
+        os.unlink(fill.path)
+        with open(fill.path, "wb") as other:  # someone else's file under the name
+            other.write(b"PARTIAL")
+        cache.finish_fill(digest, fill, True)
+        assert fill.state == "failed" and cache.open(digest) is None
+        assert open(fill.path, "rb").read() == b"PARTIAL"  # not this fill's to remove
+
+    def test_the_sweep_leaves_a_download_started_while_it_looked_at_an_abandoned_one(
+        self, dx, tmp_path, monkeypatch
+    ):
+        sweeper, other = dx.Cache(str(tmp_path), 1 << 30, 300), dx.Cache(str(tmp_path), MIB, 300)
+        data = b"x" * 1000
+        digest = sha256_digest(data)
+        dead = sweeper.fill_path(digest)
+        with open(dead, "wb") as left:
+            left.write(b"left by a killed process")
+        taken, real_open = [], os.open
+
+        def open_then_taken_over(path, flags, *mode):
+            descriptor = real_open(path, flags, *mode)
+            if path == dead and not flags & os.O_CREAT and not taken:  # the sweep's look
+                taken.append(other.start_fill(digest, "blobs"))
+                other.describe(taken[0][1], len(data), None)
+            return descriptor
+
+        monkeypatch.setattr(dx.os, "open", open_then_taken_over)
+        sweeper.sweep()
+        claim, fill = taken[0]
+        assert claim == "lead" and other.stats["fills_taken_over"] == 1
+        assert os.fstat(fill.descriptor).st_nlink == 1 and os.path.exists(fill.path + ".head")
+
+    def test_a_fill_whose_file_fails_to_close_still_ends(self, dx, tmp_path, monkeypatch):
+        """A network file system reports a late write error when the file is closed."""
+        cache = dx.Cache(str(tmp_path), 1 << 30, 300)
+        data = b"y" * 100
+        digest = sha256_digest(data)
+        fill = cache.start_fill(digest, "blobs")[1]
+        cache.write(fill, data[:50])
+        real_close = os.close
+
+        def close_then_fail(descriptor):
+            real_close(descriptor)
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+        monkeypatch.setattr(dx.os, "close", close_then_fail)
+        cache.finish_fill(digest, fill, False)
+        monkeypatch.setattr(dx.os, "close", real_close)
+        assert fill.state == "failed" and digest not in cache.fills and not cache.busy
+        assert cache.start_fill(digest, "blobs")[0] == "lead"
+
+    def test_a_follower_holds_a_committed_object_against_eviction_either_way_it_saw_it(
+        self, dx, tmp_path, monkeypatch
+    ):
+        owner, follower, evicter = (dx.Cache(str(tmp_path), 1 << 30, 300) for _ in range(3))
+        for late_look in (False, True):
+            data = b"z" * 1000 + bytes([late_look])
+            digest = sha256_digest(data)
+            fill = owner.start_fill(digest, "blobs")[1]
+            owner.describe(fill, len(data), None)
+            followed = follower.start_fill(digest, "blobs")[1]
+            owner.write(fill, data)
+            owner.finish_fill(digest, fill, True)
+            if late_look:  # it saw the lock free before it saw the object committed
+                looks = iter([False])
+                real = follower.committed
+                monkeypatch.setattr(
+                    follower, "committed", lambda d, i: next(looks, None) or real(d, i)
+                )
+            assert followed.wait(lambda f: False, 1)[1] == "done"
+            assert not evicter.remove_object(evicter.path(digest))
+            followed.close()
+            assert evicter.remove_object(evicter.path(digest))
+            monkeypatch.undo()
+
+    def test_a_start_up_count_is_not_thrown_off_by_an_eviction_in_another_process(
+        self, dx, tmp_path, monkeypatch
+    ):
+        evicter = dx.Cache(str(tmp_path), 10000, 300)
+        for n in range(10):
+            unit_store(evicter, bytes([n]) * 1000)
+        real_scan = dx.Cache.scan
+
+        def scan_while_another_evicts(self):
+            evicter.max_size = 5000
+            evicter.evict()  # another process, while this one starts and counts
+            return real_scan(self)
+
+        monkeypatch.setattr(dx.Cache, "scan", scan_while_another_evicts)
+        starting = dx.Cache(str(tmp_path), 10000, 300)
+        monkeypatch.undo()
+        evicter.evict()
+        on_disk = real_scan(evicter)
+        assert evicter.usage.read() == (
+            sum(entry[2] for entry in on_disk),
+            sum(1 for entry in on_disk if entry[3]),
+        )
+        assert starting.usage.read() == evicter.usage.read()
+
+    def test_a_lock_that_fails_leaves_no_descriptor_open(self, dx, tmp_path, monkeypatch):
+        cache = dx.Cache(str(tmp_path), 1 << 30, 300)
+
+        def no_locks(descriptor, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        before = len(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(dx.fcntl, "flock", no_locks)
+        for n in range(5):
+            assert cache.start_fill(sha256_digest(bytes([n])), "blobs") == ("pass", None)
+            with pytest.raises(OSError):
+                cache.write_file(str(tmp_path / "types" / "x"), b"x")
+        monkeypatch.undo()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    def test_eviction_leaves_a_manifest_fetched_again_meanwhile_with_its_type(
+        self, dx, tmp_path, monkeypatch
+    ):
+        fetcher, evicter = dx.Cache(str(tmp_path), 1 << 30, 300), dx.Cache(str(tmp_path), MIB, 300)
+        data = b'{"schemaVersion": 2}'
+        digest = unit_store(fetcher, data, "manifests", MT_MANIFEST)
+        real_unlink, removed = evicter.unlink, []
+
+        def unlink_while_fetched_again(path):
+            done = real_unlink(path)
+            removed.append(path)
+            if len(removed) == 1:  # another process commits the manifest again in between
+                fetcher.write_file(fetcher.type_path(digest), MT_MANIFEST.encode())
+                again = tmp_path / "tmp" / "again"
+                again.write_bytes(data)
+                os.rename(str(again), fetcher.path(digest))
+            return done
+
+        monkeypatch.setattr(evicter, "unlink", unlink_while_fetched_again)
+        assert not evicter.remove_object(evicter.path(digest))
+        fresh = dx.Cache(str(tmp_path), 1 << 30, 300)
+        handle, size, media_type = fresh.open(digest, "manifests")
+        handle.close()
+        assert (size, media_type) == (len(data), MT_MANIFEST)
+
     def test_cache_serves_an_object_as_a_manifest_only_if_it_was_stored_as_one(self, dx, tmp_path):
         cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
         manifest = unit_store(cache, b'{"schemaVersion": 2}', "manifests", MT_MANIFEST)
