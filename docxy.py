@@ -208,7 +208,8 @@ def build_parser(**options):
     add("--cache-dir", metavar="DIR",
         help="keep pulled blobs and manifests here (default: no cache)")
     add("--cache-max-size", metavar="SIZE",
-        help="cap on the cache, e.g. 20G (default: 80%% of the free space at start-up)")
+        help="cap on the cache, e.g. 20G (default: 80%% of the free space and the cache's "
+             "own size at start-up)")
     add("--tag-ttl", type=float, metavar="SECONDS",
         help="how long a cached tag is trusted before an upstream HEAD checks it (default 300)")
     add("--metrics-allow", action="append", metavar="CIDR",
@@ -2101,6 +2102,8 @@ class Cache:
         self.drop_old_tag_records()
         self.sweep()
         self.recount()
+        if max_size is None:
+            self.max_size = self.default_cap()
         self.evict()
 
     def after_fork(self):
@@ -2473,6 +2476,11 @@ class Cache:
         found.sort()
         return found
 
+    def default_cap(self):
+        """80% of what the file system has for the cache: its free space, and what the cache
+        holds already (else every restart of a full cache would shrink it)."""
+        return int((shutil.disk_usage(self.root).free + self.usage.read()[0]) * 0.8)
+
     def recount(self):
         """Count the directory anew: at start, what crashes left uncounted. Under the evicting
         lock, waited for: an eviction meanwhile would make the count's change wrong."""
@@ -2748,17 +2756,15 @@ def check_locks(path):
 def open_cache(config):
     try:
         os.makedirs(config.cache_dir, exist_ok=True)
-        max_size = config.cache_max_size
-        if max_size is None:
-            max_size = int(shutil.disk_usage(config.cache_dir).free * 0.8)
-        cache = Cache(config.cache_dir, max_size, config.tag_ttl)
+        cache = Cache(config.cache_dir, config.cache_max_size, config.tag_ttl)
     except OSError as error:
         raise ConfigError("cannot use --cache-dir %s: %s"
                           % (config.cache_dir, error.strerror or error))
     figures = cache.figures()
     log("cache %s: %.1f MiB in %d objects, cap %.1f MiB%s, tags trusted for %gs" % (
-        config.cache_dir, figures["size"] / 1048576, figures["objects"], max_size / 1048576,
-        "" if config.cache_max_size else " (80% of the free space)", config.tag_ttl))
+        config.cache_dir, figures["size"] / 1048576, figures["objects"], cache.max_size / 1048576,
+        "" if config.cache_max_size else " (80% of the free space and the cache)",
+        config.tag_ttl))
     return cache
 
 

@@ -20,6 +20,7 @@ Only pytest and the standard library are used.  Addresses are loopback only
 """
 
 import base64
+import collections
 import errno
 import fcntl
 import gzip
@@ -3580,6 +3581,17 @@ class TestCache:
         assert os.listdir(str(tmp_path / "tmp")) == ["tmpfresh"]
         assert "removed 3 files left by processes that stopped" in capfd.readouterr().err
         cache.finish_fill(sha256_digest(b"live"), live, False)
+
+    def test_the_default_cap_counts_what_the_cache_holds_so_a_restart_keeps_it(
+        self, dx, tmp_path, monkeypatch
+    ):
+        cache = dx.Cache(str(tmp_path), MIB, 300)
+        digests = [unit_store(cache, bytes([n]) * 1000) for n in range(4)]
+        Usage = collections.namedtuple("Usage", "total used free")
+        monkeypatch.setattr(dx.shutil, "disk_usage", lambda path: Usage(10000, 9000, 1000))
+        restarted = dx.Cache(str(tmp_path), None, 300)  # the disk is nearly full: of the cache
+        assert restarted.max_size == int((1000 + 4000) * 0.8)
+        assert len(unit_present(restarted, *digests)) == 4  # 4000 <= 4000: nothing evicted
 
     def test_cache_refuses_a_directory_whose_file_system_has_no_working_locks(
         self, dx, tmp_path, monkeypatch
@@ -9883,7 +9895,7 @@ class TestPullThroughCache:
         self, start_docxy, registry, tmp_path
     ):
         d = cached_docxy(start_docxy, registry, tmp_path / "cache")
-        m = d.wait_for(r"cache .*, cap ([\d.]+) MiB \(80% of the free space\)")[0]
+        m = d.wait_for(r"cache .*, cap ([\d.]+) MiB \(80% of the free space and the cache\)")[0]
         expected = shutil.disk_usage(str(tmp_path)).free * 0.8 / MIB
         assert abs(float(m.group(1)) - expected) < max(0.02 * expected, 64)
 
