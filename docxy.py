@@ -2394,6 +2394,21 @@ class Cache:
         return max(fits, key=lambda record: (record["type"] in INDEX_TYPES, record["checked"]),
                    default=None)
 
+    def tag_answering(self, key, accepted):
+        """A record of this tag made for another Accept set that is this client's answer as
+        well: of a type it accepts, and either an index or list (which a registry answers
+        whoever accepts one) or a manifest answered to a client that accepted an index too
+        (so the tag names no index). A prefetched tag is then a hit for Docker, containerd
+        and podman alike. The most recently checked such record."""
+        types = set(accepted)
+        fits = []
+        for record in self.tag_records(key):
+            made_for = set(record["key"][3].split(","))
+            if (record["type"] in types or "*/*" in types) and (
+                    record["type"] in INDEX_TYPES or made_for & (INDEX_TYPES | {"*/*"})):
+                fits.append(record)
+        return max(fits, key=lambda record: record["checked"], default=None)
+
     def tag_records(self, key):
         """Every record of a tag, whatever the Accept set it was made for."""
         folder = os.path.dirname(self.tag_path(key))
@@ -4489,7 +4504,7 @@ class CacheRoutes:
         cache = self.mirror.cache
         accepted = manifest_accept(self.headers.get_all("Accept") or [])
         key = (registry.name, name, tag, ",".join(accepted))
-        known, status = cache.tag(key), "hit"
+        known, status = cache.tag(key) or cache.tag_answering(key, accepted), "hit"
         if not known or time.time() - known["checked"] >= cache.tag_ttl:
             # During an outage a record made for another client's Accept list will do, if this
             # client accepts its media type: a fleet of Docker and containerd nodes shares it.

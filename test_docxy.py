@@ -3649,6 +3649,26 @@ class TestCache:
         cache.remember_tag(("docker.io", "x", "2", "a"), "sha256:" + "0" * 64, MT_INDEX, "")
         assert len(list((tmp_path / "tags").rglob("*.json"))) == 5  # another tag: its own four
 
+    def test_a_record_made_for_another_accept_set_answers_a_client_only_as_a_registry_would(
+        self, dx, tmp_path, unit_clock
+    ):
+        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+        v1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+        docker = tuple(sorted(DOCKERD_ACCEPT + [v1]))  # Docker 20.10 accepts schema 1 too
+        both = ",".join(sorted([MT_INDEX, MT_MANIFEST]))
+
+        def answer(made_for, media_type, client):
+            tag = ("docker.io", "x/%d" % len(os.listdir(str(tmp_path / "tags"))), "latest")
+            cache.remember_tag(tag + (made_for,), "sha256:" + "0" * 64, media_type, "")
+            found = cache.tag_answering(tag + (",".join(client),), client)
+            return found and found["type"]
+
+        assert answer(both, MT_INDEX, docker) == MT_INDEX  # an index: anyone's who accepts one
+        assert answer(both, MT_MANIFEST, (MT_MANIFEST, v1)) == MT_MANIFEST  # the tag is no index
+        assert answer(MT_MANIFEST, MT_MANIFEST, docker) is None  # it may be an index for Docker
+        assert answer("*/*", MT_MANIFEST, (MT_MANIFEST,)) == MT_MANIFEST
+        assert answer(both, MT_INDEX, (MT_MANIFEST,)) is None  # not a type this client takes
+
     def test_tag_for_any_client_prefers_an_index_then_the_record_checked_last(
         self, dx, tmp_path, unit_clock
     ):
@@ -10750,6 +10770,11 @@ class TestSharedCache:
             accept = [("Accept", a) for a in DOCKERD_ACCEPT]
             r = call(running.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
             assert r.status == 200 and r.headers["X-Docxy-Cache"] == "hit"
+            docker_20 = accept + [
+                ("Accept", "application/vnd.docker.distribution.manifest.v1+prettyjws")
+            ]
+            r = call(running.port, "HEAD", "/v2/library/busybox/manifests/latest", docker_20)
+            assert r.status == 200 and r.headers["X-Docxy-Cache"] == "hit"  # another Accept set
             pull_like_dockerd(running.port)
             assert own.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
         finally:
