@@ -9168,6 +9168,13 @@ def age_in_order(cache_dir, digests):
         os.utime(path, (when, when))
 
 
+def age_tag_records(cache_dir):
+    """Make every cached tag record a day old: checked long past --tag-ttl."""
+    for record in (cache_dir / "tags").rglob("*.json"):
+        old = json.loads(record.read_text())
+        record.write_text(json.dumps(dict(old, checked=old["checked"] - 86400)))
+
+
 def wait_cached(cache_dir, digests, timeout=5):
     wait_until(
         lambda: set(digests) <= set(cached_objects(cache_dir)), timeout, "%s in the cache" % digests
@@ -9582,6 +9589,7 @@ class TestPullThroughCache:
         pull_like_dockerd(online.port)
         wait_cached(cache_dir, amd64_digests(content))
         online.stop()
+        age_tag_records(cache_dir)  # else Docker's record is a hit for containerd's too
         d = start_docxy(
             "--listen",
             "127.0.0.1:0",
@@ -10779,9 +10787,7 @@ class TestSharedCache:
             assert own.reqs(prefix="/v2/library/") == [] and cdn.reqs() == []
         finally:
             own.close()  # the upstream is gone
-        for record in (cache_dir / "tags").rglob("*.json"):  # and the tags are old
-            old = json.loads(record.read_text())
-            record.write_text(json.dumps(dict(old, checked=old["checked"] - 86400)))
+        age_tag_records(cache_dir)  # and the tags are old
         r = call(running.port, "HEAD", "/v2/library/busybox/manifests/latest", accept)
         assert r.status == 200 and r.headers["X-Docxy-Cache"] == "stale"
         assert r.headers["Warning"] == '110 - "Response is Stale"'
