@@ -5545,9 +5545,25 @@ class Listener(http.server.ThreadingHTTPServer):
                                         for _ in range(workers - 1)]
 
     def server_bind(self):
+        if self.reuse_port:
+            self.server_address = self.free_address(self.server_address)
         self.prepare(self.socket)
         socketserver.TCPServer.server_bind(self)   # HTTPServer's would do a slow reverse DNS lookup
         self.server_name, self.server_port = self.server_address[:2]
+
+    def free_address(self, address):
+        """SO_REUSEPORT would let this server bind an address where another server listens
+        (by the same user), and take half of its connections. So the address is bound first
+        without it, which fails as usual when it is taken, and picks the port for port 0."""
+        probe = socket.socket(self.address_family, socket.SOCK_STREAM)
+        try:
+            if self.address_family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self.v6only))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the real ones
+            probe.bind(address[:2])
+            return address[0], probe.getsockname()[1]
+        finally:
+            probe.close()
 
     def prepare(self, sock):
         if self.address_family == socket.AF_INET6:

@@ -6606,6 +6606,18 @@ class TestWorkers:
         assert child_pids(single.proc.pid) == []
         assert "workers serving" not in single.log() and "worker 1" not in single.log()
 
+    def test_workers_do_not_share_a_port_another_server_listens_on(self, start_docxy, registry):
+        """SO_REUSEPORT lets sockets of one user share a port: a second server started on the
+        first one's address by mistake would take half of its connections, silently."""
+        port = free_port()
+        args = ["--listen", "127.0.0.1:%d" % port, "--upstream", registry.url, "--workers", "2"]
+        first = start_docxy(*args)
+        first.wait_for(r"^docxy: 2 workers serving$")
+        code, _, err = run_to_exit(args)
+        assert code == 1, err
+        assert "cannot listen on 127.0.0.1:%d: address already in use" % port in err.lower()
+        assert call(first.port, "GET", "/health").status == 200
+
     def test_a_killed_worker_is_replaced_at_once_while_the_other_keeps_serving(
         self, start_docxy, registry
     ):
