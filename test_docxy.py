@@ -12171,6 +12171,7 @@ class TestHostileInput:
         finally:
             busybox["tags"]["latest"] = content.index_digest
         online.stop()
+        age_tag_records(cache_dir)  # past the TTL: each record is a fallback only
         d = start_docxy(
             "--listen",
             "127.0.0.1:0",
@@ -12208,6 +12209,7 @@ class TestHostileInput:
         finally:
             registry.platform_fallback = None
         online.stop()
+        age_tag_records(cache_dir)  # past the TTL: each record is a fallback only
         d = start_docxy(
             "--listen",
             "127.0.0.1:0",
