@@ -4360,6 +4360,21 @@ class UpstreamRelay:
 AGAIN = "again"     # a fill that ended before it was followed: look in the cache again
 
 
+class ReadBackCheck:
+    """The hash of an object as a follower reads it back from another process's file, piece by
+    piece in order (send_file): the piece that ends the object passes only if the whole hashes
+    to the digest."""
+
+    def __init__(self, digest, length):
+        algorithm, self.expected = digest.split(":")
+        self.hasher, self.length, self.seen = hashlib.new(algorithm), length, 0
+
+    def passes(self, piece):
+        self.hasher.update(piece)
+        self.seen += len(piece)
+        return self.seen < self.length or self.hasher.hexdigest() == self.expected
+
+
 class CacheRoutes:
     """Handler mixin: answers blobs and manifests from the Cache (--cache-dir): by digest
     from disk, from a download in progress (a Fill), or downloaded once while it streams to
@@ -4456,7 +4471,7 @@ class CacheRoutes:
         the downloading connection. What another process wrote is checked here as well, its
         last byte sent only if the whole matches: a network file system may show one host
         another's writes late or out of order."""
-        check = hashlib.new(digest.split(":")[0]) if isinstance(fill, ForeignFill) else None
+        check = ReadBackCheck(digest, length) if isinstance(fill, ForeignFill) else None
         sent = 0
         while sent < length:
             written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
@@ -4467,36 +4482,12 @@ class CacheRoutes:
                     UpstreamError(502, "coalesced download failed" + why, digest))
             if state == "done":     # as a hit is held: no process evicts it while it is sent
                 fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
-            if check is None:
-                self.send_file(handle, sent, ready - sent)
-            elif not self.send_checked(handle, sent, ready - sent, check, digest, length):
+            if not self.send_file(handle, sent, ready - sent, check):
                 return self.abort_transfer(
                     UpstreamError(502, "another process's download does not match", digest))
             self.mirror.cache.count("bytes_served", ready - sent)
             sent = ready
         return None
-
-    def send_checked(self, handle, offset, count, check, digest, length):
-        """Send part of a file, hashing it; the object's last byte only if the hash of the
-        whole is the digest. False when it is not."""
-        handle.seek(offset)
-        buffer = transfer_buffer(count, self.mirror.transfers())
-        view = memoryview(buffer)
-        try:
-            while count > 0:
-                n = handle.readinto(view[:min(count, len(buffer))])
-                if not n:
-                    raise OSError("cached object shorter than expected")
-                check.update(view[:n])
-                offset, count = offset + n, count - n
-                if offset == length and check.hexdigest() != digest.split(":")[1]:
-                    return False
-                self.wfile.write(view[:n])
-                self.record.sent += n
-            return True
-        finally:
-            view.release()
-            release_buffer(buffer)
 
     def serve_tag(self, registry, url, name, tag, headers):
         """A manifest by tag: a cached tag is trusted for --tag-ttl, then checked with an upstream
@@ -4596,11 +4587,14 @@ class CacheRoutes:
             return [("Warning", STALE_WARNING), ("X-Docxy-Cache", "stale")]
         return [("X-Docxy-Cache", self.record.cache)] if self.record.cache != "-" else []
 
-    def send_file(self, handle, offset, count):
-        """Send part of a file: os.sendfile on plain HTTP, fixed-size chunks through TLS."""
-        if not self.server.tls_context and hasattr(os, "sendfile"):
+    def send_file(self, handle, offset, count, check=None):
+        """Send part of a file: os.sendfile on plain HTTP, else fixed-size chunks (through TLS,
+        or when a ReadBackCheck must see the bytes). False when the check failed: the piece
+        with the object's last byte is then not sent."""
+        if check is None and not self.server.tls_context and hasattr(os, "sendfile"):
             self.wfile.flush()
-            return self.send_file_zero_copy(handle, offset, count)
+            self.send_file_zero_copy(handle, offset, count)
+            return True
         handle.seek(offset)
         buffer = transfer_buffer(count, self.mirror.transfers())
         view = memoryview(buffer)
@@ -4609,9 +4603,12 @@ class CacheRoutes:
                 n = handle.readinto(view[:min(count, len(buffer))])
                 if not n:
                     raise OSError("cached object shorter than expected")
+                if check and not check.passes(view[:n]):
+                    return False
                 self.wfile.write(view[:n])
                 self.record.sent += n
                 count -= n
+            return True
         finally:
             view.release()
             release_buffer(buffer)
