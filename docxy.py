@@ -2574,19 +2574,15 @@ class Cache:
         with self.lock:
             if self.busy.get(digest):
                 return False
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)   # NFS: LOCK_EX needs write
-        except OSError:
+        descriptor = lock_at_once(path)
+        if descriptor is None:
             return False
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if DIGEST.fullmatch(digest):    # first: an object is never found without its type
                 self.unlink(self.type_path(digest))
             # A process may have fetched it again meanwhile (its type written anew, then the
             # object renamed over this one): that one stays.
             return same_file(os.fstat(descriptor), path) and self.unlink(path)
-        except OSError:     # held (BlockingIOError), or the lock failed
-            return False
         finally:
             os.close(descriptor)
 
@@ -2702,20 +2698,32 @@ def remove_if_abandoned(path):
     """Remove a file (and its head) whose lock nobody holds: its writer stopped. Removed
     while this holds the lock, and only if the path still names the file locked: else a new
     download, started meanwhile under the same name, would go."""
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)   # NFS: LOCK_EX needs write
-    except OSError:
+    descriptor = lock_at_once(path)
+    if descriptor is None:
         return False
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not same_file(os.fstat(descriptor), path):
             return False
         unlink_quietly(path + ".head")
         return unlink_quietly(path)
-    except OSError:         # held (BlockingIOError), or the lock failed
-        return False
     finally:
         os.close(descriptor)
+
+
+def lock_at_once(path):
+    """Open a file and take its exclusive lock without waiting: the descriptor (the caller
+    closes it, which lets go of the lock), or None when the file is gone or another open file
+    holds its lock. Opened for writing: NFS grants LOCK_EX to no other."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return descriptor
+    except OSError:         # held (BlockingIOError), or the lock failed
+        os.close(descriptor)
+        return None
 
 
 def remove_record(path):
