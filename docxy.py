@@ -2399,7 +2399,8 @@ class Cache:
         well: of a type it accepts, and either an index or list (which a registry answers
         whoever accepts one) or a manifest answered to a client that accepted an index too
         (so the tag names no index). A prefetched tag is then a hit for Docker, containerd
-        and podman alike. The most recently checked such record."""
+        and podman alike. The most recently checked such record, kept as this client's own
+        too (checked when it was), so that its next request reads one file, not them all."""
         types = set(accepted)
         fits = []
         for record in self.tag_records(key):
@@ -2407,7 +2408,11 @@ class Cache:
             if (record["type"] in types or "*/*" in types) and (
                     record["type"] in INDEX_TYPES or made_for & (INDEX_TYPES | {"*/*"})):
                 fits.append(record)
-        return max(fits, key=lambda record: record["checked"], default=None)
+        best = max(fits, key=lambda record: record["checked"], default=None)
+        if best is None:
+            return None
+        return self.remember_tag(key, best["digest"], best["type"], best["length"],
+                                 best["checked"])
 
     def tag_records(self, key):
         """Every record of a tag, whatever the Accept set it was made for."""
@@ -2419,9 +2424,10 @@ class Cache:
         records = (read_tag_record(os.path.join(folder, name)) for name in names)
         return [record for record in records if record and record["key"][:3] == list(key[:3])]
 
-    def remember_tag(self, key, digest, media_type, length):
+    def remember_tag(self, key, digest, media_type, length, checked=None):
         record = {"version": TAG_RECORD_VERSION, "key": list(key), "digest": digest,
-                  "type": media_type, "length": length, "checked": time.time()}
+                  "type": media_type, "length": length,
+                  "checked": time.time() if checked is None else checked}
         data = json.dumps(record).encode()
         path = self.tag_path(key)
         try:

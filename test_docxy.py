@@ -3669,6 +3669,26 @@ class TestCache:
         assert answer("*/*", MT_MANIFEST, (MT_MANIFEST,)) == MT_MANIFEST
         assert answer(both, MT_INDEX, (MT_MANIFEST,)) is None  # not a type this client takes
 
+    def test_a_record_that_answers_another_accept_set_is_kept_as_that_clients_own(
+        self, dx, tmp_path, unit_clock
+    ):
+        cache = dx.Cache(str(tmp_path), 10 * MIB, 300)
+        tag = ("docker.io", "library/busybox", "latest")
+        both = ",".join(sorted([MT_INDEX, MT_MANIFEST]))
+        cache.remember_tag(tag + (both,), "sha256:" + "1" * 64, MT_INDEX, "42")
+        checked = unit_clock.now
+        unit_clock.now += 60
+        client = tuple(sorted(DOCKERD_ACCEPT))
+        key = tag + (",".join(client),)
+        assert cache.tag(key) is None
+        found = cache.tag_answering(key, client)
+        assert cache.tag(key) == found  # the next request reads its own record
+        assert (found["digest"], found["checked"], found["key"]) == (
+            "sha256:" + "1" * 64,
+            checked,  # as old as what it was made from: the TTL runs from the real check
+            list(key),
+        )
+
     def test_tag_for_any_client_prefers_an_index_then_the_record_checked_last(
         self, dx, tmp_path, unit_clock
     ):
