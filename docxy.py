@@ -96,6 +96,7 @@ DEFAULTS = {
     "client_timeout": 30.0,
     "max_connections": 512,
     "drain_seconds": 30.0,
+    "drain_delay": 0.0,
     "library_prefix": "auto",
     "tag_ttl": 300.0,
     "log_format": "text",
@@ -227,8 +228,11 @@ def build_parser(**options):
         help="time a client has to send a complete request, and idle keep-alive time (default 30)")
     add("--max-connections", type=int, metavar="N",
         help="client connections served at once; more wait in the backlog (default 512)")
+    add("--drain-delay", type=float, metavar="SECONDS",
+        help="on SIGTERM, time /health answers 503 while docxy still accepts and serves, for "
+             "load balancers to take this node out (default 0)")
     add("--drain-seconds", type=float, metavar="SECONDS",
-        help="on SIGTERM, time given to transfers in flight (default 30)")
+        help="on SIGTERM, after --drain-delay, time given to transfers in flight (default 30)")
     add("--workers", metavar="N|auto",
         help="processes serving the listeners together, each with its threads; the rate limit, "
              "--max-connections and /metrics count for all of them (default 1; auto: one per "
@@ -431,6 +435,8 @@ def check_limits(config, problems):
     for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
             problems.append("%s must be positive" % source(config, name))
+    if not config.drain_delay >= 0:
+        problems.append("%s must not be negative" % source(config, "drain_delay"))
     if config.max_connections < 1:
         problems.append("%s must be at least 1" % source(config, "max_connections"))
     config.workers = problems.check(parse_workers, config.workers, source(config, "workers"))
@@ -1515,6 +1521,7 @@ class RegistryClient:
     /v2/ last answered, and until when it counts as down after a failure.
 
     `lock` guards `pings`, `down_until`, and the writing of `registries` and `challenges`;
+    `contacts` (for /health) is written whole per registry, one dict operation, without it;
     `challenges` maps a registry's name to a dict that is replaced whole, never changed, so it
     is read without the lock. `tokens` has its own. Every exchange is counted in the Metrics
     given (errors, the upstream's rate limit) and in the request's AccessRecord."""
@@ -1527,6 +1534,7 @@ class RegistryClient:
         self.lock = threading.Lock()
         self.pings = {}         # registry name -> when its /v2/ last answered
         self.down_until = {}    # registry name -> don't ask it again before
+        self.contacts = {}      # registry name -> (time.time() of its last answer or error, error)
         self.registries, self.challenges = {}, {}
         self.configure(config)
 
@@ -1627,6 +1635,7 @@ class RegistryClient:
         except UpstreamError as error:
             record.upstream_status = "error"
             self.count_error(registry.name, error.kind)
+            self.contacts[registry.name] = (time.time(), error.message)
             raise
         finally:
             record.upstream_seconds += time.monotonic() - began
@@ -1635,6 +1644,7 @@ class RegistryClient:
         return answer
 
     def note_answer(self, registry, answer):
+        self.contacts[registry.name] = (time.time(), None)
         if answer.status < 500:
             self.mark_up(registry)
         if answer.status == 429 or answer.status >= 500:
@@ -1650,6 +1660,13 @@ class RegistryClient:
                          (("registry", registry_name), ("kind", kind)))
 
     # -- health
+
+    def last_contact(self, registry, now):
+        """What /health tells of a registry, as this process knows it: seconds since it last
+        answered or failed to, whether it counts as down, and the last failure's message."""
+        when, error = self.contacts.get(registry.name, (None, None))
+        return {"seconds_since_contact": None if when is None else round(now - when, 1),
+                "down": self.is_down(registry), "last_error": error}
 
     def answered_lately(self, registry):
         """Whether the registry's /v2/ answered within PING_MEMORY."""
@@ -2611,6 +2628,22 @@ class Cache:
             log("cache: removed %d files left by processes that stopped" % removed)
         return removed
 
+    def write_problem(self):
+        """Why no file can be written in the cache directory now, or None when one can: for
+        /health, which a balancer asks every few seconds (a full or read-only disk, a lost
+        network mount)."""
+        try:
+            descriptor, probe = tempfile.mkstemp(prefix="health-",
+                                                 dir=os.path.join(self.root, "tmp"))
+            try:
+                os.write(descriptor, b"ok")
+            finally:
+                os.close(descriptor)
+                os.unlink(probe)
+        except OSError as error:
+            return error.strerror or str(error)
+        return None
+
     def sweep_every(self, stop):
         """The sweep, every SWEEP_AGE seconds until `stop` is set (a thread of each process)."""
         while not stop.wait(self.SWEEP_AGE):
@@ -3306,6 +3339,8 @@ class Mirror:
       each locked inside; password_checks and login_queue: semaphores that bound PBKDF2 work;
     - budget (ConnectionBudget) and waiting (WaitingConnections): the connection lifecycle;
     - `lock` guards `connections` (socket -> handler, to close idle ones when draining);
+    - stopping: set on SIGTERM, when /health starts answering 503; draining: set once docxy
+      no longer accepts (see stop_serving);
     - date: (second, its Date header), a tuple replaced whole (see date_time_string).
     Made before the workers are forked; each calls after_fork first."""
 
@@ -3324,9 +3359,10 @@ class Mirror:
         self.cache = open_cache(config) if config.cache_dir else None
         self.https_port = 443               # where --http-redirect sends clients
         self.budget = ConnectionBudget(config.max_connections, self.share)
-        self.draining = threading.Event()
+        self.stopping, self.draining = threading.Event(), threading.Event()
         self.connections = {}
         self.waiting = None                 # WaitingConnections, once there are listeners
+        self.listeners = []                 # (open_listeners), for /health
         self.lock = threading.Lock()
         self.date = (0, "")
 
@@ -3359,7 +3395,8 @@ class Mirror:
         self.worker = worker
         self.share.after_fork(worker - 1)
         self.metrics.after_fork(self.share.inherited(worker - 1))
-        self.lock, self.connections, self.draining = threading.Lock(), {}, threading.Event()
+        self.lock, self.connections = threading.Lock(), {}
+        self.stopping, self.draining = threading.Event(), threading.Event()
         self.logins = ExpiringCache(1024)
         self.password_checks = threading.BoundedSemaphore(LOGIN_HASHERS)
         self.login_queue = threading.BoundedSemaphore(LOGIN_HASHERS + LOGIN_QUEUE)
@@ -4017,7 +4054,7 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
                 return
             if self.reader.poller is None:      # a TLS read may have shortened the timeout
                 self.connection.settimeout(self.mirror.config.client_timeout)
-            if self.mirror.draining.is_set():
+            if self.mirror.stopping.is_set():    # its client had better ask another node next
                 self.close_connection = True
             self.route()
         except socket.timeout:
@@ -4797,6 +4834,14 @@ class OperatorPages:
             "cache": cache,
         }
 
+    def send_health(self):
+        """/health: 200 while this node can serve, 503 once it stops or when it cannot; as JSON
+        whose `"status": "ok"` line a balancer's check can match (and whose other lines say why
+        to a person). Nothing internal: it is answered to whoever asks."""
+        status, document = health(self.mirror)
+        body = json.dumps(document, indent=1).encode() + b"\n"
+        self.send_json(status, body, [("Cache-Control", "no-store")])
+
     def send_status(self):
         figures = self.status_figures()
         try:
@@ -4823,7 +4868,7 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
             self.frame_request()
             self.body = self.read_body(self.command == "POST" and token_path is not None)
             if path == "/health" and self.command in ("GET", "HEAD"):
-                return self.send_json(200, {"status": "ok"})   # for balancers, whoever asks
+                return self.send_health()      # for balancers, whoever asks
             self.client = self.forwarded_client()
             if path == "/metrics" and self.command in ("GET", "HEAD"):
                 return self.send_metrics()
@@ -5050,6 +5095,32 @@ def public_upstream(registry):
     url = origin_url(registry.upstream)
     preset = PRESETS.get(registry.name)
     return url if preset and url == preset[0] else "(private)"
+
+
+def health(mirror):
+    """(status, document) of /health. Draining (after SIGTERM) or unhealthy, 503: a listener
+    stopped accepting, or the cache directory takes no writes. An upstream that fails is told
+    but keeps the node in: every node shares it, and cached content is still served."""
+    problems = ["not accepting connections on port %d" % listener.server_address[1]
+                for listener in mirror.listeners if not listener.accepting()]
+    cache_problem = mirror.cache and mirror.cache.write_problem()
+    if cache_problem:
+        problems.append("the cache directory takes no writes: %s" % cache_problem)
+    now = time.time()
+    document = {
+        "status": ("draining" if mirror.stopping.is_set() else
+                   "unhealthy" if problems else "ok"),
+        "problems": problems,
+        "cache": None if not mirror.cache else {"writable": not cache_problem},
+        "upstreams": {name: mirror.upstream.last_contact(registry, now)   # asked since start
+                      for name, registry in mirror.registries.items()
+                      if name in mirror.upstream.contacts},
+        "worker": mirror.worker,
+        "version": __version__,
+    }
+    if mirror.stopping.is_set():
+        problems.insert(0, "stopping: take this node out of rotation")
+    return (200 if document["status"] == "ok" else 503), document
 
 
 def status_cache_figures(figures):
@@ -5541,6 +5612,7 @@ class Listener(http.server.ThreadingHTTPServer):
         self.mirror, self.tls_context, self.v6only = mirror, tls_context, v6only
         self.budget = budget or mirror.budget
         self.pending = {}       # socket -> the bytes of its request, until its thread takes them
+        self.accept_thread = None   # the thread in serve_forever (start_serving)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.reuse_port = workers > 1 and hasattr(socket, "SO_REUSEPORT")
         super().__init__(address, handler)
@@ -5607,6 +5679,11 @@ class Listener(http.server.ThreadingHTTPServer):
     def close_sockets(self):
         for sock in self.sockets:
             sock.close()
+
+    def accepting(self):
+        """Whether this listener accepts connections: its thread is in serve_forever."""
+        thread = self.accept_thread
+        return bool(thread and thread.is_alive()) and not self.mirror.draining.is_set()
 
     def url(self):
         host = self.server_address[0]
@@ -5690,6 +5767,7 @@ def open_listeners(mirror):
         listeners.append(listen_on(config.http_redirect, RedirectHandler, mirror, budget=budget,
                                    workers=config.workers))
     mirror.waiting = WaitingConnections(config.client_timeout, parking_capacity(config))
+    mirror.listeners = listeners
     return listeners
 
 
@@ -6000,8 +6078,30 @@ def watch_certificate(mirror, listeners, stop, interval):
         log("certificate changed on disk: reloaded")
 
 
-def drain(mirror, listeners):
-    """Stop accepting, close idle keep-alive connections, let transfers finish."""
+def stop_serving(mirror, listeners, hurry):
+    """A stop's phases, each logged. /health answers 503 while docxy goes on accepting and
+    serving for --drain-delay: a balancer sends requests until its checks see that, and they
+    would be refused. Then drain. `hurry` (a second SIGTERM) cuts short the phase it comes in
+    and every one after. True when no transfer had to be cut."""
+    config = mirror.config
+    mirror.stopping.set()
+    if config.drain_delay and not hurry.is_set():
+        log("stopping: /health answers 503; serving on for %gs (--drain-delay) while balancers "
+            "take this node out" % config.drain_delay)
+        hurry.wait(config.drain_delay)
+    log("stopping: no longer accepting; idle connections closed, transfers in flight have up "
+        "to %gs" % (0 if hurry.is_set() else config.drain_seconds))
+    clean = drain(mirror, listeners, hurry)
+    if hurry.is_set():
+        log("stopped at once: asked a second time")
+    else:
+        log("stopped" if clean else "stopped with transfers still running")
+    return clean
+
+
+def drain(mirror, listeners, hurry):
+    """Stop accepting, close idle keep-alive connections, let transfers finish (until
+    --drain-seconds are over or `hurry` is set)."""
     mirror.draining.set()
     mirror.waiting.close_all()
     for listener in listeners:
@@ -6013,7 +6113,7 @@ def drain(mirror, listeners):
         stopper.join()
         listener.server_close()
     deadline = time.monotonic() + mirror.config.drain_seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not hurry.is_set():
         with mirror.lock:
             handlers = list(mirror.connections.values())
         if not handlers:
@@ -6053,11 +6153,11 @@ def main(argv=None):
     if config.workers > 1:
         announce(mirror, listeners)
         return Supervisor(mirror, listeners, argv).run()
-    stop, reload_asked = threading.Event(), threading.Event()
-    handle_signals(stop, reload_asked)
+    stop, reload_asked, hurry = threading.Event(), threading.Event(), threading.Event()
+    handle_signals(stop, reload_asked, hurry)
     start_serving(mirror, listeners, stop)
     announce(mirror, listeners)
-    return serve_until_stopped(mirror, listeners, argv, stop, reload_asked)
+    return serve_until_stopped(mirror, listeners, argv, (stop, reload_asked, hurry))
 
 
 def announce(mirror, listeners):
@@ -6075,11 +6175,22 @@ def announce(mirror, listeners):
         log(line)
 
 
-def handle_signals(stop, reload_asked):
-    """SIGTERM and SIGINT stop, SIGHUP (systemd's ExecReload) reloads: each sets its event,
-    for the main thread's loop (serve_until_stopped) to act on."""
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+def handle_signals(stop, reload_asked, hurry):
+    """SIGTERM and SIGINT stop, and a second one hurries the stop; SIGHUP (systemd's
+    ExecReload) reloads: each sets its event, for the main thread (serve_until_stopped) to act
+    on. A handler only sets an event: logging there could wait for a lock its thread holds.
+    A worker gets one stop twice at once, from whoever signalled the process group (Ctrl-C,
+    systemd's default KillMode) and from its supervisor: a repeat within SAME_SIGNAL seconds
+    is the same request."""
+    first = []
+    def stop_asked(*_):
+        if not first:
+            first.append(time.monotonic())
+            stop.set()
+        elif time.monotonic() - first[0] > SAME_SIGNAL:
+            hurry.set()
+    signal.signal(signal.SIGTERM, stop_asked)
+    signal.signal(signal.SIGINT, stop_asked)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
 
@@ -6093,7 +6204,9 @@ def start_serving(mirror, listeners, stop):
         threading.Thread(target=watch_certificate, name="certificate", daemon=True,
                          args=(mirror, listeners, stop, mirror.config.cert_check_interval)).start()
     for listener in listeners:
-        threading.Thread(target=listener.serve_forever, name="accept", daemon=True).start()
+        listener.accept_thread = threading.Thread(target=listener.serve_forever, name="accept",
+                                                  daemon=True)
+        listener.accept_thread.start()
     if mirror.cache:
         threading.Thread(target=mirror.cache.sweep_every, name="cache-sweep", daemon=True,
                          args=(stop,)).start()
@@ -6112,9 +6225,11 @@ def publish_figures(mirror, stop):
             log("publishing this worker's figures failed: %r" % (error,), logging.ERROR)
 
 
-def serve_until_stopped(mirror, listeners, argv, stop, reload_asked, supervisor=None):
-    """Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain. A worker also stops
-    when its supervisor (that pid) is gone: it would never be told to stop, nor replaced."""
+def serve_until_stopped(mirror, listeners, argv, events, supervisor=None):
+    """Serve until SIGTERM or SIGINT, reloading on SIGHUP; then stop (stop_serving). `events`:
+    those handle_signals sets. A worker also stops when its supervisor (that pid) is gone: it
+    would never be told to stop, nor replaced."""
+    stop, reload_asked, hurry = events
     while not stop.wait(0.2):
         if reload_asked.is_set():
             reload_asked.clear()
@@ -6122,12 +6237,11 @@ def serve_until_stopped(mirror, listeners, argv, stop, reload_asked, supervisor=
         if supervisor and os.getppid() != supervisor:
             log("the supervisor (pid %d) is gone" % supervisor, logging.ERROR)
             break
-    log("stopping: draining transfers for up to %gs" % mirror.config.drain_seconds)
-    clean = drain(mirror, listeners)
-    log("stopped" if clean else "stopped with transfers still running")
+    stop_serving(mirror, listeners, hurry)
     return 0
 
 
+SAME_SIGNAL = 1.0   # seconds: a stop signal again within this is the first delivered twice
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + (
     (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 STEADY_AFTER = 10           # seconds a worker lives before its death no longer counts as a crash
@@ -6175,10 +6289,14 @@ class Supervisor:
             reload(self.mirror, self.listeners, self.argv)
         elif not self.stopping:
             self.stopping = True
-            log("stopping: %d workers drain their transfers for up to %gs"
-                % (len(self.pids), self.mirror.config.drain_seconds))
+            config = self.mirror.config
+            log("stopping: %d workers answer /health with 503 and serve on for %gs "
+                "(--drain-delay), then drain their transfers for up to %gs"
+                % (len(self.pids), config.drain_delay, config.drain_seconds))
             for listener in self.listeners:     # the workers close theirs as they drain
                 listener.close_sockets()
+        else:
+            log("stopping at once: asked a second time")
         for pid in self.pids.values():
             try:
                 os.kill(pid, number)
@@ -6261,11 +6379,11 @@ def run_worker(mirror, listeners, argv, worker, supervisor):
         for listener in listeners:
             listener.take_socket(worker - 1)
         mirror.after_fork(worker)
-        stop, reload_asked = threading.Event(), threading.Event()
-        handle_signals(stop, reload_asked)
+        events = stop, reload_asked, hurry = threading.Event(), threading.Event(), threading.Event()
+        handle_signals(stop, reload_asked, hurry)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         start_serving(mirror, listeners, stop)
-        return serve_until_stopped(mirror, listeners, argv, stop, reload_asked, supervisor)
+        return serve_until_stopped(mirror, listeners, argv, events, supervisor)
     except BaseException as error:     # whatever it is: said, and the supervisor replaces it
         log("failed: %r" % (error,), logging.ERROR)
         import traceback
