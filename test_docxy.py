@@ -6909,6 +6909,317 @@ class TestWorkers:
                 sock.close()
 
 
+# -- A fleet: docxy nodes behind the balancers that deploy/ ships
+
+DEPLOY = os.path.join(HERE, "deploy")
+NODES = 3
+
+
+def shipped_recipe(relative, substitutions):
+    """A file under deploy/ as shipped, with only what `substitutions` names replaced: each is
+    (pattern, replacement) and must match, so that a recipe whose shape changed fails here."""
+    with open(os.path.join(DEPLOY, relative)) as f:
+        text = f.read()
+    for pattern, replacement in substitutions:
+        text, count = re.subn(pattern, lambda _: replacement, text, flags=re.M)
+        assert count, "deploy/%s no longer has a line like %r" % (relative, pattern)
+    return text
+
+
+def recipe_setting(relative, name):
+    """A `name = value` setting of an INI file under deploy/, as shipped."""
+    text = shipped_recipe(relative, [])
+    return re.search(r"^%s\s*=\s*(.+?)\s*$" % re.escape(name), text, re.M).group(1)
+
+
+class Balancer:
+    """HAProxy or nginx in the foreground, listening on `port`; its output collected (HAProxy
+    logs each server's state changes there)."""
+
+    def __init__(self, argv, port, cwd):
+        self.port, self.lines, self.cond = port, [], threading.Condition()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=cwd,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        wait_until(self.answers, 15, "the balancer to answer /health through a node")
+
+    def _read(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            with self.cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip())
+                self.cond.notify_all()
+
+    def answers(self):
+        assert self.proc.poll() is None, "the balancer exited:\n" + self.log()
+        try:
+            return call(self.port, "GET", "/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def count(self, pattern):
+        with self.cond:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def log(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.reader.join(5)
+        self.proc.stdout.close()
+
+
+def start_haproxy(folder, ports):
+    """deploy/haproxy/haproxy.cfg as shipped, before the nodes on `ports`."""
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
+    port = free_port()
+    substitutions = [(r"^(\s*)bind :5000$", r"    bind 127.0.0.1:%d" % port)] + [
+        (r"^    server docxy%d 10\.0\.0\.1%d:5000$" % (n, n),
+         "    server docxy%d 127.0.0.1:%d" % (n, ports[n - 1]))
+        for n in range(1, NODES + 1)
+    ]
+    config = folder / "haproxy.cfg"
+    config.write_text(shipped_recipe("haproxy/haproxy.cfg", substitutions))
+    return Balancer(["haproxy", "-db", "-f", str(config)], port, str(folder))
+
+
+def start_nginx(folder, ports):
+    """deploy/nginx/docxy.conf as shipped, in a main configuration of the test's own (where
+    Debian's /etc/nginx/nginx.conf would include it), before the nodes on `ports`."""
+    if not shutil.which("nginx"):
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+    port = free_port()
+    substitutions = [(r"^    listen 5000;$", "    listen 127.0.0.1:%d;" % port)] + [
+        (r"^    server 10\.0\.0\.1%d:5000 " % n, "    server 127.0.0.1:%d " % ports[n - 1])
+        for n in range(1, NODES + 1)
+    ]
+    (folder / "docxy.conf").write_text(shipped_recipe("nginx/docxy.conf", substitutions))
+    temp = " ".join(
+        "%s_temp_path %s;" % (kind, folder / kind) for kind in ("client_body", "proxy")
+    )
+    (folder / "nginx.conf").write_text(
+        "daemon off;\nworker_processes 2;\nerror_log stderr notice;\npid %s;\n"
+        "events { worker_connections 1024; }\n"
+        "http { access_log off; %s include %s; }\n"
+        % (folder / "nginx.pid", temp, folder / "docxy.conf")
+    )
+    argv = ["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf")]
+    return Balancer(argv, port, str(folder))
+
+
+class Fleet:
+    """NODES docxy nodes, each started as deploy/haproxy/docxy.ini ships it (its listen,
+    trusted-proxy and cache-dir changed) before the fake Docker Hub, each in a process group of
+    its own (a supervisor and its workers): a node can be killed whole, or stopped and started
+    again on its port with the same cache."""
+
+    def __init__(self, registry, folder, extra=()):
+        self.registry, self.folder, self.extra = registry, folder, list(extra)
+        self.ports = [free_port() for _ in range(NODES)]
+        self.nodes = [None] * NODES
+        for number in range(NODES):
+            self.start(number)
+
+    def cache(self, number):
+        return self.folder / ("cache%d" % number)
+
+    def start(self, number):
+        config = self.folder / ("node%d.ini" % number)
+        config.write_text(
+            shipped_recipe(
+                "haproxy/docxy.ini",
+                [
+                    (r"^listen = .*$", "listen = 127.0.0.1:%d" % self.ports[number]),
+                    (r"^trusted-proxy = .*$", "trusted-proxy = 127.0.0.1/32"),
+                    (r"^cache-dir = .*$", "cache-dir = %s" % self.cache(number)),
+                ],
+            )
+        )
+        self.nodes[number] = Docxy(
+            ["--config", str(config), "--upstream", self.registry.url,
+             "--library-prefix", "on", "--upstream-timeout", "5"] + self.extra,
+            preexec_fn=os.setsid,
+        )
+        return self.nodes[number]
+
+    def kill(self, number):
+        node = self.nodes[number]
+        os.killpg(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(10)
+
+    def stop(self, number):
+        """SIGTERM, as a rollout (systemd, Kubernetes) stops a node; its exit status."""
+        node = self.nodes[number]
+        node.proc.send_signal(signal.SIGTERM)
+        status = node.proc.wait(60)
+        node.stop()
+        return status
+
+    def holding(self, digest):
+        """The nodes whose cache holds `digest`."""
+        return [n for n in range(NODES) if digest in cached_objects(self.cache(n))]
+
+    def stop_all(self):
+        for node in self.nodes:
+            if node and node.proc.poll() is None:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+            if node:
+                node.stop()
+
+
+@pytest.fixture
+def fleet(registry, tmp_path):
+    made = []
+
+    def make(balancer, *extra):
+        nodes = Fleet(registry, tmp_path, extra)
+        made.append(types.SimpleNamespace(stop=nodes.stop_all))
+        nodes.balancer = balancer(tmp_path, nodes.ports)
+        made.append(nodes.balancer)
+        return nodes
+
+    yield make
+    for thing in reversed(made):
+        thing.stop()
+
+
+def fleet_pull(port, content):
+    """One pull of the amd64 image and of the 8 MiB blob through `port`: "ok", or what went
+    wrong: "failed: ..." (an error, a refusal, an answer cut short) or "corrupt: ..." (an answer
+    that came whole, but with bytes that are not its digest's)."""
+    accept = [("Accept", a) for a in DOCKERD_ACCEPT]
+    amd = content.platform["amd64"]
+    try:
+        head = call(port, "HEAD", "/v2/library/busybox/manifests/latest", accept, timeout=30)
+        if head.status != 200:
+            return "failed: the tag's HEAD answered %d" % head.status
+        wanted = [("manifests", head.headers["Docker-Content-Digest"])]
+        wanted += [("manifests", amd["manifest"]), ("blobs", amd["config"])]
+        wanted += [("blobs", digest) for digest in amd["layers"] + [content.big_digest]]
+        for kind, digest in wanted:
+            r = call(port, "GET", "/v2/library/busybox/%s/%s" % (kind, digest), accept,
+                     timeout=30)
+            if r.status != 200:
+                return "failed: %s answered %d" % (digest, r.status)
+            if sha256_digest(r.body) != digest:
+                return "corrupt: %s" % digest
+    except (OSError, http.client.HTTPException) as error:
+        return "failed: %r" % error
+    return "ok"
+
+
+class ContinuousPulls:
+    """`clients` threads pulling through `port` over and over until finish(), each pull's
+    outcome (fleet_pull) noted with when it started and ended (time.monotonic)."""
+
+    def __init__(self, port, content, clients=4):
+        self.port, self.content, self.outcomes = port, content, []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.pull, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def pull(self):
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            outcome = fleet_pull(self.port, self.content)
+            self.outcomes.append((started, time.monotonic(), outcome))
+
+    def finish(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        return self.outcomes
+
+
+def outcomes_other_than_ok(outcomes):
+    return [outcome for _, _, outcome in outcomes if outcome != "ok"]
+
+
+def node_up_lines(number):
+    return r"Server docxy/docxy%d is UP" % number
+
+
+@pytest.mark.system
+class TestFleet:
+    """Nodes behind the balancers deploy/ ships, run as shipped (addresses and ports aside):
+    one upstream fetch per blob across the fleet, a node killed, a rolling restart."""
+
+    @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
+    def test_eight_clients_pulling_one_uncached_image_fetch_each_blob_once_across_the_fleet(
+        self, fleet, balancer, registry, cdn, content
+    ):
+        nodes = fleet(balancer)
+        clear_fakes()
+        pulls = []
+        threads = [
+            threading.Thread(
+                target=lambda: pulls.append(pull_like_dockerd(nodes.balancer.port)), daemon=True
+            )
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(pulls) == 8  # each verified every digest it fetched
+        amd = content.platform["amd64"]
+        for digest in [amd["config"]] + amd["layers"]:
+            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+            wait_until(lambda: nodes.holding(digest), 10, "the blob to be cached")
+            assert len(nodes.holding(digest)) == 1, digest
+        for digest in (content.index_digest, amd["manifest"]):
+            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+        assert len({n for d in amd["layers"] + [amd["config"]] for n in nodes.holding(d)}) > 1
+        clear_fakes()
+        _, again = pull_like_dockerd(nodes.balancer.port)
+        assert again == pulls[0][1]
+        assert registry.reqs() == [] and cdn.reqs() == []
+
+    @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
+    def test_a_node_killed_under_continuous_pulls_fails_no_pull_that_starts_after_it(
+        self, fleet, balancer, content
+    ):
+        nodes = fleet(balancer)
+        assert fleet_pull(nodes.balancer.port, content) == "ok"
+        wait_until(lambda: nodes.holding(content.big_digest), 10, "the 8 MiB blob to be cached")
+        victim = nodes.holding(content.big_digest)[0]  # transfers are in flight there
+        pulls = ContinuousPulls(nodes.balancer.port, content)
+        time.sleep(1.5)
+        killed = time.monotonic()
+        nodes.kill(victim)
+        time.sleep(4)
+        outcomes = pulls.finish()
+        assert not [o for o in outcomes_other_than_ok(outcomes) if o.startswith("corrupt")]
+        after = [outcome for started, _, outcome in outcomes if started > killed]
+        assert len(after) >= 4 and set(after) == {"ok"}, outcomes_other_than_ok(outcomes)
+
+    def test_a_rolling_restart_under_continuous_pulls_fails_no_request(self, fleet, content):
+        nodes = fleet(start_haproxy)
+        assert fleet_pull(nodes.balancer.port, content) == "ok"
+        pulls = ContinuousPulls(nodes.balancer.port, content)
+        for number in range(NODES):
+            up = nodes.balancer.count(node_up_lines(number + 1))
+            assert nodes.stop(number) == 0
+            nodes.start(number)
+            wait_until(
+                lambda: nodes.balancer.count(node_up_lines(number + 1)) > up, 15,
+                "HAProxy to take node %d back" % (number + 1),
+            )
+        outcomes = pulls.finish()
+        assert outcomes_other_than_ok(outcomes) == []
+        assert len(outcomes) >= 3 * NODES
+
+
 @pytest.mark.system
 class TestRequestFraming:
     """Request framing (RFC 9112) and slow clients."""
