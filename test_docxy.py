@@ -12776,6 +12776,621 @@ def verify_oci_layout(root):
     return digests
 
 
+DEPLOY = os.path.join(HERE, "deploy")
+# Flags of other programs that the recipes' comments and README name; any other --flag there
+# must be docxy's.
+DEPLOY_OTHER_FLAGS = {"--from-file", "--cluster-cidr", "--name", "--stop-timeout", "--dry-run"}
+
+
+class MiniYaml:
+    """The part of YAML that deploy/kubernetes is written in, read with the standard library:
+    block mappings and sequences (a sequence may sit at its key's indentation), `|` and `|-`
+    block scalars, plain and quoted scalars, and flow collections written as JSON. Anything
+    else fails loudly, so that the manifests never say more than the tests read."""
+
+    KEY = re.compile(r"([A-Za-z0-9_./-]+):(?:[ \t]+(.*))?$")
+    ITEM = re.compile(r"( *)-( +)(.*)$")
+
+    def __init__(self, text):
+        self.lines = text.split("\n")
+        self.at = 0
+
+    @classmethod
+    def documents(cls, text):
+        found = []
+        for chunk in re.split(r"(?m)^---[ \t]*$", text):
+            reader = cls(chunk)
+            indent = reader.next_indent()
+            if indent is not None:
+                found.append(reader.node(indent))
+                assert reader.next_indent() is None, "unread: %r" % reader.lines[reader.at]
+        return found
+
+    def next_indent(self):
+        """The indentation of the next line that holds data; None at the end."""
+        while self.at < len(self.lines):
+            line = self.lines[self.at]
+            if line.strip() and not line.lstrip().startswith("#"):
+                return len(line) - len(line.lstrip(" "))
+            self.at += 1
+        return None
+
+    def is_item(self):
+        return bool(self.ITEM.match(self.lines[self.at]))
+
+    def node(self, indent):
+        return self.sequence(indent) if self.is_item() else self.mapping(indent)
+
+    def mapping(self, indent):
+        result = {}
+        while self.next_indent() == indent and not self.is_item():
+            match = self.KEY.match(self.lines[self.at].strip())
+            assert match, "not a key: %r" % self.lines[self.at]
+            self.at += 1
+            assert match.group(1) not in result, "key twice: %r" % match.group(1)
+            result[match.group(1)] = self.value(match.group(2) or "", indent)
+        return result
+
+    def sequence(self, indent):
+        result = []
+        while self.next_indent() == indent and self.is_item():
+            before, gap, rest = self.ITEM.match(self.lines[self.at]).groups()
+            if self.KEY.match(rest) and not rest.startswith(("'", '"')):
+                # "- key: value" opens a mapping whose keys line up with `key`.
+                column = len(before) + 1 + len(gap)
+                self.lines[self.at] = " " * column + rest
+                result.append(self.mapping(column))
+            else:
+                self.at += 1
+                result.append(self.value(rest, indent, nested=False))
+        return result
+
+    def value(self, text, indent, nested=True):
+        if text.partition(" #")[0].strip() in ("|", "|-"):
+            return self.block_scalar(indent, text.strip().startswith("|-"))
+        if text.strip():
+            return self.scalar(text.strip())
+        following = self.next_indent()
+        assert nested, "an empty sequence item"
+        if following is not None and (following > indent or following == indent and self.is_item()):
+            return self.node(following)
+        return None
+
+    def block_scalar(self, indent, strip):
+        body, column = [], None
+        while self.at < len(self.lines):
+            line = self.lines[self.at]
+            if line.strip():
+                own = len(line) - len(line.lstrip(" "))
+                if own <= indent:
+                    break
+                column = own if column is None else column
+                assert own >= column, "a block scalar's line left of its first: %r" % line
+                body.append(line[column:])
+            else:
+                body.append("")
+            self.at += 1
+        while body and not body[-1]:
+            body.pop()
+        return "\n".join(body) + ("" if strip or not body else "\n")
+
+    @staticmethod
+    def scalar(text):
+        if text[0] in "\"[{":
+            found, end = json.JSONDecoder().raw_decode(text)
+            rest = text[end:].strip()
+        elif text[0] == "'":
+            end = text.index("'", 1)
+            found, rest = text[1:end], text[end + 1 :].strip()
+        else:
+            found, hash_, rest = text.partition(" #")
+            found, rest = found.strip(), hash_.strip() + rest
+            if found in ("true", "false"):
+                found = found == "true"
+            elif found in ("null", "~"):
+                found = None
+            elif re.fullmatch(r"0[0-7]+", found):
+                found = int(found, 8)  # a file mode, as kubectl reads it
+            elif re.fullmatch(r"-?[0-9]+", found):
+                found = int(found)
+        assert not rest or rest.startswith("#"), "unread: %r" % text
+        return found
+
+
+def deploy_containerfile():
+    """deploy/Containerfile as (INSTRUCTION, arguments) pairs, continued lines joined."""
+    steps, pending = [], ""
+    with open(os.path.join(DEPLOY, "Containerfile"), encoding="utf-8") as handle:
+        for line in handle.read().splitlines():
+            if not pending and (not line.strip() or line.lstrip().startswith("#")):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1]
+                continue
+            instruction, _, rest = (pending + line).strip().partition(" ")
+            steps.append((instruction.upper(), rest.strip()))
+            pending = ""
+    return steps
+
+
+def deploy_instruction(steps, name):
+    """The arguments of the last `name` instruction (the one in force), or None."""
+    found = [rest for instruction, rest in steps if instruction == name]
+    return found[-1] if found else None
+
+
+def deploy_environment(steps):
+    """The image's ENV as a dict (KEY=value words, no quoting)."""
+    return dict(word.split("=", 1) for word in (deploy_instruction(steps, "ENV") or "").split())
+
+
+def haproxy_sections(text):
+    """haproxy.cfg as {section line: [directive, ...]}, comments and blank lines left out."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        content = line.split("#", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if not content.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(content.strip(), [])
+        else:
+            current.append(" ".join(content.split()))
+    return sections
+
+
+def haproxy_seconds(text):
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", text).groups()
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 0.001}[unit]
+
+
+class DeployRecipes:
+    """deploy/kubernetes as its files' objects, and the files each docxy container would see."""
+
+    # Made by `kubectl create configmap docxy-code --from-file=docxy.py` (README.md).
+    EXTERNAL_CONFIG_MAPS = {"docxy-code": {"docxy.py": DOCXY}}
+    WORKLOADS = ("StatefulSet", "Deployment", "DaemonSet")
+
+    def __init__(self):
+        self.directory = os.path.join(DEPLOY, "kubernetes")
+        self.files = {}
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".yaml"):
+                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                    self.files[name] = MiniYaml.documents(handle.read())
+        self.objects = {
+            (found["kind"], found["metadata"]["name"]): found
+            for objects in self.files.values()
+            for found in objects
+        }
+
+    def get(self, kind, name):
+        assert (kind, name) in self.objects, "no %s %s in deploy/kubernetes" % (kind, name)
+        return self.objects[(kind, name)]
+
+    def workloads(self):
+        return [found for (kind, _), found in self.objects.items() if kind in self.WORKLOADS]
+
+    def docxy_containers(self):
+        """(workload, container) for every container that runs docxy.py."""
+        return [
+            (workload, container)
+            for workload in self.workloads()
+            for container in workload["spec"]["template"]["spec"]["containers"]
+            if any(str(part).endswith("/docxy.py") for part in container.get("command", []))
+        ]
+
+    def haproxy(self):
+        """(Deployment, container, haproxy.cfg's text) of the HAProxy in front of the fleet."""
+        for workload in self.workloads():
+            for container in workload["spec"]["template"]["spec"]["containers"]:
+                if container["image"].startswith("haproxy:"):
+                    mount = [
+                        m
+                        for m in container["volumeMounts"]
+                        if m["mountPath"] == "/usr/local/etc/haproxy"
+                    ]
+                    assert mount, "the official image reads /usr/local/etc/haproxy/haproxy.cfg"
+                    volumes = workload["spec"]["template"]["spec"]["volumes"]
+                    volume = [v for v in volumes if v["name"] == mount[0]["name"]][0]
+                    data = self.get("ConfigMap", volume["configMap"]["name"])["data"]
+                    return workload, container, data["haproxy.cfg"]
+        pytest.fail("no HAProxy container in deploy/kubernetes")
+
+    @staticmethod
+    def port(container, port):
+        """A probe's or Service's port as a number: named ports are the container's."""
+        if isinstance(port, int):
+            return port
+        named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        assert port in named, "%s names no port of container %s" % (port, container["name"])
+        return named[port]
+
+    def lay_out(self, workload, container, root):
+        """The files `container` would see, under `root`: each mount's ConfigMap or Secret of
+        deploy/kubernetes, docxy.py for docxy-code, an empty directory for the rest. Returns
+        (flags, environment) with the container's paths moved to those files."""
+        pod = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        claims = [c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])]
+        places, texts = {}, []
+        for mount in container.get("volumeMounts", []):
+            target = os.path.join(str(root), mount["name"])
+            os.makedirs(target)
+            places[mount["mountPath"]] = target
+            volume = volumes.get(mount["name"], {})
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                if name in self.EXTERNAL_CONFIG_MAPS:
+                    for key, source in self.EXTERNAL_CONFIG_MAPS[name].items():
+                        shutil.copy(source, os.path.join(target, key))
+                    continue
+                data = self.get("ConfigMap", name)["data"]
+            elif "secret" in volume:
+                data = self.get("Secret", volume["secret"]["secretName"])["stringData"]
+            else:
+                # An empty directory stands for these; any other kind is not laid out.
+                kinds = {"emptyDir", "hostPath", "persistentVolumeClaim"}
+                assert kinds & set(volume) or mount["name"] in claims, mount["name"]
+                data = {}
+            for key, text in data.items():
+                texts.append((os.path.join(target, key), text))
+        # One pass, longest first, so that a moved path is never moved again.
+        pattern = re.compile(
+            r"(?<![\w.-])(%s)(?![\w.-])"
+            % "|".join(re.escape(p) for p in sorted(places, key=len, reverse=True))
+        )
+
+        def move(text):
+            return pattern.sub(lambda m: places[m.group(1)], str(text)) if places else str(text)
+
+        for path, text in texts:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(move(text))
+        command = container["command"]
+        assert command[0] == "python3" and os.path.isfile(move(command[1])), command
+        environment = {}
+        assert "envFrom" not in container
+        for variable in container.get("env", []):
+            if "value" in variable:
+                environment[variable["name"]] = move(variable["value"])
+            else:
+                source = variable["valueFrom"]
+                if "secretKeyRef" in source:
+                    reference = source["secretKeyRef"]
+                    secret = self.get("Secret", reference["name"])
+                    environment[variable["name"]] = secret["stringData"][reference["key"]]
+                else:
+                    environment[variable["name"]] = "docxy"  # the namespace, say
+        flags = [move(part) for part in command[2:] + container.get("args", [])]
+        return flags, environment
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    return DeployRecipes()
+
+
+class TestDeployRecipes:
+    """deploy/kubernetes and deploy/Containerfile: every setting they give docxy is one it
+    takes and validates, their ports, probes and drain timing fit docxy's behaviour, and
+    HAProxy's configuration keeps deploy/haproxy's. No cluster and no image build here: the
+    manifests are read as written (MiniYaml), each docxy container's command line is checked
+    against the files its mounts would hold. Tests that run a program (docxy --check, the
+    image's HEALTHCHECK, haproxy -c) are in the system tier, the others are unit tests."""
+
+    def settings(self, dx, recipes, workload, container, root):
+        """The settings docxy would run with in `container`, as docxy reads them."""
+        flags, environment = recipes.lay_out(workload, container, root)
+        return dx.read_config(flags, environment)
+
+    def fleet(self, recipes):
+        statefulset = recipes.get("StatefulSet", "docxy")
+        return statefulset, [c for w, c in recipes.docxy_containers() if w is statefulset][0]
+
+    def test_every_flag_in_the_recipes_is_one_docxy_lists(self, dx, recipes):
+        known = set(re.findall(r"--[a-z][a-z0-9-]*", dx.build_parser().format_help()))
+        given = []
+        for workload, container in recipes.docxy_containers():
+            args = [str(part) for part in container.get("args", [])]
+            given += [part.split("=")[0] for part in args if part[:2] == "--"]
+        steps = deploy_containerfile()
+        for instruction in ("ENTRYPOINT", "CMD"):
+            words = json.loads(deploy_instruction(steps, instruction))
+            given += [word.split("=")[0] for word in words if word[:2] == "--"]
+        assert "--listen" in given and "--drain-delay" in given, given
+        assert set(given) <= known, set(given) - known
+        # Comments and READMEs too: a flag named there is docxy's, or another program's.
+        paths = [os.path.join(DEPLOY, "Containerfile")] + [
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(recipes.directory)
+            for name in names
+        ]
+        for path in paths:
+            with open(path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+            if not path.endswith(".md"):
+                lines = [line for line in lines if line.lstrip().startswith("#")]
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", "\n".join(lines)))
+            assert named <= known | DEPLOY_OTHER_FLAGS, (path, named - known - DEPLOY_OTHER_FLAGS)
+
+    def test_every_variable_and_config_key_is_one_docxy_reads(self, dx, recipes, tmp_path):
+        known = set(re.findall(r"--([a-z][a-z0-9-]*)", dx.build_parser().format_help()))
+        variables = [
+            (v["name"], v.get("value", ""))
+            for _, container in recipes.docxy_containers()
+            for v in container.get("env", [])
+        ]
+        variables += deploy_environment(deploy_containerfile()).items()
+        docxy_variables = [(n, v) for n, v in variables if n.startswith("DOCXY_")]
+        assert docxy_variables, "the node-local DaemonSet is configured by DOCXY_* variables"
+        for name, value in docxy_variables:
+            setting = dx.ENV_ALIASES.get(name) or name[len("DOCXY_") :].lower()
+            assert setting.replace("_", "-") in known, name
+            assert not dx.kubernetes_variable(name, str(value)), name
+        ini_files = 0
+        for (kind, _), found in recipes.objects.items():
+            for key, text in (found.get("data") or {}).items() if kind == "ConfigMap" else ():
+                if not key.endswith(".ini"):
+                    continue
+                ini_files += 1
+                path = tmp_path / key
+                path.write_text(text)
+                ini = dx.read_ini(str(path))
+                assert ini.has_section("docxy"), key
+                for section in ini.sections():
+                    keys = set(ini[section])
+                    if section == "docxy":
+                        assert {k.replace("_", "-") for k in keys} <= known, keys
+                    else:
+                        assert dx.REGISTRY_NAME.fullmatch(section), section
+                        assert keys <= set(dx.REGISTRY_KEYS), (section, keys)
+        assert ini_files == 1, "the fleet's docxy.ini"
+
+    def test_every_pod_goes_without_service_variables(self, recipes):
+        # A Service named docxy-* gives every pod DOCXY_*_PORT=tcp://... variables, which
+        # docxy would see among its settings.
+        for workload in recipes.workloads():
+            pod = workload["spec"]["template"]["spec"]
+            assert pod.get("enableServiceLinks") is False, workload["metadata"]["name"]
+
+    def test_probes_ask_docxy_health_on_the_port_it_listens_on(self, dx, recipes, tmp_path):
+        containers = recipes.docxy_containers()
+        assert len(containers) == 2, "the fleet's StatefulSet and the node-local DaemonSet"
+        for number, (workload, container) in enumerate(containers):
+            config = self.settings(dx, recipes, workload, container, tmp_path / str(number))
+            assert len(config.listen) == 1, config.listen
+            host, port = config.listen[0]
+            # Probes, HAProxy and hostPort all come from outside the pod.
+            assert host == "0.0.0.0", config.listen
+            ports = [p["containerPort"] for p in container["ports"]]
+            assert ports == [port], (ports, port)
+            assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container[kind]
+                action = probe.get("httpGet") or probe.get("tcpSocket")
+                assert recipes.port(container, action["port"]) == port, (kind, action)
+                if "httpGet" in probe:
+                    assert probe["httpGet"]["path"] == "/health", (kind, probe)
+
+    def test_services_and_host_port_lead_to_docxy_and_haproxy(self, dx, recipes, tmp_path):
+        statefulset, docxy = self.fleet(recipes)
+        template = statefulset["spec"]["template"]
+        headless = recipes.get("Service", statefulset["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+        labels = template["metadata"]["labels"]
+        assert headless["spec"]["selector"].items() <= labels.items()
+        budget = recipes.get("PodDisruptionBudget", statefulset["metadata"]["name"])
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        listen_port = self.settings(dx, recipes, statefulset, docxy, tmp_path).listen[0][1]
+        for port in headless["spec"]["ports"]:
+            assert recipes.port(docxy, port["targetPort"]) == listen_port, port
+        deployment, haproxy, text = recipes.haproxy()
+        clients = [
+            service
+            for (kind, _), service in recipes.objects.items()
+            if kind == "Service"
+            and service["spec"]["selector"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(clients) == 1, "one Service for the clients, in front of HAProxy"
+        binds = [d for d in haproxy_sections(text)["frontend docxy"] if d.startswith("bind ")]
+        assert binds == ["bind :%d" % haproxy["ports"][0]["containerPort"]], binds
+        for port in clients[0]["spec"]["ports"]:
+            assert recipes.port(haproxy, port["targetPort"]) == haproxy["ports"][0]["containerPort"]
+
+    def test_node_hosts_toml_points_containerd_at_the_nodes_own_docxy(self, dx, recipes):
+        daemonset = recipes.get("DaemonSet", "docxy-node")
+        docxy = [c for w, c in recipes.docxy_containers() if w is daemonset][0]
+        host_ports = [p["hostPort"] for p in docxy["ports"] if "hostPort" in p]
+        assert len(host_ports) == 1, docxy["ports"]
+        url = "http://127.0.0.1:%d" % host_ports[0]
+        folder = os.path.join(recipes.directory, "certs.d")
+        registries = sorted(os.listdir(folder))
+        assert "docker.io" in registries, registries
+        for name in registries:
+            assert name in dx.PRESETS, name
+            with open(os.path.join(folder, name, "hosts.toml"), encoding="utf-8") as handle:
+                lines = [
+                    line.strip()
+                    for line in handle
+                    if line.strip() and not line.lstrip().startswith("#")
+                ]
+            # What docxy itself prints at start-up for a mirror at `url`, for this registry.
+            mirror = types.SimpleNamespace(
+                config=types.SimpleNamespace(public_url=url),
+                default=types.SimpleNamespace(name=name),
+                registries={name: None},
+            )
+            snippet = dx.client_snippet(mirror, [])
+            start = [i for i, line in enumerate(snippet) if "hosts.toml" in line][0]
+            assert lines == [line.strip() for line in snippet[start + 1 : start + 4]], name
+
+    def test_haproxy_keeps_the_fleet_recipes_balancing_checks_and_retries(self, recipes):
+        with open(os.path.join(DEPLOY, "haproxy", "haproxy.cfg"), encoding="utf-8") as handle:
+            shipped = haproxy_sections(handle.read())
+        deployment, haproxy, text = recipes.haproxy()
+        ours = haproxy_sections(text)
+        kept = ("balance", "hash-type", "option httpchk", "http-check", "retries", "option red")
+        kept += ("retry-on", "option forwardfor")
+        for section in ("defaults", "frontend docxy", "backend docxy"):
+            for directive in shipped[section]:
+                if directive.startswith(kept):
+                    assert directive in ours[section], (section, directive)
+        # The same checks, as one line: HAProxy adds the resolvers' line to it.
+        shipped_checks = [d for d in shipped["backend docxy"] if d.startswith("default-server")]
+        assert shipped_checks and shipped_checks[0] in ours["backend docxy"], shipped_checks
+        checks = " ".join(d for d in ours["backend docxy"] if d.startswith("default-server"))
+        # The servers: the StatefulSet's pods by name, one each, on docxy's port.
+        statefulset, docxy = self.fleet(recipes)
+        servers = [d.split() for d in ours["backend docxy"] if d.startswith("server ")]
+        service = statefulset["spec"]["serviceName"]
+        name, port = statefulset["metadata"]["name"], docxy["ports"][0]["containerPort"]
+        expected = [
+            [
+                "server",
+                "%s-%d" % (name, number),
+                '"%s-%d.%s.${POD_NAMESPACE}.svc.cluster.local:%d"' % (name, number, service, port),
+            ]
+            for number in range(statefulset["spec"]["replicas"])
+        ]
+        assert servers == expected, servers
+        namespace = [v for v in haproxy["env"] if v["name"] == "POD_NAMESPACE"]
+        assert namespace[0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        # Offline (haproxy -c) and before the pods exist, no name is looked up at start.
+        assert "init-addr none" in checks and re.search(r"\bresolvers \S+", checks), checks
+
+    @pytest.mark.system
+    def test_haproxy_config_passes_haproxy_check(self, recipes, tmp_path):
+        if shutil.which("haproxy") is None:
+            pytest.skip("haproxy is not installed: `haproxy -c` cannot read the fleet's config")
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(recipes.haproxy()[2])
+        proc = subprocess.run(
+            ["haproxy", "-c", "-f", str(path)],
+            env=dict(clean_env(), POD_NAMESPACE="docxy"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=30,
+        )
+        assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")
+
+    def test_drain_timing_fits_together(self, dx, recipes, tmp_path):
+        statefulset, _ = self.fleet(recipes)
+        for number, (workload, container) in enumerate(recipes.docxy_containers()):
+            config = self.settings(dx, recipes, workload, container, tmp_path / str(number))
+            drain = config.drain_delay + config.drain_seconds
+            grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace >= drain + 5, (workload["metadata"]["name"], grace, drain)
+            # docxy serves on by itself for --drain-delay: a preStop sleep would only eat
+            # into the grace period.
+            assert "preStop" not in container.get("lifecycle", {}), container["lifecycle"]
+            # A restart cures neither of /health's 503s (draining, a cache that takes no
+            # writes); and a liveness probe must not kill a pod while it drains.
+            liveness = container["livenessProbe"]
+            assert "tcpSocket" in liveness, liveness
+            assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain, liveness
+            if workload is statefulset:
+                fleet_delay = config.drain_delay
+        deployment, haproxy, text = recipes.haproxy()
+        backend = " ".join(haproxy_sections(text)["backend docxy"]).split()
+        inter = haproxy_seconds(backend[backend.index("inter") + 1])
+        fall = int(backend[backend.index("fall") + 1])
+        assert 0 < inter * fall < fleet_delay, (inter, fall, fleet_delay)
+        # HAProxy serves on through preStop, then finishes what it has for hard-stop-after.
+        sleep = haproxy["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep", sleep
+        hard_stop = [d for d in haproxy_sections(text)["global"] if d.startswith("hard-stop")]
+        hard_stop = haproxy_seconds(hard_stop[0].split()[1])
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > int(sleep[1]) + hard_stop, (grace, sleep, hard_stop)
+
+    def test_fleet_believes_haproxy_forwarded_for_and_takes_its_password_from_the_secret(
+        self, dx, recipes, tmp_path
+    ):
+        statefulset, docxy = self.fleet(recipes)
+        config = self.settings(dx, recipes, statefulset, docxy, tmp_path)
+        assert "option forwardfor" in haproxy_sections(recipes.haproxy()[2])["frontend docxy"]
+        assert config.trusted_proxy, "HAProxy's X-Forwarded-For would be ignored"
+        # The shipped credentials are the Secret's, read from where the Secret is mounted.
+        pod = statefulset["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mounts = [m for m in docxy["volumeMounts"] if m["name"] in secrets]
+        assert len(mounts) == 1, docxy["volumeMounts"]
+        secret = recipes.get("Secret", secrets[mounts[0]["name"]])
+        with_login = [r for r in config.registries.values() if r.username]
+        assert with_login, "the fleet logs in upstream"
+        for registry in with_login:
+            assert registry.secret in secret["stringData"].values(), registry.name
+        # Applying fleet.yaml again must not put the example token back: the Secret is apart.
+        assert all(o["kind"] != "Secret" for o in recipes.files["fleet.yaml"])
+        for (kind, _), found in recipes.objects.items():
+            for text in (found.get("data") or {}).values() if kind == "ConfigMap" else ():
+                for token in secret["stringData"].values():
+                    assert token not in text
+
+    @pytest.mark.system
+    def test_each_docxy_containers_command_line_passes_check(self, recipes, tmp_path):
+        for number, (workload, container) in enumerate(recipes.docxy_containers()):
+            flags, environment = recipes.lay_out(workload, container, tmp_path / str(number))
+            code, out, err = run_to_exit(flags + ["--check"], env=environment)
+            assert code == 0 and "configuration ok" in out, (workload["metadata"]["name"], err)
+
+    def containerfile_command(self, steps, cache):
+        """The image's docxy flags (CMD) and DOCXY_* environment, its cache at `cache`."""
+        volume = deploy_instruction(steps, "VOLUME")
+        flags = json.loads(deploy_instruction(steps, "CMD"))
+        return [part.replace(volume, str(cache)) for part in flags], deploy_environment(steps)
+
+    def test_containerfile_runs_docxy_unprivileged_with_its_cache_in_a_volume(
+        self, dx, recipes, tmp_path
+    ):
+        steps = deploy_containerfile()
+        base = deploy_instruction(steps, "FROM")
+        assert re.fullmatch(r"python:3\.\d+(\.\d+)?-slim(-\w+)?", base), base
+        user = deploy_instruction(steps, "USER").split(":")
+        assert user[0].isdigit() and int(user[0]) != 0, user
+        # The manifests run the ConfigMap's docxy.py as the image's user: switching to the
+        # image changes no securityContext.
+        for workload, _ in recipes.docxy_containers():
+            pod = workload["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsUser"] == int(user[0])
+        flags, environment = self.containerfile_command(steps, "/var/lib/docxy")
+        config = dx.read_config(flags, environment)
+        assert deploy_instruction(steps, "VOLUME").split() == [config.cache_dir]
+        assert config.listen == [("0.0.0.0", int(deploy_instruction(steps, "EXPOSE")))]
+        assert deploy_instruction(steps, "STOPSIGNAL") == "SIGTERM"
+        entrypoint = json.loads(deploy_instruction(steps, "ENTRYPOINT"))
+        copy = deploy_instruction(steps, "COPY").split()
+        assert entrypoint == ["python3", copy[1]] and copy[0] == "docxy.py", (entrypoint, copy)
+
+    @pytest.mark.system
+    def test_containerfile_command_passes_check(self, tmp_path):
+        flags, environment = self.containerfile_command(deploy_containerfile(), tmp_path)
+        code, out, err = run_to_exit(flags + ["--check"], env=environment)
+        assert code == 0 and "configuration ok" in out, err
+
+    @pytest.mark.system
+    def test_containerfile_healthcheck_passes_while_docxy_serves_only(self, start_docxy):
+        steps = deploy_containerfile()
+        options, _, command = deploy_instruction(steps, "HEALTHCHECK").partition("CMD ")
+        command = json.loads(command)
+        url = "http://127.0.0.1:%s/health" % deploy_instruction(steps, "EXPOSE")
+        assert command[0] == "python3" and url in command[-1], command
+        docxy = start_docxy("--listen", "127.0.0.1:0", "--drain-delay", "30")
+
+        def healthcheck():
+            script = command[-1].replace(url, "http://127.0.0.1:%d/health" % docxy.port)
+            argv = [sys.executable] + command[1:-1] + [script]
+            return subprocess.run(argv, env=clean_env(), capture_output=True, timeout=20)
+
+        assert healthcheck().returncode == 0
+        docxy.proc.send_signal(signal.SIGTERM)
+        docxy.wait_for(r"stopping: /health answers 503")
+        assert healthcheck().returncode == 1  # a 503: Docker's "unhealthy"
+        docxy.stop()
+        assert healthcheck().returncode == 1
+
+
 class Skopeo:
     """Runs skopeo with a permissive policy, private HOME/TMPDIR and bounded time."""
 
