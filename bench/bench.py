@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark docxy against nginx and the CNCF distribution registry, all on loopback.
+"""Benchmark docxy against nginx and the CNCF distribution registry, all on loopback, and
+docxy nodes behind HAProxy against one docxy.
 
     python3 bench/bench.py                                  # full run: about 10 min on 2 cores
     python3 bench/bench.py --quick                          # smoke run: about 1.5 min
@@ -48,6 +49,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+HAPROXY_CFG = os.path.join(HERE, "..", "deploy", "haproxy", "haproxy.cfg")
 SCHEMA = 1      # the layout of the --json document; raise it when a field changes meaning
 
 # ================================================================== data: what is measured
@@ -56,7 +58,8 @@ SCHEMA = 1      # the layout of the --json document; raise it when a field chang
 # (None: no server), `script` which docxy.py runs it ("docxy": --docxy, "baseline":
 # --baseline-docxy), `stateful` targets are measured empty (miss, cold) and then filled (hit,
 # warm), `twin` names the target a baseline target is the older version of, `workers` is the
-# docxy's --workers, `measures` the measures a target takes part in (default: all).
+# docxy's --workers, `measures` the measures a target takes part in (default: all), `nodes` the
+# number of docxy nodes behind HAProxy (server "fleet").
 TARGETS = (
     dict(name="direct", server="direct",
          about="The upstream itself: nginx serving the blobs and manifests from disk at their "
@@ -79,6 +82,16 @@ TARGETS = (
                "workers, each accepting on a socket of its own that the supervisor bound with "
                "SO_REUSEPORT (the kernel spreads new connections over them). Its CPU and RSS "
                "are the sums over the supervisor and both workers."),
+    dict(name="docxy-fleet", server="fleet", script="docxy", nodes=3,
+         measures=("blob", "manifest"),
+         about="HAProxy run from `deploy/haproxy/haproxy.cfg` as shipped (only the addresses "
+               "of its `bind` and `server` lines changed) in front of three nodes, each a "
+               "`docxy` (pass-through to `direct`, no cache) with `--drain-delay 3 "
+               "--trusted-proxy 127.0.0.1/32`. `balance uri` sends every request for one path "
+               "to one node, so each cell's requests reach a single node. Its CPU and RSS are "
+               "the sums over HAProxy and the nodes. On this one 2-core host the nodes, "
+               "HAProxy, the load client and the upstream share the cores: the ratios to "
+               "`docxy` show what the balancer's hop costs, not what a fleet serves."),
     dict(name="docxy-https", server="docxy", script="docxy", tls=True,
          about="The same docxy with TLS to the client."),
     dict(name="docxy-cache", server="docxy", script="docxy", cache=True, stateful=True,
@@ -261,6 +274,8 @@ HEADLINES = (
          figure="throughput", versus="sha256"),
     dict(what="Large blob, unchecked (Range): docxy / nginx", measure="blob", target="docxy",
          case="range", figure="throughput", versus="nginx"),
+    dict(what="Large blob: docxy-fleet / docxy", measure="blob", target="docxy-fleet",
+         figure="throughput", versus="docxy"),
     dict(what="32 concurrent GETs: docxy / nginx", measure="concurrent", target="docxy",
          figure="throughput", versus="nginx", goal=(">=", 0.95)),
     dict(what="32 concurrent GETs: docxy-workers / docxy", measure="concurrent",
@@ -284,6 +299,8 @@ HEADLINES = (
     dict(what="Manifest GET, 16 connections: docxy-workers / docxy", measure="manifest",
          target="docxy-workers", case="GET c=16", figure="rps", versus="docxy",
          goal=(">=", 1.6)),
+    dict(what="Manifest GET, 16 connections: docxy-fleet / docxy", measure="manifest",
+         target="docxy-fleet", case="GET c=16", figure="rps", versus="docxy"),
     dict(what="Manifests, HEAD, 16 connections: docxy-cache / registry", measure="manifest",
          target="docxy-cache", case="HEAD c=16", figure="rps", versus="registry",
          goal=(">=", 5.0)),
@@ -821,6 +838,10 @@ class Server:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def logs(self):
+        """The log files worth a look at the end of a run."""
+        return [self.log] if self.log else []
+
     def stop(self):
         if self.proc:
             PROCESSES.stop(self.proc)
@@ -1055,10 +1076,11 @@ class Docxy(Server):
 
     stores_manifests = True
 
-    def __init__(self, work, script, direct_port, name, certs=None, cache=False, workers=None):
+    def __init__(self, work, script, direct_port, name, certs=None, cache=False, workers=None,
+                 extra=()):
         super().__init__(work)
         self.script, self.direct_port, self.name = script, direct_port, name
-        self.certs, self.cache, self.workers = certs, cache, workers
+        self.certs, self.cache, self.workers, self.extra = certs, cache, workers, list(extra)
         self.port, self.generation, self.cache_dir = free_port(), 0, None
 
     def start(self):
@@ -1073,6 +1095,7 @@ class Docxy(Server):
             argv += ["--cache-dir", self.cache_dir, "--cache-max-size", "8G"]
         if self.workers:
             argv += ["--workers", str(self.workers)]
+        argv += self.extra
         self.log = os.path.join(self.work, "%s.log" % self.name)
         self.proc = PROCESSES.spawn(argv, self.log, env=clean_env())
         wait_ready(self.proc, self.port, self.name, self.log, bool(self.certs),
@@ -1105,6 +1128,69 @@ class Docxy(Server):
             return size is None or os.path.getsize(path) == size
         except OSError:
             return False
+
+
+# What deploy/haproxy/haproxy.cfg asks of its nodes: --drain-delay 3 outlasts its checks
+# (every second, out after 2 failures), and HAProxy, on 127.0.0.1, sends X-Forwarded-For.
+FLEET_NODE_ARGS = ("--drain-delay", "3", "--trusted-proxy", "127.0.0.1/32")
+
+
+def fleet_config(text, port, node_ports):
+    """The shipped HAProxy configuration with only the address of its `bind` line and those
+    of its `server` lines changed, to loopback ports. A file whose shape no longer fits (not
+    one `bind`, not one `server` per node) stops the run: the fleet measured must be the one
+    shipped, never one these substitutions half changed."""
+    bind = re.compile(r"^([ \t]*bind[ \t]+)\S+", re.M)
+    server = re.compile(r"^([ \t]*server[ \t]+\S+[ \t]+)\S+", re.M)
+    binds, servers = len(bind.findall(text)), len(server.findall(text))
+    if binds != 1 or servers != len(node_ports):
+        raise SystemExit("bench: %s changed shape: %d `bind` and %d `server` lines, where the "
+                         "fleet target substitutes 1 and %d; adapt fleet_config"
+                         % (shown_path(HAPROXY_CFG), binds, servers, len(node_ports)))
+    text = bind.sub(lambda m: "%s127.0.0.1:%d" % (m.group(1), port), text)
+    ports = iter(node_ports)
+    return server.sub(lambda m: "%s127.0.0.1:%d" % (m.group(1), next(ports)), text)
+
+
+class Fleet(Server):
+    """HAProxy in the foreground (-db) in front of docxy nodes: one target, whose processes
+    are HAProxy's and all the nodes'."""
+
+    def __init__(self, work, script, direct_port, name, nodes):
+        super().__init__(work)
+        self.name, self.port = name, free_port()
+        self.nodes = [Docxy(work, script, direct_port, "%s-%d" % (name, number),
+                            extra=FLEET_NODE_ARGS) for number in range(1, nodes + 1)]
+
+    def start(self):
+        """Start what does not run: everything at first, the part that died on a revive."""
+        for node in self.nodes:
+            if not node.alive():
+                node.start()
+        if super().alive():
+            return
+        with open(HAPROXY_CFG) as handle:
+            text = fleet_config(handle.read(), self.port, [node.port for node in self.nodes])
+        path = os.path.join(self.work, "%s-haproxy.cfg" % self.name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        self.log = os.path.join(self.work, "%s-haproxy.log" % self.name)
+        self.proc = PROCESSES.spawn(["haproxy", "-db", "-f", path], self.log, env=clean_env())
+        wait_ready(self.proc, self.port, "haproxy (%s)" % self.name, self.log)
+
+    def alive(self):
+        return super().alive() and all(node.alive() for node in self.nodes)
+
+    def pids(self):
+        return super().pids() + [pid for node in self.nodes for pid in node.pids()]
+
+    def logs(self):
+        return super().logs() + [path for node in self.nodes for path in node.logs()]
+
+    def stop(self):
+        super().stop()
+        for node in self.nodes:
+            node.stop()
 
 
 class Target:
@@ -1154,9 +1240,12 @@ class Lab:
         """Why a target does not run here, or None."""
         if spec["name"] not in self.wanted:
             return "not selected (--targets)"
-        tool = {"nginx": "nginx", "registry": "docker-registry"}.get(spec["server"])
+        tool = {"nginx": "nginx", "registry": "docker-registry",
+                "fleet": "haproxy"}.get(spec["server"])
         if tool and not shutil.which(tool):
             return "%s not installed" % tool
+        if spec["server"] == "fleet" and not os.path.isfile(HAPROXY_CFG):
+            return "%s not found" % shown_path(HAPROXY_CFG)
         if spec.get("tls") and not self.certs:
             return self.cert_problem
         script = spec.get("script")
@@ -1166,6 +1255,8 @@ class Lab:
             return "this docxy has no --cache-dir"
         if spec.get("workers") and "--workers" not in self.help(script):
             return "this docxy has no --workers"
+        if spec["server"] == "fleet" and "--drain-delay" not in self.help(script):
+            return "this docxy has no --drain-delay"
         return None
 
     def help(self, script):
@@ -1190,6 +1281,10 @@ class Lab:
         if kind == "registry":
             self.registry = self.launch(Registry(self.work, self.direct.port))
             return Target(spec, self.registry, self.registry.port)
+        if kind == "fleet":
+            fleet = self.launch(Fleet(self.work, self.scripts[spec["script"]], self.direct.port,
+                                      spec["name"], spec["nodes"]))
+            return Target(spec, fleet, fleet.port)
         server = self.launch(Docxy(self.work, self.scripts[spec["script"]], self.direct.port,
                                    spec["name"], self.certs if tls else None,
                                    bool(spec.get("cache")), spec.get("workers")))
@@ -2291,7 +2386,8 @@ class Session:
 
     def host(self):
         tools = {"nginx": ["nginx", "-v"], "docker-registry": ["docker-registry", "--version"],
-                 "wrk": ["wrk", "--version"], "openssl": ["openssl", "version"]}
+                 "wrk": ["wrk", "--version"], "openssl": ["openssl", "version"],
+                 "haproxy": ["haproxy", "-v"]}
         facts = {
             "date": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
             .strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -2352,8 +2448,12 @@ def log_summary(servers):
     out = []
     patterns = re.compile(r"transfer aborted|internal error|upstream error|Traceback|"
                           r"cache paused|\[error\]|\[crit\]|\[alert\]|\[emerg\]|level=error|"
-                          r"level=fatal|panic")
-    for path in sorted({server.log for server in servers if server.log}):
+                          r"level=fatal|panic|\[ALERT\]|\[WARNING\]")
+    # HAProxy's httplog line: its status and termination state. A normal session ends with
+    # "----"; any other state (a node that refused, reset or timed out, a client that left
+    # early) or an answer that is not 2xx/3xx is worth a look.
+    haproxy_line = re.compile(r"\] \S+ \S+/\S+ [-+\d/]+ (-?\d+) [-+\d]+ \S+ \S+ (\S{4}) ")
+    for path in sorted({path for server in servers for path in server.logs()}):
         if not os.path.exists(path):
             continue
         counts, examples = {}, {}
@@ -2361,9 +2461,13 @@ def log_summary(servers):
             for raw in handle:
                 line = raw.decode("utf-8", "replace").rstrip()
                 match = patterns.search(line)
-                if not match:
+                answer = None if match else haproxy_line.search(line)
+                if answer and (answer.group(1)[0] not in "23" or answer.group(2) != "----"):
+                    key = "HAProxy status %s, termination state %s" % answer.groups()
+                elif match:
+                    key = match.group(0)
+                else:
                     continue
-                key = match.group(0)
                 if key == "transfer aborted":   # one group per reason, digests left out
                     rest = line.split("transfer aborted", 1)[1]
                     key = "transfer aborted" + re.sub(r"sha256:[0-9a-f]+", "<digest>", rest)[:70]
@@ -2775,8 +2879,9 @@ def render_markdown(report, source):
             "```", "",
             "Everything runs on loopback and is started by the benchmark, in a temporary "
             "directory, on free ports, and stopped at the end. It needs Python 3.8+ and uses "
-            "nginx, docker-registry (CNCF distribution), wrk and openssl where they are "
-            "installed (Debian: `apt install nginx docker-registry wrk openssl`); a target "
+            "nginx, docker-registry (CNCF distribution), wrk, openssl and haproxy where they "
+            "are installed (Debian: `apt install nginx docker-registry wrk openssl haproxy`); "
+            "a target "
             "whose tool is missing is reported as skipped, never faked. `--baseline-docxy "
             "PATH` (a file, or a git revision whose docxy.py to use) adds the `docxy-before` "
             "targets, measured in the same rounds. `--keep` keeps the work directory with the "
