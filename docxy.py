@@ -3876,7 +3876,9 @@ class ResponseHead:
     """Handler mixin: collects a response's head itself, in place of BaseHTTPRequestHandler's
     own buffer, and hands it whole to the ResponseWriter (the handler's wfile), which sends it
     with the first piece of the body. A head sent before any status is set (an interim
-    answer) goes at once: the client waits for it."""
+    answer) goes at once: the client waits for it. A connection that closes after this answer
+    says so in its head, whichever route wrote it: else a keep-alive client may send its next
+    request into a closing connection (a balancer may retry it; a client fails)."""
 
     head_lines = ()
     status = None
@@ -3895,6 +3897,9 @@ class ResponseHead:
                 self.close_connection = False
 
     def end_headers(self):
+        if self.close_connection and self.status is not None and not any(
+                line[:11].lower() == "connection:" for line in self.head_lines):
+            self.head_lines.append("Connection: close\r\n")
         self.head_lines.append("\r\n")
         self.wfile.head += "".join(self.head_lines).encode("latin-1", "strict")
         self.head_lines = []
@@ -4150,8 +4155,6 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
         self.send_header("Docker-Distribution-API-Version", "registry/2.0")
         for name, value in extra_headers:
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

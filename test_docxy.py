@@ -5864,6 +5864,44 @@ class TestRoutesAndErrors:
         assert b'\n "status": "ok",\n' in r.body, "no line a balancer's check can match"
         assert registry.reqs() == [] and tokens.reqs() == [] and cdn.reqs() == []
 
+    def test_health_is_503_while_the_cache_directory_takes_no_writes(self, start_docxy, registry,
+                                                                     tmp_path):
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+        assert call(d.port, "GET", "/health").status == 200
+        scratch = tmp_path / "cache" / "tmp"
+        shutil.rmtree(str(scratch))
+        scratch.write_text("where docxy writes its small files, a file")  # as a dead mount would
+        r = call(d.port, "GET", "/health")
+        assert r.status == 503
+        assert r.json()["status"] == "unhealthy" and r.json()["cache"] == {"writable": False}
+        assert r.json()["problems"] == ["the cache directory takes no writes: Not a directory"]
+        scratch.unlink()
+        scratch.mkdir()
+        assert call(d.port, "GET", "/health").status == 200
+
+    def test_health_tells_when_each_upstream_last_answered_and_stays_200_when_one_fails(
+        self, start_docxy, registry, tmp_path
+    ):
+        """Every node of a fleet shares the upstream, and a node still serves what it cached:
+        a failing upstream is told, but does not take the node out."""
+        dead = "http://127.0.0.1:%d" % free_port()
+        config = tmp_path / "docxy.ini"
+        write_config(config, {"docxy": {"registries": "docker.io, dead.example"},
+                              "dead.example": {"upstream": dead}})
+        d = start_docxy("--listen", "127.0.0.1:0", "--config", str(config),
+                        "--upstream", registry.url)
+        assert call(d.port, "GET", "/health").json()["upstreams"] == {}
+        assert call(d.port, "GET", "/v2/").status == 401
+        assert call(d.port, "GET", "/v2/dead.example/app/manifests/1").status == 502
+        r = call(d.port, "GET", "/health")
+        assert r.status == 200 and r.json()["status"] == "ok"
+        hub, other = r.json()["upstreams"]["docker.io"], r.json()["upstreams"]["dead.example"]
+        assert 0 <= hub["seconds_since_contact"] < 5 and hub["last_error"] is None
+        assert not hub["down"]
+        assert other["last_error"] == "upstream unreachable"
+        assert 0 <= other["seconds_since_contact"] < 5
+        assert dead not in r.body.decode()
+
     def test_head_manifest_stays_head_and_sends_no_body(self, docxy, registry, token, content):
         req = (
             "HEAD /v2/busybox/manifests/latest HTTP/1.1\r\n"
@@ -6401,6 +6439,62 @@ class TestServerLifecycle:
         assert result["status"] == 200
         assert sha256_digest(result["body"]) == digest
         assert d.proc.wait(25) == 0
+
+    def test_sigterm_with_drain_delay_answers_health_503_and_serves_on_before_it_stops_accepting(
+        self, start_docxy, registry
+    ):
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                        "--drain-delay", "2")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as kept:
+            resp, _ = send_and_read(kept, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert resp.status == 200 and not resp.will_close
+            signalled = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            d.wait_for(r"^docxy: stopping: /health answers 503; serving on for 2s "
+                       r"\(--drain-delay\)")
+            health = call(d.port, "GET", "/health")
+            assert health.status == 503 and health.json()["status"] == "draining"
+            assert b'\n "status": "draining",\n' in health.body
+            # New connections and kept ones are still served, each answer telling its client
+            # to come back on a new connection (that the balancer sends elsewhere).
+            assert call(d.port, "GET", "/v2/").status == 401
+            resp, _ = send_and_read(kept, b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert resp.status == 401 and resp.will_close
+        wait_until(lambda: not_served(d.port), 10, "docxy to stop accepting")
+        assert time.monotonic() - signalled >= 2, "it stopped accepting before --drain-delay"
+        assert d.proc.wait(10) == 0
+        d.wait_for(r"^docxy: stopping: no longer accepting; idle connections closed, transfers "
+                   r"in flight have up to 30s$")
+        d.wait_for(r"^docxy: stopped$")
+
+    def test_a_second_sigterm_stops_at_once(self, start_docxy, registry):
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
+                        "--drain-delay", "60", "--drain-seconds", "60")
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_for(r"serving on for 60s \(--drain-delay\)")
+        time.sleep(1.5)  # past the moment one stop delivered twice is taken for one
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(5) == 0
+        d.wait_for(r"^docxy: stopped at once: asked a second time$")
+
+    def test_one_sigterm_to_the_process_group_reaches_workers_twice_and_is_one_stop(
+        self, start_docxy, registry
+    ):
+        """systemd's default KillMode and Ctrl-C signal every process of the group: each worker
+        gets the signal itself and from its supervisor, and must not take it for a second."""
+        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
+                                     registry.url, "--drain-delay", "2",
+                                     preexec_fn=os.setsid)
+        os.killpg(d.proc.pid, signal.SIGTERM)
+        for number in (1, 2):
+            d.wait_for(r"^docxy: worker %d: stopping: /health answers 503" % number)
+        time.sleep(1)
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        with sock:
+            resp, _ = send_and_read(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert resp.status == 503
+        assert d.proc.wait(15) == 0
+        assert "at once" not in d.log()
 
     def test_access_log_line_per_request(self, docxy, token, content):
         line = re.compile(
@@ -6940,7 +7034,7 @@ class Balancer:
         self.port, self.lines, self.cond = port, [], threading.Condition()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=cwd,
+            cwd=cwd, start_new_session=True,  # nginx's workers outlive a master killed alone
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -6968,11 +7062,12 @@ class Balancer:
             return "\n".join(self.lines)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
-        self.reader.join(5)
-        self.proc.stdout.close()
+        self.reader.join(5)  # ends with the output, once every process of the group is gone
 
 
 def start_haproxy(folder, ports):
@@ -7068,9 +7163,11 @@ class Fleet:
 
     def stop_all(self):
         for node in self.nodes:
-            if node and node.proc.poll() is None:
-                os.killpg(node.proc.pid, signal.SIGKILL)
             if node:
+                try:
+                    os.killpg(node.proc.pid, signal.SIGKILL)  # the workers too
+                except ProcessLookupError:
+                    pass
                 node.stop()
 
 
@@ -7086,8 +7183,12 @@ def fleet(registry, tmp_path):
         return nodes
 
     yield make
-    for thing in reversed(made):
-        thing.stop()
+    try:
+        for thing in reversed(made):
+            thing.stop()
+    finally:
+        for thing in made:  # whatever failed above, no node outlives the test
+            thing.stop()
 
 
 def fleet_pull(port, content):
@@ -7145,6 +7246,84 @@ def outcomes_other_than_ok(outcomes):
 
 def node_up_lines(number):
     return r"Server docxy/docxy%d is UP" % number
+
+
+class EndpointsForwarder:
+    """What a Kubernetes Service does without a balancer's health check (kube-proxy): new TCP
+    connections go round-robin to the endpoints it knows, and it drops a pod from them a while
+    after the pod was told to stop (when the endpoint controller's news arrives), whatever
+    the pod answers meanwhile. No retry: a refused connection is the client's failure."""
+
+    def __init__(self, ports):
+        self.endpoints, self.turn, self.lock = list(ports), 0, threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                port = self.endpoints[self.turn % len(self.endpoints)]
+                self.turn += 1
+            threading.Thread(target=self.forward, args=(client, port), daemon=True).start()
+
+    def forward(self, client, port):
+        try:
+            node = socket.create_connection(("127.0.0.1", port), timeout=30)
+        except OSError:
+            client.close()
+            return
+        pump = threading.Thread(target=self.pump, args=(node, client), daemon=True)
+        pump.start()
+        self.pump(client, node)
+        pump.join(30)
+        client.close()
+        node.close()
+
+    @staticmethod
+    def pump(source, sink):
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def remove(self, port):
+        with self.lock:
+            self.endpoints.remove(port)
+
+    def add(self, port):
+        with self.lock:
+            self.endpoints.append(port)
+
+    def stop(self):
+        self.listener.close()
+
+
+ENDPOINT_LAG = 1.5  # seconds from a pod's SIGTERM until kube-proxy stops sending it connections
+
+
+def roll_out_behind_endpoints(nodes, forwarder):
+    """Restart each node in turn as Kubernetes does without a balancer in front: SIGTERM, the
+    endpoint dropped ENDPOINT_LAG later, the new pod's endpoint added once /health answers."""
+    for number, port in enumerate(nodes.ports):
+        node = nodes.nodes[number]
+        node.proc.send_signal(signal.SIGTERM)
+        time.sleep(ENDPOINT_LAG)
+        forwarder.remove(port)
+        assert node.proc.wait(60) == 0
+        node.stop()
+        nodes.start(number)
+        wait_until(lambda: call(port, "GET", "/health").status == 200, 10, "the pod to be ready")
+        forwarder.add(port)
 
 
 @pytest.mark.system
@@ -7218,6 +7397,30 @@ class TestFleet:
         outcomes = pulls.finish()
         assert outcomes_other_than_ok(outcomes) == []
         assert len(outcomes) >= 3 * NODES
+
+    @pytest.mark.parametrize("drain_delay", ["0", "3"])
+    def test_without_a_balancers_health_check_only_drain_delay_keeps_a_rollout_from_failing(
+        self, registry, content, tmp_path, drain_delay
+    ):
+        """Behind a Service (kube-proxy), which learns of a stopping pod late and retries
+        nothing: with --drain-delay 0 a pod refuses the connections still sent to it; with a
+        delay longer than the news takes, no request fails."""
+        nodes = Fleet(registry, tmp_path, ["--drain-delay", drain_delay])
+        forwarder = EndpointsForwarder(nodes.ports)
+        try:
+            assert fleet_pull(forwarder.port, content) == "ok"
+            pulls = ContinuousPulls(forwarder.port, content)
+            roll_out_behind_endpoints(nodes, forwarder)
+            outcomes = pulls.finish()
+        finally:
+            forwarder.stop()
+            nodes.stop_all()
+        failed = outcomes_other_than_ok(outcomes)
+        assert not [outcome for outcome in failed if outcome.startswith("corrupt")]
+        if drain_delay == "0":
+            assert failed, "no request failed: the test shows nothing"
+        else:
+            assert failed == [] and len(outcomes) >= 3 * NODES
 
 
 @pytest.mark.system
