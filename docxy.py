@@ -2035,6 +2035,48 @@ def owner_alive(descriptor):
         return True
 
 
+class WriteProbe:
+    """Whether a folder takes writes now (a full or read-only disk, a lost network mount): for
+    /health, which balancers ask every second or so. One probe at a time: while one hangs (on
+    a mount that stopped answering), the checks that come meanwhile answer at once, with the
+    last probe's answer, or once it has hung PATIENCE seconds, with that; each would hold a
+    thread otherwise. `lock` is held by the probing thread; `started` and `problem` are
+    written by it alone, each replaced whole."""
+
+    PATIENCE = 2.0      # seconds
+
+    def __init__(self, folder):
+        self.folder, self.lock = folder, threading.Lock()
+        self.started, self.problem = None, None
+
+    def check(self):
+        """Why no file can be written in the folder now, or None when one can."""
+        if not self.lock.acquire(blocking=False):
+            started = self.started
+            if started is not None and time.monotonic() - started > self.PATIENCE:
+                return "a write has not returned in %gs" % self.PATIENCE
+            return self.problem
+        try:
+            self.started = time.monotonic()
+            self.problem = self.write_one()
+            return self.problem
+        finally:
+            self.started = None
+            self.lock.release()
+
+    def write_one(self):
+        try:
+            descriptor, probe = tempfile.mkstemp(prefix="health-", dir=self.folder)
+            try:
+                os.write(descriptor, b"ok")
+            finally:
+                os.close(descriptor)
+                os.unlink(probe)
+        except OSError as error:
+            return error.strerror or str(error)
+        return None
+
+
 class CacheUsage:
     """The bytes and objects the cache directory holds, counted for every process that uses
     it (workers, other docxy processes, prefetch, on this host or on others that share the
@@ -2131,6 +2173,7 @@ class Cache:
         self.stats = collections.Counter()
         self.paused_until = 0.0
         self.usage.lock, self.usage.pid = threading.Lock(), None
+        self.write_probe = WriteProbe(os.path.join(self.root, "tmp"))
         # What was read from disk, each entry replaced whole (see MEMO_SIZE): digest -> media
         # type; tag record path -> (the file's identity, the record).
         self.types, self.records = {}, {}
@@ -2627,22 +2670,6 @@ class Cache:
         if removed:
             log("cache: removed %d files left by processes that stopped" % removed)
         return removed
-
-    def write_problem(self):
-        """Why no file can be written in the cache directory now, or None when one can: for
-        /health, which a balancer asks every few seconds (a full or read-only disk, a lost
-        network mount)."""
-        try:
-            descriptor, probe = tempfile.mkstemp(prefix="health-",
-                                                 dir=os.path.join(self.root, "tmp"))
-            try:
-                os.write(descriptor, b"ok")
-            finally:
-                os.close(descriptor)
-                os.unlink(probe)
-        except OSError as error:
-            return error.strerror or str(error)
-        return None
 
     def sweep_every(self, stop):
         """The sweep, every SWEEP_AGE seconds until `stop` is set (a thread of each process)."""
@@ -5106,7 +5133,7 @@ def health(mirror):
     but keeps the node in: every node shares it, and cached content is still served."""
     problems = ["not accepting connections on port %d" % listener.server_address[1]
                 for listener in mirror.listeners if not listener.accepting()]
-    cache_problem = mirror.cache and mirror.cache.write_problem()
+    cache_problem = mirror.cache and mirror.cache.write_probe.check()
     if cache_problem:
         problems.append("the cache directory takes no writes: %s" % cache_problem)
     now = time.time()
