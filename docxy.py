@@ -435,8 +435,8 @@ def check_limits(config, problems):
     for name in ("upstream_timeout", "client_timeout", "drain_seconds", "cert_check_interval"):
         if not getattr(config, name) > 0:
             problems.append("%s must be positive" % source(config, name))
-    if not config.drain_delay >= 0:
-        problems.append("%s must not be negative" % source(config, "drain_delay"))
+    if not 0 <= config.drain_delay <= 86400:    # a day: past that, surely a typo
+        problems.append("%s must be from 0 to 86400 seconds" % source(config, "drain_delay"))
     if config.max_connections < 1:
         problems.append("%s must be at least 1" % source(config, "max_connections"))
     config.workers = problems.check(parse_workers, config.workers, source(config, "workers"))
@@ -2037,20 +2037,24 @@ def owner_alive(descriptor):
 
 class WriteProbe:
     """Whether a folder takes writes now (a full or read-only disk, a lost network mount): for
-    /health, which balancers ask every second or so. One probe at a time: while one hangs (on
-    a mount that stopped answering), the checks that come meanwhile answer at once, with the
-    last probe's answer, or once it has hung PATIENCE seconds, with that; each would hold a
-    thread otherwise. `lock` is held by the probing thread; `started` and `problem` are
-    written by it alone, each replaced whole."""
+    /health, which balancers ask every second or so. One probe at a time, at most one per
+    FRESH seconds: the checks in between answer at once with its answer; while it hangs (on a
+    mount that stopped answering) they answer that it hangs, once it has for PATIENCE seconds,
+    instead of each holding a thread. `lock` is held by the probing thread; `started`,
+    `checked` and `problem` are written by it alone, each replaced whole."""
 
+    FRESH = 1.0         # seconds
     PATIENCE = 2.0      # seconds
 
     def __init__(self, folder):
         self.folder, self.lock = folder, threading.Lock()
-        self.started, self.problem = None, None
+        self.started, self.checked, self.problem = None, None, None
 
     def check(self):
         """Why no file can be written in the folder now, or None when one can."""
+        checked = self.checked
+        if checked is not None and time.monotonic() - checked < self.FRESH:
+            return self.problem
         if not self.lock.acquire(blocking=False):
             started = self.started
             if started is not None and time.monotonic() - started > self.PATIENCE:
@@ -2059,22 +2063,31 @@ class WriteProbe:
         try:
             self.started = time.monotonic()
             self.problem = self.write_one()
+            self.checked = time.monotonic()
             return self.problem
         finally:
             self.started = None
             self.lock.release()
 
     def write_one(self):
+        """Write a small file and remove it: the error that stopped it, or None."""
         try:
             descriptor, probe = tempfile.mkstemp(prefix="health-", dir=self.folder)
+        except OSError as error:
+            return error.strerror or str(error)
+        problem = None
+        try:
             try:
                 os.write(descriptor, b"ok")
             finally:
-                os.close(descriptor)
-                os.unlink(probe)
+                os.close(descriptor)    # a network file system may report a write's error here
         except OSError as error:
-            return error.strerror or str(error)
-        return None
+            problem = error.strerror or str(error)
+        try:
+            os.unlink(probe)
+        except OSError as error:
+            problem = problem or error.strerror or str(error)
+        return problem
 
 
 class CacheUsage:
@@ -4867,8 +4880,14 @@ class OperatorPages:
     def send_health(self):
         """/health: 200 while this node can serve, 503 once it stops or when it cannot; as JSON
         whose `"status": "ok"` line a balancer's check can match (and whose other lines say why
-        to a person). Nothing internal: it is answered to whoever asks."""
-        status, document = health(self.mirror)
+        to a person). Answered to whoever asks, before access control: the details that tell
+        of upstreams go to --metrics-allow clients only."""
+        try:
+            operator = in_networks(plain_address(self.forwarded_client()),
+                                   self.mirror.config.metrics_allow)
+        except RegistryError:   # an X-Forwarded-For that names no address: no details
+            operator = False
+        status, document = health(self.mirror, operator)
         body = json.dumps(document, indent=1).encode() + b"\n"
         self.send_json(status, body, [("Cache-Control", "no-store")])
 
@@ -5127,30 +5146,33 @@ def public_upstream(registry):
     return url if preset and url == preset[0] else "(private)"
 
 
-def health(mirror):
+def health(mirror, operator):
     """(status, document) of /health. Draining (after SIGTERM) or unhealthy, 503: a listener
     stopped accepting, or the cache directory takes no writes. An upstream that fails is told
-    but keeps the node in: every node shares it, and cached content is still served."""
-    problems = ["not accepting connections on port %d" % listener.server_address[1]
-                for listener in mirror.listeners if not listener.accepting()]
+    but keeps the node in: every node shares it, and cached content is still served. Which
+    registries this node asks, and how they fare, is for an `operator` (--metrics-allow) only:
+    anyone may ask /health."""
+    problems = []
+    if mirror.stopping.is_set():
+        problems.append("stopping: take this node out of rotation")
+    problems += ["not accepting connections on port %d" % listener.server_address[1]
+                 for listener in mirror.listeners if not listener.accepting()]
     cache_problem = mirror.cache and mirror.cache.write_probe.check()
     if cache_problem:
         problems.append("the cache directory takes no writes: %s" % cache_problem)
-    now = time.time()
-    document = {
-        "status": ("draining" if mirror.stopping.is_set() else
-                   "unhealthy" if problems else "ok"),
-        "problems": problems,
-        "cache": None if not mirror.cache else {"writable": not cache_problem},
-        "upstreams": {name: mirror.upstream.last_contact(registry, now)   # asked since start
-                      for name, registry in mirror.registries.items()
-                      if name in mirror.upstream.contacts},
-        "worker": mirror.worker,
-        "version": __version__,
-    }
-    if mirror.stopping.is_set():
-        problems.insert(0, "stopping: take this node out of rotation")
-    return (200 if document["status"] == "ok" else 503), document
+    status = "draining" if mirror.stopping.is_set() else "unhealthy" if problems else "ok"
+    document = {"status": status, "problems": problems,
+                "cache": None if not mirror.cache else {"writable": not cache_problem}}
+    if operator:
+        now = time.time()
+        document.update({
+            "upstreams": {name: mirror.upstream.last_contact(registry, now)   # since start
+                          for name, registry in mirror.registries.items()
+                          if name in mirror.upstream.contacts},
+            "worker": mirror.worker,
+            "version": __version__,
+        })
+    return (200 if status == "ok" else 503), document
 
 
 def status_cache_figures(figures):
@@ -6205,22 +6227,23 @@ def announce(mirror, listeners):
         log(line)
 
 
-def handle_signals(stop, reload_asked, hurry):
+def handle_signals(stop, reload_asked, hurry, worker=False):
     """SIGTERM and SIGINT stop, and a second one hurries the stop; SIGHUP (systemd's
     ExecReload) reloads: each sets its event, for the main thread (serve_until_stopped) to act
     on. A handler only sets an event: logging there could wait for a lock its thread holds.
-    A worker gets one stop twice at once, from whoever signalled the process group (Ctrl-C,
-    systemd's default KillMode) and from its supervisor: a repeat within SAME_SIGNAL seconds
-    is the same request."""
-    first = []
+    A worker takes stop and hurry from its supervisor only, as WORKER_STOP and WORKER_HURRY:
+    a signal to the whole process group (Ctrl-C, systemd's default KillMode) reaches it too,
+    and would count twice with the supervisor's."""
     def stop_asked(*_):
-        if not first:
-            first.append(time.monotonic())
-            stop.set()
-        elif time.monotonic() - first[0] > SAME_SIGNAL:
-            hurry.set()
-    signal.signal(signal.SIGTERM, stop_asked)
-    signal.signal(signal.SIGINT, stop_asked)
+        (hurry if stop.is_set() else stop).set()
+    if worker:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(WORKER_STOP, lambda *_: stop.set())
+        signal.signal(WORKER_HURRY, lambda *_: hurry.set())
+    else:
+        signal.signal(signal.SIGTERM, stop_asked)
+        signal.signal(signal.SIGINT, stop_asked)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
 
@@ -6271,9 +6294,11 @@ def serve_until_stopped(mirror, listeners, argv, events, supervisor=None):
     return 0
 
 
-SAME_SIGNAL = 1.0   # seconds: a stop signal again within this is the first delivered twice
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT) + (
     (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+WORKER_STOP, WORKER_HURRY = signal.SIGUSR1, signal.SIGUSR2  # a supervisor's, to its workers
+# Held back from a new worker until it has its handlers: SIGUSR1's default would kill it.
+FORK_BLOCKED = FORWARDED_SIGNALS + (WORKER_STOP, WORKER_HURRY)
 STEADY_AFTER = 10           # seconds a worker lives before its death no longer counts as a crash
 RESTART_PAUSE_MAX = 30      # seconds: the longest pause before a crashing worker's replacement
 
@@ -6283,8 +6308,9 @@ class Supervisor:
     bound the listeners, and now forks the N workers that serve them, serving nothing itself.
     It replaces a worker that dies: at once, but after a pause that doubles while replacements
     keep dying right after their start. On SIGHUP it reloads its own configuration (which the
-    workers it forks later start with) and passes the signal on to each worker; SIGTERM and
-    SIGINT it passes on too, then stops replacing workers and exits once the last has exited.
+    workers it forks later start with) and passes the signal on to each worker; on SIGTERM or
+    SIGINT it tells each to stop (WORKER_STOP; WORKER_HURRY the second time), then stops
+    replacing workers and exits once the last has exited.
     One thread: the signal handlers only note the signal, for run()'s loop to act on; no lock."""
 
     def __init__(self, mirror, listeners, argv):
@@ -6317,6 +6343,7 @@ class Supervisor:
     def act_on(self, number):
         if number == getattr(signal, "SIGHUP", None):
             reload(self.mirror, self.listeners, self.argv)
+            self.tell_workers(number)
         elif not self.stopping:
             self.stopping = True
             config = self.mirror.config
@@ -6325,8 +6352,12 @@ class Supervisor:
                 % (len(self.pids), config.drain_delay, config.drain_seconds))
             for listener in self.listeners:     # the workers close theirs as they drain
                 listener.close_sockets()
+            self.tell_workers(WORKER_STOP)
         else:
             log("stopping at once: asked a second time")
+            self.tell_workers(WORKER_HURRY)
+
+    def tell_workers(self, number):
         for pid in self.pids.values():
             try:
                 os.kill(pid, number)
@@ -6336,7 +6367,7 @@ class Supervisor:
     def start(self, slot):
         """Fork the slot's worker. Signals wait until the worker has its own handlers."""
         supervisor = os.getpid()
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         try:
             pid = os.fork()
         except OSError as error:
@@ -6346,7 +6377,7 @@ class Supervisor:
             return
         finally:
             if os.getpid() == supervisor:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
         if pid == 0:
             os._exit(run_worker(self.mirror, self.listeners, self.argv, slot + 1, supervisor))
         self.pids[slot], self.started[slot] = pid, time.monotonic()
@@ -6410,8 +6441,8 @@ def run_worker(mirror, listeners, argv, worker, supervisor):
             listener.take_socket(worker - 1)
         mirror.after_fork(worker)
         events = stop, reload_asked, hurry = threading.Event(), threading.Event(), threading.Event()
-        handle_signals(stop, reload_asked, hurry)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        handle_signals(stop, reload_asked, hurry, worker=True)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
         start_serving(mirror, listeners, stop)
         return serve_until_stopped(mirror, listeners, argv, events, supervisor)
     except BaseException as error:     # whatever it is: said, and the supervisor replaces it
