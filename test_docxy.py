@@ -7376,15 +7376,21 @@ class EndpointsForwarder:
 
     @staticmethod
     def pump(source, sink):
+        """One direction, to its end; then the other side hears the end (a reset too), as it
+        would from kube-proxy, instead of waiting for its timeout."""
         try:
             while True:
                 data = source.recv(1 << 16)
                 if not data:
                     break
                 sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        finally:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def remove(self, port):
         with self.lock:
@@ -7451,7 +7457,9 @@ class TestFleet:
         clear_fakes()
         _, again = pull_like_dockerd(nodes.balancer.port)
         assert again == pulls[0][1]
-        assert registry.reqs() == [] and cdn.reqs() == []
+        # Nothing a pull counts: the version check (GET /v2/) may reach it once per worker that
+        # has not asked it lately.
+        assert content_requests(registry) == [] and cdn.reqs() == []
 
     @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
     def test_a_node_killed_under_continuous_pulls_fails_no_pull_that_starts_after_it(
