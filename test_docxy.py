@@ -5903,8 +5903,9 @@ class TestRoutesAndErrors:
         assert b'\n "status": "ok",\n' in r.body, "no line a balancer's check can match"
         assert registry.reqs() == [] and tokens.reqs() == [] and cdn.reqs() == []
 
-    def test_health_is_503_while_the_cache_directory_takes_no_writes(self, start_docxy, registry,
-                                                                     tmp_path):
+    def test_health_is_503_while_the_cache_directory_takes_no_writes(
+        self, start_docxy, registry, tmp_path
+    ):
         d = cached_docxy(start_docxy, registry, tmp_path / "cache")
         assert call(d.port, "GET", "/health").status == 200
         scratch = tmp_path / "cache" / "tmp"  # where the probe writes
@@ -5926,10 +5927,23 @@ class TestRoutesAndErrors:
         out."""
         dead = "http://127.0.0.1:%d" % free_port()
         config = tmp_path / "docxy.ini"
-        write_config(config, {"docxy": {"registries": "docker.io, dead.example"},
-                              "dead.example": {"upstream": dead}})
-        d = start_docxy("--listen", "127.0.0.1:0", "--config", str(config),
-                        "--upstream", registry.url, "--metrics-allow", "127.0.0.1/32")
+        write_config(
+            config,
+            {
+                "docxy": {"registries": "docker.io, dead.example"},
+                "dead.example": {"upstream": dead},
+            },
+        )
+        d = start_docxy(
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(config),
+            "--upstream",
+            registry.url,
+            "--metrics-allow",
+            "127.0.0.1/32",
+        )
         assert call(d.port, "GET", "/health").json()["upstreams"] == {}
         assert call(d.port, "GET", "/v2/").status == 401
         assert call(d.port, "GET", "/v2/dead.example/app/manifests/1").status == 502
@@ -6486,15 +6500,15 @@ class TestServerLifecycle:
     def test_sigterm_with_drain_delay_answers_health_503_and_serves_on_before_it_stops_accepting(
         self, start_docxy, registry
     ):
-        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
-                        "--drain-delay", "2")
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url, "--drain-delay", "2")
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as kept:
             resp, _ = send_and_read(kept, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert resp.status == 200 and not resp.will_close
             signalled = time.monotonic()
             d.proc.send_signal(signal.SIGTERM)
-            d.wait_for(r"^docxy: stopping: /health answers 503; serving on for 2s "
-                       r"\(--drain-delay\)")
+            d.wait_for(
+                r"^docxy: stopping: /health answers 503; serving on for 2s " r"\(--drain-delay\)"
+            )
             health = call(d.port, "GET", "/health")
             assert health.status == 503 and health.json()["status"] == "draining"
             assert b'\n "status": "draining",\n' in health.body
@@ -6506,13 +6520,23 @@ class TestServerLifecycle:
         wait_until(lambda: not_served(d.port), 10, "docxy to stop accepting")
         assert time.monotonic() - signalled >= 2, "it stopped accepting before --drain-delay"
         assert d.proc.wait(10) == 0
-        d.wait_for(r"^docxy: stopping: no longer accepting; idle connections closed, transfers "
-                   r"in flight have up to 30s$")
+        d.wait_for(
+            r"^docxy: stopping: no longer accepting; idle connections closed, transfers "
+            r"in flight have up to 30s$"
+        )
         d.wait_for(r"^docxy: stopped$")
 
     def test_a_second_sigterm_stops_at_once(self, start_docxy, registry):
-        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url,
-                        "--drain-delay", "60", "--drain-seconds", "60")
+        d = start_docxy(
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--drain-delay",
+            "60",
+            "--drain-seconds",
+            "60",
+        )
         d.proc.send_signal(signal.SIGTERM)
         d.wait_for(r"serving on for 60s \(--drain-delay\)")
         time.sleep(1.5)  # past the moment one stop delivered twice is taken for one
@@ -6523,8 +6547,15 @@ class TestServerLifecycle:
     def test_a_second_sigterm_to_the_supervisor_stops_every_worker_at_once(
         self, start_docxy, registry
     ):
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--drain-delay", "60")
+        d, pids = docxy_with_workers(
+            start_docxy,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--drain-delay",
+            "60",
+        )
         d.proc.send_signal(signal.SIGTERM)
         for number in (1, 2):
             d.wait_for(r"^docxy: worker %d: stopping: /health answers 503" % number)
@@ -6539,9 +6570,16 @@ class TestServerLifecycle:
     ):
         """systemd's default KillMode and Ctrl-C signal every process of the group: each worker
         gets the signal itself and from its supervisor, and must not take it for a second."""
-        d, pids = docxy_with_workers(start_docxy, "--listen", "127.0.0.1:0", "--upstream",
-                                     registry.url, "--drain-delay", "2",
-                                     preexec_fn=os.setsid)
+        d, pids = docxy_with_workers(
+            start_docxy,
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--drain-delay",
+            "2",
+            preexec_fn=os.setsid,
+        )
         os.killpg(d.proc.pid, signal.SIGTERM)
         for number in (1, 2):
             d.wait_for(r"^docxy: worker %d: stopping: /health answers 503" % number)
@@ -7091,8 +7129,11 @@ class Balancer:
         self.port, self.lines, self.cond = port, [], threading.Condition()
         self.proc = subprocess.Popen(  # in a group of its own: nginx's workers outlive a
             argv,  # master killed alone
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=cwd, preexec_fn=own_group_dying_with_pytest,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            preexec_fn=own_group_dying_with_pytest,
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -7138,8 +7179,10 @@ def start_haproxy(folder, ports):
         pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
     port = free_port()
     substitutions = [(r"^(\s*)bind :5000$", r"    bind 127.0.0.1:%d" % port)] + [
-        (r"^    server docxy%d 10\.0\.0\.1%d:5000$" % (n, n),
-         "    server docxy%d 127.0.0.1:%d" % (n, ports[n - 1]))
+        (
+            r"^    server docxy%d 10\.0\.0\.1%d:5000$" % (n, n),
+            "    server docxy%d 127.0.0.1:%d" % (n, ports[n - 1]),
+        )
         for n in range(1, NODES + 1)
     ]
     config = folder / "haproxy.cfg"
@@ -7158,9 +7201,7 @@ def start_nginx(folder, ports):
         for n in range(1, NODES + 1)
     ]
     (folder / "docxy.conf").write_text(shipped_recipe("nginx/docxy.conf", substitutions))
-    temp = " ".join(
-        "%s_temp_path %s;" % (kind, folder / kind) for kind in ("client_body", "proxy")
-    )
+    temp = " ".join("%s_temp_path %s;" % (kind, folder / kind) for kind in ("client_body", "proxy"))
     (folder / "nginx.conf").write_text(
         "daemon off;\nworker_processes 2;\nerror_log stderr notice;\npid %s;\n"
         "events { worker_connections 1024; }\n"
@@ -7215,8 +7256,17 @@ class Fleet:
             )
         )
         self.nodes[number] = Docxy(
-            ["--config", str(config), "--upstream", self.registry.url,
-             "--library-prefix", "on", "--upstream-timeout", "5"] + self.extra,
+            [
+                "--config",
+                str(config),
+                "--upstream",
+                self.registry.url,
+                "--library-prefix",
+                "on",
+                "--upstream-timeout",
+                "5",
+            ]
+            + self.extra,
             preexec_fn=own_group_dying_with_pytest,
         )
         return self.nodes[number]
@@ -7291,8 +7341,7 @@ def fleet_pull(port, content):
         wanted += [("manifests", amd["manifest"]), ("blobs", amd["config"])]
         wanted += [("blobs", digest) for digest in amd["layers"] + [content.big_digest]]
         for kind, digest in wanted:
-            r = call(port, "GET", "/v2/library/busybox/%s/%s" % (kind, digest), accept,
-                     timeout=30)
+            r = call(port, "GET", "/v2/library/busybox/%s/%s" % (kind, digest), accept, timeout=30)
             if r.status != 200:
                 return "failed: %s answered %d" % (digest, r.status)
             if sha256_digest(r.body) != digest:
@@ -7462,6 +7511,23 @@ class TestFleet:
         assert content_requests(registry) == [] and cdn.reqs() == []
 
     @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
+    def test_a_blob_asked_with_and_without_containerds_query_reaches_one_node(
+        self, fleet, balancer, registry, content
+    ):
+        """containerd asks /v2/<name>/blobs/<digest>?ns=docker.io, Docker the same without the
+        query: one blob, which one node should fetch and keep."""
+        nodes = fleet(balancer)
+        amd = content.platform["amd64"]
+        clear_fakes()
+        for digest in amd["layers"] + [amd["config"]]:
+            for query in ("", "?ns=docker.io"):
+                path = "/v2/library/busybox/blobs/%s%s" % (digest, query)
+                r = call(nodes.balancer.port, "GET", path)
+                assert r.status == 200 and sha256_digest(r.body) == digest
+            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
+            assert len(authorized(fetched)) == 1, digest
+
+    @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
     def test_a_node_killed_under_continuous_pulls_fails_no_pull_that_starts_after_it(
         self, fleet, balancer, content
     ):
@@ -7480,9 +7546,7 @@ class TestFleet:
         assert len(after) >= 4 and set(after) == {"ok"}, outcomes_other_than_ok(outcomes)
 
     @pytest.mark.parametrize("balancer", [start_haproxy, start_nginx], ids=["haproxy", "nginx"])
-    def test_the_nodes_judge_the_client_by_its_own_address_not_the_balancers(
-        self, fleet, balancer
-    ):
+    def test_the_nodes_judge_the_client_by_its_own_address_not_the_balancers(self, fleet, balancer):
         """The balancer connects from 127.0.0.1, which the recipe's trusted-proxy names; the
         clients come from 127.0.0.2 and 127.0.0.3, and only the first is allowed."""
         nodes = fleet(balancer, "--allow", "127.0.0.2/32")
@@ -7493,7 +7557,8 @@ class TestFleet:
         assert refused.json()["errors"][0]["detail"] == "127.0.0.3"
         wait_until(
             lambda: any('docxy: 127.0.0.3 "GET /v2/" 403 ' in node.log() for node in nodes.nodes),
-            5, "the refusal's access line naming the client",
+            5,
+            "the refusal's access line naming the client",
         )
 
     def test_a_rolling_restart_under_continuous_pulls_fails_no_request(self, fleet, content):
@@ -7509,7 +7574,8 @@ class TestFleet:
             assert nodes.balancer.count(node_down_lines(number + 1)) > down
             nodes.start(number)
             wait_until(
-                lambda: nodes.balancer.count(node_up_lines(number + 1)) > up, 15,
+                lambda: nodes.balancer.count(node_up_lines(number + 1)) > up,
+                15,
                 "HAProxy to take node %d back" % (number + 1),
             )
         outcomes = pulls.finish()
