@@ -6151,9 +6151,13 @@ def stop_serving(mirror, listeners, hurry):
     return clean
 
 
+CUT_GRACE = 1.0     # seconds the transfers cut at a stop's end have to log their access lines
+
+
 def drain(mirror, listeners, hurry):
     """Stop accepting, close idle keep-alive connections, let transfers finish (until
-    --drain-seconds are over or `hurry` is set)."""
+    --drain-seconds are over or `hurry` is set); then cut those still running, and give
+    them CUT_GRACE to log that they were."""
     mirror.draining.set()
     mirror.waiting.close_all()
     for listener in listeners:
@@ -6170,14 +6174,24 @@ def drain(mirror, listeners, hurry):
             handlers = list(mirror.connections.values())
         if not handlers:
             return True
-        for handler in handlers:
-            if handler.idle:
-                try:
-                    socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        shut_connections(handler for handler in handlers if handler.idle)
+        time.sleep(0.05)
+    with mirror.lock:
+        shut_connections(list(mirror.connections.values()))
+    deadline = time.monotonic() + CUT_GRACE
+    while mirror.connections and time.monotonic() < deadline:
         time.sleep(0.05)
     return False
+
+
+def shut_connections(handlers):
+    """End the handlers' connections: a read or write there fails at once, and a transfer
+    under way ends as one cut short (abort_transfer), with its access line."""
+    for handler in handlers:
+        try:
+            socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def main(argv=None):

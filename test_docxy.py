@@ -6526,6 +6526,39 @@ class TestServerLifecycle:
         )
         d.wait_for(r"^docxy: stopped$")
 
+    def test_a_transfer_still_running_when_the_drain_ends_is_cut_and_logged_as_cut(
+        self, start_docxy, registry, content
+    ):
+        d = start_docxy(
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            registry.url,
+            "--library-prefix",
+            "on",
+            "--drain-seconds",
+            "1",
+        )
+        token = get_token(d.port, "repository:library/busybox:pull")
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client reading nothing
+        stalled.connect(("127.0.0.1", d.port))
+        with stalled:
+            stalled.sendall(
+                (
+                    "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                    "\r\n" % (content.big_digest, token)
+                ).encode()
+            )
+            assert stalled.recv(12) == b"HTTP/1.1 200"
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(10) == 0
+        d.wait_for(r"^docxy: stopped with transfers still running$")
+        d.wait_for(
+            r'^docxy: 127\.0\.0\.1 "GET /v2/busybox/blobs/%s" 200 \d+B [\d.]+s upstream=200!$'
+            % content.big_digest
+        )
+
     def test_a_second_sigterm_stops_at_once(self, start_docxy, registry):
         d = start_docxy(
             "--listen",
