@@ -5653,7 +5653,8 @@ class Listener(http.server.ThreadingHTTPServer):
     the listener's ConnectionBudget allows (--max-connections, shared by the mirror's
     listeners). `pending` hands each thread what arrived of its request: the selector's
     thread adds an entry and the serving thread pops it, each one dict operation, atomic
-    under the GIL, and never the same socket at once."""
+    under the GIL, and never the same socket at once. `accept_thread`, set once it serves,
+    tells /health whether it still accepts."""
 
     daemon_threads = True
     block_on_close = False

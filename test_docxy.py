@@ -7156,7 +7156,7 @@ def recipe_setting(relative, name):
 
 class Balancer:
     """HAProxy or nginx in the foreground, listening on `port`; its output collected (HAProxy
-    logs each server's state changes there)."""
+    logs each server's state changes there) into `lines`, which `cond` guards."""
 
     def __init__(self, argv, port, cwd):
         self.port, self.lines, self.cond = port, [], threading.Condition()
@@ -7386,7 +7386,8 @@ def fleet_pull(port, content):
 
 class ContinuousPulls:
     """`clients` threads pulling through `port` over and over until finish(), each pull's
-    outcome (fleet_pull) noted with when it started and ended (time.monotonic)."""
+    outcome (fleet_pull) noted with when it started and ended (time.monotonic), by one
+    list.append, which needs no lock."""
 
     def __init__(self, port, content, clients=4):
         self.port, self.content, self.outcomes = port, content, []
@@ -7424,7 +7425,8 @@ class EndpointsForwarder:
     """What a Kubernetes Service does without a balancer's health check (kube-proxy): new TCP
     connections go round-robin to the endpoints it knows, and it drops a pod from them a while
     after the pod was told to stop (when the endpoint controller's news arrives), whatever
-    the pod answers meanwhile. No retry: a refused connection is the client's failure."""
+    the pod answers meanwhile. No retry: a refused connection is the client's failure.
+    `lock` guards `endpoints` and `turn`, which the test's thread changes while it accepts."""
 
     def __init__(self, ports):
         self.endpoints, self.turn, self.lock = list(ports), 0, threading.Lock()
