@@ -6052,6 +6052,43 @@ def send_and_read(sock, request, method="GET"):
     return resp, body
 
 
+def start_two_slow_downloads(d, registry, content):
+    """Two clients downloading the slow blob through `d`, held half-way by the fake registry,
+    each holding a place of --max-connections: their sockets."""
+    token = get_token(d.port, "repository:library/busybox:pull")
+    digest = content.special["slow"][0]
+    content.slow_halfway.clear()
+    content.slow_gate.clear()
+    request = (
+        "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        "Connection: close\r\n\r\n" % (digest, token)
+    ).encode()
+    downloads = [socket.create_connection(("127.0.0.1", d.port), timeout=20) for _ in range(2)]
+    try:
+        for sock in downloads:
+            sock.sendall(request)
+        assert content.slow_halfway.wait(15)
+        wait_until(
+            lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2,
+            15,
+            "both downloads to reach the upstream",
+        )
+    except BaseException:
+        content.slow_gate.set()
+        for sock in downloads:
+            sock.close()
+        raise
+    return downloads
+
+
+def finish_slow_downloads(downloads, content):
+    """Let the held downloads go on: each gets the whole blob."""
+    content.slow_gate.set()
+    for sock in downloads:
+        reply = read_until_eof(sock)
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(content.special["slow"][1])
+
+
 def not_served(port):
     """True when a new connection is refused or gets no HTTP answer."""
     try:
@@ -6195,33 +6232,14 @@ class TestServerLifecycle:
             "--client-timeout",
             "30",
         )
-        token = get_token(d.port, "repository:library/busybox:pull")
-        digest, data = content.special["slow"]
-        content.slow_halfway.clear()
-        content.slow_gate.clear()
-        request = (
-            "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-            "Connection: close\r\n\r\n" % (digest, token)
-        ).encode()
-        downloads = [socket.create_connection(("127.0.0.1", d.port), timeout=20) for _ in range(2)]
+        downloads = start_two_slow_downloads(d, registry, content)  # each holds a slot
         third = socket.create_connection(("127.0.0.1", d.port), timeout=10)
         try:
-            for sock in downloads:  # both served, held half-way by the upstream: each holds a slot
-                sock.sendall(request)
-            assert content.slow_halfway.wait(15)
-            wait_until(
-                lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2,
-                15,
-                "both downloads to reach the upstream",
-            )
             third.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             third.settimeout(1.5)
             with pytest.raises(socket.timeout):
                 third.recv(1)
-            content.slow_gate.set()
-            for sock in downloads:
-                reply = read_until_eof(sock)
-                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(data)
+            finish_slow_downloads(downloads, content)
             third.settimeout(10)
             resp = http.client.HTTPResponse(third, method="GET")
             resp.begin()
@@ -7086,24 +7104,9 @@ class TestWorkers:
             "--client-timeout",
             "30",
         )
-        token = get_token(d.port, "repository:library/busybox:pull")
-        digest, data = content.special["slow"]
-        content.slow_halfway.clear()
-        content.slow_gate.clear()
-        request = (
-            "GET /v2/busybox/blobs/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-            "Connection: close\r\n\r\n" % (digest, token)
-        ).encode()
-        downloads = [socket.create_connection(("127.0.0.1", d.port), timeout=20) for _ in range(2)]
+        downloads = start_two_slow_downloads(d, registry, content)  # the 2 places
         waiting = []
         try:
-            for sock in downloads:  # both held half-way by the upstream: the 2 places
-                sock.sendall(request)
-            wait_until(
-                lambda: len(registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)) == 2,
-                15,
-                "both downloads to reach the upstream",
-            )
             holders = set()
             while holders != set(pids):  # a whole request waiting at each worker
                 assert len(waiting) < 40, "no connection reached one of the workers"
@@ -7118,10 +7121,7 @@ class TestWorkers:
                 sock.settimeout(1.5)
                 with pytest.raises(socket.timeout):
                     sock.recv(1)
-            content.slow_gate.set()
-            for sock in downloads:
-                reply = read_until_eof(sock)
-                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(data)
+            finish_slow_downloads(downloads, content)
             for sock in waiting:  # then each is answered, whichever worker holds it
                 sock.settimeout(15)
                 assert read_until_eof(sock).startswith(b"HTTP/1.1 200 ")

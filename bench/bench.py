@@ -2547,26 +2547,25 @@ class Report:
         cases = self.cases.get((measure, ref), [])
         return case if case in cases else (cases[0] if cases else None)
 
-    def ratio(self, measure, figure, target, case, ref):
-        """{round: target's figure / ref's figure}, or None when there is no such ref."""
+    def series_pair(self, measure, figure, target, case, ref):
+        """(target's {round: figure}, ref's), or None when there is no such ref."""
         if not ref or ref == target:
             return None
         ref_case = self.ref_case(measure, ref, case)
         if ref_case is None:
             return None
-        mine = self.results.series(measure, target, case, figure)
-        return per_round_ratio(mine, self.results.series(measure, ref, ref_case, figure))
+        return (self.results.series(measure, target, case, figure),
+                self.results.series(measure, ref, ref_case, figure))
+
+    def ratio(self, measure, figure, target, case, ref):
+        """{round: target's figure / ref's figure}, or None when there is no such ref."""
+        pair = self.series_pair(measure, figure, target, case, ref)
+        return pair and per_round_ratio(*pair)
 
     def difference(self, measure, figure, target, case, ref, per=1):
         """{round: (target's figure - ref's figure) / per}, or None when there is no ref."""
-        if not ref or ref == target:
-            return None
-        ref_case = self.ref_case(measure, ref, case)
-        if ref_case is None:
-            return None
-        mine = self.results.series(measure, target, case, figure)
-        return per_round_difference(mine, self.results.series(measure, ref, ref_case, figure),
-                                    per)
+        pair = self.series_pair(measure, figure, target, case, ref)
+        return pair and per_round_difference(*pair, per)
 
     def position(self, target):
         return self.order.index(target) if target in self.order else len(self.order)
