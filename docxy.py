@@ -1448,6 +1448,34 @@ def answer_fault(answer, ranged):
     return None
 
 
+CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18})")
+
+
+def resume_fault(answer, offset, length, etag):
+    """What makes an answer to a resume (a GET with Range: bytes=offset-) unfit to continue a
+    body with, or None: anything but a 206 for exactly the bytes from `offset` to the end of
+    the body first answered, whose length was `length` (None: not announced) and entity tag
+    `etag` (None: none given). A 200 would send the body from its start again, and another
+    length or entity tag means another body: the hash so far would only fail at the end."""
+    if answer.status != 206:
+        return "upstream answered a resume with %d, not 206" % answer.status
+    match = CONTENT_RANGE.fullmatch((answer.header("Content-Range") or "").strip())
+    if not match:
+        return "upstream answered a resume without a usable Content-Range"
+    first, last, total = map(int, match.groups())
+    if first != offset or last != total - 1:
+        return "upstream resumed bytes %d-%d/%d, not from %d to the end" % (
+            first, last, total, offset)
+    if length is not None and total != length:
+        return "upstream resumed a body of %d bytes, not %d" % (total, length)
+    if answer.remaining is not None and answer.remaining != total - offset:
+        return "upstream resumed with a Content-Length that is not its range's"
+    other = answer.header("ETag")
+    if etag and other and other != etag:
+        return "upstream resumed another entity (ETag %s, was %s)" % (other[:80], etag[:80])
+    return None
+
+
 def redirect_target(url, location):
     """Where a redirect leads, if docxy may follow it: http(s) only, never from https to http."""
     try:
@@ -1771,10 +1799,66 @@ def hash_beside(hasher, buffers):
     return jobs.put, free.acquire, finish
 
 
+MAX_RESUMES = 5     # asks for the rest of one body after its upstream connection broke
+
+
+class UpstreamBody:
+    """An upstream answer's body as one stream, read with readinto(): a broken or stalled
+    connection, or a body that ends before its Content-Length, is an UpstreamError, never a
+    short read that looks like the end. Given `resume` (see UpstreamRelay.resumer), it asks
+    for the rest instead, up to MAX_RESUMES times and each time only after the connection
+    before gave some bytes, so that a reader (BodyCopy, its hash, a cache fill) sees one
+    uninterrupted body. `answer` is the current UpstreamResponse: the first, then each
+    resumed one. One thread's, no lock."""
+
+    def __init__(self, answer, resume=None):
+        self.answer, self.resume = answer, resume
+        self.offset = 0         # bytes of the body read so far, over every answer
+        self.progress = 0       # bytes the current answer gave
+        self.resumes = 0
+
+    @property
+    def remaining(self):
+        """What the body still lacks by its Content-Length; None when no length was given."""
+        return self.answer.remaining
+
+    def readinto(self, view):
+        while True:
+            try:
+                new = self.answer.readinto(view)
+            except socket.timeout:
+                error = UpstreamError(504, "upstream stalled in the middle of a body")
+            except (OSError, http.client.HTTPException) as failure:
+                error = UpstreamError(502, "upstream body broke off", str(failure)[:200])
+            else:
+                if new or not self.answer.remaining:
+                    self.offset += new
+                    self.progress += new
+                    return new
+                error = UpstreamError(502, "upstream body ended early",
+                                      "%d bytes missing" % self.answer.remaining)
+            self.go_on_after(error)
+
+    def go_on_after(self, error):
+        """Take the resumed answer in place of the broken one, or raise `error`."""
+        if not self.resume or not self.progress or self.resumes >= MAX_RESUMES:
+            if self.resumes:
+                error.detail += "; after %d resumes" % self.resumes
+            raise error
+        self.answer.release()       # closed: a half-read connection is never reused
+        self.resumes += 1
+        self.progress = 0
+        self.answer = self.resume(self.offset, self.resumes, error)
+
+    def release(self):
+        self.answer.release()
+
+
 class BodyCopy:
     """One upstream body on its way to a client: read in fixed-size chunks into buffers of its
     own (transfer_buffer), and hashed when a digest is to be verified, on a thread beside the
-    copy when the body is large and cores are free (hash_beside).
+    copy when the body is large and cores are free (hash_beside). The body is read through an
+    UpstreamBody, which resumes it when a `resume` is given.
 
     The truncation rules: the last byte of a verified body is held back until the whole body
     hashed right, and a body that arrives in one read (a manifest, a config) is checked before
@@ -1783,9 +1867,9 @@ class BodyCopy:
     body. One thread's, no lock; close() must follow, the hashing thread reads the buffers
     until then."""
 
-    def __init__(self, answer, verify, transfers):
-        self.answer, self.verify = answer, verify
-        self.received, self.verified = 0, False
+    def __init__(self, answer, verify, transfers, resume=None):
+        self.answer, self.verify = UpstreamBody(answer, resume), verify
+        self.verified = False
         size = CHUNK if answer.remaining is None else answer.remaining + 1
         self.hasher = hashlib.new(verify.split(":")[0]) if verify else None
         beside = self.hasher and size > HASH_BESIDE_BYTES and transfers <= HASH_BESIDE_TRANSFERS
@@ -1823,24 +1907,21 @@ class BodyCopy:
                 end -= 1
                 held = view[end]
             yield view[:end]
-        if self.answer.remaining:   # what Content-Length still promised
-            raise UpstreamError(502, "upstream body ended early",
-                                "%d bytes missing" % self.answer.remaining)
         if self.hasher:
             self.check()
             if held is not None:
                 yield bytes((held,))
 
+    @property
+    def received(self):
+        return self.answer.offset
+
+    @property
+    def resumes(self):
+        return self.answer.resumes
+
     def read(self, view):
-        """Read from upstream; its failures are counted as the upstream's."""
-        try:
-            new = self.answer.readinto(view)
-        except socket.timeout:
-            raise UpstreamError(504, "upstream stalled in the middle of a body")
-        except (OSError, http.client.HTTPException) as error:
-            raise UpstreamError(502, "upstream body broke off", str(error)[:200])
-        self.received += new
-        return new
+        return self.answer.readinto(view)
 
     def check(self):
         if self.finish:
@@ -1854,6 +1935,7 @@ class BodyCopy:
         if self.finish:
             self.finish()
             self.finish = None
+        self.answer.release()   # a resumed answer is this copy's own to give back
         for view, buffer in zip(self.views, self.buffers):
             view.release()
             release_buffer(buffer)
@@ -3337,6 +3419,10 @@ METRIC_HELP = {
                                    "(connect, timeout, protocol, 429, 5xx).",
     "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, "
                                           "by registry.",
+    "docxy_upstream_resumes_total": "Blob transfers asked for again from where their upstream "
+                                    "connection broke, by registry.",
+    "docxy_upstream_resumed_bytes_total": "Bytes that resumes did not fetch again (each "
+                                          "resume's offset), by registry.",
     "docxy_inflight_requests": "Requests being answered now.",
     "docxy_open_connections": "Client connections open now: served, or waiting for their "
                                "request or for a place (--max-connections).",
@@ -3648,13 +3734,14 @@ class AccessRecord:
     one thread's, no lock."""
 
     __slots__ = ("started", "client", "method", "path", "status", "sent", "received", "user",
-                 "registry", "upstream_status", "upstream_seconds", "cache", "long_transfer")
+                 "registry", "upstream_status", "upstream_seconds", "cache", "long_transfer",
+                 "resumes")
 
     def __init__(self):
         self.started, self.client, self.method, self.path = time.monotonic(), "-", "-", "-"
         self.status, self.sent, self.received, self.user = None, 0, 0, None
         self.registry, self.upstream_status, self.upstream_seconds = "-", "-", 0.0
-        self.cache, self.long_transfer = "-", 0
+        self.cache, self.long_transfer, self.resumes = "-", 0, 0
 
     def speed(self, seconds):
         """MiB/s, for a long transfer only."""
@@ -3668,15 +3755,16 @@ class AccessRecord:
             "path": self.path[:300], "status": self.status, "bytes": self.sent,
             "duration": round(seconds, 4), "upstream_status": self.upstream_status,
             "upstream_time": round(self.upstream_seconds, 4), "registry": self.registry,
-            "cache": self.cache, "user": self.user,
+            "cache": self.cache, "user": self.user, "resumes": self.resumes,
             "mib_per_second": round(self.speed(seconds), 1) if self.long_transfer else None},
             separators=(",", ":")) + "\n"
 
     def text_line(self, seconds):
         speed = self.speed(seconds)
-        return log_line('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s' % (
+        return log_line('%s "%s %s" %s %dB %.3fs%s upstream=%s%s%s%s' % (
             self.client, self.method, self.path[:300], self.status, self.sent, seconds,
             " %.1fMiB/s" % speed if speed is not None else "", self.upstream_status,
+            " resumes=%d" % self.resumes if self.resumes else "",
             " user=" + self.user if self.user else "",
             " cache=" + self.cache if self.cache != "-" else ""), logging.INFO, False)
 
@@ -4280,18 +4368,56 @@ class UpstreamRelay:
         return headers
 
     def relay(self, registry, method, url, headers, body=None, verify=None,
-              rewrite_challenge=True, scope=None):
-        """Fetch url upstream and stream the answer to the client."""
+              rewrite_challenge=True, scope=None, resumable=False):
+        """Fetch url upstream and stream the answer to the client. `resumable`: a blob, whose
+        whole body, should its connection break, is asked for again from where it broke."""
         answer = self.mirror.upstream.fetch(registry, method, url, headers, self.record, body,
                                             scope)
+        resume = None
+        if resumable and method == "GET" and "Range" not in headers:
+            resume = self.resumer(registry, url, headers, scope, answer)
         self.send_upstream(registry, method, answer, verify, rewrite_challenge,
-                           ranged="Range" in headers)
+                           ranged="Range" in headers, resume=resume)
 
-    def send_upstream(self, registry, method, answer, verify=None,
-                      rewrite_challenge=True, fill=None, media_type=None, ranged=False):
+    def resumer(self, registry, url, headers, scope, first):
+        """How a blob's body goes on after its connection broke (see UpstreamBody): the same
+        request again for the rest (Range: bytes=N-), through the registry as the first went,
+        so that an expired token is renewed and a CDN's signed address drawn anew. Only the
+        rest of the same body is taken (resume_fault); the digest check still decides."""
+        length, etag = first.remaining, first.header("ETag")
+        asked = {k: v for k, v in headers.items()
+                 if k not in ("Range", "If-Range", "If-None-Match")}
+        if etag and not etag.startswith("W/"):    # RFC 9110 13.1.5: a strong one only
+            asked["If-Range"] = etag
+        blob = url.rpartition("/")[2]
+
+        def resume(offset, turn, error):
+            log("resuming %s of %s at byte %d (resume %d of %d): %s (%s)" % (
+                blob, registry.name, offset, turn, MAX_RESUMES, error.message, error.detail))
+            status = self.record.upstream_status   # the access line tells the first answer's
+            try:
+                answer = self.mirror.upstream.fetch(
+                    registry, "GET", url, dict(asked, Range="bytes=%d-" % offset), self.record,
+                    scope=scope)
+            finally:
+                self.record.upstream_status = status
+            fault = resume_fault(answer, offset, length, etag)
+            if fault:
+                answer.release()    # unread: the connection closes
+                self.mirror.upstream.count_error(registry.name, "protocol")
+                raise UpstreamError(502, "upstream could not resume the body", fault)
+            labels = (("registry", registry.name),)
+            self.mirror.metrics.add("docxy_upstream_resumes_total", labels)
+            self.mirror.metrics.add("docxy_upstream_resumed_bytes_total", labels, offset)
+            self.record.resumes = turn
+            return answer
+        return resume
+
+    def send_upstream(self, registry, method, answer, verify=None, rewrite_challenge=True,
+                      fill=None, media_type=None, ranged=False, resume=None):
         """Stream an upstream answer to the client, and into a cache fill when given one.
-        `ranged`: the request asked for a range. Returns True when the body arrived whole and
-        verified."""
+        `ranged`: the request asked for a range; `resume`: see resumer. Returns True when the
+        body arrived whole and verified."""
         try:
             fault = answer_fault(answer, ranged)
             if fault:
@@ -4307,6 +4433,8 @@ class UpstreamRelay:
                 # Only a 200 carries the whole object, whatever the request asked for: a 206
                 # (a Range) cannot be checked against the whole's digest, an error is no object.
                 verify = None
+            if not verify:
+                resume = None   # what is not checked as a whole is not pieced together either
             unframed = has_body and answer.remaining is None \
                 and answer.header("Content-Length") is None
             chunked = unframed and self.request_version == "HTTP/1.1"
@@ -4322,7 +4450,7 @@ class UpstreamRelay:
                 self.send_header(name, value)
             self.end_headers()
             if has_body:
-                return self.stream_body(answer, verify, chunked, fill)
+                return self.stream_body(answer, verify, chunked, fill, resume)
             return False
         finally:
             answer.release()
@@ -4363,7 +4491,7 @@ class UpstreamRelay:
             realm = self.public_base() + "/auth/%s/token" % registry.name
         return format_challenge(scheme, [(k, realm if k == "realm" else v) for k, v in params])
 
-    def stream_body(self, answer, verify, chunked, fill=None):
+    def stream_body(self, answer, verify, chunked, fill=None, resume=None):
         """Copy an upstream body to the client (BodyCopy: fixed-size chunks, verified when a
         digest is given, a mismatch or a broken upstream ending the connection before the body
         is complete). Returns True when the body was verified whole.
@@ -4371,7 +4499,7 @@ class UpstreamRelay:
         With a cache fill, the download does not depend on this client: when it hangs up,
         the body is still read, verified and committed, for the clients following the fill
         and for the cache, only no longer sent here (see fill_goes_on)."""
-        copy = BodyCopy(answer, verify, self.mirror.transfers())
+        copy = BodyCopy(answer, verify, self.mirror.transfers(), resume)
         keep = fill and functools.partial(self.mirror.cache.write, fill)
         writer = ChunkedWriter(self.wfile.write) if chunked else None
         write = writer.write if writer else self.wfile.write
@@ -4452,6 +4580,9 @@ class UpstreamRelay:
 
 
 AGAIN = "again"     # a fill that ended before it was followed: look in the cache again
+# How many --upstream-timeouts a follower waits for a fill's next bytes: one for its download to
+# notice a stall, and for the resume one each to log in again, to ask the registry and the CDN.
+RESUME_SILENCE = 4
 
 
 class ReadBackCheck:
@@ -4483,7 +4614,7 @@ class CacheRoutes:
 
         def pass_through():     # uncached, as the core proxy does
             return self.relay(registry, self.command, url, headers, verify=digest,
-                              scope=login_scope(headers, name))
+                              scope=login_scope(headers, name), resumable=kind == "blobs")
 
         for _ in range(3):      # again: committed, or its owner stopped, while this looked
             hit = cache.open(digest, kind)
@@ -4516,18 +4647,19 @@ class CacheRoutes:
         what every client of this mirror may read. Content only the client's own credentials
         can read is streamed to it, and never cached."""
         own = {k: v for k, v in headers.items() if k != "Authorization"}
-        answer = self.mirror.upstream.fetch(registry, "GET", url, own, self.record,
-                                            scope="repository:%s:pull" % name)
+        scope = "repository:%s:pull" % name
+        answer = self.mirror.upstream.fetch(registry, "GET", url, own, self.record, scope=scope)
         if answer.status in (401, 403) and "Authorization" in headers:
             answer.discard()
             self.record.cache = "private"
-            self.relay(registry, "GET", url, headers, verify=digest)
+            self.relay(registry, "GET", url, headers, verify=digest, resumable=fill.kind == "blobs")
             return False
         if answer.status != 200:
             self.send_upstream(registry, "GET", answer)
             return False
+        resume = self.resumer(registry, url, own, scope, answer) if fill.kind == "blobs" else None
         return self.send_upstream(registry, "GET", answer, digest, fill=fill,
-                                  media_type=media_type)
+                                  media_type=media_type, resume=resume)
 
     def follow_fill(self, fill, digest, kind, pass_through):
         """Serve a download in progress, this process's or another's, from the file as it
@@ -4564,11 +4696,12 @@ class CacheRoutes:
         """The body of a fill as it is written. The last byte waits for verification, as on
         the downloading connection. What another process wrote is checked here as well, its
         last byte sent only if the whole matches: a network file system may show one host
-        another's writes late or out of order."""
+        another's writes late or out of order. A fill may bring nothing new for a while:
+        RESUME_SILENCE times `timeout` covers its download noticing a stall and resuming."""
         check = ReadBackCheck(digest, length) if isinstance(fill, ForeignFill) else None
-        sent = 0
+        sent, patience = 0, timeout * RESUME_SILENCE
         while sent < length:
-            written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, timeout)
+            written, state, _ = fill.wait(lambda f: min(f.written, f.length - 1) > sent, patience)
             ready = written if state == "done" else min(written, length - 1)
             if state == "failed" or ready <= sent:
                 why = " (the process downloading it stopped)" if fill.abandoned else ""
@@ -5033,7 +5166,8 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
             return self.serve_object(registry, url, name, kind, verify, headers)
         if self.mirror.cache and kind == "manifests":
             return self.serve_tag(registry, url, name, ref, headers)
-        self.relay(registry, self.command, url, headers, verify=verify, scope=scope)
+        self.relay(registry, self.command, url, headers, verify=verify, scope=scope,
+                   resumable=kind == "blobs")
 
     def public_host(self):
         """The host clients address: the Host header, or X-Forwarded-Host from a trusted proxy."""

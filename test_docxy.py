@@ -21,6 +21,7 @@ Only pytest and the standard library are used.  Addresses are loopback only
 
 import base64
 import collections
+import concurrent.futures
 import ctypes
 import errno
 import fcntl
@@ -763,7 +764,12 @@ class CdnHandler(RecordingHandler):
 
     Serves ``/blobs/<digest>?sig=...``; any Authorization header -> 400 (as
     S3 does), missing signature -> 403; ``Range: bytes=a-b`` -> 206 with
-    Content-Range.
+    Content-Range.  Misbehaviour for resume tests: ``fake.breaks[digest]`` is a
+    list of (offset, "cut" or "stall"): the first answer that reaches an offset
+    stops there, once (the entry is used up), and closes the connection, at once
+    ("cut") or after ``fake.stall_seconds`` of silence ("stall").  With
+    ``fake.range_answer`` "ignore" a Range gets the whole body (200), with
+    "longer" a 206 of a body one byte longer.
     """
 
     def handle_request(self):
@@ -785,9 +791,12 @@ class CdnHandler(RecordingHandler):
         if data is None:
             return self.send_bytes(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
         headers = [("ETag", '"%s"' % hashlib.md5(data).hexdigest()), ("Accept-Ranges", "bytes")]
-        status = 200
+        status, start = 200, 0
         rng = self.headers.get("Range")
-        if rng:
+        answer = getattr(self.fake, "range_answer", None)
+        if rng and answer == "longer":
+            data = data + b"!"
+        if rng and answer != "ignore":
             rm = re.match(r"^bytes=(\d+)-(\d*)$", rng)
             if not rm or int(rm.group(1)) >= len(data):
                 return self.send_bytes(
@@ -797,7 +806,31 @@ class CdnHandler(RecordingHandler):
             end = min(int(rm.group(2)) if rm.group(2) else len(data) - 1, len(data) - 1)
             headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, len(data))))
             data, status = data[start : end + 1], 206
-        self.send_bytes(status, data, "application/octet-stream", headers)
+        broken = self.break_in(m.group(1), start, len(data))
+        if broken is None:
+            return self.send_bytes(status, data, "application/octet-stream", headers)
+        offset, how = broken
+        self.send_response(status)
+        for key, value in headers + [("Content-Length", str(len(data)))]:
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data[: offset - start])
+        self.wfile.flush()
+        if how == "stall":
+            time.sleep(self.fake.stall_seconds)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def break_in(self, digest, start, length):
+        """The break (offset, how) this answer meets, taken off the fake's list; None."""
+        if self.command != "GET":
+            return None
+        with self.fake.lock:
+            breaks = getattr(self.fake, "breaks", {}).get(digest, [])
+            for n, (offset, how) in enumerate(breaks):
+                if start <= offset < start + length:
+                    return breaks.pop(n)
+        return None
 
 
 class BasicRegistryHandler(RegistryHandler):
@@ -1735,32 +1768,42 @@ def unit_record(media_type, checked):
     return {"type": media_type, "checked": checked, "digest": "sha256:" + "%064x" % checked}
 
 
-def fake_answer(dx, body, length, step):
+def fake_answer(dx, body, length, step, cut=None, failure=None, status=200, headers=()):
     """An upstream answer as BodyCopy reads it: `length` its Content-Length (None: unknown),
-    `step` bytes at most per read."""
+    `step` bytes at most per read; with `cut`, its connection ends after that many bytes,
+    quietly or raising `failure`."""
 
     class Answer:
         def __init__(self):
-            self.data, self.left = memoryview(body), length
+            self.data, self.left = memoryview(body[:cut] if cut is not None else body), length
+            self.status, self.fields, self.released = status, dict(headers), False
 
         @property
         def remaining(self):
             return self.left
 
+        def header(self, name, default=None):
+            return self.fields.get(name, default)
+
         def readinto(self, view):
             n = min(len(view), step, len(self.data))
+            if not n and failure:
+                raise failure
             view[:n] = self.data[:n]
             self.data = self.data[n:]
             if self.left is not None:
                 self.left -= n
             return n
 
+        def release(self):
+            self.released = True
+
     return Answer()
 
 
-def copied(dx, answer, verify):
+def copied(dx, answer, verify, resume=None):
     """What BodyCopy hands on, piece by piece, and the error that ended it (or None)."""
-    copy, pieces = dx.BodyCopy(answer, verify, 1), []
+    copy, pieces = dx.BodyCopy(answer, verify, 1, resume), []
     try:
         for piece in copy.pieces():
             pieces.append(bytes(piece))
@@ -3120,6 +3163,81 @@ class TestBodyTransfer:
     def test_body_copy_passes_an_unverified_body_of_unknown_length_as_it_comes(self, dx):
         body = b"z" * 5000
         assert copied(dx, fake_answer(dx, body, None, 777), None) == (body, False, None)
+
+    def test_a_body_broken_midway_is_resumed_from_where_it_broke_and_verified_whole(self, dx):
+        body, asked = os.urandom(10000), []
+
+        def resume(offset, turn, error):
+            asked.append((offset, turn, error.message))
+            cut = 2000 if turn == 1 else None
+            failure = socket.timeout("timed out") if turn == 1 else None
+            return fake_answer(dx, body[offset:], len(body) - offset, 700, cut, failure)
+
+        first = fake_answer(dx, body, len(body), 700, cut=3000)
+        assert copied(dx, first, sha256_digest(body), resume) == (body, True, None)
+        assert asked == [
+            (3000, 1, "upstream body ended early"),
+            (5000, 2, "upstream stalled in the middle of a body"),
+        ]
+        assert first.released
+
+    def test_a_body_is_resumed_five_times_at_most(self, dx):
+        body, asked = os.urandom(10000), []
+
+        def resume(offset, turn, error):
+            asked.append(offset)
+            return fake_answer(dx, body[offset:], len(body) - offset, 64, cut=100)
+
+        data, verified, error = copied(
+            dx, fake_answer(dx, body, len(body), 64, cut=100), sha256_digest(body), resume
+        )
+        assert asked == [100, 200, 300, 400, 500] and not verified
+        assert data == body[:599] and error.message == "upstream body ended early"
+        assert error.detail == "9400 bytes missing; after 5 resumes"
+
+    def test_a_resumed_answer_that_brings_no_byte_is_not_resumed_again(self, dx):
+        body, asked = os.urandom(1000), []
+
+        def resume(offset, turn, error):
+            asked.append(offset)
+            return fake_answer(dx, body[offset:], len(body) - offset, 64, cut=0)
+
+        data, _, error = copied(
+            dx, fake_answer(dx, body, len(body), 64, cut=100), sha256_digest(body), resume
+        )
+        assert asked == [100] and data == body[:99] and "ended early" in error.message
+
+    def test_a_body_that_breaks_before_its_first_byte_is_not_resumed(self, dx):
+        def resume(offset, turn, error):
+            raise AssertionError("resumed without progress")
+
+        failure = ConnectionResetError("reset")
+        data, _, error = copied(
+            dx, fake_answer(dx, b"x" * 100, 100, 64, 0, failure), sha256_digest(b"x"), resume
+        )
+        assert data == b"" and error.message == "upstream body broke off"
+
+    @pytest.mark.parametrize(
+        "status, headers, length, fault",
+        [
+            (206, {"Content-Range": "bytes 300-999/1000", "ETag": '"a"'}, 700, None),
+            (206, {"Content-Range": "bytes 300-999/1000"}, 700, None),  # no ETag: the hash decides
+            (200, {"ETag": '"a"'}, 1000, "with 200, not 206"),
+            (206, {"ETag": '"a"'}, 700, "without a usable Content-Range"),
+            (206, {"Content-Range": "bytes 0-999/1000"}, 1000, "not from 300 to the end"),
+            (206, {"Content-Range": "bytes 300-500/1000"}, 201, "not from 300 to the end"),
+            (206, {"Content-Range": "bytes 300-1000/1001"}, 701, "of 1001 bytes, not 1000"),
+            (206, {"Content-Range": "bytes 300-999/1000"}, 600, "Content-Length"),
+            (206, {"Content-Range": "bytes 300-999/1000", "ETag": '"b"'}, 700, "another entity"),
+            (206, {"Content-Range": "bytes 300-999/*"}, 700, "usable Content-Range"),
+        ],
+    )
+    def test_only_a_206_for_the_rest_of_the_same_body_continues_it(
+        self, dx, status, headers, length, fault
+    ):
+        answer = fake_answer(dx, b"", length, 1, status=status, headers=headers)
+        found = dx.resume_fault(answer, 300, 1000, '"a"')
+        assert found is None if fault is None else fault in found
 
     def test_chunked_writer_frames_each_piece_and_ends_with_the_last_chunk(self, dx):
         out = []
@@ -5755,6 +5873,154 @@ class TestStreamingAndIntegrity:
         assert re.search(
             r'^docxy_upstream_errors_total\{registry="docker.io",kind="\w+"\} 1$', metrics, re.M
         )
+
+
+# ==========================================================================
+# Body transfer: resuming a blob whose upstream connection broke
+# ==========================================================================
+
+
+@pytest.fixture(scope="module")
+def large_blob(content):
+    """A 64 MiB layer of library/busybox, served by the CDN."""
+    data = os.urandom(64 * MIB)
+    digest = content.add_blob(content.repos["library/busybox"], data)["digest"]
+    return digest, data
+
+
+@pytest.fixture
+def breaking_cdn(cdn):
+    """The CDN, its breaks and Range misbehaviour set by the test and gone after it."""
+    cdn.breaks, cdn.range_answer, cdn.stall_seconds = {}, None, 0
+    yield cdn
+    cdn.breaks, cdn.range_answer = {}, None
+
+
+def get_blob_whole_or_cut(port, digest, timeout=60):
+    """GET a blob of library/busybox on one connection: (status, Content-Length, body, whether
+    the body came whole by its length)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/v2/library/busybox/blobs/" + digest)
+        resp = conn.getresponse()
+        try:
+            return resp.status, resp.getheader("Content-Length"), resp.read(), True
+        except http.client.IncompleteRead as error:
+            return resp.status, resp.getheader("Content-Length"), error.partial, False
+    finally:
+        conn.close()
+
+
+def cdn_ranges(cdn, digest):
+    """The Range of each GET the CDN got for a blob, in order (None: the whole)."""
+    return [r.header("Range") for r in cdn.reqs("GET") if r.path.endswith(digest)]
+
+
+@pytest.mark.system
+class TestResumingTransfers:
+    """A blob whose upstream connection breaks or stalls midway is asked for again from where
+    it broke (Range: bytes=N-), and reaches the client as one verified body."""
+
+    @pytest.mark.parametrize("cached", [False, True], ids=["pass-through", "cache"])
+    def test_a_blob_cut_at_three_offsets_reaches_the_client_whole_in_one_response(
+        self, cached, start_docxy, registry, breaking_cdn, large_blob, tmp_path
+    ):
+        digest, data = large_blob
+        cuts = [10 * MIB + 7, 33 * MIB, 60 * MIB + 12345]
+        breaking_cdn.breaks[digest] = [(offset, "cut") for offset in cuts]
+        extra = ("--cache-dir", str(tmp_path / "cache")) if cached else ()
+        d = start_docxy(
+            "--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
+            *extra
+        )
+        status, length, body, whole = get_blob_whole_or_cut(d.port, digest)
+        assert (status, length, whole) == (200, str(len(data)), True)
+        assert body == data
+        assert cdn_ranges(breaking_cdn, digest) == [None] + ["bytes=%d-" % n for n in cuts]
+        # Each resume went through the registry again (a fresh signed address, a fresh token).
+        assert len(authorized(registry.reqs("GET", prefix="/v2/library/busybox/blobs/"))) == 4
+        for turn, offset in enumerate(cuts, 1):
+            d.wait_for(
+                r"resuming %s of docker\.io at byte %d \(resume %d of 5\): upstream body "
+                r"(ended early|broke off)" % (digest, offset, turn)
+            )
+        logged(d, "GET", "/v2/library/busybox/blobs/" + digest)
+        assert re.search(r"blobs/%s\" 200 \d+B .* upstream=200 resumes=3" % digest, d.log())
+        page = scrape(d.port)
+        assert page.get("docxy_upstream_resumes_total", registry="docker.io") == 3
+        assert page.get("docxy_upstream_resumed_bytes_total", registry="docker.io") == sum(cuts)
+        if cached:
+            wait_cached(tmp_path / "cache", [digest], timeout=10)
+            assert assert_cache_verified(tmp_path / "cache")[digest] == len(data)
+
+    def test_a_follower_of_a_fill_sees_one_body_while_the_leader_resumes(
+        self, start_docxy, registry, breaking_cdn, large_blob, tmp_path
+    ):
+        digest, data = large_blob
+        breaking_cdn.breaks[digest] = [(20 * MIB, "stall"), (40 * MIB, "cut")]
+        breaking_cdn.stall_seconds = 3
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--upstream-timeout", "1")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            leader = pool.submit(get_blob_whole_or_cut, d.port, digest)
+            wait_until(lambda: tmp_files(tmp_path / "cache"), 10, "the fill to start")
+            follower = pool.submit(get_blob_whole_or_cut, d.port, digest)
+            results = [leader.result(), follower.result()]
+        assert [r[0] for r in results] == [200, 200] and all(r[3] for r in results)
+        assert all(r[2] == data for r in results)
+        first, stalled, cut = cdn_ranges(breaking_cdn, digest)
+        # A read that times out loses what it had read (1 MiB at most): the resume asks again.
+        resumed = int(re.fullmatch(r"bytes=(\d+)-", stalled).group(1))
+        assert (first, cut) == (None, "bytes=%d-" % (40 * MIB))
+        assert 20 * MIB - MIB < resumed <= 20 * MIB
+        d.wait_for(r"resuming %s of docker\.io at byte %d \(resume 1 of 5\): upstream "
+                   r"stalled in the middle of a body" % (digest, resumed))
+        wait_cached(tmp_path / "cache", [digest], timeout=10)
+
+    @pytest.mark.parametrize("answer", ["ignore", "longer"])
+    def test_a_resume_answered_with_the_whole_body_or_another_length_ends_truncated_uncached(
+        self, answer, start_docxy, registry, breaking_cdn, large_blob, tmp_path
+    ):
+        digest, data = large_blob
+        breaking_cdn.breaks[digest] = [(5 * MIB, "cut")]
+        breaking_cdn.range_answer = answer
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+        status, length, body, whole = get_blob_whole_or_cut(d.port, digest)
+        assert (status, length, whole) == (200, str(len(data)), False)
+        assert len(body) < len(data) and data.startswith(body)
+        reason = {"ignore": "answered a resume with 200, not 206",
+                  "longer": "resumed a body of %d bytes, not %d" % (len(data) + 1, len(data))}
+        d.wait_for(r"transfer aborted: upstream could not resume the body \(upstream %s\)"
+                   % re.escape(reason[answer]))
+        logged(d, "GET", "/v2/library/busybox/blobs/" + digest)
+        wait_until(lambda: not tmp_files(tmp_path / "cache"), 10, "the failed fill to go")
+        assert digest not in cached_objects(tmp_path / "cache")
+        assert scrape(d.port).get("docxy_upstream_resumes_total", registry="docker.io") is None
+
+    def test_resumes_stop_after_five_and_the_transfer_ends_truncated(
+        self, start_docxy, registry, breaking_cdn, large_blob, tmp_path
+    ):
+        digest, data = large_blob
+        cuts = [n * MIB for n in (1, 2, 3, 4, 5, 6)]
+        breaking_cdn.breaks[digest] = [(offset, "cut") for offset in cuts]
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+        status, _, body, whole = get_blob_whole_or_cut(d.port, digest)
+        assert (status, whole, len(body) <= 6 * MIB) == (200, False, True)
+        assert cdn_ranges(breaking_cdn, digest) == [None] + ["bytes=%d-" % n for n in cuts[:5]]
+        d.wait_for(r"transfer aborted: upstream body ended early \(\d+ bytes missing; after 5 "
+                   r"resumes\)")
+        wait_until(lambda: not tmp_files(tmp_path / "cache"), 10, "the failed fill to go")
+        assert digest not in cached_objects(tmp_path / "cache")
+
+    def test_a_resume_that_brings_no_byte_is_not_resumed_again(
+        self, start_docxy, registry, breaking_cdn, large_blob, tmp_path
+    ):
+        digest, data = large_blob
+        breaking_cdn.breaks[digest] = [(MIB, "cut"), (MIB, "cut"), (MIB, "cut")]
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache")
+        status, _, body, whole = get_blob_whole_or_cut(d.port, digest)
+        assert (status, whole) == (200, False) and len(body) < MIB
+        assert cdn_ranges(breaking_cdn, digest) == [None, "bytes=%d-" % MIB]
+        assert scrape(d.port).get("docxy_upstream_resumes_total", registry="docker.io") == 1
 
 
 # ==========================================================================
