@@ -4404,7 +4404,6 @@ class UpstreamRelay:
             fault = resume_fault(answer, offset, length, etag)
             if fault:
                 answer.release()    # unread: the connection closes
-                self.mirror.upstream.count_error(registry.name, "protocol")
                 raise UpstreamError(502, "upstream could not resume the body", fault)
             labels = (("registry", registry.name),)
             self.mirror.metrics.add("docxy_upstream_resumes_total", labels)
