@@ -132,13 +132,19 @@ FIGURES = {
     "server_cpu_s": ("CPU s", 2, "server CPU s", "lower"),
     "idle_busiest": ("connections", 0, "idle on the busiest worker", None),
     "idle_quietest": ("connections", 0, "idle on the quietest worker", None),
+    "received": ("MiB", 1, "client got MiB", None),
+    "upstream_blob": ("requests", 0, "blob requests at the upstream", None),
+    "upstream_drops": ("drops", 0, "drops", None),
+    "resumes": ("resumes", 0, "docxy resumes (/metrics)", None),
 }
 
 # Cases in table order; manifest cases ("HEAD c=16") sort after these, by method and count.
-CASES = ("get", "miss", "hit", "range", "idle", "pull", "cold", "warm")
+CASES = ("get", "miss", "hit", "range", "idle", "pull", "cold", "warm", "whole", "drops")
 
 # The measures. `main` is the figure the ratio columns (x:REF) compare; REF is nginx (the
-# nginx of the same scheme), direct, registry, sha256, or before (the --baseline-docxy twin).
+# nginx of the same scheme), direct, registry, sha256, or before (the --baseline-docxy twin);
+# x:CASE (a case, not a target) compares each row with the same target's CASE row instead.
+# `targets`, where given, are the only targets a measure takes (whatever TARGETS allows).
 # `setup` is formatted with the run's sizes. `about` is what the measure means and shows.
 MEASURES = {
     "blob": dict(
@@ -257,14 +263,54 @@ MEASURES = {
             "A warm pull with the cache makes none (the goal): the tag is within `--tag-ttl`, "
             "and everything else is content-addressed.",
         )),
+    "resume": dict(
+        number=6, title="A large blob through an upstream that drops connections", main="wall",
+        default_case=None, group="target",
+        targets=("direct", "registry", "docxy", "docxy-cache", "docxy-before",
+                 "docxy-before-cache"),
+        columns=("wall", "x:whole", "x:before", "received", "upstream_blob", "upstream_drops",
+                 "resumes", "server_cpu_s"),
+        setup="One {resume_mib} MiB blob, one GET through each target by one client, which "
+              "reads it all and checks its length and sha256. The upstream is the benchmark's "
+              "own (stdlib, sendfile, single byte ranges): in the `drops` case it closes the "
+              "connection once a response has sent {drop_mib} MiB of its body, in the `whole` "
+              "case never; the same upstream serves both cases, in the same rounds.",
+        about=(
+            "Ratios here are time ratios: lower is faster. `× whole` divides a target's time "
+            "with drops by its own time without them, in the same round: what the drops cost.",
+            "`direct` is that upstream itself, read by a client that does not resume: it is "
+            "left with the first cut body. `registry`, `docxy` and `docxy-cache` are processes "
+            "of their own for this measure, pointed at that upstream; `registry` gets fresh "
+            "storage and `docxy-cache` an empty cache before every cell, so each fetch is a "
+            "miss. A body that ends short or does not match its digest is a failure, noted "
+            "below with how far it got, never a time; `client got MiB` is what the client "
+            "received.",
+            "docxy asks for the rest of an interrupted blob with `Range: bytes=N-` (and "
+            "`If-Range` with the first answer's strong ETag) and goes on with the same "
+            "response to the client, whose length and digest it still checks. `docxy resumes` "
+            "is the rise of `docxy_upstream_resumes_total` on its /metrics over the cell (0 "
+            "for a docxy that has no such counter).",
+            "`blob requests at the upstream` counts the GETs and HEADs of the blob the "
+            "upstream answered during the cell (the registry's second, background fetch "
+            "included), and `drops` how many of those it cut short.",
+            "The registry (distribution) in `proxy:` mode does not resume: its client is left "
+            "with the first cut body, to which it appends its JSON error document (so it got "
+            "a little more than the cut), and its background fetch, cut as well, stores "
+            "nothing. A docxy that does not resume leaves its client one byte short of the "
+            "cut: it holds a checked body's last byte back until the digest matches.",
+            "The client hashes what it reads on its own core, as a puller checks a layer: "
+            "`direct (whole)` is as fast as this client reads, and the other times include "
+            "its hashing, which shares the two cores with docxy's own.",
+        )),
 }
-MEASURE_ORDER = ("blob", "concurrent", "manifest", "idle", "pull")
+MEASURE_ORDER = ("blob", "concurrent", "manifest", "idle", "pull", "resume")
 
 # The headline ratios and goals. A row with `versus` is a ratio of two targets' figures,
-# computed within each round; one with `minus` is a difference, the target's figure less that
-# target's, divided by `per` (default 1), within each round; one with neither is the figure
-# itself. `goal` is (operator, bound), issue 6's or 13's where it set one; a row without a
-# goal is reported, not judged.
+# computed within each round; one with `versus_case` is the ratio of the target's figure in
+# `case` to its own figure in that case; one with `minus` is a difference, the target's figure
+# less that target's, divided by `per` (default 1), within each round; one with none of them is
+# the figure itself. `goal` is (operator, bound), issue 6's or 13's where it set one; a row
+# without a goal is reported, not judged.
 HEADLINES = (
     dict(what="Large blob, plain HTTP: docxy / nginx", measure="blob", target="docxy",
          figure="throughput", versus="nginx", goal=(">=", 1.0), stretch=(">=", 1.3)),
@@ -310,6 +356,11 @@ HEADLINES = (
          target="docxy-cache", case="warm", figure="wall", versus="direct", goal=("<=", 1.2)),
     dict(what="Cold pull, wall time: docxy-cache / registry", measure="pull",
          target="docxy-cache", case="cold", figure="wall", versus="registry"),
+    dict(what="Blob through an upstream that drops, time: docxy with drops / without",
+         measure="resume", target="docxy", case="drops", figure="wall", versus_case="whole"),
+    dict(what="Blob through an upstream that drops, time: docxy-cache with drops / without",
+         measure="resume", target="docxy-cache", case="drops", figure="wall",
+         versus_case="whole"),
     # Goals that are figures, not ratios.
     dict(what="32 concurrent GETs: docxy's peak RSS", measure="concurrent", target="docxy",
          figure="peak_rss", goal=("<=", 64)),
@@ -340,11 +391,12 @@ HEADLINES = (
          target="docxy-cache", case="warm", figure="upstream_requests", goal=("<=", 0)),
 )
 
-# Sizes of a run. `cell` is seconds per manifest cell; `layers` are MiB.
+# Sizes of a run. `cell` is seconds per manifest cell; `layers` are MiB; `resume_drop` is how
+# much of a response's body the resume measure's upstream sends before it cuts the connection.
 FULL = dict(big=1 * GiB, mid=32 * MiB, streams=32, layers=(8, 16, 24, 32, 48, 64), cell=3,
-            idle=500, conns=(1, 16, 64))
+            idle=500, conns=(1, 16, 64), resume=256 * MiB, resume_drop=64 * MiB)
 QUICK = dict(big=128 * MiB, mid=4 * MiB, streams=32, layers=(1, 2, 3, 4, 6, 8), cell=0.2,
-             idle=100, conns=(1, 16, 64))
+             idle=100, conns=(1, 16, 64), resume=32 * MiB, resume_drop=8 * MiB)
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -997,6 +1049,43 @@ class StdlibDirect(Server):
         wait_ready(self.proc, self.port, "stdlib direct server", self.log)
 
 
+class ResumeUpstream(Server):
+    """The resume measure's upstream (mode _upstream of this file): one blob, whose drops
+    the bench turns on and off between cells, so that both cases go through one upstream."""
+
+    name = "resume-upstream"
+
+    def __init__(self, work, path, digest):
+        super().__init__(work)
+        self.path, self.digest, self.port, self.drop = path, digest, free_port(), 0
+        self.access = os.path.join(work, "resume-upstream-access.log")
+
+    def start(self):
+        self.log = os.path.join(self.work, "resume-upstream.log")
+        spec = {"path": self.path, "digest": self.digest, "port": self.port,
+                "log": self.access, "drop": self.drop}
+        self.proc = PROCESSES.spawn([sys.executable, os.path.abspath(__file__), "_upstream",
+                                     json.dumps(spec)], self.log, env=clean_env())
+        wait_ready(self.proc, self.port, "resume upstream", self.log)
+
+    def set_drop(self, drop):
+        """Cut each response's body after `drop` bytes from now on (0: never)."""
+        self.drop = drop        # kept for a restart
+        status = http_call(self.port, "PUT", "/_bench/drop/%d" % drop)[0]
+        if status != 200:
+            raise RuntimeError("the resume upstream answered %d to its drop setting" % status)
+
+    def state(self):
+        """{"drop", "inflight", "requests", "drops"}: what it answered so far."""
+        return json.loads(http_call(self.port, "GET", "/_bench/state")[2])
+
+    def quiet(self, timeout):
+        """Until no blob transfer runs: the registry's background fetch of one cell must not
+        overlap the next."""
+        wait_until(lambda: self.state()["inflight"] == 0, timeout,
+                   "the resume upstream's transfers to end")
+
+
 class NginxProxy(NginxServer):
     """nginx proxy_pass in front of direct, over HTTP and (with certificates) HTTPS."""
 
@@ -1029,14 +1118,15 @@ class Registry(Server):
 
     name = "registry"
 
-    def __init__(self, work, direct_port):
+    def __init__(self, work, direct_port, name="registry"):
         super().__init__(work)
         self.direct_port, self.port, self.generation, self.root = direct_port, free_port(), 0, \
             None
+        self.name = name
 
     def start(self):
         self.generation += 1
-        self.root = os.path.join(self.work, "registry-%d" % self.generation)
+        self.root = os.path.join(self.work, "%s-%d" % (self.name, self.generation))
         os.makedirs(self.root)
         config = os.path.join(self.root, "config.yml")
         with open(config, "w") as handle:
@@ -1049,7 +1139,7 @@ class Registry(Server):
                          "proxy:\n  remoteurl: http://127.0.0.1:%d\n"
                          % (os.path.join(self.root, "data"), self.port, random.getrandbits(48),
                             self.direct_port))
-        self.log = os.path.join(self.work, "registry.log")
+        self.log = os.path.join(self.work, "%s.log" % self.name)
         self.proc = PROCESSES.spawn(["docker-registry", "serve", config], self.log,
                                     env=clean_env())
         wait_ready(self.proc, self.port, "docker-registry", self.log)
@@ -1208,6 +1298,9 @@ class Target:
         return self.server.pids() if self.server else []
 
     def measures(self, measure):
+        only = MEASURES[measure].get("targets")
+        if only is not None and self.name not in only:
+            return False
         return measure in self.spec.get("measures", MEASURE_ORDER)
 
 
@@ -1393,6 +1486,39 @@ def client_get(spec):
             "errors": sorted(set(r["error"] for r in results if r["error"]))[:3],
             "short": sum(1 for r in results if expect is not None and r["bytes"] != expect),
             "busy": busy}
+
+
+def client_fetch(spec):
+    """One GET of one blob on one connection, read whole with readinto into a 1 MiB buffer and
+    hashed as it arrives: how many bytes came, their sha256 and how long it took, also when
+    the body was cut short (then `error` says how)."""
+    url = spec["url"]
+    result = {"status": None, "bytes": 0, "digest": None, "seconds": None, "error": None,
+              "cache": None}
+    hasher, view = hashlib.sha256(), memoryview(bytearray(MiB))
+    connection = client_connection(url, spec.get("ca"))
+    try:
+        connection.connect()
+        started = time.perf_counter()
+        connection.request("GET", urllib.parse.urlsplit(url).path,
+                           headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
+        response = connection.getresponse()
+        result["status"], result["cache"] = response.status, response.getheader("X-Docxy-Cache")
+        while True:
+            n = response.readinto(view)
+            if not n:
+                break
+            hasher.update(view[:n])
+            result["bytes"] += n
+        if response.length:     # readinto ends a short body as if it were whole
+            raise http.client.IncompleteRead(b"", response.length)
+        result["seconds"] = time.perf_counter() - started
+    except Exception as error:
+        result["error"] = "%s: %s" % (type(error).__name__, error)
+    finally:
+        connection.close()
+    result["digest"] = "sha256:" + hasher.hexdigest()
+    return result
 
 
 def client_pull(spec):
@@ -1638,18 +1764,140 @@ def direct_server(root, port, meta_path, access_path):
         def log_message(self, *args):
             pass
 
-    class DirectServer(http.server.ThreadingHTTPServer):
-        """A thread per connection, a deep backlog, TCP_NODELAY on every socket."""
+    LoopbackServer(("127.0.0.1", port), Handler).serve_forever()
 
-        daemon_threads = True
-        request_queue_size = 4096
 
-        def get_request(self):
-            sock, address = self.socket.accept()
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock, address
+def resume_upstream(spec):
+    """The resume measure's upstream: one blob from a file with sendfile, GET and HEAD, a
+    single byte range honoured (also under If-Range with its ETag). While its drop is set
+    (PUT /_bench/drop/N), it sends at most N bytes of each response's body and then closes
+    the connection, the way a flaky link or a restarting registry cuts a download short.
+    GET /_bench/state tells the bench what it answered and what still runs."""
+    blob, digest, log = spec["path"], spec["digest"], open(spec["log"], "a", buffering=1)
+    size, served = os.path.getsize(blob), "/v2/library/big/blobs/" + digest
+    etag = '"%s"' % digest
+    state = {"drop": spec["drop"], "inflight": 0, "requests": 0, "drops": 0}
+    lock = threading.Lock()
+    single = re.compile(r"bytes=(\d+)-(\d*)")
 
-    DirectServer(("127.0.0.1", port), Handler).serve_forever()
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """The blob, /v2/ and the bench's two control paths."""
+
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.serve(True)
+
+        def do_HEAD(self):
+            self.serve(False)
+
+        def do_PUT(self):
+            match = re.fullmatch(r"/_bench/drop/(\d+)", self.path)
+            if not match:
+                return self.small(404, b"not found\n", "text/plain", True)
+            with lock:
+                state["drop"] = int(match.group(1))
+            self.small(200, b"{}", "application/json", True)
+
+        def span(self):
+            """(status, first, last): a single range asked for (If-Range: only while it names
+            this ETag), else the whole blob. Other ranges are ignored, as HTTP allows."""
+            match = single.fullmatch(self.headers.get("Range", "").replace(" ", ""))
+            if_range = self.headers.get("If-Range")
+            if not match or (if_range is not None and if_range.strip() != etag):
+                return 200, 0, size - 1
+            first = int(match.group(1))
+            last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+            if first >= size:
+                return 416, 0, -1
+            return (206, first, last) if last >= first else (200, 0, size - 1)
+
+        def serve(self, body):
+            path = self.path.partition("?")[0]
+            if path == "/_bench/state":
+                with lock:
+                    payload = json.dumps(state).encode()
+                return self.small(200, payload, "application/json", body)
+            if path == "/v2/":
+                return self.small(200, b"{}", "application/json", body)
+            if path != served:
+                return self.small(404, b"not found\n", "text/plain", body)
+            with lock:
+                state["inflight"] += 1
+                state["requests"] += 1
+                drop = state["drop"]
+            status, first, last = self.span()
+            sent, cut = 0, False
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(last - first + 1))
+                self.send_header("Docker-Content-Digest", digest)
+                self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+                self.send_header("ETag", etag)
+                self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", "bytes %d-%d/%d" % (first, last, size))
+                elif status == 416:
+                    self.send_header("Content-Range", "bytes */%d" % size)
+                self.end_headers()
+                length = last - first + 1
+                if body and length > 0:
+                    allowed = min(length, drop) if drop else length
+                    with open(blob, "rb") as handle:
+                        sent = self.connection.sendfile(handle, first, allowed)
+                    if sent < length:
+                        # Hard, at once: the client must see a body shorter than its
+                        # Content-Length, not a connection that merely goes quiet.
+                        cut, self.close_connection = True, True
+                        try:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        self.connection.close()
+            finally:
+                with lock:
+                    state["inflight"] -= 1
+                    state["drops"] += cut
+                log.write('%s "%s %s" %d range=%s if-range=%s sent=%d%s\n' % (
+                    self.client_address[0], self.command, path, status,
+                    self.headers.get("Range", "-"), self.headers.get("If-Range", "-"), sent,
+                    " CUT" if cut else ""))
+
+        def small(self, status, payload, kind, body):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    class Upstream(LoopbackServer):
+        """Peers that reset a connection are routine here, where connections are cut on
+        purpose: only other errors are worth a traceback in the log."""
+
+        def handle_error(self, request, client_address):
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)
+
+    Upstream(("127.0.0.1", spec["port"]), Handler).serve_forever()
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """The stdlib upstreams' server: a thread per connection, a deep backlog, TCP_NODELAY on
+    every socket."""
+
+    daemon_threads = True
+    request_queue_size = 4096
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
 
 
 def run_wrk(url, script, conns, seconds):
@@ -2208,8 +2456,138 @@ class PullMeasure:
         self.cell(target, "warm", rnd)
 
 
+class ResumeMeasure:
+    """Measure 6: one large blob through an upstream that drops the connection every so
+    often, and through the same upstream without drops; each target on servers of its own,
+    pointed at that upstream."""
+
+    name = "resume"
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.upstream, self.targets = None, []
+
+    def setup(self):
+        """The blob, its upstream and this measure's own servers, once, at its first round:
+        the lab's servers point at `direct`, which never drops."""
+        runner, lab = self.runner, self.runner.lab
+        work = os.path.join(lab.work, "resume")
+        os.makedirs(work, exist_ok=True)
+        self.size = runner.sizes["resume"]
+        say("writing the resume blob (%d MiB)" % (self.size // MiB))
+        root = os.path.join(work, "data")
+        self.digest = write_blob(root, "big", self.size, 3)
+        self.path = "/v2/library/big/blobs/" + self.digest
+        self.upstream = lab.launch(ResumeUpstream(work, os.path.join(root, self.path[1:]),
+                                                  self.digest))
+        for target in lab.for_measure(self.name):
+            spec = target.spec
+            if spec["server"] == "direct":
+                server = self.upstream
+            elif spec["server"] == "registry":
+                server = lab.launch(Registry(work, self.upstream.port, "resume-registry"))
+            else:
+                server = lab.launch(Docxy(work, lab.scripts[spec["script"]], self.upstream.port,
+                                          "resume-" + spec["name"], cache=bool(spec.get("cache"))))
+            self.targets.append(Target(spec, server, server.port))
+
+    def run(self, rnd):
+        runner = self.runner
+        if self.upstream is None:
+            self.setup()
+        runner.attempt(self.name, "direct", "whole", rnd, self.warm_up)
+        units = []
+        for target in self.targets:
+            if target.spec["server"] == "registry":     # what it does with drops, no ratio
+                units.append(lambda t=target: self.cell(t, "drops", rnd))
+            else:
+                units.append(lambda t=target: self.both(t, rnd))
+        runner.run_units(units, rnd)
+
+    def warm_up(self):
+        """One unmeasured read of the blob from the upstream: from the page cache after it."""
+        self.upstream.set_drop(0)
+        run_client("_fetch", {"url": "http://127.0.0.1:%d%s" % (self.upstream.port, self.path)},
+                   timeout=120 + self.size / (10 * MiB))
+
+    def both(self, target, rnd):
+        """Both cases, in turns first, so that neither always follows the other."""
+        for case in ("whole", "drops") if rnd % 2 else ("drops", "whole"):
+            self.cell(target, case, rnd)
+            settle()
+
+    def cell(self, target, case, rnd):
+        runner, server, size = self.runner, target.server, self.size
+        docxy = isinstance(server, Docxy)
+
+        def run():
+            self.upstream.quiet(60)
+            if target.stateful:
+                server.fresh()      # an empty cache, fresh storage: this fetch is a miss
+            self.upstream.set_drop(runner.sizes["resume_drop"] if case == "drops" else 0)
+            before = self.upstream.state()
+            resumes0 = self.resumes(server) if docxy else None
+            offset = os.path.getsize(server.log) if docxy else None
+            pids = target.pids()
+            cpu0 = cpu_seconds(pids)
+            answer = run_client("_fetch", {"url": target.url(self.path), "ca": target.ca},
+                                timeout=120 + size / (10 * MiB))
+            self.upstream.quiet(60)
+            cpu = cpu_seconds(pids) - cpu0
+            after = self.upstream.state()
+            resumes1 = self.resumes(server) if docxy else None
+            whole = (answer["error"] is None and answer["status"] == 200
+                     and answer["bytes"] == size and answer["digest"] == self.digest)
+            figures = dict(received=answer["bytes"] / MiB,
+                           upstream_blob=after["requests"] - before["requests"],
+                           upstream_drops=after["drops"] - before["drops"], server_cpu_s=cpu,
+                           wall=answer["seconds"] if whole else None)
+            if resumes0 is not None and resumes1 is not None:
+                figures["resumes"] = resumes1 - resumes0
+            runner.results.put(self.name, target.name, case, rnd, **figures)
+            logged = self.logged_resumes(server.log, offset) if docxy else None
+            say("  resume %-26s %s  got %6.1f of %d MiB  upstream: %d requests, %d cut%s" % (
+                "%s (%s)" % (target.name, case),
+                "%7.3f s" % answer["seconds"] if whole else "FAILED   ",
+                answer["bytes"] / MiB, size // MiB, figures["upstream_blob"],
+                figures["upstream_drops"],
+                "" if logged is None else "  docxy: %s resumes (/metrics), %d logged" % (
+                    "–" if figures.get("resumes") is None else "%d" % figures["resumes"],
+                    logged)))
+            if not whole:
+                raise RuntimeError("the client got %d of %d bytes (%.1f MiB), status %s, %s" % (
+                    answer["bytes"], size, answer["bytes"] / MiB, answer["status"],
+                    answer["error"] or ("sha256 %s, not the blob's" % answer["digest"])))
+            if target.spec.get("cache"):
+                runner.check_cache(self.name, target, case, rnd, answer["cache"] or "", "miss")
+                runner.wait_stored(target, [self.digest], size, 60)
+        runner.attempt(self.name, target.name, case, rnd, run)
+
+    @staticmethod
+    def resumes(server):
+        """docxy_upstream_resumes_total on docxy's /metrics, summed over its labels (docxy
+        shows a counter once it counted something: none is 0); None without /metrics."""
+        try:
+            status, _, body = http_call(server.port, "GET", "/metrics")
+        except (OSError, http.client.HTTPException):
+            return None
+        if status != 200:
+            return None
+        return sum(float(line.rsplit(None, 1)[1]) for line in
+                   body.decode("utf-8", "replace").splitlines()
+                   if re.match(r"docxy_upstream_resumes_total[{ ]", line))
+
+    @staticmethod
+    def logged_resumes(log, offset):
+        """Resumes docxy's log tells of since offset: its "resuming ..." lines."""
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            return sum(1 for line in handle.read().decode("utf-8", "replace").splitlines()
+                       if "resuming " in line)
+
+
 MEASURE_CLASSES = {cls.name: cls for cls in (BlobMeasure, ConcurrentMeasure, ManifestMeasure,
-                                             IdleMeasure, PullMeasure)}
+                                             IdleMeasure, PullMeasure, ResumeMeasure)}
 
 
 # ================================================================== one run, and its facts
@@ -2562,6 +2940,14 @@ class Report:
         pair = self.series_pair(measure, figure, target, case, ref)
         return pair and per_round_ratio(*pair)
 
+    def case_ratio(self, measure, figure, target, case, ref_case):
+        """{round: target's figure in `case` / its own figure in `ref_case`}, or None when
+        that is the same case or the target has no such case."""
+        if case == ref_case or ref_case not in self.cases.get((measure, target), []):
+            return None
+        return per_round_ratio(self.results.series(measure, target, case, figure),
+                               self.results.series(measure, target, ref_case, figure))
+
     def difference(self, measure, figure, target, case, ref, per=1):
         """{round: (target's figure - ref's figure) / per}, or None when there is no ref."""
         pair = self.series_pair(measure, figure, target, case, ref)
@@ -2583,7 +2969,7 @@ class Headlines:
         (what, value, goal, met, better, before, new / before)."""
         rows = []
         for line in HEADLINES:
-            if bool(line.get("versus")) != ratios:
+            if bool(line.get("versus") or line.get("versus_case")) != ratios:
                 continue
             measure, target, figure = line["measure"], line["target"], line["figure"]
             if measure not in self.report.run["measures"]:
@@ -2613,6 +2999,9 @@ class Headlines:
         return rows
 
     def value(self, line, target, case):
+        if line.get("versus_case"):
+            return self.report.case_ratio(line["measure"], line["figure"], target, case,
+                                          line["versus_case"])
         if line.get("versus"):
             return self.report.ratio(line["measure"], line["figure"], target, case, line["versus"])
         if line.get("minus"):
@@ -2640,14 +3029,21 @@ class MeasureTables:
                     streams=sizes["streams"], cell="%g" % sizes["cell"], idle=sizes["idle"],
                     layer_count=len(sizes["layers"]),
                     layers_mib="+".join(str(x) for x in sizes["layers"]),
-                    get_client=self.report.run.get("manifest_get_client", "?"))
+                    get_client=self.report.run.get("manifest_get_client", "?"),
+                    resume_mib=sizes.get("resume", 0) // MiB,
+                    drop_mib=sizes.get("resume_drop", 0) // MiB)
 
     def columns(self, measure):
         spec = MEASURES[measure]
-        present = {target for target, _ in self.report.results.rows(measure)}
+        rows = self.report.results.rows(measure)
+        present = {target for target, _ in rows}
         columns = []
         for column in spec["columns"]:
             ref = column[2:] if column.startswith("x:") else None
+            if ref in CASES:
+                if any(case == ref for _, case in rows):
+                    columns.append(column)
+                continue
             if ref == "before" and not self.report.before:
                 continue
             if ref and ref not in ("nginx", "before") and ref not in present:
@@ -2673,7 +3069,11 @@ class MeasureTables:
             line = [case, target] if spec["group"] == "case" else [
                 self.report.label(measure, target, case)]
             for column in columns:
-                if column.startswith("x:"):
+                if column[2:] in CASES:
+                    values = self.report.case_ratio(measure, spec["main"], target, case,
+                                                    column[2:])
+                    line.append("" if values is None else summary(values, 2, "×"))
+                elif column.startswith("x:"):
                     ref = self.report.reference(column[2:], target)
                     values = self.report.ratio(measure, spec["main"], target, case, ref)
                     line.append("" if values is None else summary(values, 2, "×"))
@@ -2689,6 +3089,10 @@ class MeasureTables:
                              "miss (cold) where it has no such case.")
         if "x:before" in columns:
             footnotes.append("× before: against the same target run from --baseline-docxy.")
+        for column in columns:
+            if column[2:] in CASES:
+                footnotes.append("× %s: against the same target's %s row, in the same round."
+                                 % (column[2:], column[2:]))
         return headers, body, footnotes
 
     def failures(self, measure):
@@ -2923,8 +3327,8 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds, each measuring every target once (default 3)")
     parser.add_argument("--only", default="", metavar="a,b",
-                        help="measures to run: %s (or 1-5); default all"
-                             % ",".join(MEASURE_ORDER))
+                        help="measures to run: %s (or 1-%d); default all"
+                             % (",".join(MEASURE_ORDER), len(MEASURE_ORDER)))
     parser.add_argument("--targets", default="", metavar="a,b",
                         help="targets to start: %s; default all (direct always runs, and a "
                              "docxy target brings its --baseline-docxy twin)"
@@ -3004,13 +3408,17 @@ def measure(args, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_get", "_pull", "_load"):
+    if argv and argv[0] in ("_get", "_pull", "_load", "_fetch"):
         spec = json.loads(argv[1])
-        result = {"_get": client_get, "_pull": client_pull, "_load": client_load}[argv[0]](spec)
+        result = {"_get": client_get, "_pull": client_pull, "_load": client_load,
+                  "_fetch": client_fetch}[argv[0]](spec)
         print(json.dumps(result))
         return 0
     if argv and argv[0] == "_direct":
         direct_server(argv[1], int(argv[2]), argv[3], argv[4])
+        return 0
+    if argv and argv[0] == "_upstream":
+        resume_upstream(json.loads(argv[1]))
         return 0
     args = parse_args(argv)
     try:
