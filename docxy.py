@@ -33,6 +33,7 @@ import argparse
 import base64
 import collections
 import configparser
+import email.utils
 import errno
 import fcntl
 import functools
@@ -1155,6 +1156,50 @@ def upstream_cause(error, timeout):
     return error.message
 
 
+class QuotaSpent(UpstreamError):
+    """The registry refused docxy's login there with a 429 (too many pulls): until `wait`
+    seconds have passed docxy asks it for no manifest, and tells clients so (429, Retry-After)
+    when it has nothing cached to answer with."""
+
+    def __init__(self, registry, identity, wait):
+        super().__init__(429, "the upstream's pull quota is spent; try again later",
+                         "%s refused %s" % (registry, identity), "quota")
+        self.wait = wait
+
+    def retry_after(self):
+        return str(max(1, int(self.wait + 0.999)))
+
+
+# Docker Hub's form, "100;w=21600": a count, and the window it is for in seconds.
+RATELIMIT_FIGURE = re.compile(r"\s*([0-9]{1,12})\s*(?:;\s*w\s*=\s*([0-9]{1,9}))?")
+RETRY_AFTER_MOST = 86400.0  # an upstream's Retry-After longer than a day is taken as a day
+
+
+def ratelimit_figure(value):
+    """'76;w=21600' -> (76, 21600); '76' -> (76, None); None when there is no count."""
+    match = RATELIMIT_FIGURE.match(value or "")
+    if not match:
+        return None
+    return int(match.group(1)), match.group(2) and int(match.group(2))
+
+
+def retry_after_seconds(value, now):
+    """A Retry-After (RFC 9110 10.2.3), delay-seconds or an HTTP-date, as seconds from `now`
+    (time.time()), at most RETRY_AFTER_MOST; None when absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit() and len(value) <= 12:
+        return min(float(value), RETRY_AFTER_MOST)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, when - now), RETRY_AFTER_MOST)
+
+
+def is_manifest_request(url):
+    return "/manifests/" in urllib.parse.urlsplit(url).path
+
+
 def passes_header(name):
     name = name.lower()
     return name in PASSED_HEADERS or name.startswith("ratelimit-")
@@ -1552,12 +1597,15 @@ class RegistryClient:
     `contacts` (for /health) is written whole per registry, one dict operation, without it;
     `challenges` maps a registry's name to a dict that is replaced whole, never changed, so it
     is read without the lock. `tokens` has its own. Every exchange is counted in the Metrics
-    given (errors, the upstream's rate limit) and in the request's AccessRecord."""
+    given (errors) and in the request's AccessRecord; the upstreams' quotas and 429s in
+    `quotas` (UpstreamQuotas), which holds back manifest requests, and the pull tokens docxy
+    handed out in `issued` (IssuedTokens); each guards itself."""
 
-    def __init__(self, config, metrics):
+    def __init__(self, config, metrics, quotas=None, issued=None):
         self.tls = ssl.create_default_context()     # the system's store; honours SSL_CERT_FILE
         self.pool = ConnectionPool(config.upstream_timeout, self.tls, config.ipv4_only)
-        self.metrics = metrics
+        self.metrics, self.quotas = metrics, quotas or UpstreamQuotas.private()
+        self.issued = issued or IssuedTokens.private()
         self.user_agent = "docxy/" + __version__
         self.lock = threading.Lock()
         self.pings = {}         # registry name -> when its /v2/ last answered
@@ -1642,7 +1690,18 @@ class RegistryClient:
     def fetch(self, registry, method, url, headers, record, body=None, scope=None):
         """Send a request upstream; an UpstreamResponse. With a scope, docxy logs in upstream
         itself (anonymously or with the operator's credentials) when challenged, and
-        remembers the token. `headers` gets the Authorization used."""
+        remembers the token. `headers` gets the Authorization used. A manifest request as
+        docxy's own identity raises QuotaSpent, unasked, while the registry's last 429 holds,
+        and when it answers 429."""
+        # An Authorization docxy did not write is a client's own login: its quota is the client's.
+        authorization = None if scope else headers.get("Authorization")
+        identity = None if authorization and authorization not in self.issued \
+            else identity_of(registry)
+        manifest = identity is not None and is_manifest_request(url)
+        record.registry = registry.name
+        wait = manifest and self.quotas.wait(registry.name, identity)
+        if wait:
+            raise QuotaSpent(registry.name, identity, wait)
         known = self.tokens.get((registry.name, scope)) if scope else None
         challenge = self.challenges.get(registry.name)
         if scope and not known and challenge:   # log in first: saves a 401 round trip upstream
@@ -1650,7 +1709,6 @@ class RegistryClient:
                                scope)
         if known:
             headers["Authorization"] = known
-        record.registry = registry.name
         began = time.monotonic()
         try:
             answer = fetch(self.pool, method, url, headers, body, registry.upstream)
@@ -1669,6 +1727,11 @@ class RegistryClient:
             record.upstream_seconds += time.monotonic() - began
         record.upstream_status = str(answer.status)
         self.note_answer(registry, answer)
+        if identity is not None:
+            wait = self.note_quota(registry, identity, answer, manifest)
+            if wait is not None and manifest:
+                answer.discard()
+                raise QuotaSpent(registry.name, identity, wait)
         return answer
 
     def note_answer(self, registry, answer):
@@ -1677,11 +1740,27 @@ class RegistryClient:
             self.mark_up(registry)
         if answer.status == 429 or answer.status >= 500:
             self.count_error(registry.name, "429" if answer.status == 429 else "5xx")
-        # Anchored, and the two runs cannot overlap: linear in the header's length.
-        remaining = re.match(r"\s*(\d+)", answer.header("RateLimit-Remaining", "") or "")
-        if remaining:
-            self.metrics.set("docxy_upstream_ratelimit_remaining",
-                             (("registry", registry.name),), int(remaining.group(1)))
+
+    def note_quota(self, registry, identity, answer, manifest):
+        """Record what an answer to docxy's own identity tells of its quota; after a 429, the
+        seconds to wait (else None)."""
+        limit = ratelimit_figure(answer.header("RateLimit-Limit"))
+        remaining = ratelimit_figure(answer.header("RateLimit-Remaining"))
+        source = answer.header("Docker-RateLimit-Source")
+        if limit or remaining or source:
+            self.quotas.report(registry.name, identity, limit, remaining, source)
+        if answer.status == 429:
+            retry_after = retry_after_seconds(answer.header("Retry-After"), time.time())
+            wait, began = self.quotas.refused(registry.name, identity, retry_after)
+            if began:
+                log("upstream %s refused %s with 429 (too many requests): no manifest requests "
+                    "to it for %gs (%s); cached tags are served stale, anything else gets 429"
+                    % (registry.name, identity, round(wait, 1),
+                       "its Retry-After" if retry_after is not None else "backing off"))
+            return wait
+        if manifest and answer.status < 400:
+            self.quotas.served(registry.name, identity)
+        return None
 
     def count_error(self, registry_name, kind):
         self.metrics.add("docxy_upstream_errors_total",
@@ -3099,6 +3178,173 @@ class RateLimiter:
         self.table.give_back(client_network(address), self.burst)
 
 
+# An upstream identity's entry: its key (0: a free place), the last RateLimit-Limit, -Remaining
+# and window reported (-1: none), when (time.time(); 0: never), Docker-RateLimit-Source, until
+# when (time.monotonic()) no manifest is asked after a 429, and the last backoff taken (0: none).
+QUOTA = struct.Struct("<qqqqd64sdd")
+QUOTA_ENTRIES = 256
+BACKOFF_FIRST, BACKOFF_MOST = 30.0, 600.0   # after a 429 without Retry-After: doubling
+
+
+class UpstreamQuotas:
+    """Each upstream identity's pull quota as its registry reports it, and the registry's
+    refusals. An identity is docxy's own login at a registry: "anonymous", or the configured
+    account's name (never its secret); what a client's own credentials fetch is the client's
+    business and is not recorded. After a 429, docxy asks that registry for no manifest as
+    that identity until its Retry-After, or without one for a backoff that starts at
+    BACKOFF_FIRST and doubles with each 429 that follows, up to BACKOFF_MOST, until a manifest
+    is served again. The entries are in memory every worker shares (WorkerShare), so that a
+    429 one worker met holds every worker back; `lock`, the share's, guards them. They are
+    found by a hash of names that come from the configuration, never from a client."""
+
+    FIELDS = ("key", "limit", "remaining", "window", "reported", "source", "until", "backoff")
+
+    def __init__(self, memory, offset, count, lock):
+        self.memory, self.offset, self.count, self.lock = memory, offset, count, lock
+
+    @classmethod
+    def private(cls, count=QUOTA_ENTRIES):
+        """Entries for one process alone."""
+        return cls(mmap.mmap(-1, count * QUOTA.size), 0, count, threading.Lock())
+
+    @staticmethod
+    def key(registry, identity):
+        digest = hashlib.blake2b(("%s\0%s" % (registry, identity)).encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "little") >> 1 or 1
+
+    def where(self, key):
+        """(offset, found) of the key's entry, or of the free place it takes; (None, False)
+        when the table is full (the lock held)."""
+        for probe in range(self.count):
+            at = self.offset + (key + probe) % self.count * QUOTA.size
+            held = QUOTA.unpack_from(self.memory, at)[0]
+            if held in (key, 0):
+                return at, held == key
+        return None, False
+
+    def entry(self, registry, identity):
+        """The identity's entry as a dict of FIELDS, or None."""
+        key = self.key(registry, identity)
+        with self.lock:
+            at, found = self.where(key)
+            return dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at))) if found else None
+
+    def change(self, registry, identity, how):
+        """Apply how(entry) to the identity's entry (a dict of FIELDS, made if new) under the
+        lock, and store it; what `how` returns, or None when the table is full."""
+        key = self.key(registry, identity)
+        with self.lock:
+            at, found = self.where(key)
+            if at is None:
+                return None
+            entry = dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at) if found else (
+                key, -1, -1, -1, 0.0, b"", 0.0, 0.0)))
+            result = how(entry)
+            QUOTA.pack_into(self.memory, at, *(entry[field] for field in self.FIELDS))
+            return result
+
+    def report(self, registry, identity, limit, remaining, source):
+        """The figures an answer carried: (count, window) pairs, or None for one it lacked."""
+        def how(entry):
+            for field, figure in (("limit", limit), ("remaining", remaining)):
+                if figure:
+                    entry[field] = figure[0]
+                    entry["window"] = figure[1] if figure[1] else entry["window"]
+            if source:
+                entry["source"] = source.encode("ascii", "replace")[:64]
+            entry["reported"] = time.time()
+        self.change(registry, identity, how)
+
+    def refused(self, registry, identity, retry_after):
+        """A 429: (seconds to wait, whether this 429 began the wait). One that comes while the
+        wait runs (a request that was in flight) neither lengthens nor doubles it."""
+        now = time.monotonic()
+
+        def how(entry):
+            if entry["until"] > now:
+                return entry["until"] - now, False
+            if retry_after is not None:
+                wait = retry_after
+            else:
+                wait = min(BACKOFF_MOST, entry["backoff"] * 2 or BACKOFF_FIRST)
+                entry["backoff"] = wait
+            entry["until"] = now + wait
+            return wait, True
+        return self.change(registry, identity, how) or (BACKOFF_FIRST, False)
+
+    def served(self, registry, identity):
+        """A manifest came: a later 429 backs off from the start again."""
+        entry = self.entry(registry, identity)
+        if entry and entry["backoff"]:
+            self.change(registry, identity, lambda e: e.update(backoff=0.0))
+
+    def wait(self, registry, identity):
+        """Seconds until docxy may ask the registry for a manifest as this identity; 0: now."""
+        entry = self.entry(registry, identity)
+        return max(0.0, entry["until"] - time.monotonic()) if entry else 0.0
+
+    def figures(self, registries):
+        """{(registry name, identity): entry} for each configured registry's identities that
+        have an entry, with `wait` (seconds left of a 429's wait) added."""
+        found = {}
+        for registry in registries:
+            for identity in sorted({"anonymous", registry.username or "anonymous"}):
+                entry = self.entry(registry.name, identity)
+                if entry:
+                    entry["wait"] = max(0.0, entry["until"] - time.monotonic())
+                    found[(registry.name, identity)] = entry
+        return found
+
+
+LEDGER = struct.Struct("<Qd")  # a token's keyed hash (0: a free place), until when (monotonic)
+LEDGER_ENTRIES = 4096
+LEDGER_PROBES = 8
+
+
+class IssuedTokens:
+    """The pull tokens docxy wrote itself and handed to clients (forward_pull_token), so that a
+    request that shows one is known to spend docxy's own quota upstream, while one that shows
+    a token of a client's own login spends the client's. Keyed hashes in a fixed table in
+    memory every worker shares (a client may fetch its token from one worker and pull from
+    another); a full table gives the place of the entry that expires first. `lock`, the
+    share's, guards it."""
+
+    def __init__(self, memory, offset, count, lock, key):
+        self.memory, self.offset, self.count, self.lock, self.key = memory, offset, count, lock, key
+
+    @classmethod
+    def private(cls, count=LEDGER_ENTRIES):
+        return cls(mmap.mmap(-1, count * LEDGER.size), 0, count, threading.Lock(), os.urandom(16))
+
+    def hashed(self, authorization):
+        digest = hashlib.blake2b(authorization.encode("latin-1", "replace"), key=self.key,
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1 or 1
+
+    def places(self, wanted):
+        start = wanted % self.count
+        return [self.offset + (start + probe) % self.count * LEDGER.size
+                for probe in range(LEDGER_PROBES)]
+
+    def add(self, authorization, seconds):
+        wanted, now = self.hashed(authorization), time.monotonic()
+        with self.lock:
+            entries = [(LEDGER.unpack_from(self.memory, at), at) for at in self.places(wanted)]
+            _, at = min(entries, key=lambda e: (e[0][0] != wanted, e[0][1] > now, e[0][1]))
+            LEDGER.pack_into(self.memory, at, wanted, now + seconds)
+
+    def __contains__(self, authorization):
+        wanted, now = self.hashed(authorization), time.monotonic()
+        with self.lock:
+            return any(key == wanted and until > now for key, until in (
+                LEDGER.unpack_from(self.memory, at) for at in self.places(wanted)))
+
+
+def identity_of(registry):
+    """Who docxy is at a registry when it logs in itself (see UpstreamQuotas)."""
+    return registry.username or "anonymous"
+
+
 # A worker's slot: its pid (0: none), the places it holds of each connection budget, which of
 # the two copies of its figures that follow is the last published, and each one's length. A
 # worker writes the other copy, then flips: killed halfway, it leaves the last one whole.
@@ -3113,10 +3359,11 @@ class WorkerShare:
     """What the processes of one server share: one anonymous shared mapping (MAP_SHARED, made
     by the supervisor before it forks, so every worker sees the others' writes, and it outlives
     any of them) holding a slot per worker (see SLOT: its pid, its places in the connection
-    budgets, its last published figures) and two BucketTables, for --rate-limit and for failed
-    logins. `lock`, a ProcessLock, guards the mapping; `slot`, this process's (the first, until
-    after_fork names another), changes only right after a fork. With one worker the same, with
-    one slot, and a lock for threads only."""
+    budgets, its last published figures), two BucketTables, for --rate-limit and for failed
+    logins, the upstreams' quotas (UpstreamQuotas) and the pull tokens docxy handed out
+    (IssuedTokens). `lock`, a ProcessLock, guards the
+    mapping; `slot`, this process's (the first, until after_fork names another), changes only
+    right after a fork. With one worker the same, with one slot, and a lock for threads only."""
 
     def __init__(self, workers=1):
         self.workers, self.slot = workers, 0
@@ -3127,10 +3374,14 @@ class WorkerShare:
                               % (tempfile.gettempdir(), error.strerror or error))
         self.slot_bytes, table_bytes = SLOT.size + 2 * FIGURES_BYTES, BUCKETS * BUCKET.size
         slots = workers * self.slot_bytes
-        self.memory = mmap.mmap(-1, slots + 2 * table_bytes)
+        quotas = slots + 2 * table_bytes
+        ledger = quotas + QUOTA_ENTRIES * QUOTA.size
+        self.memory = mmap.mmap(-1, ledger + LEDGER_ENTRIES * LEDGER.size)
         key = os.urandom(16)    # one for the server, drawn before any fork
         self.rate_buckets = BucketTable(self.memory, slots, BUCKETS, self.lock, key)
         self.login_buckets = BucketTable(self.memory, slots + table_bytes, BUCKETS, self.lock, key)
+        self.quotas = UpstreamQuotas(self.memory, quotas, QUOTA_ENTRIES, self.lock)
+        self.issued = IssuedTokens(self.memory, ledger, LEDGER_ENTRIES, self.lock, key)
         if workers == 1:
             self.set_field(0, SLOT_PID, os.getpid())
 
@@ -3261,6 +3512,24 @@ def merge_figures(everyone):
             if key not in merged["gauges"] or at > merged["gauges"][key][1]:
                 merged["gauges"][key] = (value, at)
     return merged
+
+
+def quota_gauges(quotas):
+    """The upstreams' quotas (UpstreamQuotas.figures) as gauges, for /metrics."""
+    gauges = {}
+    for (registry, identity), entry in quotas.items():
+        labels = (("registry", registry), ("identity", identity))
+        for field, name in (("limit", "docxy_upstream_ratelimit_limit"),
+                            ("remaining", "docxy_upstream_ratelimit_remaining"),
+                            ("window", "docxy_upstream_ratelimit_window_seconds")):
+            if entry[field] >= 0:
+                gauges[(name, labels)] = (entry[field], 0)
+        if entry["source"]:
+            source = entry["source"].rstrip(b"\0").decode("ascii", "replace")
+            info = ("docxy_upstream_ratelimit_source_info", labels + (("source", source),))
+            gauges[info] = (1, 0)
+        gauges[("docxy_upstream_quota_wait_seconds", labels)] = (round(entry["wait"], 1), 0)
+    return gauges
 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -3417,8 +3686,16 @@ METRIC_HELP = {
     "docxy_upstream_received_bytes_total": "Body bytes received from upstreams, by registry.",
     "docxy_upstream_errors_total": "Failed upstream exchanges, by registry and kind "
                                    "(connect, timeout, protocol, 429, 5xx).",
-    "docxy_upstream_ratelimit_remaining": "The last RateLimit-Remaining an upstream reported, "
-                                          "by registry.",
+    "docxy_upstream_ratelimit_limit": "The pulls a registry allows docxy's identity there "
+                                      "(RateLimit-Limit), by registry and identity.",
+    "docxy_upstream_ratelimit_remaining": "The pulls a registry last said docxy's identity there "
+                                          "has left (RateLimit-Remaining), by registry and "
+                                          "identity.",
+    "docxy_upstream_ratelimit_window_seconds": "The window the quota is counted over (;w=).",
+    "docxy_upstream_ratelimit_source_info": "Whom the registry counts the pulls of "
+                                            "(Docker-RateLimit-Source).",
+    "docxy_upstream_quota_wait_seconds": "Seconds until docxy asks the registry for manifests "
+                                         "again after a 429; 0: it asks.",
     "docxy_upstream_resumes_total": "Blob transfers asked for again from where their upstream "
                                     "connection broke, by registry.",
     "docxy_upstream_resumed_bytes_total": "Bytes that resumes did not fetch again (each "
@@ -3475,7 +3752,7 @@ class Mirror:
         self.share = WorkerShare(config.workers)
         self.figures_fit = True     # whether this process's figures fitted its slot last time
         self.metrics = Metrics()
-        self.upstream = RegistryClient(config, self.metrics)
+        self.upstream = RegistryClient(config, self.metrics, self.share.quotas, self.share.issued)
         self.configure(config)
         # PBKDF2 is slow on purpose: LOGIN_HASHERS at once, LOGIN_QUEUE more waiting, and a
         # client network that failed too often is answered at once (see check_login).
@@ -3564,6 +3841,8 @@ class Mirror:
         self.figures_published(published)
         figures = merge_figures(everyone)
         figures["levels"]["docxy_workers"] = workers
+        figures["gauges"].update(quota_gauges(
+            self.upstream.quotas.figures(self.registries.values())))
         return figures, cache
 
     def figures_published(self, published):
@@ -4945,6 +5224,9 @@ class TokenRoutes:
             body = answer.read_small()
         finally:
             answer.release()
+        token, lifetime = token_of(body)
+        if token:   # a client keeps using a token a little past its lifetime: a minute more
+            self.mirror.upstream.issued.add("Bearer " + token, lifetime + 60)
         self.send_json(200, token_answer(body))
 
     def scope_owner(self, scope):
@@ -4991,7 +5273,7 @@ class OperatorPages:
     def status_figures(self):
         """What the status page shows: live figures, nothing secret or internal."""
         figures, cache = self.mirror.server_figures()
-        counters, gauges = figures["counters"], figures["gauges"]
+        counters = figures["counters"]
         if cache:
             cache = status_cache_figures(dict(cache, events=cache_events(counters)))
         return {
@@ -5000,11 +5282,9 @@ class OperatorPages:
             "workers": figures["levels"]["docxy_workers"],
             "requests": counter_total(counters, "docxy_requests_total"),
             "bytes_sent": counter_total(counters, "docxy_sent_bytes_total"),
-            "registries": [{
-                "name": r.name, "upstream": public_upstream(r),
-                "ratelimit_remaining": gauges.get(("docxy_upstream_ratelimit_remaining",
-                                                   (("registry", r.name),)), (None,))[0],
-            } for r in self.mirror.registries.values()],
+            "registries": [dict(name=r.name, upstream=public_upstream(r), **status_quota(
+                self.mirror.upstream.quotas.entry(r.name, identity_of(r))))
+                for r in self.mirror.registries.values()],
             "login_required": bool(self.mirror.config.users),
             "cache": cache,
         }
@@ -5068,6 +5348,11 @@ class MirrorHandler(OperatorPages, TokenRoutes, CacheRoutes, UpstreamRelay,
         except RegistryError as error:
             self.send_registry_error(error.status, error.code, error.message, error.detail,
                                      error.headers)
+        except QuotaSpent as error:     # logged once, when the 429 came (note_quota)
+            self.send_registry_error(
+                429, "TOOMANYREQUESTS", error.message,
+                {"registry": self.record.registry, "retry_after": int(error.retry_after())},
+                [("Retry-After", error.retry_after())])
         except UpstreamError as error:
             log("upstream error from %s: %s (%s)"
                 % (self.record.registry, error.message, error.detail))
@@ -5214,7 +5499,7 @@ Point your container runtime at it; pulls then come through here%(login)s.</p>
 <div class="figures"><div><b>%(uptime)s</b>uptime</div><div><b>%(requests)s</b>requests</div>
 <div><b>%(sent)s</b>sent</div>%(cache_figures)s</div>
 <h2>Registries</h2><div class="registries"><table>
-<tr><th>name</th><th>upstream</th><th>rate limit left</th></tr>%(registries)s</table></div>
+<tr><th>name</th><th>upstream</th><th>pull quota</th></tr>%(registries)s</table></div>
 <h2>Docker</h2><p><code>/etc/docker/daemon.json</code> (Docker Hub images), then restart Docker:</p>
 <pre>{
   "registry-mirrors": ["%(url)s"]%(insecure)s
@@ -5252,8 +5537,7 @@ def status_page(figures, mirror):
         % (human_bytes(cache["size_bytes"]), human_bytes(cache["max_size_bytes"]),
            cache["hit_ratio"] * 100))
     rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
-        breakable(r["name"]), breakable(r["upstream"]),
-        "&ndash;" if r["ratelimit_remaining"] is None else r["ratelimit_remaining"])
+        breakable(r["name"]), breakable(r["upstream"]), quota_text(r))
         for r in figures["registries"])
     others = [r["name"] for r in figures["registries"] if r["name"] != mirror.default.name]
     login = " (log in first: <code>docker login %s</code>)" % escape(host)
@@ -5269,6 +5553,32 @@ def status_page(figures, mirror):
         "insecure": ',\n  "insecure-registries": ["%s"]' % escape(host) if plain else "",
         "podman_insecure": "\ninsecure = true" if plain else "",
     }).replace("%%", "%")
+
+
+def status_quota(entry):
+    """What the status page tells of docxy's quota at a registry (UpstreamQuotas.entry):
+    the figures its registry last reported, and the wait after a 429; None where unknown."""
+    known = lambda value: value if entry and value >= 0 else None
+    wait = entry and max(0.0, entry["until"] - time.monotonic())
+    return {"ratelimit_remaining": known(entry and entry["remaining"]),
+            "ratelimit_limit": known(entry and entry["limit"]),
+            "ratelimit_window_seconds": known(entry and entry["window"]),
+            "retry_in_seconds": int(wait + 0.999) if wait else None}
+
+
+def quota_text(registry):
+    """'76 of 100 pulls left in this 6 h window', from a registry's status figures."""
+    if registry["retry_in_seconds"]:
+        return "refused (429): asking again in %d s" % registry["retry_in_seconds"]
+    left, limit = registry["ratelimit_remaining"], registry["ratelimit_limit"]
+    if left is None:
+        return "&ndash;"
+    text = "%d of %d pulls left" % (left, limit) if limit is not None else "%d pulls left" % left
+    window = registry["ratelimit_window_seconds"]
+    if window:
+        unit = next((u for u in ((3600, "h"), (60, "min"), (1, "s")) if window % u[0] == 0))
+        text += " in this %d %s window" % (window // unit[0], unit[1])
+    return text
 
 
 def public_upstream(registry):

@@ -280,19 +280,25 @@ class TokenStore:
         self.grants = {}
         self.lock = threading.Lock()
 
-    def issue(self, names, lifetime=None):
+    def issue(self, names, lifetime=None, user=None):
         token = "tok-" + os.urandom(16).hex()
         deadline = time.monotonic() + lifetime if lifetime else None
         with self.lock:
-            self.grants[token] = (set(names), deadline)
+            self.grants[token] = (set(names), deadline, user)
         return token
 
     def allows(self, authorization, name):
         if not authorization or not authorization.startswith("Bearer "):
             return False
         with self.lock:
-            names, deadline = self.grants.get(authorization[len("Bearer ") :], ((), None))
+            names, deadline, _ = self.grants.get(authorization[len("Bearer ") :], ((), None, None))
         return name in names and (deadline is None or time.monotonic() < deadline)
+
+    def user(self, authorization):
+        """Whom a Bearer token was issued to: a user name, or None (anonymous)."""
+        with self.lock:
+            grant = self.grants.get((authorization or "")[len("Bearer ") :])
+        return grant and grant[2]
 
     def all_tokens(self):
         with self.lock:
@@ -571,10 +577,11 @@ class RegistryHandler(RecordingHandler):
     def manifest(self, repo, ref):
         failing = getattr(self.fake, "fail_manifests", None)  # a status every manifest gets
         if failing:
+            retry_after = getattr(self.fake, "retry_after", "7")  # None: a 429 without one
             return self.send_json(
                 failing,
                 registry_error("UNAVAILABLE", "failing on purpose"),
-                [("Retry-After", "7")] if failing == 429 else [],
+                [("Retry-After", retry_after)] if failing == 429 and retry_after else [],
             )
         digest = ref if ref.startswith("sha256:") else repo["tags"].get(ref)
         if digest not in repo["manifests"]:
@@ -606,7 +613,7 @@ class RegistryHandler(RecordingHandler):
             digest = fallback
             media_type, data = repo["manifests"][digest]
         etag = '"%s"' % digest
-        common = [("Docker-Content-Digest", digest), ("ETag", etag)] + RATE_HEADERS
+        common = [("Docker-Content-Digest", digest), ("ETag", etag)] + self.rate_headers()
         if ref == "truncated":
             self.send_response(200)
             for key, value in common + [
@@ -634,6 +641,20 @@ class RegistryHandler(RecordingHandler):
         self.send_bytes(
             200, self.fake.content.served_instead.get(digest, data), media_type, common + hop_by_hop
         )
+
+    def rate_headers(self):
+        """Docker Hub's quota headers, for the identity the token was issued to: RATE_HEADERS
+        for anonymous pulls, unless fake.quota[user] = (limit, remaining, source) says else."""
+        user = self.fake.store.user(self.headers.get("Authorization"))
+        quota = getattr(self.fake, "quota", {}).get(user)
+        if not quota:
+            return RATE_HEADERS
+        limit, remaining, source = quota
+        return [
+            ("RateLimit-Limit", "%d;w=21600" % limit),
+            ("RateLimit-Remaining", "%d;w=21600" % remaining),
+            ("Docker-RateLimit-Source", source),
+        ]
 
     def blob(self, repo, digest):
         special = self.fake.content.special_by_digest.get(digest)
@@ -739,6 +760,7 @@ class TokenHandler(RecordingHandler):
         token = self.fake.store.issue(
             (n for n in names if n not in PRIVATE_REPOS or creds == ALICE),
             getattr(self.fake, "expires_in", None),
+            creds and creds[0],
         )
         if self.command == "GET":
             body = {
@@ -3013,6 +3035,36 @@ class TestNetworkPolicy:
 class TestUpstream:
     """In process, no sockets: the pieces of docxy.py's section "Upstream"."""
 
+    @pytest.mark.parametrize(
+        "value, figure",
+        [
+            ("100;w=21600", (100, 21600)),
+            (" 76 ; w=21600", (76, 21600)),
+            ("5", (5, None)),
+            ("", None),
+            ("none", None),
+            (None, None),
+        ],
+    )
+    def test_ratelimit_headers_read_as_a_count_and_its_window(self, dx, value, figure):
+        assert dx.ratelimit_figure(value) == figure
+
+    @pytest.mark.parametrize(
+        "value, seconds",
+        [
+            ("2", 2.0),
+            ("0", 0.0),
+            ("Thu, 01 Jan 1970 00:01:40 GMT", 90.0),
+            ("Thu, 01 Jan 1970 00:00:01 GMT", 0.0),
+            ("99999999", 86400.0),
+            ("soon", None),
+            ("-5", None),
+            (None, None),
+        ],
+    )
+    def test_retry_after_is_read_as_seconds_or_a_date_and_held_to_a_day(self, dx, value, seconds):
+        assert dx.retry_after_seconds(value, 10.0) == seconds
+
     def test_parse_challenge_reads_quoted_escaped_and_bare_parameters(self, dx):
         assert dx.parse_challenge(
             'Bearer realm="https://a/t",service="x",scope="repository:a:pull"'
@@ -3913,6 +3965,58 @@ class TestCache:
 
 class TestSharedState:
     """In process, no sockets: the pieces of docxy.py's section "Shared state"."""
+
+    def test_a_429_without_retry_after_backs_off_30_seconds_doubling_to_10_minutes(
+        self, dx, unit_clock
+    ):
+        quotas = dx.UpstreamQuotas.private()
+        waits = []
+        for _ in range(7):
+            wait, began = quotas.refused("docker.io", "anonymous", None)
+            assert began and quotas.wait("docker.io", "anonymous") == wait
+            # A 429 to a request that was in flight meanwhile neither doubles nor lengthens it.
+            unit_clock.now += 1
+            assert quotas.refused("docker.io", "anonymous", None) == (wait - 1, False)
+            waits.append(wait)
+            unit_clock.now += wait
+            assert quotas.wait("docker.io", "anonymous") == 0
+        assert waits == [30, 60, 120, 240, 480, 600, 600]
+        quotas.served("docker.io", "anonymous")  # a manifest came: the next 429 starts over
+        assert quotas.refused("docker.io", "anonymous", None) == (30, True)
+        assert quotas.wait("docker.io", "alice") == 0  # another identity is not held back
+
+    def test_a_429_with_retry_after_waits_that_long_and_keeps_the_backoff_where_it_was(
+        self, dx, unit_clock
+    ):
+        quotas = dx.UpstreamQuotas.private()
+        assert quotas.refused("ghcr.io", "bot", 2.0) == (2.0, True)
+        unit_clock.now += 2
+        assert quotas.refused("ghcr.io", "bot", None) == (30, True)
+
+    def test_quota_figures_are_kept_per_registry_and_identity_in_memory_workers_share(
+        self, dx, unit_clock
+    ):
+        share = dx.WorkerShare(2)
+        share.quotas.report("docker.io", "anonymous", (100, 21600), (76, 21600), "192.0.2.7")
+        share.quotas.report("docker.io", "alice", (200, 21600), (150, 21600), "uuid-1")
+        share.quotas.report("docker.io", "anonymous", None, (75, None), None)
+        pid = os.fork()
+        if pid == 0:  # another worker sees the same entries, and its 429 holds back this one
+            share.after_fork(1)
+            share.quotas.refused("docker.io", "alice", 5.0)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        anonymous = share.quotas.entry("docker.io", "anonymous")
+        assert (anonymous["limit"], anonymous["remaining"], anonymous["window"]) == (100, 75, 21600)
+        assert anonymous["source"].rstrip(b"\0") == b"192.0.2.7"
+        assert share.quotas.wait("docker.io", "alice") == 5.0
+        assert share.quotas.wait("docker.io", "anonymous") == 0
+        registries = [dx.Registry("docker.io", None, (), (), True, "alice", "x", None)]
+        gauges = dx.quota_gauges(share.quotas.figures(registries))
+        labels = (("registry", "docker.io"), ("identity", "alice"))
+        assert gauges[("docxy_upstream_ratelimit_remaining", labels)] == (150, 0)
+        assert gauges[("docxy_upstream_quota_wait_seconds", labels)] == (5.0, 0)
+        assert gauges[("docxy_upstream_ratelimit_source_info", labels + (("source", "uuid-1"),))]
 
     def test_transfers_under_way_count_for_the_whole_server_whatever_the_workers(self, dx):
         """The buffers' budget and the cores for hashing are the machine's: a worker sizes
@@ -5930,8 +6034,7 @@ class TestResumingTransfers:
         breaking_cdn.breaks[digest] = [(offset, "cut") for offset in cuts]
         extra = ("--cache-dir", str(tmp_path / "cache")) if cached else ()
         d = start_docxy(
-            "--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on",
-            *extra
+            "--listen", "127.0.0.1:0", "--upstream", registry.url, "--library-prefix", "on", *extra
         )
         status, length, body, whole = get_blob_whole_or_cut(d.port, digest)
         assert (status, length, whole) == (200, str(len(data)), True)
@@ -5972,8 +6075,10 @@ class TestResumingTransfers:
         resumed = int(re.fullmatch(r"bytes=(\d+)-", stalled).group(1))
         assert (first, cut) == (None, "bytes=%d-" % (40 * MIB))
         assert 20 * MIB - MIB < resumed <= 20 * MIB
-        d.wait_for(r"resuming %s of docker\.io at byte %d \(resume 1 of 5\): upstream "
-                   r"stalled in the middle of a body" % (digest, resumed))
+        d.wait_for(
+            r"resuming %s of docker\.io at byte %d \(resume 1 of 5\): upstream "
+            r"stalled in the middle of a body" % (digest, resumed)
+        )
         wait_cached(tmp_path / "cache", [digest], timeout=10)
 
     @pytest.mark.parametrize("answer", ["ignore", "longer"])
@@ -5987,10 +6092,14 @@ class TestResumingTransfers:
         status, length, body, whole = get_blob_whole_or_cut(d.port, digest)
         assert (status, length, whole) == (200, str(len(data)), False)
         assert len(body) < len(data) and data.startswith(body)
-        reason = {"ignore": "answered a resume with 200, not 206",
-                  "longer": "resumed a body of %d bytes, not %d" % (len(data) + 1, len(data))}
-        d.wait_for(r"transfer aborted: upstream could not resume the body \(upstream %s\)"
-                   % re.escape(reason[answer]))
+        reason = {
+            "ignore": "answered a resume with 200, not 206",
+            "longer": "resumed a body of %d bytes, not %d" % (len(data) + 1, len(data)),
+        }
+        d.wait_for(
+            r"transfer aborted: upstream could not resume the body \(upstream %s\)"
+            % re.escape(reason[answer])
+        )
         logged(d, "GET", "/v2/library/busybox/blobs/" + digest)
         wait_until(lambda: not tmp_files(tmp_path / "cache"), 10, "the failed fill to go")
         assert digest not in cached_objects(tmp_path / "cache")
@@ -6006,8 +6115,10 @@ class TestResumingTransfers:
         status, _, body, whole = get_blob_whole_or_cut(d.port, digest)
         assert (status, whole, len(body) <= 6 * MIB) == (200, False, True)
         assert cdn_ranges(breaking_cdn, digest) == [None] + ["bytes=%d-" % n for n in cuts[:5]]
-        d.wait_for(r"transfer aborted: upstream body ended early \(\d+ bytes missing; after 5 "
-                   r"resumes\)")
+        d.wait_for(
+            r"transfer aborted: upstream body ended early \(\d+ bytes missing; after 5 "
+            r"resumes\)"
+        )
         wait_until(lambda: not tmp_files(tmp_path / "cache"), 10, "the failed fill to go")
         assert digest not in cached_objects(tmp_path / "cache")
 
@@ -6151,6 +6262,203 @@ class TestUnreachableUpstreams:
         finally:
             fake.close()
             hole.close()
+
+
+# ==========================================================================
+# Upstream client: the upstream's pull quota
+# ==========================================================================
+
+
+def manifest_gets(registry):
+    return [r for r in registry.reqs() if "/manifests/" in r.path and r.method == "GET"]
+
+
+def manifest_requests(registry):
+    return [r for r in registry.reqs() if "/manifests/" in r.path]
+
+
+@pytest.mark.system
+class TestUpstreamQuota:
+    """The registry's quota figures in /metrics and on the status page; after a 429, no
+    manifest request to it until its Retry-After (or a backoff) has passed."""
+
+    def test_after_a_429_with_retry_after_2_no_manifest_is_asked_for_2_seconds(
+        self, start_docxy, registry, content, tmp_path
+    ):
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--tag-ttl", "0")
+        index_path = "/v2/library/busybox/manifests/"
+        amd, arm = content.platform["amd64"], content.platform["arm64"]
+        assert index_request(d.port, index_path + "latest").status == 200
+        wait_cached(tmp_path / "cache", [content.index_digest])
+        registry.fail_manifests, registry.retry_after = 429, "2"
+        try:
+            clear_fakes()
+            stale = index_request(d.port, index_path + "latest")  # revalidation: the 429
+            began = time.monotonic()
+            answers = {
+                "stale": [index_request(d.port, index_path + "latest") for _ in range(3)],
+                "stale HEAD": [call(d.port, "HEAD", index_path + "latest", [("Accept", MT_INDEX)])],
+                "cached digest": [index_request(d.port, index_path + content.index_digest)],
+                "uncached tag": [index_request(d.port, index_path + "1.36")],
+                "uncached digest": [
+                    call(d.port, "GET", index_path + amd["manifest"], [("Accept", MT_MANIFEST)]),
+                    call(d.port, "HEAD", index_path + arm["manifest"], [("Accept", MT_MANIFEST)]),
+                ],
+                "blob": [call(d.port, "GET", "/v2/library/busybox/blobs/" + amd["config"])],
+            }
+            during = time.monotonic() - began
+            assert len(manifest_requests(registry)) == 1, manifest_requests(registry)
+        finally:
+            registry.fail_manifests, registry.retry_after = None, "7"
+        assert during < 2, "the machine was too slow for this test's window"
+        assert manifest_requests(registry)[0].method == "HEAD"
+        for r in [stale] + answers["stale"] + answers["stale HEAD"]:
+            assert r.status == 200 and r.headers["Warning"] == '110 - "Response is Stale"', r
+            assert r.headers["X-Docxy-Cache"] == "stale"
+        assert stale.body == content.index_bytes
+        assert answers["cached digest"][0].status == 200
+        for r in answers["uncached tag"] + answers["uncached digest"]:
+            assert r.status == 429 and r.headers["Retry-After"] in ("1", "2"), r
+            if r.body:
+                assert_error(r, 429, "TOOMANYREQUESTS")
+        assert answers["blob"][0].status == 200  # blobs cost no quota: they go on
+        d.wait_for(
+            r"upstream docker\.io refused anonymous with 429 \(too many requests\): no "
+            r"manifest requests to it for 2s \(its Retry-After\)"
+        )
+        time.sleep(max(0.0, began + 2.1 - time.monotonic()))
+        fresh = index_request(d.port, index_path + "latest")
+        assert fresh.status == 200 and "Warning" not in fresh.headers
+        assert fresh.headers["X-Docxy-Cache"] == "revalidated"
+        late = call(d.port, "GET", index_path + amd["manifest"], [("Accept", MT_MANIFEST)])
+        assert late.status == 200 and late.headers["X-Docxy-Cache"] == "miss"
+        assert len(manifest_gets(registry)) == 1
+
+    def test_after_a_429_without_retry_after_an_uncached_manifest_waits_30_seconds(
+        self, start_docxy, registry, content
+    ):
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url)
+        registry.fail_manifests, registry.retry_after = 429, None
+        try:
+            first = index_request(d.port, "/v2/library/busybox/manifests/latest")
+            second = index_request(d.port, "/v2/library/busybox/manifests/1.36")
+        finally:
+            registry.fail_manifests, registry.retry_after = None, "7"
+        assert_error(first, 429, "TOOMANYREQUESTS")
+        assert_error(second, 429, "TOOMANYREQUESTS")
+        assert first.headers["Retry-After"] == "30" and 29 <= int(second.headers["Retry-After"])
+        assert len(authorized(manifest_requests(registry))) == 1
+        page = scrape(d.port)
+        waiting = page.get(
+            "docxy_upstream_quota_wait_seconds", registry="docker.io", identity="anonymous"
+        )
+        assert 28 < waiting <= 30
+
+    def test_the_ratelimit_gauges_follow_the_upstream_per_identity(
+        self, start_docxy, registry, tmp_path
+    ):
+        config = write_config(
+            tmp_path / "docxy.ini",
+            {
+                "docxy": {
+                    "listen": "127.0.0.1:0",
+                    "registries": "docker.io, hub.example",
+                    "allow": "127.0.0.0/8",
+                },
+                "docker.io": {"upstream": registry.url, "library": "on"},
+                "hub.example": {
+                    "upstream": registry.url,
+                    "username": "alice",
+                    "password_env": "HUB_PASSWORD",
+                },
+            },
+        )
+        d = start_docxy("--config", config, env={"HUB_PASSWORD": ALICE[1]})
+        registry.quota = {"alice": (200, 150, "alice-uuid")}
+        try:
+            assert index_request(d.port, "/v2/library/busybox/manifests/latest").status == 200
+            alice = "/v2/hub.example/library/busybox/manifests/latest"
+            assert index_request(d.port, alice).status == 200
+            before = scrape(d.port)
+            registry.quota = {"alice": (200, 149, "alice-uuid"), None: (100, 75, "127.0.0.1")}
+            assert call(d.port, "HEAD", alice, [("Accept", MT_INDEX)]).status == 200
+            assert index_request(d.port, "/v2/library/busybox/manifests/1.36").status == 200
+            after = scrape(d.port)
+            page = call(d.port, "GET", "/", [("Accept", "text/html")]).body.decode()
+            status = call(d.port, "GET", "/", [("Accept", "application/json")]).json()
+        finally:
+            registry.quota = {}
+        anonymous = {"registry": "docker.io", "identity": "anonymous"}
+        account = {"registry": "hub.example", "identity": "alice"}
+        assert before.get("docxy_upstream_ratelimit_limit", **anonymous) == 100
+        assert before.get("docxy_upstream_ratelimit_remaining", **anonymous) == 76
+        assert before.get("docxy_upstream_ratelimit_window_seconds", **anonymous) == 21600
+        assert before.get("docxy_upstream_ratelimit_remaining", **account) == 150
+        assert before.get("docxy_upstream_ratelimit_limit", **account) == 200
+        assert (
+            before.get("docxy_upstream_ratelimit_source_info", source="alice-uuid", **account) == 1
+        )
+        assert after.get("docxy_upstream_ratelimit_remaining", **anonymous) == 75
+        assert after.get("docxy_upstream_ratelimit_remaining", **account) == 149  # from a HEAD
+        assert after.get("docxy_upstream_quota_wait_seconds", **anonymous) == 0
+        assert after.types["docxy_upstream_ratelimit_remaining"] == "gauge"
+        assert "s3cret" not in call(d.port, "GET", "/metrics").body.decode()
+        assert re.search(
+            r"docker\.io</td><td>[^<]*</td><td>75 of 100 pulls left in this 6 h " r"window</td>",
+            page.replace("<wbr>", ""),
+        ), page
+        assert "149 of 200 pulls left in this 6 h window" in page
+        assert "alice-uuid" not in page and "alice" not in page
+        assert [
+            (r["name"], r["ratelimit_remaining"], r["ratelimit_limit"])
+            for r in status["registries"]
+        ] == [("docker.io", 75, 100), ("hub.example", 149, 200)]
+
+    def test_a_clients_own_login_spends_its_own_quota_and_its_429_holds_back_no_one_else(
+        self, start_docxy, registry
+    ):
+        d = start_docxy("--listen", "127.0.0.1:0", "--upstream", registry.url)
+        scope, path = "repository:library/busybox:pull", "/v2/library/busybox/manifests/latest"
+        own = bearer(get_token(d.port, scope, basic=ALICE_B64))  # `docker login` as alice
+        pull = bearer(get_token(d.port, scope))  # a token docxy wrote for an anonymous pull
+        registry.quota = {"alice": (200, 10, "alice-uuid")}
+        try:
+            assert index_request(d.port, path, own).status == 200
+            assert index_request(d.port, path, pull).status == 200
+            registry.fail_manifests = 429
+            refused = index_request(d.port, path, own)  # the upstream's own answer, relayed
+            assert refused.status == 429 and refused.headers["Retry-After"] == "7"
+            registry.fail_manifests = None
+            assert index_request(d.port, path, pull).status == 200
+        finally:
+            registry.fail_manifests, registry.quota = None, {}
+        page = scrape(d.port)
+        assert set(page.series("docxy_upstream_ratelimit_remaining")) == {
+            frozenset({("registry", "docker.io"), ("identity", "anonymous")})
+        }
+        assert (
+            page.get(
+                "docxy_upstream_quota_wait_seconds", registry="docker.io", identity="anonymous"
+            )
+            == 0
+        )
+        assert len(authorized(manifest_gets(registry))) == 4
+
+    @pytest.mark.parametrize("ref", ["tag", "digest"])
+    def test_concurrent_clients_asking_one_uncached_manifest_cost_one_upstream_get(
+        self, ref, start_docxy, registry, content, tmp_path
+    ):
+        d = cached_docxy(start_docxy, registry, tmp_path / "cache", "--workers", "2")
+        path = "/v2/library/busybox/manifests/" + (
+            "latest" if ref == "tag" else content.index_digest
+        )
+        d.wait_for(r"^docxy: 2 workers serving$")
+        clear_fakes()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: index_request(d.port, path), range(8)))
+        assert [r.status for r in answers] == [200] * 8
+        assert all(r.body == content.index_bytes for r in answers)
+        assert len(authorized(manifest_gets(registry))) == 1, manifest_gets(registry)
 
 
 # ==========================================================================
@@ -11946,8 +12254,14 @@ class TestOperations:
             "docxy_upstream_errors_total",
         ):
             assert after.types[family] == "counter", family
-        assert after.get("docxy_upstream_ratelimit_remaining", registry="docker.io") == 76
-        assert after.get("docxy_upstream_ratelimit_remaining", registry="flaky.example") == 0
+        anonymous = {"identity": "anonymous"}
+        assert (
+            after.get("docxy_upstream_ratelimit_remaining", registry="docker.io", **anonymous) == 76
+        )
+        assert (
+            after.get("docxy_upstream_ratelimit_remaining", registry="flaky.example", **anonymous)
+            == 0
+        )
         assert after.types["docxy_upstream_ratelimit_remaining"] == "gauge"
         # Five manifest requests, one of them the 1 s upstream timeout: the histogram saw it.
         hist = "docxy_request_duration_seconds"
@@ -12494,7 +12808,7 @@ class TestOperations:
         text = html.unescape(page)
         assert re.search(r"\b%d\s*</b>\s*requests" % (after["requests"] + 1), page), page
         row = [row for row in re.findall(r"<tr>(.*?)</tr>", page, re.S) if ">docker.io<" in row]
-        assert row and ">76<" in row[0], row
+        assert row and ">76 of 100 pulls left in this 6 h window<" in row[0], row
         assert "%d%%" % round(after["cache"]["hit_ratio"] * 100) in text
         assert (
             "<script" not in page.lower()
