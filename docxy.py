@@ -1749,7 +1749,7 @@ class RegistryClient:
         source = answer.header("Docker-RateLimit-Source")
         if limit or remaining or source:
             self.quotas.report(registry.name, identity, limit, remaining, source)
-        if answer.status == 429:
+        if answer.status == 429 and (manifest or answer.origin == registry.upstream):
             retry_after = retry_after_seconds(answer.header("Retry-After"), time.time())
             wait, began = self.quotas.refused(registry.name, identity, retry_after)
             if began:
@@ -5027,8 +5027,8 @@ class CacheRoutes:
 
     def check_tag(self, registry, url, name, tag, headers, key, fallback):
         """Ask the upstream (HEAD, with docxy's own login) what the tag is now: its new record;
-        `fallback` when the upstream failed (or failed moments ago, see RegistryClient.is_down);
-        None when the tag is not there to be shared."""
+        `fallback` when the upstream failed (or failed moments ago, see RegistryClient.is_down)
+        or its quota is spent (QuotaSpent); None when the tag is not there to be shared."""
         upstream = self.mirror.upstream
         own = {k: v for k, v in headers.items() if k != "Authorization"}
         try:
@@ -5048,7 +5048,7 @@ class CacheRoutes:
         if answer.status == 200 and DIGEST.fullmatch(digest) and media_type:
             return self.mirror.cache.remember_tag(key, digest, media_type,
                                                   answer.header("Content-Length", ""))
-        if fallback and (answer.status == 429 or answer.status >= 500):
+        if fallback and answer.status >= 500:     # a 429 raised QuotaSpent in fetch
             return fallback
         return None
 
