@@ -3100,38 +3100,60 @@ class ProcessLock:
         self.threads = threading.Lock()
 
 
-BUCKET = struct.Struct("<Qdd")  # a client network's keyed hash (0: a free place), tokens, when
-BUCKETS = 65536                 # token buckets in a table: pages are taken as they are first used
-BUCKET_PROBES = 8               # places a network's bucket may take, from its hash's on
+PROBES = 8      # places an entry of a HashedTable may take, from its hash's on
 
 
-class BucketTable:
-    """Token buckets by client network in a fixed table, in memory every worker shares (see
-    WorkerShare). A network's bucket is in one of BUCKET_PROBES places from where its hash
-    points; the hash is keyed with a secret drawn at the server's start, so no client can
-    choose addresses whose buckets crowd out another's. When all its places are taken, a new
-    bucket takes the place of one that has refilled (as good as none), else of the one counted
-    longest ago. time.monotonic() is the system's, the same in every process. `lock`, the
-    share's, guards the memory."""
+class HashedTable:
+    """A fixed table of ENTRY records, in memory every worker shares (see WorkerShare) or in a
+    process's own (private): an entry, whose first field is its name's hash (0: a free place),
+    is in one of PROBES places from where that hash points. The hash is keyed with a secret
+    drawn at the server's start, so that no client can choose names whose entries crowd out
+    another's. A subclass says which entry a full set of places gives up. `lock`, the share's,
+    guards the memory. time.monotonic() is the system's, the same in every process."""
+
+    ENTRY = None
 
     def __init__(self, memory, offset, count, lock, key):
         self.memory, self.offset, self.count, self.lock, self.key = memory, offset, count, lock, key
 
     @classmethod
-    def private(cls, count=BUCKETS):
+    def private(cls, count):
         """A table for one process alone."""
-        return cls(mmap.mmap(-1, count * BUCKET.size), 0, count, threading.Lock(), os.urandom(16))
+        return cls(mmap.mmap(-1, count * cls.ENTRY.size), 0, count, threading.Lock(),
+                   os.urandom(16))
 
-    def hashed(self, network):
-        digest = hashlib.blake2b(str(network).encode(), key=self.key, digest_size=8).digest()
+    def hashed(self, name):
+        digest = hashlib.blake2b(str(name).encode("utf-8", "replace"), key=self.key,
+                                 digest_size=8).digest()
         return int.from_bytes(digest, "little") or 1
+
+    def places(self, wanted):
+        """Where the entry hashed `wanted` may be, in the order it is looked for."""
+        start = wanted % self.count
+        return [self.offset + (start + probe) % self.count * self.ENTRY.size
+                for probe in range(PROBES)]
+
+
+BUCKET = struct.Struct("<Qdd")  # a client network's keyed hash (0: a free place), tokens, when
+BUCKETS = 65536                 # token buckets in a table: pages are taken as they are first used
+
+
+class BucketTable(HashedTable):
+    """Token buckets by client network (a HashedTable). When all its places are taken, a new
+    bucket takes the place of one that has refilled (as good as none), else of the one counted
+    longest ago."""
+
+    ENTRY = BUCKET
+
+    @classmethod
+    def private(cls, count=BUCKETS):
+        return super().private(count)
 
     def place(self, wanted, burst, rate, now):
         """(where, found, tokens, since): the bucket of the network hashed `wanted`, or the place
         a new one takes, given full (the lock held)."""
-        start, choice = wanted % self.count, None
-        for probe in range(BUCKET_PROBES):
-            where = self.offset + (start + probe) % self.count * BUCKET.size
+        choice = None
+        for where in self.places(wanted):
             key, tokens, since = BUCKET.unpack_from(self.memory, where)
             if key == wanted:
                 return where, True, tokens, since
@@ -3178,45 +3200,40 @@ class RateLimiter:
         self.table.give_back(client_network(address), self.burst)
 
 
-# An upstream identity's entry: its key (0: a free place), the last RateLimit-Limit, -Remaining
-# and window reported (-1: none), when (time.time(); 0: never), Docker-RateLimit-Source, until
-# when (time.monotonic()) no manifest is asked after a 429, and the last backoff taken (0: none).
-QUOTA = struct.Struct("<qqqqd64sdd")
+# An upstream identity's entry: its keyed hash (0: a free place), the last RateLimit-Limit,
+# -Remaining and window reported (-1: none), when (time.time(); 0: never),
+# Docker-RateLimit-Source, until when (time.monotonic()) no manifest is asked after a 429, and
+# the last backoff taken (0: none).
+QUOTA = struct.Struct("<Qqqqd64sdd")
 QUOTA_ENTRIES = 256
 BACKOFF_FIRST, BACKOFF_MOST = 30.0, 600.0   # after a 429 without Retry-After: doubling
 
 
-class UpstreamQuotas:
+class UpstreamQuotas(HashedTable):
     """Each upstream identity's pull quota as its registry reports it, and the registry's
     refusals. An identity is docxy's own login at a registry: "anonymous", or the configured
     account's name (never its secret); what a client's own credentials fetch is the client's
     business and is not recorded. After a 429, docxy asks that registry for no manifest as
     that identity until its Retry-After, or without one for a backoff that starts at
     BACKOFF_FIRST and doubles with each 429 that follows, up to BACKOFF_MOST, until a manifest
-    is served again. The entries are in memory every worker shares (WorkerShare), so that a
-    429 one worker met holds every worker back; `lock`, the share's, guards them. They are
-    found by a hash of names that come from the configuration, never from a client."""
+    is served again. A HashedTable, so that a 429 one worker met holds every worker back; the
+    names come from the configuration, and a new one finds no place only among more
+    identities than a configuration has."""
 
+    ENTRY = QUOTA
     FIELDS = ("key", "limit", "remaining", "window", "reported", "source", "until", "backoff")
-
-    def __init__(self, memory, offset, count, lock):
-        self.memory, self.offset, self.count, self.lock = memory, offset, count, lock
 
     @classmethod
     def private(cls, count=QUOTA_ENTRIES):
-        """Entries for one process alone."""
-        return cls(mmap.mmap(-1, count * QUOTA.size), 0, count, threading.Lock())
+        return super().private(count)
 
-    @staticmethod
-    def key(registry, identity):
-        digest = hashlib.blake2b(("%s\0%s" % (registry, identity)).encode(), digest_size=8)
-        return int.from_bytes(digest.digest(), "little") >> 1 or 1
+    def entry_key(self, registry, identity):
+        return self.hashed("%s\0%s" % (registry, identity))
 
     def where(self, key):
         """(offset, found) of the key's entry, or of the free place it takes; (None, False)
-        when the table is full (the lock held)."""
-        for probe in range(self.count):
-            at = self.offset + (key + probe) % self.count * QUOTA.size
+        when it finds none (the lock held)."""
+        for at in self.places(key):
             held = QUOTA.unpack_from(self.memory, at)[0]
             if held in (key, 0):
                 return at, held == key
@@ -3224,7 +3241,7 @@ class UpstreamQuotas:
 
     def entry(self, registry, identity):
         """The identity's entry as a dict of FIELDS, or None."""
-        key = self.key(registry, identity)
+        key = self.entry_key(registry, identity)
         with self.lock:
             at, found = self.where(key)
             return dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at))) if found else None
@@ -3232,7 +3249,7 @@ class UpstreamQuotas:
     def change(self, registry, identity, how):
         """Apply how(entry) to the identity's entry (a dict of FIELDS, made if new) under the
         lock, and store it; what `how` returns, or None when the table is full."""
-        key = self.key(registry, identity)
+        key = self.entry_key(registry, identity)
         with self.lock:
             at, found = self.where(key)
             if at is None:
@@ -3298,33 +3315,20 @@ class UpstreamQuotas:
 
 LEDGER = struct.Struct("<Qd")  # a token's keyed hash (0: a free place), until when (monotonic)
 LEDGER_ENTRIES = 4096
-LEDGER_PROBES = 8
 
 
-class IssuedTokens:
+class IssuedTokens(HashedTable):
     """The pull tokens docxy wrote itself and handed to clients (forward_pull_token), so that a
     request that shows one is known to spend docxy's own quota upstream, while one that shows
-    a token of a client's own login spends the client's. Keyed hashes in a fixed table in
-    memory every worker shares (a client may fetch its token from one worker and pull from
-    another); a full table gives the place of the entry that expires first. `lock`, the
-    share's, guards it."""
+    a token of a client's own login spends the client's. A HashedTable, as a client may fetch
+    its token from one worker and pull from another; a token whose places are all taken takes
+    the place of the entry that expires first."""
 
-    def __init__(self, memory, offset, count, lock, key):
-        self.memory, self.offset, self.count, self.lock, self.key = memory, offset, count, lock, key
+    ENTRY = LEDGER
 
     @classmethod
     def private(cls, count=LEDGER_ENTRIES):
-        return cls(mmap.mmap(-1, count * LEDGER.size), 0, count, threading.Lock(), os.urandom(16))
-
-    def hashed(self, authorization):
-        digest = hashlib.blake2b(authorization.encode("latin-1", "replace"), key=self.key,
-                                 digest_size=8).digest()
-        return int.from_bytes(digest, "little") >> 1 or 1
-
-    def places(self, wanted):
-        start = wanted % self.count
-        return [self.offset + (start + probe) % self.count * LEDGER.size
-                for probe in range(LEDGER_PROBES)]
+        return super().private(count)
 
     def add(self, authorization, seconds):
         wanted, now = self.hashed(authorization), time.monotonic()
@@ -3380,7 +3384,7 @@ class WorkerShare:
         key = os.urandom(16)    # one for the server, drawn before any fork
         self.rate_buckets = BucketTable(self.memory, slots, BUCKETS, self.lock, key)
         self.login_buckets = BucketTable(self.memory, slots + table_bytes, BUCKETS, self.lock, key)
-        self.quotas = UpstreamQuotas(self.memory, quotas, QUOTA_ENTRIES, self.lock)
+        self.quotas = UpstreamQuotas(self.memory, quotas, QUOTA_ENTRIES, self.lock, key)
         self.issued = IssuedTokens(self.memory, ledger, LEDGER_ENTRIES, self.lock, key)
         if workers == 1:
             self.set_field(0, SLOT_PID, os.getpid())

@@ -3233,30 +3233,29 @@ class TestBodyTransfer:
         ]
         assert first.released
 
-    def test_a_body_is_resumed_five_times_at_most(self, dx):
-        body, asked = os.urandom(10000), []
+    @staticmethod
+    def cut_every_time(dx, body, cut):
+        """A body whose first answer breaks after 100 bytes and each resumed one after `cut`:
+        the offsets resumed from, and what BodyCopy made of it (see copied)."""
+        asked = []
 
         def resume(offset, turn, error):
             asked.append(offset)
-            return fake_answer(dx, body[offset:], len(body) - offset, 64, cut=100)
+            return fake_answer(dx, body[offset:], len(body) - offset, 64, cut=cut)
 
-        data, verified, error = copied(
-            dx, fake_answer(dx, body, len(body), 64, cut=100), sha256_digest(body), resume
-        )
+        first = fake_answer(dx, body, len(body), 64, cut=100)
+        return asked, copied(dx, first, sha256_digest(body), resume)
+
+    def test_a_body_is_resumed_five_times_at_most(self, dx):
+        body = os.urandom(10000)
+        asked, (data, verified, error) = self.cut_every_time(dx, body, 100)
         assert asked == [100, 200, 300, 400, 500] and not verified
         assert data == body[:599] and error.message == "upstream body ended early"
         assert error.detail == "9400 bytes missing; after 5 resumes"
 
     def test_a_resumed_answer_that_brings_no_byte_is_not_resumed_again(self, dx):
-        body, asked = os.urandom(1000), []
-
-        def resume(offset, turn, error):
-            asked.append(offset)
-            return fake_answer(dx, body[offset:], len(body) - offset, 64, cut=0)
-
-        data, _, error = copied(
-            dx, fake_answer(dx, body, len(body), 64, cut=100), sha256_digest(body), resume
-        )
+        body = os.urandom(1000)
+        asked, (data, _, error) = self.cut_every_time(dx, body, 0)
         assert asked == [100] and data == body[:99] and "ended early" in error.message
 
     def test_a_body_that_breaks_before_its_first_byte_is_not_resumed(self, dx):
@@ -4095,10 +4094,10 @@ class TestSharedState:
     def test_bucket_table_when_full_evicts_a_refilled_bucket_else_the_one_counted_longest_ago(
         self, dx, unit_clock
     ):
-        table = dx.BucketTable.private(count=dx.BUCKET_PROBES)  # every network: every place
+        table = dx.BucketTable.private(count=dx.PROBES)  # every network: every place
         limiter = dx.RateLimiter(2, 1 / 3600, table=table)
-        networks = ["192.0.2.%d" % n for n in range(dx.BUCKET_PROBES + 2)]
-        for network in networks[: dx.BUCKET_PROBES]:  # one token each, a second apart
+        networks = ["192.0.2.%d" % n for n in range(dx.PROBES + 2)]
+        for network in networks[: dx.PROBES]:  # one token each, a second apart
             assert limiter.wait_needed(network) == 0
             unit_clock.now += 1
         limiter.give_back(networks[3])  # full again: as good as no bucket
@@ -4106,7 +4105,7 @@ class TestSharedState:
         assert limiter.wait_needed(networks[-1]) == 0  # none refilled: takes the oldest's
         assert [limiter.wait_needed(networks[0]) for _ in range(3)] == [0, 0, 3600]
         assert [limiter.wait_needed(networks[1]) for _ in range(2)][1] == 0  # evicted meanwhile
-        for network in networks[4 : dx.BUCKET_PROBES]:  # the others kept their one token
+        for network in networks[4 : dx.PROBES]:  # the others kept their one token
             assert [limiter.wait_needed(network) > 3000 for _ in range(2)] == [False, True]
 
     def test_bucket_tables_hash_networks_with_a_key_of_their_own(self, dx):

@@ -1704,6 +1704,32 @@ def client_load(spec):
     return answers
 
 
+class SmallAnswers(http.server.BaseHTTPRequestHandler):
+    """What the bench's own servers' handlers share: HTTP/1.1, GET and HEAD both answered by
+    serve(body), which a subclass writes, a small answer in one call, and no access log on
+    stderr (each server keeps its own log)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.serve(True)
+
+    def do_HEAD(self):
+        self.serve(False)
+
+    def small(self, status, payload, kind, body):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
 def direct_server(root, port, meta_path, access_path):
     """The stdlib upstream: registry paths from the data directory, socket.sendfile bodies."""
     with open(meta_path) as handle:
@@ -1711,16 +1737,8 @@ def direct_server(root, port, meta_path, access_path):
     log = open(access_path, "a", buffering=1)
     log_lock = threading.Lock()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(SmallAnswers):
         """GET and HEAD of the paths in the data directory, as a registry answers them."""
-
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            self.serve(True)
-
-        def do_HEAD(self):
-            self.serve(False)
 
         def serve(self, body):
             path = self.path.partition("?")[0]
@@ -1752,18 +1770,6 @@ def direct_server(root, port, meta_path, access_path):
                 with open(file_path, "rb") as handle:
                     self.connection.sendfile(handle, start, end - start + 1)
 
-        def small(self, status, payload, kind, body):
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Docker-Distribution-API-Version", "registry/2.0")
-            self.end_headers()
-            if body:
-                self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
     LoopbackServer(("127.0.0.1", port), Handler).serve_forever()
 
 
@@ -1780,16 +1786,8 @@ def resume_upstream(spec):
     lock = threading.Lock()
     single = re.compile(r"bytes=(\d+)-(\d*)")
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(SmallAnswers):
         """The blob, /v2/ and the bench's two control paths."""
-
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            self.serve(True)
-
-        def do_HEAD(self):
-            self.serve(False)
 
         def do_PUT(self):
             match = re.fullmatch(r"/_bench/drop/(\d+)", self.path)
@@ -1863,18 +1861,6 @@ def resume_upstream(spec):
                     self.client_address[0], self.command, path, status,
                     self.headers.get("Range", "-"), self.headers.get("If-Range", "-"), sent,
                     " CUT" if cut else ""))
-
-        def small(self, status, payload, kind, body):
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Docker-Distribution-API-Version", "registry/2.0")
-            self.end_headers()
-            if body:
-                self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
 
     class Upstream(LoopbackServer):
         """Peers that reset a connection are routine here, where connections are cut on
