@@ -905,7 +905,7 @@ def token_of(body):
         answer = json.loads(body.decode())
         token = answer.get("token") or answer.get("access_token")
         lifetime = float(answer.get("expires_in") or 60)
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, OverflowError):
         return None, 0.0
     return (token, lifetime) if isinstance(token, str) and token else (None, 0.0)
 
@@ -1173,6 +1173,7 @@ class QuotaSpent(UpstreamError):
 # Docker Hub's form, "100;w=21600": a count, and the window it is for in seconds.
 RATELIMIT_FIGURE = re.compile(r"\s*([0-9]{1,12})\s*(?:;\s*w\s*=\s*([0-9]{1,9}))?")
 RETRY_AFTER_MOST = 86400.0  # an upstream's Retry-After longer than a day is taken as a day
+RETRY_AFTER_LEAST = 1.0     # and one shorter than a second (0, a date gone by) as a second
 
 
 def ratelimit_figure(value):
@@ -1187,7 +1188,7 @@ def retry_after_seconds(value, now):
     """A Retry-After (RFC 9110 10.2.3), delay-seconds or an HTTP-date, as seconds from `now`
     (time.time()), at most RETRY_AFTER_MOST; None when absent or unreadable."""
     value = (value or "").strip()
-    if value.isdigit() and len(value) <= 12:
+    if re.fullmatch("[0-9]{1,12}", value):
         return min(float(value), RETRY_AFTER_MOST)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
@@ -1197,7 +1198,9 @@ def retry_after_seconds(value, now):
 
 
 def is_manifest_request(url):
-    return "/manifests/" in urllib.parse.urlsplit(url).path
+    """Whether a URL is /v2/<name>/manifests/<reference> (a name may have a component
+    "manifests" too)."""
+    return urllib.parse.urlsplit(url).path.rsplit("/", 2)[-2:-1] == ["manifests"]
 
 
 def passes_header(name):
@@ -1351,6 +1354,11 @@ class UpstreamResponse:
         if not self.released:
             self.released = True
             self.pool.release(self.origin, self.connection, self.response)
+
+    def close(self):
+        """Let go of the answer and close its connection, however much of it was read."""
+        self.released = True
+        self.connection.close()
 
     def discard(self, limit=65536):
         """Read a small body (a redirect's, a HEAD's) so the connection can be reused; a larger
@@ -1513,6 +1521,10 @@ def resume_fault(answer, offset, length, etag):
             first, last, total, offset)
     if length is not None and total != length:
         return "upstream resumed a body of %d bytes, not %d" % (total, length)
+    # http.client stops a body at its Content-Length: so the client, promised the first
+    # answer's, gets no byte past it. A resumed body of no announced length could run on.
+    if answer.remaining is None and length is not None:
+        return "upstream resumed without a Content-Length"
     if answer.remaining is not None and answer.remaining != total - offset:
         return "upstream resumed with a Content-Length that is not its range's"
     other = answer.header("ETag")
@@ -1728,7 +1740,7 @@ class RegistryClient:
         record.upstream_status = str(answer.status)
         self.note_answer(registry, answer)
         if identity is not None:
-            wait = self.note_quota(registry, identity, answer, manifest)
+            wait = self.note_quota(registry, identity, answer, manifest, method)
             if wait is not None and manifest:
                 answer.discard()
                 raise QuotaSpent(registry.name, identity, wait)
@@ -1741,7 +1753,7 @@ class RegistryClient:
         if answer.status == 429 or answer.status >= 500:
             self.count_error(registry.name, "429" if answer.status == 429 else "5xx")
 
-    def note_quota(self, registry, identity, answer, manifest):
+    def note_quota(self, registry, identity, answer, manifest, method):
         """Record what an answer to docxy's own identity tells of its quota; after a 429, the
         seconds to wait (else None)."""
         limit = ratelimit_figure(answer.header("RateLimit-Limit"))
@@ -1758,7 +1770,7 @@ class RegistryClient:
                     % (registry.name, identity, round(wait, 1),
                        "its Retry-After" if retry_after is not None else "backing off"))
             return wait
-        if manifest and answer.status < 400:
+        if manifest and method == "GET" and answer.status < 400:
             self.quotas.served(registry.name, identity)
         return None
 
@@ -1924,7 +1936,7 @@ class UpstreamBody:
             if self.resumes:
                 error.detail += "; after %d resumes" % self.resumes
             raise error
-        self.answer.release()       # closed: a half-read connection is never reused
+        self.answer.close()     # broken: its connection is never reused
         self.resumes += 1
         self.progress = 0
         self.answer = self.resume(self.offset, self.resumes, error)
@@ -3280,8 +3292,8 @@ class UpstreamQuotas(HashedTable):
         def how(entry):
             if entry["until"] > now:
                 return entry["until"] - now, False
-            if retry_after is not None:
-                wait = retry_after
+            if retry_after is not None:     # "0", or a date gone by: not asked again at once
+                wait = max(RETRY_AFTER_LEAST, retry_after)
             else:
                 wait = min(BACKOFF_MOST, entry["backoff"] * 2 or BACKOFF_FIRST)
                 entry["backoff"] = wait
@@ -3290,10 +3302,16 @@ class UpstreamQuotas(HashedTable):
         return self.change(registry, identity, how) or (BACKOFF_FIRST, False)
 
     def served(self, registry, identity):
-        """A manifest came: a later 429 backs off from the start again."""
-        entry = self.entry(registry, identity)
-        if entry and entry["backoff"]:
-            self.change(registry, identity, lambda e: e.update(backoff=0.0))
+        """A manifest GET (a counted pull) was answered after the wait: a later 429 backs off
+        from the start again. A HEAD proves nothing: Docker Hub answers it with the quota
+        spent."""
+        now = time.monotonic()
+
+        def how(entry):
+            if entry["until"] <= now:
+                entry["backoff"] = 0.0
+        if self.entry(registry, identity):
+            self.change(registry, identity, how)
 
     def wait(self, registry, identity):
         """Seconds until docxy may ask the registry for a manifest as this identity; 0: now."""
@@ -3528,8 +3546,8 @@ def quota_gauges(quotas):
                             ("window", "docxy_upstream_ratelimit_window_seconds")):
             if entry[field] >= 0:
                 gauges[(name, labels)] = (entry[field], 0)
-        if entry["source"]:
-            source = entry["source"].rstrip(b"\0").decode("ascii", "replace")
+        source = entry["source"].rstrip(b"\0").decode("ascii", "replace")
+        if source:
             info = ("docxy_upstream_ratelimit_source_info", labels + (("source", source),))
             gauges[info] = (1, 0)
         gauges[("docxy_upstream_quota_wait_seconds", labels)] = (round(entry["wait"], 1), 0)
@@ -4615,11 +4633,14 @@ class RegistryRequestHandler(StrictRequestParser, UnsafeHeaderGuard, ResponseHea
     def log_request(self, code="-", size="-"):
         pass    # one line per request is written by log_access, once the body is sent
 
+    def logged_path(self):
+        # A token request's query may carry a login (a refresh token): it is never logged.
+        return self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
+
     def log_access(self):
         record, metrics = self.record, self.mirror.metrics
         record.client, record.method, record.status = self.client, self.command or "-", self.status
-        # A token request's query may carry a login (a refresh token): it is never logged.
-        record.path = self.path.partition("?")[0] if self.path.startswith("/auth/") else self.path
+        record.path = self.logged_path()
         seconds = time.monotonic() - record.started
         metrics.request_done(route_class(self.path), self.status, record.sent, seconds)
         if record.received:
@@ -4675,8 +4696,10 @@ class UpstreamRelay:
         blob = url.rpartition("/")[2]
 
         def resume(offset, turn, error):
-            log("resuming %s of %s at byte %d (resume %d of %d): %s (%s)" % (
-                blob, registry.name, offset, turn, MAX_RESUMES, error.message, error.detail))
+            self.record.resumes = turn     # tried, whether or not the upstream goes along
+            log("resuming %s of %s at byte %d (resume %d of %d): %s%s" % (
+                blob, registry.name, offset, turn, MAX_RESUMES, error.message,
+                " (%s)" % error.detail if error.detail else ""))
             status = self.record.upstream_status   # the access line tells the first answer's
             try:
                 answer = self.mirror.upstream.fetch(
@@ -4691,7 +4714,6 @@ class UpstreamRelay:
             labels = (("registry", registry.name),)
             self.mirror.metrics.add("docxy_upstream_resumes_total", labels)
             self.mirror.metrics.add("docxy_upstream_resumed_bytes_total", labels, offset)
-            self.record.resumes = turn
             return answer
         return resume
 
@@ -4839,11 +4861,13 @@ class UpstreamRelay:
         delimits (no Content-Length, to an HTTP/1.0 client) ends with a reset, as a FIN there
         would say "complete". Called again (the client left, then the upstream failed), it
         only counts and logs the new error."""
+        # Which transfer: many run at once, and the access line comes only at its end.
+        which = ' for %s "%s %s"' % (self.client, self.command, self.logged_path()[:300])
         if isinstance(error, UpstreamError):
             self.mirror.upstream.count_error(self.record.registry, error.kind)
-            log("transfer aborted: %s (%s)" % (error.message, error.detail))
+            log("transfer aborted: %s (%s)%s" % (error.message, error.detail, which))
         elif not isinstance(error, (BrokenPipeError, ConnectionResetError)):
-            log("transfer aborted: %s" % (error,))
+            log("transfer aborted: %s%s" % (error, which))
         if self.aborted:
             return
         self.close_connection = self.aborted = True
@@ -4863,8 +4887,9 @@ class UpstreamRelay:
 
 AGAIN = "again"     # a fill that ended before it was followed: look in the cache again
 # How many --upstream-timeouts a follower waits for a fill's next bytes: one for its download to
-# notice a stall, and for the resume one each to log in again, to ask the registry and the CDN.
-RESUME_SILENCE = 4
+# notice a stall, and for the resume two each (connect, then answer) to log in again, to ask the
+# registry and to ask the CDN.
+RESUME_SILENCE = 7
 
 
 class ReadBackCheck:
@@ -5228,10 +5253,18 @@ class TokenRoutes:
             body = answer.read_small()
         finally:
             answer.release()
-        token, lifetime = token_of(body)
-        if token:   # a client keeps using a token a little past its lifetime: a minute more
-            self.mirror.upstream.issued.add("Bearer " + token, lifetime + 60)
-        self.send_json(200, token_answer(body))
+        given = token_answer(body)
+        self.remember_pull_tokens(json.loads(given.decode()), token_of(body)[1])
+        self.send_json(200, given)
+
+    def remember_pull_tokens(self, answer, lifetime):
+        """Both tokens a token answer may give (clients take either), for a little longer than
+        they live, as clients use one up to its end (IssuedTokens)."""
+        lifetime = min(lifetime, 3600.0) if lifetime >= 0 else 0.0     # NaN: 0
+        for field in ("token", "access_token"):
+            token = answer.get(field)
+            if isinstance(token, str) and token:
+                self.mirror.upstream.issued.add("Bearer " + token, lifetime + 60)
 
     def scope_owner(self, scope):
         """'repository:ghcr.io/owner/image:pull' -> (ghcr.io's Registry, 'owner/image', 'pull');

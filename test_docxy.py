@@ -791,7 +791,8 @@ class CdnHandler(RecordingHandler):
     stops there, once (the entry is used up), and closes the connection, at once
     ("cut") or after ``fake.stall_seconds`` of silence ("stall").  With
     ``fake.range_answer`` "ignore" a Range gets the whole body (200), with
-    "longer" a 206 of a body one byte longer.
+    "longer" a 206 of a body one byte longer, with "chunked" a chunked 206 (no
+    Content-Length) that runs on past the body's end.
     """
 
     def handle_request(self):
@@ -828,6 +829,8 @@ class CdnHandler(RecordingHandler):
             end = min(int(rm.group(2)) if rm.group(2) else len(data) - 1, len(data) - 1)
             headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, len(data))))
             data, status = data[start : end + 1], 206
+        if status == 206 and answer == "chunked":
+            return self.send_chunked_past_the_end(status, data, headers)
         broken = self.break_in(m.group(1), start, len(data))
         if broken is None:
             return self.send_bytes(status, data, "application/octet-stream", headers)
@@ -842,6 +845,14 @@ class CdnHandler(RecordingHandler):
             time.sleep(self.fake.stall_seconds)
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
+
+    def send_chunked_past_the_end(self, status, data, headers):
+        self.send_response(status)
+        for key, value in headers + [("Transfer-Encoding", "chunked")]:
+            self.send_header(key, value)
+        self.end_headers()
+        for chunk in (data, os.urandom(MIB), b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
 
     def break_in(self, digest, start, length):
         """The break (offset, how) this answer meets, taken off the fake's list; None."""
@@ -1819,6 +1830,8 @@ def fake_answer(dx, body, length, step, cut=None, failure=None, status=200, head
 
         def release(self):
             self.released = True
+
+        close = release
 
     return Answer()
 
@@ -3059,11 +3072,26 @@ class TestUpstream:
             ("99999999", 86400.0),
             ("soon", None),
             ("-5", None),
+            ("\u00b2", None),
+            ("1.5", None),
             (None, None),
         ],
     )
     def test_retry_after_is_read_as_seconds_or_a_date_and_held_to_a_day(self, dx, value, seconds):
         assert dx.retry_after_seconds(value, 10.0) == seconds
+
+    @pytest.mark.parametrize(
+        "path, manifest",
+        [
+            ("/v2/library/busybox/manifests/latest", True),
+            ("/v2/a/manifests/manifests/x", True),
+            ("/v2/a/manifests/blobs/sha256:" + "0" * 64, False),
+            ("/v2/manifests/tags/list", False),
+            ("/v2/", False),
+        ],
+    )
+    def test_a_manifest_request_is_told_by_its_last_two_components(self, dx, path, manifest):
+        assert dx.is_manifest_request("https://registry.example" + path) == manifest
 
     def test_parse_challenge_reads_quoted_escaped_and_bare_parameters(self, dx):
         assert dx.parse_challenge(
@@ -3279,6 +3307,7 @@ class TestBodyTransfer:
             (206, {"Content-Range": "bytes 300-500/1000"}, 201, "not from 300 to the end"),
             (206, {"Content-Range": "bytes 300-1000/1001"}, 701, "of 1001 bytes, not 1000"),
             (206, {"Content-Range": "bytes 300-999/1000"}, 600, "Content-Length"),
+            (206, {"Content-Range": "bytes 300-999/1000"}, None, "without a Content-Length"),
             (206, {"Content-Range": "bytes 300-999/1000", "ETag": '"b"'}, 700, "another entity"),
             (206, {"Content-Range": "bytes 300-999/*"}, 700, "usable Content-Range"),
         ],
@@ -3991,6 +4020,11 @@ class TestSharedState:
         assert quotas.refused("ghcr.io", "bot", 2.0) == (2.0, True)
         unit_clock.now += 2
         assert quotas.refused("ghcr.io", "bot", None) == (30, True)
+        quotas.served("ghcr.io", "bot")  # an answer to a request sent before the 429: no reset
+        unit_clock.now += 30
+        assert quotas.refused("ghcr.io", "bot", 0.0) == (1.0, True)  # "0" is not "ask at once"
+        unit_clock.now += 1
+        assert quotas.refused("ghcr.io", "bot", None) == (60, True)
 
     def test_quota_figures_are_kept_per_registry_and_identity_in_memory_workers_share(
         self, dx, unit_clock
@@ -4010,8 +4044,15 @@ class TestSharedState:
         assert anonymous["source"].rstrip(b"\0") == b"192.0.2.7"
         assert share.quotas.wait("docker.io", "alice") == 5.0
         assert share.quotas.wait("docker.io", "anonymous") == 0
-        registries = [dx.Registry("docker.io", None, (), (), True, "alice", "x", None)]
+        share.quotas.report("ghcr.io", "anonymous", None, (4999, 3600), None)
+        registries = [
+            dx.Registry("docker.io", None, (), (), True, "alice", "x", None),
+            dx.Registry("ghcr.io", None, (), (), False, None, None, None),
+        ]
         gauges = dx.quota_gauges(share.quotas.figures(registries))
+        ghcr = (("registry", "ghcr.io"), ("identity", "anonymous"))
+        assert gauges[("docxy_upstream_ratelimit_remaining", ghcr)] == (4999, 0)
+        assert not [key for key in gauges if key[0].endswith("_info") and key[1][:2] == ghcr]
         labels = (("registry", "docker.io"), ("identity", "alice"))
         assert gauges[("docxy_upstream_ratelimit_remaining", labels)] == (150, 0)
         assert gauges[("docxy_upstream_quota_wait_seconds", labels)] == (5.0, 0)
@@ -6080,7 +6121,7 @@ class TestResumingTransfers:
         )
         wait_cached(tmp_path / "cache", [digest], timeout=10)
 
-    @pytest.mark.parametrize("answer", ["ignore", "longer"])
+    @pytest.mark.parametrize("answer", ["ignore", "longer", "chunked"])
     def test_a_resume_answered_with_the_whole_body_or_another_length_ends_truncated_uncached(
         self, answer, start_docxy, registry, breaking_cdn, large_blob, tmp_path
     ):
@@ -6094,12 +6135,15 @@ class TestResumingTransfers:
         reason = {
             "ignore": "answered a resume with 200, not 206",
             "longer": "resumed a body of %d bytes, not %d" % (len(data) + 1, len(data)),
+            "chunked": "resumed without a Content-Length",
         }
         d.wait_for(
             r"transfer aborted: upstream could not resume the body \(upstream %s\)"
             % re.escape(reason[answer])
         )
         logged(d, "GET", "/v2/library/busybox/blobs/" + digest)
+        # A refused resume was tried all the same: the access line says so.
+        assert re.search(r'blobs/%s" 200 \d+B .* upstream=200! resumes=1' % digest, d.log())
         wait_until(lambda: not tmp_files(tmp_path / "cache"), 10, "the failed fill to go")
         assert digest not in cached_objects(tmp_path / "cache")
         assert scrape(d.port).get("docxy_upstream_resumes_total", registry="docker.io") is None
@@ -6306,10 +6350,10 @@ class TestUpstreamQuota:
                 "blob": [call(d.port, "GET", "/v2/library/busybox/blobs/" + amd["config"])],
             }
             during = time.monotonic() - began
+            assert during < 2, "the machine was too slow for this test's 2 s window"
             assert len(manifest_requests(registry)) == 1, manifest_requests(registry)
         finally:
             registry.fail_manifests, registry.retry_after = None, "7"
-        assert during < 2, "the machine was too slow for this test's window"
         assert manifest_requests(registry)[0].method == "HEAD"
         for r in [stale] + answers["stale"] + answers["stale HEAD"]:
             assert r.status == 200 and r.headers["Warning"] == '110 - "Response is Stale"', r
