@@ -2005,11 +2005,8 @@ class BodyCopy:
 
     @property
     def received(self):
+        """Bytes read from upstream, over every resumed answer."""
         return self.answer.offset
-
-    @property
-    def resumes(self):
-        return self.answer.resumes
 
     def read(self, view):
         return self.answer.readinto(view)
@@ -3383,9 +3380,9 @@ class WorkerShare:
     any of them) holding a slot per worker (see SLOT: its pid, its places in the connection
     budgets, its last published figures), two BucketTables, for --rate-limit and for failed
     logins, the upstreams' quotas (UpstreamQuotas) and the pull tokens docxy handed out
-    (IssuedTokens). `lock`, a ProcessLock, guards the
-    mapping; `slot`, this process's (the first, until after_fork names another), changes only
-    right after a fork. With one worker the same, with one slot, and a lock for threads only."""
+    (IssuedTokens). `lock`, a ProcessLock, guards the mapping; `slot`, this process's (the
+    first, until after_fork names another), changes only right after a fork. With one worker
+    the same, with one slot, and a lock for threads only."""
 
     def __init__(self, workers=1):
         self.workers, self.slot = workers, 0
