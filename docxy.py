@@ -1891,9 +1891,6 @@ def hash_beside(hasher, buffers):
 
 
 MAX_RESUMES = 5     # asks for the rest of one body after its upstream connection broke
-# A read that fails loses what it had read (up to CHUNK): a resumable answer's first read is
-# this small, so that an answer that brought anything counts as progress on a slow link too.
-FIRST_READ = 64 << 10
 
 
 class UpstreamBody:
@@ -1918,8 +1915,6 @@ class UpstreamBody:
 
     def readinto(self, view):
         while True:
-            if self.resume and not self.progress:
-                view = view[:FIRST_READ]
             try:
                 new = self.answer.readinto(view)
             except socket.timeout:

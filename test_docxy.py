@@ -3261,16 +3261,6 @@ class TestBodyTransfer:
         ]
         assert first.released
 
-    def test_a_resumable_answer_is_first_read_in_a_small_piece_so_a_slow_one_shows_progress(
-        self, dx
-    ):
-        body = os.urandom(MIB)
-        stream = dx.UpstreamBody(fake_answer(dx, body, len(body), MIB), resume=lambda *a: None)
-        view = memoryview(bytearray(MIB))
-        assert [stream.readinto(view), stream.readinto(view)] == [64 * KIB, MIB - 64 * KIB]
-        plain = dx.UpstreamBody(fake_answer(dx, body, len(body), MIB))
-        assert plain.readinto(view) == MIB  # a manifest arrives in one read, checked before sent
-
     @staticmethod
     def cut_every_time(dx, body, cut):
         """A body whose first answer breaks after 100 bytes and each resumed one after `cut`:
