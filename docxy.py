@@ -1711,7 +1711,7 @@ class RegistryClient:
             else identity_of(registry)
         manifest = identity is not None and is_manifest_request(url)
         record.registry = registry.name
-        wait = manifest and self.quotas.wait(registry.name, identity)
+        wait, backing_off = self.quotas.hold(registry.name, identity) if manifest else (0, False)
         if wait:
             raise QuotaSpent(registry.name, identity, wait)
         known = self.tokens.get((registry.name, scope)) if scope else None
@@ -1740,10 +1740,14 @@ class RegistryClient:
         record.upstream_status = str(answer.status)
         self.note_answer(registry, answer)
         if identity is not None:
-            wait = self.note_quota(registry, identity, answer, manifest, method)
+            wait = self.note_quota(registry, identity, answer, manifest)
             if wait is not None and manifest:
                 answer.discard()
                 raise QuotaSpent(registry.name, identity, wait)
+            # A pull counted after the wait resets the backoff; a HEAD proves nothing: Docker
+            # Hub answers it with the quota spent.
+            if backing_off and method == "GET" and answer.status < 400:
+                self.quotas.served(registry.name, identity)
         return answer
 
     def note_answer(self, registry, answer):
@@ -1753,7 +1757,7 @@ class RegistryClient:
         if answer.status == 429 or answer.status >= 500:
             self.count_error(registry.name, "429" if answer.status == 429 else "5xx")
 
-    def note_quota(self, registry, identity, answer, manifest, method):
+    def note_quota(self, registry, identity, answer, manifest):
         """Record what an answer to docxy's own identity tells of its quota; after a 429, the
         seconds to wait (else None)."""
         limit = ratelimit_figure(answer.header("RateLimit-Limit"))
@@ -1770,8 +1774,6 @@ class RegistryClient:
                     % (registry.name, identity, round(wait, 1),
                        "its Retry-After" if retry_after is not None else "backing off"))
             return wait
-        if manifest and method == "GET" and answer.status < 400:
-            self.quotas.served(registry.name, identity)
         return None
 
     def count_error(self, registry_name, kind):
@@ -3231,10 +3233,31 @@ class UpstreamQuotas(HashedTable):
 
     ENTRY = QUOTA
     FIELDS = ("key", "limit", "remaining", "window", "reported", "source", "until", "backoff")
+    UNTIL, BACKOFF = FIELDS.index("until"), FIELDS.index("backoff")
+
+    def __init__(self, *arguments):
+        super().__init__(*arguments)
+        # (registry, identity) -> where its entry is, once it has one: an entry never moves, and
+        # every manifest request asks (hold), so it is looked for once per process, not hashed.
+        self.known = {}
 
     @classmethod
     def private(cls, count=QUOTA_ENTRIES):
         return super().private(count)
+
+    def place_of(self, registry, identity, make=False):
+        """Where the identity's entry is (made if `make`, when there is room), or None."""
+        at = self.known.get((registry, identity))
+        if at is None:
+            key = self.entry_key(registry, identity)
+            with self.lock:
+                at, found = self.where(key)
+                if at is None or not (found or make):
+                    return None
+                if not found:
+                    QUOTA.pack_into(self.memory, at, key, -1, -1, -1, 0.0, b"", 0.0, 0.0)
+            self.known[(registry, identity)] = at
+        return at
 
     def entry_key(self, registry, identity):
         return self.hashed("%s\0%s" % (registry, identity))
@@ -3250,24 +3273,34 @@ class UpstreamQuotas(HashedTable):
 
     def entry(self, registry, identity):
         """The identity's entry as a dict of FIELDS, or None."""
-        key = self.entry_key(registry, identity)
+        at = self.place_of(registry, identity)
+        if at is None:
+            return None
         with self.lock:
-            at, found = self.where(key)
-            return dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at))) if found else None
+            return dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at)))
 
     def change(self, registry, identity, how):
         """Apply how(entry) to the identity's entry (a dict of FIELDS, made if new) under the
         lock, and store it; what `how` returns, or None when the table is full."""
-        key = self.entry_key(registry, identity)
+        at = self.place_of(registry, identity, make=True)
+        if at is None:
+            return None
         with self.lock:
-            at, found = self.where(key)
-            if at is None:
-                return None
-            entry = dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at) if found else (
-                key, -1, -1, -1, 0.0, b"", 0.0, 0.0)))
+            entry = dict(zip(self.FIELDS, QUOTA.unpack_from(self.memory, at)))
             result = how(entry)
             QUOTA.pack_into(self.memory, at, *(entry[field] for field in self.FIELDS))
             return result
+
+    def hold(self, registry, identity):
+        """(seconds until docxy may ask the registry for a manifest as this identity, 0: now;
+        whether a backoff is counting up, which a manifest served after the wait resets). Makes
+        the entry, so that the next look finds it at once."""
+        at = self.place_of(registry, identity, make=True)
+        if at is None:
+            return 0.0, False
+        with self.lock:
+            fields = QUOTA.unpack_from(self.memory, at)
+        return max(0.0, fields[self.UNTIL] - time.monotonic()), fields[self.BACKOFF] > 0
 
     def report(self, registry, identity, limit, remaining, source):
         """The figures an answer carried: (count, window) pairs, or None for one it lacked."""
@@ -3300,20 +3333,17 @@ class UpstreamQuotas(HashedTable):
 
     def served(self, registry, identity):
         """A manifest GET (a counted pull) was answered after the wait: a later 429 backs off
-        from the start again. A HEAD proves nothing: Docker Hub answers it with the quota
-        spent."""
+        from the start again."""
         now = time.monotonic()
 
         def how(entry):
             if entry["until"] <= now:
                 entry["backoff"] = 0.0
-        if self.entry(registry, identity):
-            self.change(registry, identity, how)
+        self.change(registry, identity, how)
 
     def wait(self, registry, identity):
         """Seconds until docxy may ask the registry for a manifest as this identity; 0: now."""
-        entry = self.entry(registry, identity)
-        return max(0.0, entry["until"] - time.monotonic()) if entry else 0.0
+        return self.hold(registry, identity)[0]
 
     def figures(self, registries):
         """{(registry name, identity): entry} for each configured registry's identities that
