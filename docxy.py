@@ -5631,18 +5631,20 @@ def status_quota(entry):
 
 
 def quota_text(registry):
-    """'76 of 100 pulls left in this 6 h window', from a registry's status figures."""
-    if registry["retry_in_seconds"]:
-        return "refused (429): asking again in %d s" % registry["retry_in_seconds"]
+    """'76 of 100 pulls left in this 6 h window', from a registry's status figures, and the
+    wait after a 429."""
     left, limit = registry["ratelimit_remaining"], registry["ratelimit_limit"]
-    if left is None:
-        return "&ndash;"
-    text = "%d of %d pulls left" % (left, limit) if limit is not None else "%d pulls left" % left
-    window = registry["ratelimit_window_seconds"]
-    if window:
-        unit = next((u for u in ((3600, "h"), (60, "min"), (1, "s")) if window % u[0] == 0))
-        text += " in this %d %s window" % (window // unit[0], unit[1])
-    return text
+    texts = []
+    if left is not None:
+        texts.append("%d of %d pulls left" % (left, limit) if limit is not None
+                     else "%d pulls left" % left)
+        window = registry["ratelimit_window_seconds"]
+        if window:
+            unit = next((u for u in ((3600, "h"), (60, "min"), (1, "s")) if window % u[0] == 0))
+            texts[0] += " in this %d %s window" % (window // unit[0], unit[1])
+    if registry["retry_in_seconds"]:
+        texts.append("refused (429): asking again in %d s" % registry["retry_in_seconds"])
+    return "; ".join(texts) or "&ndash;"
 
 
 def public_upstream(registry):

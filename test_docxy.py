@@ -4026,6 +4026,22 @@ class TestSharedState:
         unit_clock.now += 1
         assert quotas.refused("ghcr.io", "bot", None) == (60, True)
 
+    def test_the_status_page_tells_the_pulls_left_and_the_wait_after_a_429(self, dx):
+        figures = dict(
+            ratelimit_remaining=76,
+            ratelimit_limit=100,
+            ratelimit_window_seconds=21600,
+            retry_in_seconds=None,
+        )
+        assert dx.quota_text(figures) == "76 of 100 pulls left in this 6 h window"
+        figures.update(ratelimit_remaining=0, retry_in_seconds=9)
+        assert dx.quota_text(figures) == (
+            "0 of 100 pulls left in this 6 h window; refused (429): asking again in 9 s"
+        )
+        unknown = dict.fromkeys(figures)
+        assert dx.quota_text(dict(unknown, ratelimit_remaining=5)) == "5 pulls left"
+        assert dx.quota_text(unknown) == "&ndash;"
+
     def test_quota_figures_are_kept_per_registry_and_identity_in_memory_workers_share(
         self, dx, unit_clock
     ):
