@@ -1317,6 +1317,36 @@ def pull_like_dockerd(port, tls=None, repo="library/busybox", arch="amd64"):
     return index_digest, fetched
 
 
+def pulls_at_once(ports):
+    """A pull_like_dockerd through each port, all at once; their results, once every one has
+    verified every digest it fetched."""
+    pulls = []
+    threads = [
+        threading.Thread(
+            target=lambda port=port: pulls.append(pull_like_dockerd(port)), daemon=True
+        )
+        for port in ports
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(pulls) == len(ports), "%d of %d pulls completed" % (len(pulls), len(ports))
+    return pulls
+
+
+def assert_the_image_was_fetched_once(registry, content):
+    """The amd64 image's blobs and manifests by digest each cost the upstream one GET."""
+    amd = content.platform["amd64"]
+    for kind, digests in (
+        ("blobs", [amd["config"]] + amd["layers"]),
+        ("manifests", [content.index_digest, amd["manifest"]]),
+    ):
+        for digest in digests:
+            fetched = registry.reqs("GET", "/v2/library/busybox/%s/%s" % (kind, digest))
+            assert len(authorized(fetched)) == 1, digest
+
+
 def clear_fakes():
     for fake in list(ALL_FAKES):
         fake.clear()
@@ -8150,27 +8180,12 @@ class TestFleet:
     ):
         nodes = fleet(balancer)
         clear_fakes()
-        pulls = []
-        threads = [
-            threading.Thread(
-                target=lambda: pulls.append(pull_like_dockerd(nodes.balancer.port)), daemon=True
-            )
-            for _ in range(8)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert len(pulls) == 8  # each verified every digest it fetched
+        pulls = pulls_at_once([nodes.balancer.port] * 8)
+        assert_the_image_was_fetched_once(registry, content)
         amd = content.platform["amd64"]
         for digest in [amd["config"]] + amd["layers"]:
-            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
-            assert len(authorized(fetched)) == 1, digest
             wait_until(lambda: nodes.holding(digest), 10, "the blob to be cached")
             assert len(nodes.holding(digest)) == 1, digest
-        for digest in (content.index_digest, amd["manifest"]):
-            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
-            assert len(authorized(fetched)) == 1, digest
         clear_fakes()
         _, again = pull_like_dockerd(nodes.balancer.port)
         assert again == pulls[0][1]
@@ -11985,23 +12000,8 @@ class TestSharedCache:
         cache_dir = tmp_path / "cache"
         first, second = (cached_docxy(start_docxy, registry, cache_dir) for _ in range(2))
         clear_fakes()
-        pulls = []
-        threads = [
-            threading.Thread(target=lambda port=port: pulls.append(pull_like_dockerd(port)))
-            for port in [first.port, second.port] * 4
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert len(pulls) == 8  # each verified every digest it fetched
-        amd = content.platform["amd64"]
-        for digest in [amd["config"]] + amd["layers"]:
-            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
-            assert len(authorized(fetched)) == 1, digest
-        for digest in (content.index_digest, amd["manifest"]):
-            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
-            assert len(authorized(fetched)) == 1, digest
+        pulls_at_once([first.port, second.port] * 4)
+        assert_the_image_was_fetched_once(registry, content)
         assert_cache_verified(cache_dir)
 
     def test_kill_9_of_the_process_filling_a_blob_ends_its_followers_cleanly_and_is_taken_over(
@@ -12066,23 +12066,8 @@ class TestSharedCache:
         workers.wait_for(r"^docxy: 2 workers serving$")
         single = cached_docxy(start_docxy, registry, cache_dir)
         clear_fakes()
-        pulls = []
-        threads = [
-            threading.Thread(target=lambda port=port: pulls.append(pull_like_dockerd(port)))
-            for port in [workers.port] * 8 + [single.port] * 2
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert len(pulls) == 10  # each verified every digest it fetched
-        amd = content.platform["amd64"]
-        for digest in [amd["config"]] + amd["layers"]:
-            fetched = registry.reqs("GET", "/v2/library/busybox/blobs/" + digest)
-            assert len(authorized(fetched)) == 1, digest
-        for digest in (content.index_digest, amd["manifest"]):
-            fetched = registry.reqs("GET", "/v2/library/busybox/manifests/" + digest)
-            assert len(authorized(fetched)) == 1, digest
+        pulls_at_once([workers.port] * 8 + [single.port] * 2)
+        assert_the_image_was_fetched_once(registry, content)
         assert_cache_verified(cache_dir)
 
     def test_kill_9_of_the_worker_filling_a_blob_leaves_clients_whole_or_cut_and_next_pull_done(
