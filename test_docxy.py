@@ -5198,16 +5198,7 @@ class TestUpstreamChallengeAndTokens:
         assert "realm" not in (r.headers.get("WWW-Authenticate") or "")
 
     def test_v2_challenge_realm_uses_public_url(self, start_docxy, registry):
-        d = start_docxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            registry.url,
-            "--library-prefix",
-            "on",
-            "--public-url",
-            "https://mirror.example.com",
-        )
+        d = library_docxy(start_docxy, registry, "--public-url", "https://mirror.example.com")
         for host in ("127.0.0.1:%d" % d.port, "evil.com"):
             r = raw_request(d.port, "/v2/", headers=["Host: " + host])
             assert r.status == 401, r
@@ -6883,18 +6874,7 @@ class TestServerLifecycle:
     def test_max_connections_holds_extra_client_until_a_slot_frees(
         self, start_docxy, registry, content
     ):
-        d = start_docxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            registry.url,
-            "--library-prefix",
-            "on",
-            "--max-connections",
-            "2",
-            "--client-timeout",
-            "30",
-        )
+        d = library_docxy(start_docxy, registry, "--max-connections", "2", "--client-timeout", "30")
         downloads = start_two_slow_downloads(d, registry, content)  # each holds a slot
         third = socket.create_connection(("127.0.0.1", d.port), timeout=10)
         try:
@@ -7125,16 +7105,7 @@ class TestServerLifecycle:
             assert sock.recv(1) == b""
 
     def test_sigterm_drains_inflight_transfer_and_exits_zero(self, start_docxy, registry, content):
-        d = start_docxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            registry.url,
-            "--library-prefix",
-            "on",
-            "--drain-seconds",
-            "20",
-        )
+        d = library_docxy(start_docxy, registry, "--drain-seconds", "20")
         token = get_token(d.port, "repository:library/busybox:pull")
         digest, data = content.special["slow"]
         result = {}
@@ -7210,16 +7181,7 @@ class TestServerLifecycle:
     def test_a_transfer_still_running_when_the_drain_ends_is_cut_and_logged_as_cut(
         self, start_docxy, registry, content
     ):
-        d = start_docxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            registry.url,
-            "--library-prefix",
-            "on",
-            "--drain-seconds",
-            "1",
-        )
+        d = library_docxy(start_docxy, registry, "--drain-seconds", "1")
         token = get_token(d.port, "repository:library/busybox:pull")
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client reading nothing
@@ -10519,8 +10481,8 @@ def silent_upstream_docxy(start_docxy, registry, tmp_path):
         hole.close()
 
 
-def cached_docxy(start_docxy, registry, cache_dir, *extra, **kwargs):
-    """A docxy in front of the fake Docker Hub with its cache in `cache_dir`."""
+def library_docxy(start_docxy, registry, *extra, **kwargs):
+    """A docxy on a free port in front of the fake Docker Hub, with the library/ rule on."""
     return start_docxy(
         "--listen",
         "127.0.0.1:0",
@@ -10528,6 +10490,16 @@ def cached_docxy(start_docxy, registry, cache_dir, *extra, **kwargs):
         registry.url,
         "--library-prefix",
         "on",
+        *extra,
+        **kwargs
+    )
+
+
+def cached_docxy(start_docxy, registry, cache_dir, *extra, **kwargs):
+    """A docxy in front of the fake Docker Hub with its cache in `cache_dir`."""
+    return library_docxy(
+        start_docxy,
+        registry,
         "--upstream-timeout",
         "5",
         "--cache-dir",
@@ -11260,16 +11232,7 @@ class TestPullThroughCache:
         path = "/v2/busybox/blobs/" + digest
         cache_dir = tmp_path / "cache"
         if route == "no-cache":
-            d = start_docxy(
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                registry.url,
-                "--library-prefix",
-                "on",
-                "--upstream-timeout",
-                "5",
-            )
+            d = library_docxy(start_docxy, registry, "--upstream-timeout", "5")
         else:
             d = cached_docxy(start_docxy, registry, cache_dir)
         if route.startswith("paused"):
@@ -11850,13 +11813,9 @@ def wait_served(port, certs, der, timeout):
 
 
 def reloading_tls_docxy(start_docxy, registry, folder, *extra):
-    return start_docxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        registry.url,
-        "--library-prefix",
-        "on",
+    return library_docxy(
+        start_docxy,
+        registry,
         "--cert",
         str(folder / "cert.pem"),
         "--key",
